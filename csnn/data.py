@@ -1,0 +1,165 @@
+"""Fashion-MNIST as uint8 tensors: find the IDX files, read and validate them,
+split off a seeded validation set, take seeded stratified subsets, batch by index.
+
+No DataLoader: the whole set is 55 MB as uint8, so it lives on the training
+device and batches are index_select's of a seeded permutation.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+HOW_TO_GET = (
+    "install Debian's package (apt-get install dataset-fashion-mnist, files in "
+    f"{DEBIAN_DIR}), point CSNN_DATA or --data-dir at a folder holding the four "
+    "*-idx?-ubyte[.gz] files, or pass --download to fetch them with torchvision"
+)
+
+
+class DataError(ValueError):
+    """Missing or malformed data; the message names the file and the problem."""
+
+
+@dataclass
+class FashionMNIST:
+    """Images [N, 28, 28] uint8 and labels [N] int64, as read from the IDX files."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str = ""
+
+
+def read_idx(path: str | Path, ndim: int) -> np.ndarray:
+    """Read one IDX file of unsigned bytes (gzipped or not), checking its header."""
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != 0x0800 + ndim:
+        raise DataError(
+            f"{path}: bad magic number 0x{magic:08x}, expected 0x{0x0800 + ndim:08x} "
+            f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})"
+        )
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(dims)):
+        raise DataError(f"{path}: dimensions {dims} need {int(np.prod(dims))} bytes of data, file has {len(body)}")
+    if ndim == 3 and dims[1:] != [28, 28]:
+        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / (name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _candidates(data_dir) -> list[Path]:
+    out = []
+    for d in (data_dir, os.environ.get("CSNN_DATA") or None, DEBIAN_DIR):
+        if d is not None:
+            d = Path(d).expanduser()
+            out += [d, d / "FashionMNIST" / "raw"]  # a plain folder or torchvision's layout
+    return out
+
+
+def find(data_dir=None) -> Path | None:
+    """The first folder that holds any of the four files, in the documented order."""
+    for folder in _candidates(data_dir):
+        if any(_find_file(folder, n) for n in FILES.values()):
+            return folder
+    return None
+
+
+def load(data_dir=None, download: bool = False) -> FashionMNIST:
+    """Load Fashion-MNIST from data_dir, $CSNN_DATA, Debian's package, or a download."""
+    folder = find(data_dir)
+    if folder is None and download:
+        import torchvision  # only needed for the download
+
+        root = Path(data_dir or ".").expanduser()
+        torchvision.datasets.FashionMNIST(root=str(root), train=True, download=True)
+        torchvision.datasets.FashionMNIST(root=str(root), train=False, download=True)
+        folder = root / "FashionMNIST" / "raw"
+    if folder is None:
+        searched = ", ".join(str(p) for p in _candidates(data_dir))
+        raise DataError(f"Fashion-MNIST not found (looked in {searched}); {HOW_TO_GET}")
+    arrays = {}
+    for key, name in FILES.items():
+        path = _find_file(folder, name)
+        if path is None:
+            raise DataError(f"{folder / name}[.gz]: missing (the folder has other Fashion-MNIST files); {HOW_TO_GET}")
+        arrays[key] = (read_idx(path, 3 if key.endswith("x") else 1), path)
+    for split in ("train", "test"):
+        (x, xpath), (y, ypath) = arrays[split + "_x"], arrays[split + "_y"]
+        if len(x) != len(y):
+            raise DataError(f"{ypath}: {len(y)} labels for {len(x)} images in {xpath}")
+        if len(y) and y.max() > 9:
+            raise DataError(f"{ypath}: label {int(y.max())} out of range, allowed 0..9")
+    t = {k: torch.from_numpy(a.copy()) for k, (a, _) in arrays.items()}
+    return FashionMNIST(t["train_x"], t["train_y"].long(), t["test_x"], t["test_y"].long(), str(folder))
+
+
+def stratified_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a seeded subset of `size` items with the classes in proportion."""
+    if size <= 0 or size >= len(y):
+        return torch.randperm(len(y), generator=generator)
+    # Sort a random permutation by class, then take every k-th item: each class
+    # gets its share of the subset (within one item), in random order.
+    perm = torch.randperm(len(y), generator=generator)
+    by_class = perm[torch.argsort(y[perm], stable=True)]
+    picks = torch.floor(torch.arange(size, dtype=torch.float64) * len(y) / size).long()
+    chosen = by_class[picks]
+    return chosen[torch.randperm(size, generator=generator)]
+
+
+def split(data: FashionMNIST, val_size: int = 0, train_size: int = 0, test_size: int = 0,
+          seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{'train', 'val' (when val_size > 0), 'test'}: (images, labels), seeded and stratified.
+
+    The validation set is held out of the 60k training images first; train_size
+    and test_size (0 = all) then take stratified subsets for quick runs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if val_size >= len(data.train_y):
+        raise ValueError(f"val_size {val_size} must be smaller than the {len(data.train_y)} training images")
+    val_idx = stratified_subset(data.train_y, val_size, g) if val_size > 0 else torch.zeros(0, dtype=torch.long)
+    rest = torch.ones(len(data.train_y), dtype=torch.bool)
+    rest[val_idx] = False
+    rest_idx = torch.nonzero(rest).squeeze(1)
+    train_idx = rest_idx[stratified_subset(data.train_y[rest_idx], train_size, g)]
+    test_idx = torch.sort(stratified_subset(data.test_y, test_size, g)).values
+    out = {"train": (data.train_x[train_idx], data.train_y[train_idx])}
+    if val_size > 0:
+        out["val"] = (data.train_x[val_idx], data.train_y[val_idx])
+    out["test"] = (data.test_x[test_idx], data.test_y[test_idx])
+    return out
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False,
+            device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Index tensors (on `device`) of successive batches; shuffled by the CPU `generator` when given."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = order.to(device)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]

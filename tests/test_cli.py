@@ -1,0 +1,60 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from csnn.spikes import grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "csnn.train", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=600)
+
+
+def test_cli_trains_one_epoch_then_renders_encoder_spikes(tmp_path):
+    p = run("-T", "2", "-device", "cpu", "-b", "64", "-epochs", "1", "-opt", "sgd", "-lr", "0.1", "-channels", "12",
+            "-train-size", "640", "-test-size", "256", "-out-dir", str(tmp_path / "logs"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "logs" / "T2_b64_sgd_lr0.1_c12"
+    assert "epoch = 0, train_loss =" in p.stdout and "test_acc =" in p.stdout
+    assert (out / "checkpoint_latest.pth").is_file() and (out / "checkpoint_max.pth").is_file()
+    assert list(out.glob("events.out.tfevents.*")) and "-channels 12" in (out / "args.txt").read_text()
+
+    p = run("-device", "cpu", "-b", "3", "-resume", str(out / "checkpoint_latest.pth"),
+            "-save-es", str(tmp_path / "es"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    vis = tmp_path / "es" / "visualization"
+    assert sorted(d.name for d in vis.iterdir()) == ["0", "1", "2"]
+    for i in range(3):
+        assert sorted(f.name for f in (vis / str(i)).iterdir()) == sorted(
+            ["input.png"] + [f"s_{t}.{e}" for t in range(2) for e in ("png", "pdf", "svg")])
+        img = np.asarray(Image.open(vis / str(i) / "input.png"))
+        assert img.shape == (112, 112) and img.std() > 10  # a real 4x image, not blank
+        spikes = np.asarray(Image.open(vis / str(i) / "s_0.png").convert("L"))
+        assert spikes.shape == (1600, 2400) and len(np.unique(spikes)) > 1
+        assert (vis / str(i) / "s_1.pdf").read_bytes()[:4] == b"%PDF"
+        assert b"<svg" in (vis / str(i) / "s_1.svg").read_bytes()[:1000]
+
+    p = run("-device", "cpu", "-b", "3", "-resume", str(out / "checkpoint_latest.pth"),
+            "-save-es", str(tmp_path / "es"), cwd=tmp_path)
+    assert p.returncode == 2 and "already exists and is not empty" in p.stderr
+
+
+def test_cli_clear_errors(tmp_path):
+    p = run("-device", "cuda:0", "-epochs", "1", cwd=tmp_path)
+    if p.returncode == 0:
+        pytest.skip("this machine has a GPU")
+    assert p.returncode == 2 and "no CUDA GPU is available" in p.stderr and "Traceback" not in p.stderr
+    p = run("-device", "cpu", "-cupy", "-epochs", "1", cwd=tmp_path)
+    assert p.returncode == 2 and "SpikingJelly < 2" in p.stderr
+    p = run("-device", "cpu", "-lr", "-1", cwd=tmp_path)
+    assert p.returncode == 2 and "TrainConfig.lr" in p.stderr
+
+
+def test_grid_is_exact():
+    assert grid(128) == (16, 8) and grid(16) == (2, 8) and grid(12) == (2, 6) and grid(5) == (1, 5)

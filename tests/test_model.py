@@ -1,0 +1,51 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from spikingjelly.activation_based import functional
+
+from csnn.model import CSNN, set_backend
+
+
+def test_shapes_no_nan_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    net = CSNN(T=3, channels=8)
+    x = torch.rand(6, 1, 28, 28)
+    rates = []
+    fr = net(x, rates)
+    assert fr.shape == (6, 10) and not torch.isnan(fr).any()
+    assert ((fr >= 0) & (fr <= 1)).all()
+    assert len(rates) == 4 and all(0 <= r.item() <= 1 for r in rates)
+    F.mse_loss(fr, F.one_hot(torch.arange(6) % 10, 10).float()).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert net.spiking_encoder()[2].__class__.__name__ == "IFNode"
+
+
+def test_first_layer_once_equals_tutorial_formulation():
+    """Computing Conv2d+BatchNorm once per image and repeating it T times is the
+    tutorial's repeat-then-convolve: same outputs, same gradients, same BN stats."""
+    torch.manual_seed(1)
+    a = CSNN(T=4, channels=8)
+    b = CSNN(T=4, channels=8)
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(16, 1, 28, 28) * 3  # scaled so that every layer spikes
+    target = F.one_hot(torch.arange(16) % 10, 10).float()
+    out_a = a(x)
+    out_b = b.forward_literal(x)
+    torch.testing.assert_close(out_a, out_b)
+    F.mse_loss(out_a, target).backward()
+    F.mse_loss(out_b, target).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(a.conv_fc[1].running_mean, b.conv_fc[1].running_mean)
+    torch.testing.assert_close(a.conv_fc[1].running_var, b.conv_fc[1].running_var, rtol=1e-4, atol=1e-6)
+    functional.reset_net(a); functional.reset_net(b)
+    a.eval(); b.eval()
+    torch.testing.assert_close(a(x), b.forward_literal(x))
+
+
+def test_cupy_backend_fails_clearly_on_spikingjelly_2():
+    with pytest.raises(RuntimeError, match="SpikingJelly < 2"):
+        set_backend(CSNN(1, 1), "cupy")
+    with pytest.raises(ValueError, match="allowed: auto, cupy"):
+        set_backend(CSNN(1, 1), "triton")

@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+import yaml
+
+from csnn.train import TIMING_METRICS, TrainConfig, fit, load_model
+
+SMALL = dict(T=2, channels=4, batch_size=64, epochs=2, optimizer="adam", lr=0.01, device="cpu", train_size=640, test_size=320)
+
+
+def strip_timing(history):
+    return [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in history]
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("T", 0, "> 0"), ("channels", -4, "> 0"), ("lr", 0.0, "> 0"), ("epochs", 0, "> 0"),
+    ("batch_size", 0, "> 0"), ("optimizer", "rmsprop", "sgd, adam, adamw"), ("T", 2.5, "integer"),
+    ("backend", "triton", "auto, cupy"), ("device", "tpu", "auto, cpu, cuda"),
+])
+def test_config_rejects_bad_values(field, value, allowed):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}: .*{allowed}"):
+        TrainConfig(**{field: value})
+
+
+def test_config_round_trips_dict_and_yaml():
+    cfg = TrainConfig(T=6, optimizer="adamw", lr=3e-3, val_size=5000)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert yaml.safe_load(cfg.to_yaml())["lr"] == 3e-3
+    with pytest.raises(ValueError, match="no field dropout"):
+        TrainConfig.from_dict({"dropout": 0.1})
+
+
+def test_training_lowers_the_loss_and_reports_every_metric(real_data):
+    cfg = TrainConfig(**{**SMALL, "epochs": 3, "val_size": 200, "train_size": 1280})
+    seen = []
+    history = fit(cfg, real_data, callback=seen.append)
+    assert seen == history and [m["epoch"] for m in history] == [0, 1, 2]
+    assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
+                               "test_acc", "max_test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert history[0]["lr"] == 0.01 and history[1]["lr"] == pytest.approx(0.01 * (1 + math.cos(math.pi / 3)) / 2)
+    assert history[-1]["max_test_acc"] == max(m["test_acc"] for m in history)
+
+
+def test_same_config_same_metrics(real_data):
+    cfg = TrainConfig(**{**SMALL, "epochs": 1})
+    assert strip_timing(fit(cfg, real_data)) == strip_timing(fit(cfg, real_data))
+    other = strip_timing(fit(TrainConfig(**{**SMALL, "epochs": 1, "seed": 1}), real_data))
+    assert other != strip_timing(fit(cfg, real_data))
+
+
+def test_resume_continues_exactly(real_data, tmp_path):
+    cfg = TrainConfig(**SMALL)
+    straight = fit(cfg, real_data, tmp_path / "a")
+    first = fit(cfg, real_data, tmp_path / "b", stop_after=1)
+    ckpt = torch.load(tmp_path / "b" / "checkpoint_latest.pth", weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["config"] == cfg.to_dict()
+    assert {"net", "optimizer", "lr_scheduler", "scaler", "max_test_acc", "rng"} <= set(ckpt)
+    second = fit(cfg, real_data, tmp_path / "b", resume=tmp_path / "b" / "checkpoint_latest.pth")
+    assert strip_timing(first + second) == strip_timing(straight)
+    net, saved = load_model(tmp_path / "b" / "checkpoint_latest.pth")
+    assert saved == cfg and net.T == 2
+    with pytest.raises(ValueError, match="different configuration"):
+        fit(TrainConfig(**{**SMALL, "lr": 0.05}), real_data, resume=tmp_path / "b" / "checkpoint_latest.pth")
+
+
+def test_diverging_loss_raises(real_data):
+    cfg = TrainConfig(**{**SMALL, "epochs": 1, "lr": 1e37, "train_size": 6400})
+    with pytest.raises(FloatingPointError, match="diverged.*non-finite weights"):
+        fit(cfg, real_data)
