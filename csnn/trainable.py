@@ -17,7 +17,9 @@ def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None) -> No
     """Train TrainConfig(**fixed, **config). `data` arrives through Ray's object
     store (tune.with_parameters), so no trial reads files. A restarted trial
     (FailureConfig retry, or a resumed study) continues from its last checkpoint."""
-    cfg = TrainConfig.from_dict({**(fixed or {}), **config})
+    # Keys with '[' are the searcher's own names for the cases of a conditional
+    # range (lr[optimizer=sgd]); the same value also comes under the field name.
+    cfg = TrainConfig.from_dict({**(fixed or {}), **{k: v for k, v in config.items() if "[" not in k}})
     resume = None
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="csnn-trial-") as work:

@@ -38,3 +38,15 @@ def real_data() -> fmnist.FashionMNIST:
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(real_data, tmp_path_factory) -> Path:
+    """Real Fashion-MNIST images, few of them: 600 training and 200 test images
+    (stratified), written as IDX files, for studies that must run in seconds."""
+    folder = tmp_path_factory.mktemp("tiny-fmnist")
+    s = fmnist.split(real_data, train_size=600, test_size=200, seed=0)
+    for prefix, (x, y) in (("train", s["train"]), ("t10k", s["test"])):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", x.numpy(), gz=True)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", y.numpy(), gz=True)
+    return folder

@@ -1,0 +1,235 @@
+"""python -m study.run SPACE.yaml: an Optuna search run by Ray Tune, then the best configuration retrained.
+
+  YAML -> StudySpec -> Ray (local, or --address) -> Tuner(trainable, OptunaSearch, ASHA).fit()
+  -> results/<name>/{spec.yaml, trials.csv, trials.parquet, history.csv, best.yaml}
+  -> best/ (retrained per seed on train + validation, tested) -> best/spikes/
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from csnn import data as fmnist
+from csnn.train import TrainConfig, fit, load_model
+from study import results, spec as specs
+
+
+def make_sampler(spec: specs.StudySpec):
+    import optuna
+
+    seed = spec.search["seed"]
+    return {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+    }[spec.search["sampler"]]()
+
+
+def resources(spec: specs.StudySpec) -> dict:
+    """Per-trial resources; without a GPU in the Ray cluster, trials run on the CPU."""
+    import ray
+
+    gpus = spec.resources["gpus_per_trial"]
+    if gpus > 0 and ray.cluster_resources().get("GPU", 0) == 0:
+        warnings.warn(f"resources.gpus_per_trial is {gpus} but the Ray cluster has no GPU: "
+                      "every trial runs on the CPU", stacklevel=2)
+        gpus = 0
+    return {"cpu": spec.resources["cpus_per_trial"], "gpu": gpus}
+
+
+def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, resume: bool):
+    """Run (or continue) the Ray Tune + Optuna search; return its ResultGrid."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from csnn.trainable import trainable
+
+    ray_dir = study_dir / "ray"
+    trial_fn = tune.with_resources(tune.with_parameters(trainable, data=data, fixed=spec.train), resources(spec))
+    if resume:
+        return tune.Tuner.restore(str(ray_dir), trainable=trial_fn, resume_unfinished=True,
+                                  resume_errored=False).fit()
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}")
+    sampler = make_sampler(spec)
+    if spec.search["baseline"]:
+        # Ray ignores points_to_evaluate with a define-by-run space: enqueue in
+        # Optuna's own study, which OptunaSearch then loads (same storage and name).
+        study = optuna.create_study(storage=storage, study_name=spec.name, sampler=sampler,
+                                    direction="maximize" if spec.mode == "max" else "minimize")
+        study.enqueue_trial(specs.baseline_params(spec))
+    searcher = OptunaSearch(space=specs.define_by_run(spec), metric=spec.metric, mode=spec.mode,
+                            sampler=sampler, study_name=spec.name, storage=storage)
+    epochs = spec.config({}).epochs
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                               grace_period=min(spec.scheduler["grace_period"], epochs),
+                               reduction_factor=spec.scheduler["reduction_factor"])
+                 if spec.scheduler["type"] == "asha" else FIFOScheduler())
+    tuner = tune.Tuner(
+        trial_fn,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=spec.search["num_samples"],
+                                    max_concurrent_trials=spec.search["max_concurrent"] or None),
+        run_config=tune.RunConfig(
+            name="ray", storage_path=str(study_dir),
+            failure_config=tune.FailureConfig(max_failures=1),  # one retry from the last checkpoint
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    return tuner.fit()
+
+
+def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study_dir: Path) -> dict:
+    """Retrain the best configuration from scratch per seed on train + validation
+    (all 60k training images), test on the full test set, render the encoder.
+    Written to best.partial/ and renamed to best/ when complete."""
+    final = study_dir / "best"
+    work = study_dir / "best.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    rows = []
+    for seed in spec.retrain["seeds"]:
+        cfg = TrainConfig.from_dict({**best["config"], "epochs": spec.retrain["epochs"], "seed": seed,
+                                     "val_size": 0, "train_size": 0, "test_size": 0})
+        print(f"retraining the best configuration with seed {seed} ({cfg.epochs} epochs, "
+              f"{len(data.train_y)} training images)", flush=True)
+        out = work / f"seed{seed}"
+        history = fit(cfg, data, out, lambda m, s=seed: print(
+            f"  seed {s} epoch {m['epoch']}: test_acc {m['test_acc']:.4f} ({m['epoch_s']:.0f} s)", flush=True))
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        rows += [{"seed": seed, **m} for m in history]
+    table = pd.DataFrame(rows)
+    table.to_csv(work / "metrics.csv", index=False)
+    finals = table.groupby("seed")["test_acc"].last()
+    summary = {
+        "trial_id": best["trial_id"], "epochs": spec.retrain["epochs"], "seeds": spec.retrain["seeds"],
+        "test_acc": {int(s): float(a) for s, a in finals.items()},
+        "test_acc_mean": float(finals.mean()),
+        "test_acc_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+        "epoch_s_mean": float(table["epoch_s"].mean()),
+    }
+    (work / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+    if spec.render["images"] > 0:
+        from csnn.spikes import render
+
+        net, _ = load_model(work / f"seed{spec.retrain['seeds'][0]}" / "checkpoint_latest.pth")
+        render(net, data.test_x[: spec.render["images"]], work / "spikes")
+    shutil.rmtree(final, ignore_errors=True)
+    work.rename(final)
+    return summary
+
+
+def summarize(trials: pd.DataFrame, best: dict | None, spec: specs.StudySpec, wall_s: float) -> str:
+    counts = trials["status"].value_counts() if len(trials) else {}
+    lines = [f"study {spec.name}: {len(trials)} trials: " + ", ".join(
+        f"{counts.get(s, 0)} {s}" for s in results.STATUSES) + f"; wall time {wall_s / 60:.1f} min"]
+    for _, row in trials[trials["status"] == "errored"].iterrows() if len(trials) else []:
+        lines.append(f"  errored {row['trial_id']}: {row['error']}")
+    if best:
+        lines.append(f"best trial {best['trial_id']}: {spec.metric} = {best['objective']['value']:.4f}  "
+                     + " ".join(f"{k}={v}" for k, v in best["params"].items()))
+        m = best["metrics"]
+        lines.append("  last epoch: " + ", ".join(f"{k} {m[k]:.4f}" for k in ("val_acc", "test_acc") if k in m))
+    else:
+        lines.append("no trial reported the objective: nothing to retrain")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n")[0])
+    p.add_argument("space", help="search-space YAML file")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--storage", default="results", help="folder for results: STORAGE/<name>/ (default: results)")
+    p.add_argument("--num-samples", type=int, default=None, help="override search.num_samples")
+    p.add_argument("--no-retrain", action="store_true", help="skip retraining the best configuration")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved study; start nothing")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $CSNN_DATA, then Debian's)")
+    p.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if not found")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = specs.load(args.space)
+        if args.num_samples is not None:
+            if args.num_samples < 1:
+                raise specs.SpecError(f"--num-samples: {args.num_samples} is not allowed; must be >= 1")
+            spec.search["num_samples"] = args.num_samples
+    except specs.SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    study_dir = (Path(args.storage) / spec.name).resolve()
+    resolved = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    if args.dry_run:
+        print(f"# {args.space}: valid; results would go to {study_dir}\n{resolved}", end="")
+        return 0
+
+    ray_dir = study_dir / "ray"
+    exists = study_dir.exists() and any(study_dir.iterdir())
+    if exists and not args.resume:
+        print(f"error: {study_dir} already holds a study; pass --resume to continue it, "
+              "or choose another name or --storage", file=sys.stderr)
+        return 2
+    if args.resume:
+        from ray import tune
+
+        if not tune.Tuner.can_restore(str(ray_dir)):
+            print(f"error: --resume: no study to continue in {study_dir}", file=sys.stderr)
+            return 2
+        stored = (study_dir / "spec.yaml").read_text()
+        if stored != resolved:
+            print(f"error: --resume: {args.space} differs from the study stored in {study_dir / 'spec.yaml'}; "
+                  "resume with the same file", file=sys.stderr)
+            return 2
+    try:
+        data = fmnist.load(args.data_dir, download=args.download)
+    except fmnist.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run(spec, data, study_dir, resume=args.resume, address=args.address, do_retrain=not args.no_retrain)
+
+
+def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, resume: bool = False,
+        address: str | None = None, do_retrain: bool = True) -> int:
+    import ray
+
+    start = time.time()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        results.write_atomic(study_dir / "spec.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    if not ray.is_initialized():
+        # A bare ray.init() would join any cluster a `ray start` left behind: be explicit.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+    grid = search(spec, data, study_dir, resume)
+    if len(grid) < spec.search["num_samples"] or grid.num_terminated + grid.num_errors < len(grid):
+        # Ctrl-C: Ray saved its state and returned early. Export nothing that
+        # would look like a finished study.
+        print(f"study {spec.name} interrupted after {grid.num_terminated + grid.num_errors} of "
+              f"{spec.search['num_samples']} trials; continue it with --resume", file=sys.stderr)
+        return 130
+    trials, _, best = results.export(grid, spec, study_dir)
+    print(summarize(trials, best, spec, time.time() - start), flush=True)
+    if best and do_retrain and spec.retrain["seeds"] and spec.retrain["epochs"] > 0:
+        s = retrain(spec, best, data, study_dir)
+        print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
+              f"{s['seeds']} (tutorial baseline 0.9263); {study_dir / 'best'}", flush=True)
+    print(f"results in {study_dir}; wall time {(time.time() - start) / 60:.1f} min")
+    return 0 if best else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

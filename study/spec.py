@@ -1,0 +1,332 @@
+"""A study's YAML file -> a validated StudySpec, and the define-by-run search space it describes.
+
+Every error names the file, the key path (space.lr.cases.adam.low) and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from csnn.train import METRICS, TrainConfig
+
+TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
+            "scheduler": False, "resources": False, "retrain": False, "render": False}
+SAMPLERS = ("tpe", "random", "qmc", "gp")
+SCHEDULERS = ("asha", "none")
+DIST_TYPES = ("int", "float", "categorical")
+# The tutorial's configuration, enqueued as the first trial when search.baseline is true.
+BASELINE = {"T": 4, "channels": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
+DEFAULTS = {
+    "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False},
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3},
+    "resources": {"gpus_per_trial": 0.0, "cpus_per_trial": 1.0},
+    "retrain": {"epochs": None, "seeds": [0]},
+    "render": {"images": 4},
+}
+
+
+class SpecError(ValueError):
+    pass
+
+
+@dataclass
+class StudySpec:
+    name: str
+    metric: str
+    mode: str
+    train: dict  # fixed TrainConfig fields
+    space: dict  # field -> {type, low, high, step, log, choices} | {depends_on, cases}, optional when
+    search: dict
+    scheduler: dict
+    resources: dict
+    retrain: dict
+    render: dict
+    path: str = ""
+    fields: tuple = field(default=(), repr=False)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("metric", "mode", "path", "fields")}
+        return {"name": d.pop("name"), "objective": {"metric": self.metric, "mode": self.mode}, **d}
+
+    def config(self, params: dict, **overrides) -> TrainConfig:
+        """The TrainConfig of one trial: the fixed fields, the sampled ones, then overrides."""
+        return TrainConfig.from_dict({**self.train, **{k: params[k] for k in self.space if k in params}, **overrides})
+
+
+def _err(where, key: str, msg: str):
+    return SpecError(f"{where}: {key}: {msg}")
+
+
+def _mapping(where, key, value, allowed: dict | None = None) -> dict:
+    """value must be a mapping; with `allowed` ({key: required}), check its keys."""
+    if not isinstance(value, dict):
+        raise _err(where, key, f"must be a mapping, got {value!r}")
+    if allowed is not None:
+        for k in value:
+            if k not in allowed:
+                raise _err(where, f"{key}.{k}" if key else k, f"unknown key; allowed: {', '.join(allowed)}")
+        for k, required in allowed.items():
+            if required and k not in value:
+                raise _err(where, f"{key}.{k}" if key else k, "missing (required)")
+    return value
+
+
+def _number(where, key, value, integer=False, minimum=None, above=None):
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        raise _err(where, key, f"{value!r} is not allowed; must be {'an integer' if integer else 'a number'}")
+    if minimum is not None and value < minimum:
+        raise _err(where, key, f"{value!r} is not allowed; must be >= {minimum}")
+    if above is not None and not value > above:
+        raise _err(where, key, f"{value!r} is not allowed; must be > {above}")
+    return value
+
+
+def _check_value(where, key, train, name, value):
+    """A value a parameter can take must make a valid TrainConfig."""
+    try:
+        TrainConfig.from_dict({**train, name: value})
+    except (ValueError, TypeError) as e:
+        raise _err(where, key, f"{value!r} is not allowed for {name}: {e}") from None
+
+
+def _distribution(where, key, d, train, name) -> dict:
+    _mapping(where, key, d)
+    kind = d.get("type")
+    if kind not in DIST_TYPES:
+        raise _err(where, f"{key}.type", f"{kind!r} is not allowed; allowed: {', '.join(DIST_TYPES)}")
+    if kind == "categorical":
+        _mapping(where, key, d, {"type": True, "choices": True, "when": False})
+        choices = d["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise _err(where, f"{key}.choices", f"must be a non-empty list, got {choices!r}")
+        for i, c in enumerate(choices):
+            _check_value(where, f"{key}.choices[{i}]", train, name, c)
+        return {"type": kind, "choices": list(choices)}
+    _mapping(where, key, d, {"type": True, "low": True, "high": True, "step": False, "log": False, "when": False})
+    integer = kind == "int"
+    low = _number(where, f"{key}.low", d["low"], integer)
+    high = _number(where, f"{key}.high", d["high"], integer)
+    if low >= high:
+        raise _err(where, f"{key}.low", f"low {low} must be below high {high}")
+    log = d.get("log", False)
+    if not isinstance(log, bool):
+        raise _err(where, f"{key}.log", f"{log!r} is not allowed; must be true or false")
+    if log and low <= 0:
+        raise _err(where, f"{key}.low", f"{low} is not allowed with log: true; must be > 0")
+    out = {"type": kind, "low": low, "high": high, "log": log}
+    if "step" in d:
+        out["step"] = _number(where, f"{key}.step", d["step"], integer, above=0)
+        if log:
+            raise _err(where, f"{key}.step", "step and log: true cannot be combined (Optuna's rule); drop one")
+    for bound in ("low", "high"):
+        _check_value(where, f"{key}.{bound}", train, name, out[bound])
+    return out
+
+
+def _parse_space(where, space, train) -> dict:
+    """Parse every parameter; the result is ordered so that a parameter comes
+    after those its depends_on/when name (the order they are sampled in)."""
+    _mapping(where, "space", space)
+    if not space:
+        raise _err(where, "space", "is empty; search at least one TrainConfig field")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out: dict = {}
+    pending = dict(space)
+    while pending:
+        ready = [n for n, p in pending.items()
+                 if all(d in out or d not in space for d in _deps(p))]
+        if not ready:
+            raise _err(where, f"space.{next(iter(pending))}", "depends_on/when form a cycle among "
+                       + ", ".join(pending))
+        for name in ready:
+            p = pending.pop(name)
+            key = f"space.{name}"
+            if name not in fields:
+                raise _err(where, key, f"TrainConfig has no field {name!r}; fields: {', '.join(sorted(fields))}")
+            if name in train:
+                raise _err(where, key, f"{name} is both fixed in train and searched in space; keep one")
+            out[name] = _parameter(where, key, name, p, out, train)
+    return out
+
+
+def _deps(p) -> list:
+    if not isinstance(p, dict):
+        return []
+    when = p.get("when")
+    return ([p["depends_on"]] if "depends_on" in p else []) + (list(when) if isinstance(when, dict) else [])
+
+
+def _categorical_parent(where, key, dep, out) -> dict:
+    parent = out.get(dep)
+    if parent is None or parent.get("type") != "categorical":
+        names = ", ".join(k for k, v in out.items() if v.get("type") == "categorical") or "none"
+        raise _err(where, key, f"{dep!r} is not allowed; must name a categorical parameter of space ({names})")
+    return parent
+
+
+def _parameter(where, key, name, p, out, train) -> dict:
+    _mapping(where, key, p)
+    if "depends_on" in p:
+        _mapping(where, key, p, {"depends_on": True, "cases": True, "when": False})
+        dep = p["depends_on"]
+        parent = _categorical_parent(where, f"{key}.depends_on", dep, out)
+        cases = _mapping(where, f"{key}.cases", p["cases"])
+        for value in cases:
+            if value not in parent["choices"]:
+                raise _err(where, f"{key}.cases.{value}", f"{dep} cannot take {value!r}; its choices: {parent['choices']}")
+        missing = [c for c in parent["choices"] if c not in cases]
+        if missing:
+            raise _err(where, f"{key}.cases", f"no case for {dep} = {', '.join(map(str, missing))}; give one per choice")
+        entry = {"depends_on": dep, "cases": {v: _distribution(where, f"{key}.cases.{v}", d, train, name)
+                                              for v, d in cases.items()}}
+    else:
+        entry = _distribution(where, key, p, train, name)
+    if "when" in p:
+        when = _mapping(where, f"{key}.when", p["when"])
+        if not when:
+            raise _err(where, f"{key}.when", "is empty; name a parameter and its value(s)")
+        for dep, values in when.items():
+            parent = _categorical_parent(where, f"{key}.when.{dep}", dep, out)
+            for v in values if isinstance(values, list) else [values]:
+                if v not in parent["choices"]:
+                    raise _err(where, f"{key}.when.{dep}", f"{dep} cannot take {v!r}; its choices: {parent['choices']}")
+        entry["when"] = {k: v if isinstance(v, list) else [v] for k, v in when.items()}
+    return entry
+
+
+def _section(where, raw, name, schema: dict) -> dict:
+    value = raw.get(name)
+    if value is None:
+        return dict(DEFAULTS[name])
+    _mapping(where, name, value, {k: False for k in schema})
+    return {**DEFAULTS[name], **value}
+
+
+def parse(raw: Any, where: str = "<spec>") -> StudySpec:
+    _mapping(where, "", raw, TOP_KEYS)
+    name = raw["name"]
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise _err(where, "name", f"{name!r} is not allowed; must be a folder name (no '/')")
+
+    train = dict(_mapping(where, "train", raw.get("train") or {}))
+    try:
+        TrainConfig.from_dict(train)
+    except (ValueError, TypeError) as e:
+        raise _err(where, "train", str(e)) from None
+    space = _parse_space(where, raw["space"], train)
+
+    obj = _mapping(where, "objective", raw["objective"], {"metric": True, "mode": True})
+    metric, mode = obj["metric"], obj["mode"]
+    if metric not in METRICS:
+        raise _err(where, "objective.metric", f"{metric!r} is never reported; allowed: {', '.join(METRICS)}")
+    if metric.startswith("val_") and not train.get("val_size"):
+        raise _err(where, "objective.metric", f"{metric} is reported only with a validation split; set train.val_size > 0")
+    if mode not in ("max", "min"):
+        raise _err(where, "objective.mode", f"{mode!r} is not allowed; allowed: max, min")
+
+    search = _section(where, raw, "search", DEFAULTS["search"])
+    if search["sampler"] not in SAMPLERS:
+        raise _err(where, "search.sampler", f"{search['sampler']!r} is not allowed; allowed: {', '.join(SAMPLERS)}")
+    _number(where, "search.seed", search["seed"], integer=True, minimum=0)
+    _number(where, "search.num_samples", search["num_samples"], integer=True, minimum=1)
+    _number(where, "search.max_concurrent", search["max_concurrent"], integer=True, minimum=0)
+    if not isinstance(search["baseline"], bool):
+        raise _err(where, "search.baseline", f"{search['baseline']!r} is not allowed; must be true or false")
+    if search["baseline"]:
+        for k, v in BASELINE.items():
+            if k in space and not _admits(space[k], v, BASELINE):
+                raise _err(where, "search.baseline", f"the tutorial's {k} = {v} is outside space.{k}; widen it or set baseline: false")
+
+    sched = _section(where, raw, "scheduler", {"type": 0, "grace_period": 0, "reduction_factor": 0})
+    if sched["type"] not in SCHEDULERS:
+        raise _err(where, "scheduler.type", f"{sched['type']!r} is not allowed; allowed: {', '.join(SCHEDULERS)}")
+    _number(where, "scheduler.grace_period", sched["grace_period"], integer=True, minimum=1)
+    _number(where, "scheduler.reduction_factor", sched["reduction_factor"], above=1)
+
+    res = _section(where, raw, "resources", DEFAULTS["resources"])
+    _number(where, "resources.gpus_per_trial", res["gpus_per_trial"], minimum=0)
+    _number(where, "resources.cpus_per_trial", res["cpus_per_trial"], above=0)
+
+    retrain = _section(where, raw, "retrain", DEFAULTS["retrain"])
+    if retrain["epochs"] is None:
+        retrain["epochs"] = TrainConfig.from_dict(train).epochs
+    _number(where, "retrain.epochs", retrain["epochs"], integer=True, minimum=0)
+    seeds = retrain["seeds"]
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise _err(where, "retrain.seeds", f"{seeds!r} is not allowed; must be a list of integers >= 0 (empty: no retrain)")
+
+    render = _section(where, raw, "render", DEFAULTS["render"])
+    _number(where, "render.images", render["images"], integer=True, minimum=0)
+    return StudySpec(name, metric, mode, train, space, search, sched, res, retrain, render, path=where)
+
+
+def _admits(p: dict, value, context: dict) -> bool:
+    if "depends_on" in p:
+        if p["depends_on"] not in context:
+            return True  # the baseline does not fix that parameter: any case may hold
+        p = p["cases"][context[p["depends_on"]]]
+    if p["type"] == "categorical":
+        return value in p["choices"]
+    return p["low"] <= value <= p["high"]
+
+
+def load(path: str | Path) -> StudySpec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    return parse(raw, str(path))
+
+
+# ------------------------------------------------------------ the search space
+
+def optuna_name(name: str, p: dict, params: dict) -> str:
+    """Optuna's name for a parameter: a conditional range is a parameter of its
+    own per case (lr[optimizer=sgd]), so the sampler never mixes the cases."""
+    return f"{name}[{p['depends_on']}={params[p['depends_on']]}]" if "depends_on" in p else name
+
+
+def active(p: dict, params: dict) -> bool:
+    return all(params.get(k) in v for k, v in p.get("when", {}).items())
+
+
+def define_by_run(spec: StudySpec):
+    """The define-by-run function for OptunaSearch. A partial of a module-level
+    function, because Ray saves the searcher with plain pickle."""
+    return functools.partial(_define, spec)
+
+
+def _define(spec: StudySpec, trial) -> dict:
+    """Sample the space in dependency order; return the TrainConfig fields ({'lr': ...})
+    beside the values Ray already records under Optuna's names."""
+    params: dict = {}
+    for name, p in spec.space.items():
+        if not active(p, params):
+            continue
+        d = p["cases"][params[p["depends_on"]]] if "depends_on" in p else p
+        oname = optuna_name(name, p, params)
+        if d["type"] == "categorical":
+            params[name] = trial.suggest_categorical(oname, d["choices"])
+        elif d["type"] == "int":
+            params[name] = trial.suggest_int(oname, d["low"], d["high"], step=d.get("step", 1), log=d["log"])
+        else:
+            params[name] = trial.suggest_float(oname, d["low"], d["high"], step=d.get("step"), log=d["log"])
+    return params
+
+
+def baseline_params(spec: StudySpec) -> dict:
+    """The tutorial's configuration under Optuna's names, for study.enqueue_trial."""
+    out: dict = {}
+    for name, p in spec.space.items():
+        if name in BASELINE and active(p, BASELINE) and p.get("depends_on", name) in BASELINE:
+            out[optuna_name(name, p, BASELINE)] = BASELINE[name]
+    return out

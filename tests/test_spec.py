@@ -1,0 +1,113 @@
+import copy
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from study import spec as specs
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = yaml.safe_load((ROOT / "search_spaces" / "fmnist.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["fmnist.yaml", "quick.yaml"])
+def test_shipped_files_parse(name):
+    s = specs.load(ROOT / "search_spaces" / name)
+    assert list(s.space) == ["T", "channels", "optimizer", "lr", "momentum"]
+    assert s.metric == "val_acc" and s.train["val_size"] > 0
+
+
+def test_fmnist_resolved():
+    s = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
+    assert s.search == {"sampler": "tpe", "seed": 0, "num_samples": 48, "max_concurrent": 8, "baseline": True}
+    assert s.resources == {"gpus_per_trial": 0.25, "cpus_per_trial": 2}
+    assert s.retrain == {"epochs": 16, "seeds": [0, 1, 2]}
+    assert specs.baseline_params(s) == {"T": 4, "channels": 128, "optimizer": "sgd", "lr[optimizer=sgd]": 0.1,
+                                        "momentum": 0.9}
+    assert specs.parse(s.to_dict(), "again").to_dict() == s.to_dict()
+
+
+def bad(path: str, value, delete=False):
+    raw = copy.deepcopy(GOOD)
+    *parents, last = path.split(".")
+    node = raw
+    for p in parents:
+        node = node[p]
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+@pytest.mark.parametrize("raw,key,allowed", [
+    (bad("colour", 1), "colour", "unknown key; allowed: name, objective"),
+    (bad("name", 1, delete=True), "name", "missing"),
+    (bad("search.smapler", "tpe"), "search.smapler", "unknown key; allowed: sampler"),
+    (bad("space.T.type", "discrete"), "space.T.type", "allowed: int, float, categorical"),
+    (bad("space.lr.cases.adam.low", 0.1), "space.lr.cases.adam.low", "must be below high"),
+    (bad("space.lr.cases.adam.low", 0.0), "space.lr.cases.adam.low", "with log: true; must be > 0"),
+    (bad("space.lr.cases.adam.scale", 2), "space.lr.cases.adam.scale", "unknown key"),
+    (bad("space.lr.depends_on", "optimiser"), "space.lr.depends_on", "must name a categorical parameter"),
+    (bad("space.lr.cases.rmsprop", {"type": "float", "low": 0.1, "high": 0.2}), "space.lr.cases.rmsprop",
+     "optimizer cannot take 'rmsprop'"),
+    (bad("space.momentum.when", {"optimizer": "nesterov"}), "space.momentum.when.optimizer",
+     "optimizer cannot take 'nesterov'"),
+    (bad("space.momentum.when", {"solver": "sgd"}), "space.momentum.when.solver", "must name a categorical"),
+    (bad("space.T", {"depends_on": "channels", "cases": {c: {"type": "categorical", "choices": [4]}
+                                                          for c in (32, 64, 128, 256)}, "when": {"optimizer": "sgd"}}),
+     None, None),  # order-free: T may depend on parameters written below it
+    (bad("space.optimizer.when", {"lr": 0.1}), "space.optimizer", "cycle"),
+    (bad("space.dropout", {"type": "float", "low": 0.0, "high": 0.5}), "space.dropout", "TrainConfig has no field"),
+    (bad("train.epochs", 16), None, None),  # the good file itself (control)
+    (bad("train.epoch", 16), "train", "no field epoch"),
+    (bad("train.T", 4), "space.T", "both fixed in train and searched"),
+    (bad("space.T.choices", [0, 4]), "space.T.choices[0]", "TrainConfig.T"),
+    (bad("space.channels.choices", []), "space.channels.choices", "non-empty list"),
+    (bad("objective.metric", "accuracy"), "objective.metric", "is never reported; allowed: epoch"),
+    (bad("train.val_size", 0), "objective.metric", "set train.val_size > 0"),
+    (bad("objective.mode", "maximize"), "objective.mode", "allowed: max, min"),
+    (bad("search.sampler", "cmaes"), "search.sampler", "allowed: tpe, random, qmc, gp"),
+    (bad("scheduler.type", "hyperband"), "scheduler.type", "allowed: asha, none"),
+    (bad("space.channels.choices", [32, 64]), "search.baseline", "channels = 128 is outside space.channels"),
+    (bad("search.num_samples", 0), "search.num_samples", ">= 1"),
+    (bad("retrain.seeds", [0, "a"]), "retrain.seeds", "list of integers"),
+])
+def test_bad_files_name_the_key(tmp_path, raw, key, allowed):
+    f = tmp_path / "space.yaml"
+    f.write_text(yaml.safe_dump(raw, sort_keys=False))
+    if key is None:
+        specs.load(f)
+        return
+    with pytest.raises(specs.SpecError) as e:
+        specs.load(f)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: {key}: "), msg
+    assert allowed in msg, msg
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(specs.SpecError, match="nothere.yaml: cannot read"):
+        specs.load(tmp_path / "nothere.yaml")
+    (tmp_path / "x.yaml").write_text("name: [unclosed")
+    with pytest.raises(specs.SpecError, match="x.yaml: not valid YAML"):
+        specs.load(tmp_path / "x.yaml")
+
+
+def test_define_by_run_samples_conditionally():
+    s = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    define = specs.define_by_run(s)
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        params = define(trial)
+        seen.add(params["optimizer"])
+        lo, hi = (0.01, 0.5) if params["optimizer"] == "sgd" else (1e-4, 1e-2)
+        assert lo <= params["lr"] <= hi
+        assert trial.params[f"lr[optimizer={params['optimizer']}]"] == params["lr"]
+        assert ("momentum" in params) == (params["optimizer"] == "sgd")
+        s.config(params)  # a valid TrainConfig
+        study.tell(trial, 0.5)
+    assert seen == {"sgd", "adam"}

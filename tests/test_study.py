@@ -1,0 +1,180 @@
+"""Real Ray Tune + Optuna studies on tiny real data (600 training images, channels 4-6)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(name, **over):
+    spec = {
+        "name": name,
+        "objective": {"metric": "val_acc", "mode": "max"},
+        "train": {"epochs": 2, "batch_size": 50, "val_size": 100, "test_size": 100, "T": 2, "optimizer": "adam"},
+        "space": {
+            "channels": {"type": "categorical", "choices": [4, 6]},
+            "lr": {"type": "float", "low": 0.003, "high": 0.03, "log": True},
+        },
+        "search": {"sampler": "tpe", "seed": 0, "num_samples": 3, "max_concurrent": 2},
+        "scheduler": {"type": "none"},
+        "resources": {"cpus_per_trial": 1},
+        "retrain": {"epochs": 1, "seeds": [0, 1]},
+        "render": {"images": 2},
+    }
+    for k, v in over.items():
+        spec[k] = {**spec[k], **v} if isinstance(v, dict) and isinstance(spec.get(k), dict) else v
+    return spec
+
+
+def write_spec(tmp_path, spec) -> Path:
+    f = tmp_path / f"{spec['name']}.yaml"
+    f.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return f
+
+
+def study_cmd(space, tmp_path, data_dir, *extra):
+    return [sys.executable, "-m", "study.run", str(space), "--storage", str(tmp_path / "results"),
+            "--data-dir", str(data_dir), *extra]
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+
+
+def test_three_trial_study_end_to_end(tmp_path, tiny_data_dir):
+    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = tmp_path / "results" / "e2e"
+    assert "study e2e: 3 trials:" in p.stdout and "retrained best: test_acc" in p.stdout
+
+    assert yaml.safe_load((d / "spec.yaml").read_text())["name"] == "e2e"
+    trials = pd.read_csv(d / "trials.csv")
+    assert len(trials) == 3 and trials["trial_id"].is_unique
+    assert {"trial_id", "status", "channels", "lr", "val_acc", "best_val_acc", "test_acc", "epochs_run",
+            "time_s", "error", "config"} <= set(trials.columns)
+    assert set(trials["status"]) <= {"finished", "stopped"} and (trials["status"] == "finished").any()
+    assert trials["lr"].between(0.003, 0.03).all() and set(trials["channels"]) <= {4, 6}
+    cols = [c for c in trials.columns if c != "error"]  # all empty; None in parquet, NaN in csv
+    pd.testing.assert_frame_equal(pd.read_parquet(d / "trials.parquet")[cols], trials[cols], check_dtype=False)
+    assert trials["error"].isna().all()
+
+    history = pd.read_csv(d / "history.csv")
+    assert len(history) == trials["epochs_run"].sum()
+    assert not history.duplicated(["trial_id", "epoch"]).any()
+    assert set(history["trial_id"]) == set(trials["trial_id"])
+
+    best = yaml.safe_load((d / "best.yaml").read_text())
+    row = trials.set_index("trial_id").loc[best["trial_id"]]
+    assert best["objective"]["value"] == row["best_val_acc"] == trials["best_val_acc"].max()
+    assert best["config"]["lr"] == pytest.approx(row["lr"]) and best["config"]["channels"] == row["channels"]
+    assert best["config"]["epochs"] == 2 and best["config"]["val_size"] == 100
+
+    summary = yaml.safe_load((d / "best" / "summary.yaml").read_text())
+    assert summary["trial_id"] == best["trial_id"] and set(summary["test_acc"]) == {0, 1}
+    assert summary["test_acc_mean"] == pytest.approx(np.mean(list(summary["test_acc"].values())))
+    retrained = yaml.safe_load((d / "best" / "seed1" / "config.yaml").read_text())
+    assert retrained["val_size"] == 0 and retrained["seed"] == 1 and retrained["lr"] == best["config"]["lr"]
+    assert len(pd.read_csv(d / "best" / "metrics.csv")) == 2
+    for i in range(2):
+        img = np.asarray(Image.open(d / "best" / "spikes" / str(i) / "input.png"))
+        assert img.shape == (112, 112) and img.std() > 10
+        for t in range(2):
+            assert (d / "best" / "spikes" / str(i) / f"s_{t}.svg").is_file()
+    assert not (d / "best.partial").exists()
+
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{d / 'optuna.db'}")
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+
+    again = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_dir):
+    spec = tiny_spec("resume", search={"num_samples": 4, "max_concurrent": 1}, retrain={"seeds": []})
+    space = write_spec(tmp_path, spec)
+    ray_dir = tmp_path / "results" / "resume" / "ray"
+    proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    finished = []
+    while time.time() < deadline and not finished:  # wait for a trial to finish both epochs
+        finished = [f for f in ray_dir.glob("*/progress.csv") if len(pd.read_csv(f)) >= 2] if ray_dir.exists() else []
+        time.sleep(0.5)
+    assert finished, "no trial finished in time"
+    before = {f.parent.name: pd.read_csv(f) for f in finished}
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "continue it with --resume" in out
+    assert not (tmp_path / "results" / "resume" / "trials.csv").exists()  # nothing that looks finished
+
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--resume"), env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = tmp_path / "results" / "resume"
+    trials = pd.read_csv(d / "trials.csv")
+    assert len(trials) == 4 and trials["trial_id"].is_unique and (trials["status"] == "finished").all()
+    history = pd.read_csv(d / "history.csv")
+    assert not history.duplicated(["trial_id", "epoch"]).any() and len(history) == 8
+    for name, frame in before.items():  # the trial finished before Ctrl-C was not run again
+        after = pd.read_csv(ray_dir / name / "progress.csv")
+        assert len(after) == 2 and after["epoch_s"].tolist() == frame["epoch_s"].tolist()
+    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{d / 'optuna.db'}")
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4
+
+
+def test_errored_trial_is_recorded_and_others_finish(tmp_path, tiny_data_dir):
+    # lr 1e38 overflows Adam's step: a real exception inside the trial.
+    spec = tiny_spec("errors", space={"lr": {"type": "categorical", "choices": [0.01, 1e38]}},
+                     search={"sampler": "random", "seed": 0, "num_samples": 4, "max_concurrent": 2},
+                     retrain={"seeds": []})
+    space = write_spec(tmp_path, spec)
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "results" / "errors" / "trials.csv")
+    bad = trials[trials["lr"] > 1]
+    good = trials[trials["lr"] < 1]
+    assert len(bad) and len(good), trials[["lr", "status"]]
+    assert (bad["status"] == "errored").all() and bad["error"].str.contains("overflow").all()
+    assert (good["status"] == "finished").all()
+    assert "errored" in p.stdout
+    best = yaml.safe_load((tmp_path / "results" / "errors" / "best.yaml").read_text())
+    assert best["config"]["lr"] == 0.01
+
+
+def test_fractional_gpus_run_four_trials_at_once(tmp_path, tiny_data_dir):
+    """2 logical GPUs and gpus_per_trial 0.5: Ray runs four trials at once."""
+    import ray
+
+    from csnn import data as fmnist
+    from study import run, spec as specs
+
+    spec = specs.parse(tiny_spec("gpus", train={"epochs": 3}, search={"num_samples": 4, "max_concurrent": 4},
+                                 resources={"gpus_per_trial": 0.5, "cpus_per_trial": 0.25},
+                                 retrain={"seeds": []}), "gpus.yaml")
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
+    try:
+        assert run.resources(spec) == {"cpu": 0.25, "gpu": 0.5}
+        assert run.run(spec, fmnist.load(tiny_data_dir), tmp_path / "gpus") == 0
+    finally:
+        ray.shutdown()
+    # Each trial's first report came before any trial finished: all four overlapped.
+    ray_dir = tmp_path / "gpus" / "ray"
+    spans = []
+    for f in ray_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        spans.append((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]))
+    assert len(spans) == 4
+    assert max(s for s, _ in spans) < min(e for _, e in spans)
