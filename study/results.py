@@ -11,8 +11,10 @@ results/<name>/
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +23,7 @@ import yaml
 from csnn.train import METRICS
 from study.spec import StudySpec
 
-STATUSES = ("finished", "stopped", "errored")
+STATUSES = ("finished", "stopped", "errored", "unfinished")
 
 
 def write_atomic(path: Path, text: str | None = None, frame: pd.DataFrame | None = None) -> None:
@@ -52,21 +54,36 @@ def metric_mode(metric: str, spec: StudySpec) -> str | None:
     return None
 
 
-def frames(result_grid, spec: StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(trials, history) dataframes from a Ray Tune ResultGrid."""
+def trial_folders(ray_dir: Path) -> list[Path]:
+    """Ray Tune's trial folders (<trainable>_<id>_<number>_<params>_<date>), in creation order."""
+    dirs = [d for d in Path(ray_dir).glob("*_*_*") if (d / "params.json").is_file()]
+    return sorted(dirs, key=lambda d: int(d.name.split("_")[2]))
+
+
+def frames(ray_dir: Path, spec: StudySpec, complete: bool,
+           errors: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, history) read from the trial folders Ray Tune wrote. `complete`:
+    the study has ended, so a trial with fewer epochs than planned was stopped
+    early (else it is 'unfinished'). `errors` ({trial_id: text}) overrides the
+    error files (a trial retried successfully keeps an old error.txt)."""
     rows, hist = [], []
-    for result in result_grid:
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        h = result.metrics_dataframe
-        h = h[[c for c in h.columns if c in METRICS]].copy() if h is not None and len(h) else pd.DataFrame()
+    for d in trial_folders(ray_dir):
+        trial_id, number = d.name.split("_")[1], int(d.name.split("_")[2])
+        config = json.loads((d / "params.json").read_text())
+        h = pd.read_csv(d / "progress.csv") if (d / "progress.csv").is_file() else pd.DataFrame()
+        h = h[[c for c in METRICS if c in h.columns]]
         if len(h):
             h = h.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a retried epoch counts once
-        params = {k: v for k, v in (result.config or {}).items() if "[" not in k}
+        params = {k: v for k, v in config.items() if "[" not in k}
         cfg = spec.config(params)
+        if errors is not None:
+            error = errors.get(trial_id)
+        else:
+            error = _error_file_text(d / "error.txt")
         ran = len(h)
-        status = "errored" if result.error else ("finished" if ran >= cfg.epochs else "stopped")
-        row = {"trial_id": trial_id, "status": status}
+        status = ("errored" if error else "finished" if ran >= cfg.epochs
+                  else "stopped" if complete else "unfinished")
+        row = {"trial_id": trial_id, "number": number, "status": status}
         row.update({k: params.get(k) for k in spec.space})
         for m in METRICS:
             # epoch and lr per epoch stay in history: here the searched lr is the column
@@ -77,25 +94,27 @@ def frames(result_grid, spec: StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
                     row[f"best_{m}"] = _best(h[m], mode)
         row["epochs_run"] = ran
         row["time_s"] = float(h["epoch_s"].sum()) if "epoch_s" in h else 0.0
-        row["error"] = _error_text(result.error)
+        row["error"] = error
         row["config"] = yaml.safe_dump(cfg.to_dict(), default_flow_style=True, width=10_000).strip()
         rows.append(row)
         if len(h):
             hist.append(h.assign(trial_id=trial_id))
     trials = pd.DataFrame(rows)
-    if len(trials):
-        trials = trials.sort_values("trial_id", ignore_index=True)
     history = pd.concat(hist, ignore_index=True) if hist else pd.DataFrame(columns=["trial_id", "epoch"])
     history = history[["trial_id"] + [c for c in history.columns if c != "trial_id"]]
     return trials, history
 
 
-def _error_text(error) -> str | None:
-    if error is None:
+def _error_file_text(path: Path) -> str | None:
+    if not path.is_file():
         return None
-    cause = getattr(error, "cause", None) or error  # Ray wraps the trial's own exception
-    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:500]
+    return error_text(path.read_text())
+
+
+def error_text(text: str) -> str:
+    """The last line of a traceback: the exception and its message."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "error")[:500]
 
 
 def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
@@ -107,8 +126,11 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
 
 
 def export(result_grid, spec: StudySpec, study_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
-    """Write trials.csv/.parquet, history.csv and best.yaml; return (trials, history, best)."""
-    trials, history = frames(result_grid, spec)
+    """Write trials.csv/.parquet, history.csv and best.yaml from an ended
+    study's ResultGrid and trial folders; return (trials, history, best)."""
+    errors = {Path(r.path).name.split("_")[1]: _error_file_text(Path(r.path) / "error.txt") or error_text(str(r.error))
+              for r in result_grid if r.error}
+    trials, history = frames(study_dir / "ray", spec, complete=True, errors=errors)
     write_atomic(study_dir / "history.csv", frame=history)
     write_atomic(study_dir / "trials.parquet", frame=trials)
     write_atomic(study_dir / "trials.csv", frame=trials)
@@ -135,3 +157,65 @@ def _missing(v) -> bool:
 def _plain(v):
     """numpy scalars -> Python numbers, so YAML stays plain."""
     return v.item() if hasattr(v, "item") else v
+
+
+class StudyError(ValueError):
+    pass
+
+
+@dataclass
+class Study:
+    """A study folder as dataframes: what a notebook imports."""
+
+    path: Path
+    spec: StudySpec
+    trials: pd.DataFrame  # one row per trial
+    history: pd.DataFrame  # one row per trial and epoch
+    best: dict | None  # best.yaml: trial_id, objective, params, config (a TrainConfig dict), metrics
+    retrain: pd.DataFrame | None  # best/metrics.csv: one row per seed and epoch
+    retrain_summary: dict | None  # best/summary.yaml: test_acc per seed, mean, std
+
+    @property
+    def best_row(self) -> pd.Series | None:
+        if self.best is None:
+            return None
+        return self.trials.set_index("trial_id").loc[self.best["trial_id"]]
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / "trials.csv").is_file()
+
+
+def load(path: str | Path) -> Study:
+    """Load results/<name>/. A study still running or interrupted (no trials.csv
+    yet) is read from Ray Tune's trial folders, its unfinished trials marked so."""
+    from study.spec import SpecError, parse
+
+    path = Path(path)
+    spec_file = path / "spec.yaml"
+    if not spec_file.is_file():
+        raise StudyError(f"{path}: not a study folder (no spec.yaml); give the results/<name>/ folder "
+                         "that python -m study.run writes")
+    try:
+        spec = parse(yaml.safe_load(spec_file.read_text()), str(spec_file))
+    except (SpecError, yaml.YAMLError) as e:
+        raise StudyError(f"{spec_file}: unreadable study spec: {e}") from None
+    if (path / "trials.parquet").is_file():
+        trials = pd.read_parquet(path / "trials.parquet")
+        history = pd.read_csv(path / "history.csv")
+    elif (path / "trials.csv").is_file():
+        trials = pd.read_csv(path / "trials.csv")
+        history = pd.read_csv(path / "history.csv")
+    else:
+        trials, history = frames(path / "ray", spec, complete=False)
+    if (path / "best.yaml").is_file():
+        best = yaml.safe_load((path / "best.yaml").read_text())
+    else:
+        row = best_row(trials, spec) if len(trials) else None
+        best = None if row is None else {
+            "trial_id": row["trial_id"], "params": {k: _plain(row[k]) for k in spec.space if not _missing(row[k])},
+            "objective": {"metric": spec.metric, "mode": spec.mode, "value": _plain(row[f"best_{spec.metric}"])},
+            "config": yaml.safe_load(row["config"]), "metrics": {}}
+    retrain = pd.read_csv(path / "best" / "metrics.csv") if (path / "best" / "metrics.csv").is_file() else None
+    summary = yaml.safe_load((path / "best" / "summary.yaml").read_text()) if (path / "best" / "summary.yaml").is_file() else None
+    return Study(path, spec, trials, history, best, retrain, summary)

@@ -1,9 +1,13 @@
 import gzip
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from csnn import data as fmnist
 
@@ -50,3 +54,52 @@ def tiny_data_dir(real_data, tmp_path_factory) -> Path:
         write_idx(folder / f"{prefix}-images-idx3-ubyte", x.numpy(), gz=True)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", y.numpy(), gz=True)
     return folder
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(name, **over):
+    spec = {
+        "name": name,
+        "objective": {"metric": "val_acc", "mode": "max"},
+        "train": {"epochs": 2, "batch_size": 50, "val_size": 100, "test_size": 100, "T": 2, "optimizer": "adam"},
+        "space": {
+            "channels": {"type": "categorical", "choices": [4, 6]},
+            "lr": {"type": "float", "low": 0.003, "high": 0.03, "log": True},
+        },
+        "search": {"sampler": "tpe", "seed": 0, "num_samples": 3, "max_concurrent": 2},
+        "scheduler": {"type": "none"},
+        "resources": {"cpus_per_trial": 1},
+        "retrain": {"epochs": 1, "seeds": [0, 1]},
+        "render": {"images": 2},
+    }
+    for k, v in over.items():
+        spec[k] = {**spec[k], **v} if isinstance(v, dict) and isinstance(spec.get(k), dict) else v
+    return spec
+
+
+def write_spec(tmp_path, spec) -> Path:
+    f = tmp_path / f"{spec['name']}.yaml"
+    f.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return f
+
+
+def study_cmd(space, tmp_path, data_dir, *extra):
+    return [sys.executable, "-m", "study.run", str(space), "--storage", str(tmp_path / "results"),
+            "--data-dir", str(data_dir), *extra]
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tiny_data_dir, tmp_path_factory):
+    """A real 3-trial study (Ray Tune, Optuna, ASHA, retrain with 2 seeds, spikes)
+    run once through the command line: (study folder, CompletedProcess)."""
+    tmp_path = tmp_path_factory.mktemp("study")
+    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return tmp_path / "results" / "e2e", p

@@ -1,0 +1,359 @@
+"""python -m study.analyze results/<name> [--top K]: a leaderboard, plots and a one-page report.
+
+Writes results/<name>/report/: curves.png, param_<name>.png, parallel.png,
+importance.png, baseline.png and report.md (the plots embedded).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from study import results  # noqa: E402
+from study.spec import BASELINE  # noqa: E402
+
+TUTORIAL_ACC = 0.9263  # the tutorial's max_test_acc at T 4, 128 channels, SGD lr 0.1, 16 epochs
+LABELS = {"val_acc": "validation accuracy", "test_acc": "test accuracy", "train_acc": "training accuracy",
+          "val_loss": "validation loss (MSE)", "test_loss": "test loss (MSE)", "train_loss": "training loss (MSE)",
+          "T": "time steps T", "channels": "channels", "lr": "learning rate", "momentum": "momentum",
+          "weight_decay": "weight decay", "batch_size": "batch size (images)", "epochs": "epochs"}
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def ranked(study: results.Study) -> pd.DataFrame:
+    """Trials that reported the objective, best first."""
+    key = f"best_{study.spec.metric}"
+    t = study.trials
+    if key not in t:
+        return t.iloc[0:0]
+    t = t[t[key].notna()]
+    return t.sort_values(key, ascending=study.spec.mode == "min")
+
+
+def leaderboard(study: results.Study, top: int) -> str:
+    spec = study.spec
+    cols = ["number", "trial_id", "status", *spec.space, f"best_{spec.metric}", "test_acc", "epochs_run", "time_s"]
+    t = ranked(study)[[c for c in cols if c in study.trials]].head(top)
+    return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(study: results.Study, top: int, out: Path) -> Path | None:
+    h, metric = study.history, study.spec.metric
+    if metric not in h or h.empty:
+        return None
+    top_ids = list(ranked(study)["trial_id"].head(top))
+    status = study.trials.set_index("trial_id")["status"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for tid, g in h.groupby("trial_id"):
+        if tid not in top_ids:
+            faint = status.get(tid) == "stopped"
+            ax.plot(g["epoch"] + 1, g[metric], color="grey", alpha=0.25 if faint else 0.5, lw=1,
+                    ls=":" if faint else "-")
+    for rank, tid in enumerate(top_ids):
+        g = h[h["trial_id"] == tid]
+        faint = status.get(tid) == "stopped"
+        ax.plot(g["epoch"] + 1, g[metric], marker="o", lw=2, alpha=0.4 if faint else 1,
+                label=f"#{rank + 1} {tid}" + (" (stopped early)" if faint else ""))
+    ax.set(title=f"{label(metric)} per epoch: top {len(top_ids)} trials (grey: the others, dotted: stopped early)",
+           xlabel="epoch", ylabel=label(metric))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "curves.png")
+
+
+def _log_scaled(p: dict) -> bool:
+    dists = p["cases"].values() if "depends_on" in p else [p]
+    return all(d.get("log") for d in dists)
+
+
+def edge_warning(study: results.Study, name: str) -> str | None:
+    """The best value at (within 5% of) the edge of its range: the range may be too narrow."""
+    p, row = study.spec.space[name], study.best_row
+    if row is None or results._missing(row.get(name)):
+        return None
+    value = row[name]
+    d = p["cases"][row[p["depends_on"]]] if "depends_on" in p else p
+    if d["type"] == "categorical":
+        numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d["choices"])
+        if numeric and len(d["choices"]) > 2 and value in (min(d["choices"]), max(d["choices"])):
+            return f"{name} = {value} is the {'smallest' if value == min(d['choices']) else 'largest'} of its choices {d['choices']}"
+        return None
+    f = (lambda v: math.log(v)) if d["log"] else (lambda v: v)
+    pos = (f(value) - f(d["low"])) / (f(d["high"]) - f(d["low"]))
+    if pos <= 0.05 or pos >= 0.95:
+        return f"{name} = {value:.4g} lies at the {'low' if pos <= 0.05 else 'high'} edge of [{d['low']}, {d['high']}]"
+    return None
+
+
+def plot_param(study: results.Study, name: str, out: Path) -> Path | None:
+    t = ranked(study)
+    key = f"best_{study.spec.metric}"
+    t = t[t[name].notna()]
+    if t.empty:
+        return None
+    p = study.spec.space[name]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    categorical = p.get("type") == "categorical"
+    if categorical:
+        choices = p["choices"]
+        x = t[name].map(lambda v: choices.index(v) if v in choices else choices.index(type(choices[0])(v)))
+        jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(t))
+        ax.scatter(x + jitter, t[key], alpha=0.7)
+        ax.set_xticks(range(len(choices)), [str(c) for c in choices])
+        best_x = x.iloc[0]
+    else:
+        groups = t.groupby(t[p["depends_on"]]) if "depends_on" in p else [(None, t)]
+        for case, g in groups:
+            ax.scatter(g[name], g[key], alpha=0.7, label=f"{p['depends_on']} = {case}" if case is not None else None)
+        if "depends_on" in p:
+            ax.legend(fontsize=8)
+        if _log_scaled(p):
+            ax.set_xscale("log")
+        best_x = t[name].iloc[0]
+    ax.scatter([best_x], [t[key].iloc[0]], marker="*", s=250, color="red", zorder=3, label="best trial")
+    warning = edge_warning(study, name)
+    title = f"{label(study.spec.metric)} against {name}"
+    ax.set(title=title + ("\n(best at the edge of the range)" if warning else ""),
+           xlabel=label(name) + (" (log scale)" if not categorical and _log_scaled(p) else ""),
+           ylabel=f"best {label(study.spec.metric)} of the trial")
+    ax.grid(alpha=0.3)
+    return _save(fig, out / f"param_{name}.png")
+
+
+def plot_parallel(study: results.Study, out: Path) -> Path | None:
+    """One line per trial across the searched parameters (scaled to [0, 1]), coloured by the objective."""
+    t = ranked(study)
+    names = list(study.spec.space)
+    if len(t) < 2 or not names:
+        return None
+    key = f"best_{study.spec.metric}"
+    cols, ticks = [], []
+    for name in names:
+        p = study.spec.space[name]
+        v = t[name]
+        if p.get("type") == "categorical":
+            choices = p["choices"]
+            idx = v.map(lambda c: choices.index(c) if c in choices else np.nan)
+            cols.append(idx / max(len(choices) - 1, 1))
+            ticks.append([str(c) for c in choices])
+        else:
+            vv = np.log10(v.astype(float)) if _log_scaled(p) else v.astype(float)
+            lo, hi = vv.min(), vv.max()
+            cols.append((vv - lo) / (hi - lo) if hi > lo else vv * 0 + 0.5)
+            fmt = (lambda z: f"{10 ** z:.3g}") if _log_scaled(p) else (lambda z: f"{z:.3g}")
+            ticks.append([fmt(lo), fmt(hi)] if hi > lo else [fmt(lo)])
+    y = np.vstack(cols).T
+    obj = t[key].to_numpy()
+    norm = plt.Normalize(np.nanmin(obj), np.nanmax(obj))
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(names)), 5))
+    for row, o in zip(y[::-1], obj[::-1]):  # best drawn last, on top
+        ax.plot(range(len(names)), row, color=cmap(norm(o)), alpha=0.8, lw=1.5)
+    for i, tk in enumerate(ticks):
+        ax.axvline(i, color="black", lw=0.8)
+        ax.text(i, -0.06, tk[0], ha="center", va="top", fontsize=8)
+        ax.text(i, 1.06, tk[-1], ha="center", va="bottom", fontsize=8)
+        if len(tk) > 2:
+            for j, name in enumerate(tk[1:-1], start=1):
+                ax.text(i + 0.03, j / (len(tk) - 1), name, fontsize=8, va="center")
+    ax.set_xticks(range(len(names)), [label(n) for n in names])
+    ax.set_yticks([])
+    ax.set_ylim(-0.15, 1.15)
+    ax.set_title("searched parameters of every trial (line colour: objective; axis ends: range seen)")
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"best {label(study.spec.metric)}")
+    return _save(fig, out / "parallel.png")
+
+
+def importances(study: results.Study) -> tuple[dict | None, str | None]:
+    """Optuna's parameter importances on the stored study; (None, reason) when it cannot."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db = study.path / "optuna.db"
+    if not db.is_file():
+        return None, "no optuna.db"
+    try:
+        s = optuna.load_study(study_name=study.spec.name, storage=f"sqlite:///{db}")
+        done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(done) < 2:
+            return None, f"{len(done)} completed Optuna trial(s); importances need at least 2"
+        imp = optuna.importance.get_param_importances(s)
+    except (RuntimeError, ValueError) as e:
+        return None, str(e)
+    if not imp:
+        return None, "no parameter was sampled in every completed trial"
+    return imp, None
+
+
+def plot_importance(imp: dict, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, max(4, 0.5 * len(imp) + 1.5)))
+    names = list(imp)[::-1]
+    ax.barh(names, [imp[n] for n in names])
+    ax.set(title="parameter importance (Optuna, fANOVA)", xlabel="share of the objective's variance explained")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, out / "importance.png")
+
+
+def baseline_row(study: results.Study) -> pd.Series | None:
+    """The tutorial's configuration as run in this study (the first trial when search.baseline)."""
+    if not study.spec.search.get("baseline") or study.trials.empty:
+        return None
+    first = study.trials.sort_values("number").iloc[0]
+    ok = all(results._missing(first.get(k)) or first[k] == v for k, v in BASELINE.items() if k in study.spec.space)
+    return first if ok else None
+
+
+def plot_baseline(study: results.Study, out: Path) -> Path | None:
+    base, best = baseline_row(study), study.best_row
+    if best is None:
+        return None
+    bars = {}
+    if base is not None:
+        bars["tutorial config\n(trial %s)" % base["trial_id"]] = (base.get("best_test_acc"), base.get("time_s") / max(base["epochs_run"], 1))
+    bars[f"best trial\n({study.best['trial_id']})"] = (best.get("best_test_acc"), best["time_s"] / max(best["epochs_run"], 1))
+    if study.retrain_summary:
+        bars["best, retrained\n(mean over seeds)"] = (study.retrain_summary["test_acc_mean"], study.retrain_summary["epoch_s_mean"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.5))
+    names = list(bars)
+    a1.bar(names, [bars[n][0] for n in names], color=["grey", "tab:blue", "tab:green"][-len(names):])
+    a1.axhline(TUTORIAL_ACC, color="red", ls="--", label=f"tutorial's reported {TUTORIAL_ACC}")
+    lo = min(v for v, _ in bars.values() if v is not None)
+    a1.set_ylim(max(0, lo - 0.05), 1)
+    a1.set(title="test accuracy", ylabel="test accuracy")
+    a1.legend(fontsize=8, loc="lower right")
+    a2.bar(names, [bars[n][1] for n in names], color=["grey", "tab:blue", "tab:green"][-len(names):])
+    a2.set(title="time per epoch", ylabel="seconds per epoch")
+    for a in (a1, a2):
+        a.tick_params(axis="x", labelsize=8)
+        a.grid(axis="y", alpha=0.3)
+    fig.suptitle("tutorial configuration, best trial and retrained best (trial runs may use a data subset)")
+    return _save(fig, out / "baseline.png")
+
+
+def report(study: results.Study, top: int) -> Path:
+    out = study.path / "report"
+    out.mkdir(exist_ok=True)
+    spec, t = study.spec, study.trials
+    notes = []
+    plots = {"learning curves": plot_curves(study, top, out)}
+    for name in spec.space:
+        plots[f"{name}"] = plot_param(study, name, out)
+    plots["parallel coordinates"] = plot_parallel(study, out)
+    imp, why = importances(study)
+    plots["parameter importance"] = plot_importance(imp, out) if imp else None
+    if why:
+        notes.append(f"parameter importance not drawn: {why}")
+    plots["baseline against best"] = plot_baseline(study, out)
+    for k, v in plots.items():
+        if v is None and k != "parameter importance":
+            notes.append(f"{k}: not drawn (no finished trial reported what it needs)")
+    warnings = [w for w in (edge_warning(study, n) for n in spec.space) if w]
+
+    counts = t["status"].value_counts() if len(t) else pd.Series(dtype=int)
+    wall = t["time_s"].sum() / 60 if len(t) else 0
+    lines = [f"# Study `{spec.name}`", ""]
+    lines.append(f"Objective: {spec.mode} `{spec.metric}`. Sampler {spec.search['sampler']} (seed {spec.search['seed']}), "
+                 f"{spec.search['num_samples']} trials planned, scheduler {spec.scheduler['type']}.")
+    lines.append("")
+    lines.append("Searched: " + "; ".join(f"`{n}` {_describe(p)}" for n, p in spec.space.items()) + ".")
+    lines.append("Fixed: " + ", ".join(f"{k} {v}" for k, v in spec.train.items()) + ".")
+    lines.append("")
+    lines.append(f"Trials: {len(t)} — " + ", ".join(f"{int(counts.get(s, 0))} {s}" for s in results.STATUSES
+                                                   if counts.get(s, 0) or s != "unfinished")
+                 + f". Training time summed over trials: {wall:.1f} min." + ("" if study.complete else " **The study has not ended.**"))
+    for _, r in t[t["status"] == "errored"].iterrows() if len(t) else []:
+        lines.append(f"- errored trial {r['trial_id']}: {r['error']}")
+    lines.append("")
+    if study.best:
+        b = study.best
+        lines.append(f"## Best trial: {b['trial_id']}")
+        lines.append("")
+        lines.append(f"{spec.metric} = {b['objective']['value']:.4f} with " + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items()) + ".")
+        lines.append("")
+        lines.append("```yaml\n" + "\n".join(f"{k}: {v}" for k, v in b["config"].items()) + "\n```")
+        if study.retrain_summary:
+            s = study.retrain_summary
+            diff = s["test_acc_mean"] - TUTORIAL_ACC
+            lines.append(f"Retrained from scratch on all training images for {s['epochs']} epochs with seeds {s['seeds']}: "
+                         f"**test accuracy {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}** (mean ± std over seeds), "
+                         f"{'+' if diff >= 0 else ''}{diff:.4f} against the tutorial's {TUTORIAL_ACC} "
+                         "(T 4, 128 channels, SGD lr 0.1, 16 epochs).")
+        else:
+            lines.append("The best configuration has not been retrained (best/ is missing).")
+    else:
+        lines.append("No trial reported the objective: there is no best trial.")
+    lines.append("")
+    base = baseline_row(study)
+    if base is not None:
+        lines.append(f"The tutorial's configuration ran as trial {base['trial_id']}: best {spec.metric} "
+                     f"{base.get(f'best_{spec.metric}', float('nan')):.4f}, test accuracy {base.get('best_test_acc', float('nan')):.4f} "
+                     f"({base['status']}).")
+        lines.append("")
+    if warnings:
+        lines.append("**Warning — the best value lies at the edge of its range; widen the range:**")
+        lines += [f"- {w}" for w in warnings]
+        lines.append("")
+    lines.append(f"## Top {min(top, len(ranked(study)))} trials")
+    lines.append("")
+    lines.append("```\n" + leaderboard(study, top) + "\n```")
+    lines.append("")
+    for k, v in plots.items():
+        if v is not None:
+            lines.append(f"### {k}\n\n![{k}]({v.name})\n")
+    if notes:
+        lines.append("## Not drawn")
+        lines += [f"- {n}" for n in notes]
+    path = out / "report.md"
+    results.write_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _describe(p: dict) -> str:
+    if "depends_on" in p:
+        return "by " + p["depends_on"] + ": " + ", ".join(f"{c}: {_describe(d)}" for c, d in p["cases"].items())
+    if p["type"] == "categorical":
+        return "in " + str(p["choices"])
+    return f"{p['type']} [{p['low']}, {p['high']}]" + (" log" if p.get("log") else "")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m study.analyze", description=__doc__.split("\n")[0])
+    ap.add_argument("study", help="the study folder, results/<name>")
+    ap.add_argument("--top", type=int, default=5, help="trials in the leaderboard and the learning curves")
+    args = ap.parse_args(argv)
+    try:
+        study = results.load(args.study)
+    except results.StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(leaderboard(study, args.top))
+    path = report(study, args.top)
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""study.results.load, study.analyze and study.reproduce on the tiny real study of conftest."""
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import ROOT, env
+from study import results
+
+
+def run(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env(), capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+
+
+def test_load_gives_dataframes(tiny_study):
+    d, _ = tiny_study
+    s = results.load(d)
+    assert s.complete and s.spec.name == "e2e"
+    assert len(s.trials) == 3 and {"trial_id", "number", "status", "channels", "lr", "best_val_acc"} <= set(s.trials)
+    assert not any(c.startswith("config/") for c in s.trials.columns)
+    assert len(s.history) == s.trials["epochs_run"].sum() and {"trial_id", "epoch", "val_acc"} <= set(s.history)
+    assert s.best["trial_id"] in set(s.trials["trial_id"]) and s.best_row["best_val_acc"] == s.trials["best_val_acc"].max()
+    assert list(s.retrain["seed"].unique()) == [0, 1] and s.retrain_summary["seeds"] == [0, 1]
+    # the notebook example of the README
+    top = s.trials.sort_values("best_val_acc", ascending=False).head(5)
+    assert len(top) == 3
+    assert s.trials.groupby("channels")["test_acc"].mean().index.isin([4, 6]).all()
+
+
+def test_load_reads_an_unfinished_study_from_ray_folders(tiny_study, tmp_path):
+    d, _ = tiny_study
+    partial = tmp_path / "partial"
+    shutil.copytree(d, partial, ignore=shutil.ignore_patterns("trials.*", "history.csv", "best.yaml", "best"))
+    s = results.load(partial)
+    assert not s.complete and len(s.trials) == 3
+    full = results.load(d)
+    assert set(s.trials["trial_id"]) == set(full.trials["trial_id"])
+    assert set(s.trials["status"]) <= {"finished", "unfinished"}
+    assert s.best["trial_id"] == full.best["trial_id"] and s.retrain is None
+
+
+def test_not_a_study_fails_clearly(tmp_path):
+    with pytest.raises(results.StudyError, match="not a study folder \\(no spec.yaml\\)"):
+        results.load(tmp_path)
+    p = run("study.analyze", tmp_path)
+    assert p.returncode == 2 and "not a study folder" in p.stderr and "Traceback" not in p.stderr
+    p = run("study.reproduce", tmp_path)
+    assert p.returncode == 2 and "not a study folder" in p.stderr
+
+
+def test_analyze_writes_every_plot_and_the_report(tiny_study, tmp_path):
+    d = tmp_path / "e2e"
+    shutil.copytree(tiny_study[0], d)
+    p = run("study.analyze", d, "--top", 2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = results.load(d)
+    assert s.best["trial_id"] in p.stdout
+    out = d / "report"
+    expected = ["curves.png", "param_channels.png", "param_lr.png", "parallel.png", "importance.png", "baseline.png"]
+    for name in expected:
+        img = np.asarray(Image.open(out / name).convert("L"))
+        assert img.shape[0] >= 400 and img.shape[1] >= 600, name
+        assert img.std() > 5 and (img < 128).mean() > 0.002, f"{name} looks blank"
+    report = (out / "report.md").read_text()
+    assert f"## Best trial: {s.best['trial_id']}" in report
+    assert "0.9263" in report and "mean ± std over seeds" in report
+    for name in expected:
+        assert f"]({name})" in report
+
+
+def test_analyze_with_one_finished_and_errored_trials(tiny_study, tmp_path):
+    d = tmp_path / "e2e"
+    shutil.copytree(tiny_study[0], d)
+    t = pd.read_csv(d / "trials.csv")
+    t["error"] = t["error"].astype(object)
+    t.loc[1:, "status"] = "errored"
+    t.loc[1:, "error"] = "RuntimeError: boom"
+    for c in [c for c in t.columns if c.startswith("best_")]:
+        t.loc[1:, c] = np.nan
+    t.to_csv(d / "trials.csv", index=False)
+    (d / "trials.parquet").unlink()
+    (d / "optuna.db").unlink()
+    p = run("study.analyze", d)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = (d / "report" / "report.md").read_text()
+    assert "2 errored" in report and "RuntimeError: boom" in report
+    assert "parameter importance not drawn: no optuna.db" in report
+    assert (d / "report" / "curves.png").is_file()
+
+
+def test_reproduce_matches_exactly_on_the_cpu_and_catches_a_doctored_record(tiny_study, tiny_data_dir, tmp_path):
+    d = tmp_path / "e2e"
+    shutil.copytree(tiny_study[0], d)
+    p = run("study.reproduce", d, "--data-dir", tiny_data_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "reproduced: all" in p.stdout
+    best = yaml.safe_load((d / "best.yaml").read_text())["trial_id"]
+    table = pd.read_csv(d / "reproduce" / best / "comparison.csv")
+    assert table["ok"].all() and (table["diff"] == 0).all() and set(table["metric"]) >= {"val_acc", "test_acc", "train_loss"}
+    assert (d / "reproduce" / best / "spikes" / "0" / "s_0.png").is_file()
+
+    h = pd.read_csv(d / "history.csv")
+    h.loc[(h["trial_id"] == best) & (h["epoch"] == 0), "val_acc"] += 0.01
+    h.to_csv(d / "history.csv", index=False)
+    p = run("study.reproduce", d, "--data-dir", tiny_data_dir, "--epochs", 1)
+    assert p.returncode == 1 and "MISMATCH" in p.stdout and "val_acc" in p.stdout
