@@ -67,6 +67,16 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
+def write_idx(path: str | Path, array, gz: bool = False) -> Path:
+    """Write an IDX file of unsigned bytes (magic 0x0800 + ndim, big-endian dims, data)."""
+    array = np.asarray(array, dtype=np.uint8)
+    raw = (0x0800 + array.ndim).to_bytes(4, "big")
+    raw += b"".join(int(d).to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    path = Path(str(path) + ".gz") if gz else Path(path)
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path
+
+
 def _find_file(folder: Path, name: str) -> Path | None:
     for candidate in (folder / name, folder / (name + ".gz")):
         if candidate.is_file():

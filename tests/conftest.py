@@ -10,16 +10,7 @@ import torch
 import yaml
 
 from csnn import data as fmnist
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
-    """A real IDX file of unsigned bytes: magic 0x0800+ndim, big-endian dims, data."""
-    array = np.asarray(array, dtype=np.uint8)
-    raw = (0x0800 + array.ndim).to_bytes(4, "big")
-    raw += b"".join(int(d).to_bytes(4, "big") for d in array.shape) + array.tobytes()
-    path = Path(str(path) + ".gz") if gz else Path(path)
-    path.write_bytes(gzip.compress(raw) if gz else raw)
-    return path
+from csnn.data import write_idx
 
 
 def write_dataset(folder: Path, n_train: int = 64, n_test: int = 32, gz: bool = False, seed: int = 0) -> Path:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from csnn import data as fmnist
-from conftest import write_dataset, write_idx
+from conftest import write_dataset
+from csnn.data import write_idx
 
 
 @pytest.mark.parametrize("gz", [False, True])

@@ -49,3 +49,46 @@ def test_cupy_backend_fails_clearly_on_spikingjelly_2():
         set_backend(CSNN(1, 1), "cupy")
     with pytest.raises(ValueError, match="allowed: auto, cupy"):
         set_backend(CSNN(1, 1), "triton")
+
+
+def test_fused_cpu_kernels_compute_spikingjellys_function():
+    """The compiled IF and max-pool kernels (TrainConfig.compile) against
+    SpikingJelly's own: same spikes, same gradients up to float rounding."""
+    torch.manual_seed(2)
+    ref = CSNN(T=3, channels=8)
+    fused = CSNN(T=3, channels=8)
+    fused.load_state_dict(ref.state_dict())
+    fused.fuse()
+    x = torch.rand(32, 1, 28, 28) * 3
+    target = F.one_hot(torch.arange(32) % 10, 10).float()
+    out_r, out_f = ref(x), fused(x)
+    assert torch.equal(out_r, out_f)
+    F.mse_loss(out_r, target).backward()
+    F.mse_loss(out_f, target).backward()
+    for (name, pr), pf in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-5, atol=1e-8, msg=name)
+    # the state SpikingJelly keeps until reset_net
+    assert torch.equal(ref.conv_fc[12].v, fused.conv_fc[12].v)
+    functional.reset_net(ref); functional.reset_net(fused)
+    ref.eval(); fused.eval()
+    with torch.no_grad():
+        assert torch.equal(ref(x), fused(x))
+
+
+def test_fused_max_pool_sends_the_gradient_to_the_first_maximum():
+    from spikingjelly.activation_based import layer
+    from csnn.model import MaxPool2d
+
+    torch.manual_seed(3)
+    spikes = (torch.rand(2, 5, 4, 6, 6) > 0.5).float()  # [T, N, C, H, W]: ties everywhere
+    grad = torch.randn(2, 5, 4, 3, 3)
+    a = spikes.clone().requires_grad_()
+    b = spikes.clone().requires_grad_()
+    ref = layer.MaxPool2d(2, 2, step_mode="m")
+    fused = MaxPool2d(2, 2, step_mode="m")
+    fused.fused = True
+    out_r, out_f = ref(a), fused(b)
+    assert torch.equal(out_r, out_f)
+    out_r.backward(grad)
+    out_f.backward(grad)
+    assert torch.equal(a.grad, b.grad)

@@ -71,3 +71,12 @@ def test_diverging_loss_raises(real_data):
     cfg = TrainConfig(**{**SMALL, "epochs": 1, "lr": 1e37, "train_size": 6400})
     with pytest.raises(FloatingPointError, match="diverged.*non-finite weights"):
         fit(cfg, real_data)
+
+
+def test_compiled_kernels_train_to_the_same_accuracy(real_data):
+    plain = fit(TrainConfig(**{**SMALL, "epochs": 1, "compile": False}), real_data)
+    compiled = fit(TrainConfig(**{**SMALL, "epochs": 1, "compile": True}), real_data)
+    assert abs(plain[0]["test_acc"] - compiled[0]["test_acc"]) <= 0.01
+    assert plain[0]["train_loss"] == pytest.approx(compiled[0]["train_loss"], rel=1e-3)
+    with pytest.raises(ValueError, match="TrainConfig.compile: 'yes' is not allowed; allowed: true, false, auto"):
+        TrainConfig(compile="yes")
