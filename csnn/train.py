@@ -21,13 +21,16 @@ import yaml
 from spikingjelly.activation_based import functional
 
 from csnn import data as fmnist
+from csnn import efficiency
 from csnn.model import BACKENDS, CSNN, set_backend
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Every metric the trainer reports each epoch (fr_<i>: mean firing rate of the
 # spiking layer at conv_fc[i], on the test set). val_* only when val_size > 0.
 METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-           "max_test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12")
+           "max_test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12",
+           "spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj")
+COST_IMAGES = 128  # the first test images, counted each epoch (counting costs ~8 ms an image on 2 cores)
 TIMING_METRICS = ("train_img_s", "epoch_s")
 COMPILE_AUTO_IMAGES = 50_000  # measured break-even on 2 CPU cores: ~13k images warm, ~80k cold
 
@@ -242,8 +245,11 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         improved = t["acc"] > max_test_acc
         max_test_acc = max(max_test_acc, t["acc"])
         m.update(test_loss=t["loss"], test_acc=t["acc"], max_test_acc=max_test_acc,
-                 train_img_s=n_train / train_s, epoch_s=time.perf_counter() - t0)
+                 train_img_s=n_train / train_s)
         m.update({k: v for k, v in t.items() if k.startswith("fr_")})
+        m["spikes_per_image"] = efficiency.spikes_per_image(net, [t[f"fr_{i}"] for i in net.spiking_layers])
+        m.update(efficiency.count(net, to_input(splits["test"][0][:COST_IMAGES].to(device))))
+        m["epoch_s"] = time.perf_counter() - t0
 
         if out_dir is not None:
             ckpt = {

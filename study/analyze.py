@@ -213,6 +213,45 @@ def plot_importance(imp: dict, out: Path) -> Path:
     return _save(fig, out / "importance.png")
 
 
+def accuracy_metric(study: results.Study) -> str:
+    """The accuracy plotted against cost: the first accuracy objective, else test accuracy."""
+    return next((o["metric"] for o in study.spec.objectives if o["metric"].endswith("_acc")), "test_acc")
+
+
+def plot_efficiency(study: results.Study, out: Path) -> Path | None:
+    """Accuracy against estimated energy and against T, one dot per trial (last
+    epoch); the Pareto front in red for multi-objective studies; the tutorial's
+    configuration and the best trial marked."""
+    acc = accuracy_metric(study)
+    t = study.trials
+    if t.empty or not {acc, "energy_uj"} <= set(t.columns) or t[[acc, "energy_uj"]].dropna().empty:
+        return None
+    t = t.dropna(subset=[acc, "energy_uj"])
+    front = results.pareto(study.trials, study.spec) if study.spec.multi else t.iloc[0:0]
+    base, best = baseline_row(study), study.best_row
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, x, xlabel in ((axes[0], "energy_uj", "estimated energy per image (µJ, 45 nm: E_MAC 4.6 pJ, E_AC 0.9 pJ)"),
+                          (axes[1], "T", "time steps T")):
+        xs = t[x] if x in t else pd.Series(study.spec.config({}).T, index=t.index)
+        ax.scatter(xs, t[acc], color="grey", alpha=0.6, label="trials")
+        if len(front):
+            f = front.sort_values(x) if x in front else front
+            fx = f[x] if x in f else pd.Series(study.spec.config({}).T, index=f.index)
+            ax.plot(fx, f[acc], color="red", marker="o", lw=1.5, label="Pareto front", ls="-" if x == "energy_uj" else "")
+        if best is not None:
+            ax.scatter([best[x] if x in best else study.spec.config({}).T], [best[acc]], marker="*", s=250,
+                       color="tab:blue", zorder=3, label="picked trial" if study.spec.multi else "best trial")
+        if base is not None:
+            ax.scatter([base[x] if x in base else 4], [base[acc]], marker="X", s=150, color="black", zorder=3,
+                       label="tutorial config (T 4, 128 ch, SGD 0.1)")
+        ax.set(xlabel=xlabel, ylabel=label(acc))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title(f"{label(acc)} against energy per image")
+    axes[1].set_title(f"{label(acc)} against time steps")
+    return _save(fig, out / ("pareto.png" if study.spec.multi else "efficiency.png"))
+
+
 def baseline_row(study: results.Study) -> pd.Series | None:
     """The tutorial's configuration as run in this study (the first trial when search.baseline)."""
     if not study.spec.search.get("baseline") or study.trials.empty:
@@ -263,6 +302,7 @@ def report(study: results.Study, top: int) -> Path:
     if why:
         notes.append(f"parameter importance not drawn: {why}")
     plots["baseline against best"] = plot_baseline(study, out)
+    plots["Pareto front" if spec.multi else "accuracy against energy"] = plot_efficiency(study, out)
     for k, v in plots.items():
         if v is None and k != "parameter importance":
             notes.append(f"{k}: not drawn (no finished trial reported what it needs)")
@@ -271,7 +311,7 @@ def report(study: results.Study, top: int) -> Path:
     counts = t["status"].value_counts() if len(t) else pd.Series(dtype=int)
     wall = t["time_s"].sum() / 60 if len(t) else 0
     lines = [f"# Study `{spec.name}`", ""]
-    lines.append(f"Objective: {spec.mode} `{spec.metric}`. Sampler {spec.search['sampler']} (seed {spec.search['seed']}), "
+    lines.append("Objective: " + ", ".join(f"{o['mode']} `{o['metric']}`" for o in spec.objectives) + ". Sampler {spec.search['sampler']} (seed {spec.search['seed']}), "
                  f"{spec.search['num_samples']} trials planned, scheduler {spec.scheduler['type']}.")
     lines.append("")
     lines.append("Searched: " + "; ".join(f"`{n}` {_describe(p)}" for n, p in spec.space.items()) + ".")
@@ -287,7 +327,10 @@ def report(study: results.Study, top: int) -> Path:
         b = study.best
         lines.append(f"## Best trial: {b['trial_id']}")
         lines.append("")
-        lines.append(f"{spec.metric} = {b['objective']['value']:.4f} with " + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items()) + ".")
+        objs = b["objective"] if spec.multi else [b["objective"]]
+        lines.append(", ".join(f"{o['metric']} = {o['value']:.4g}" for o in objs) + " with "
+                     + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items())
+                     + (f" (picked from the Pareto front: {spec.retrain['pick']})." if spec.multi else "."))
         lines.append("")
         lines.append("```yaml\n" + "\n".join(f"{k}: {v}" for k, v in b["config"].items()) + "\n```")
         if study.retrain_summary:
@@ -311,6 +354,13 @@ def report(study: results.Study, top: int) -> Path:
     if warnings:
         lines.append("**Warning — the best value lies at the edge of its range; widen the range:**")
         lines += [f"- {w}" for w in warnings]
+        lines.append("")
+    if spec.multi and study.best:
+        cols = ["trial_id", *spec.space, *(o["metric"] for o in spec.objectives), "spikes_per_image", "synops_per_image"]
+        front = results.pareto(t, spec)
+        lines.append(f"## Pareto front ({len(front)} trials; objectives at each trial's last epoch)")
+        lines.append("")
+        lines.append("```\n" + front[[c for c in cols if c in front]].to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n```")
         lines.append("")
     lines.append(f"## Top {min(top, len(ranked(study)))} trials")
     lines.append("")

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -44,9 +45,10 @@ def _best(series: pd.Series, mode: str):
 
 
 def metric_mode(metric: str, spec: StudySpec) -> str | None:
-    """Which way is better for a metric: the objective's mode, max for accuracy, min for loss."""
-    if metric == spec.metric:
-        return spec.mode
+    """Which way is better for a metric: an objective's mode, max for accuracy, min for loss."""
+    for o in spec.objectives:
+        if metric == o["metric"]:
+            return o["mode"]
     if metric.endswith("_acc") and metric != "max_test_acc":
         return "max"
     if metric.endswith("_loss"):
@@ -117,7 +119,44 @@ def error_text(text: str) -> str:
     return (lines[-1] if lines else "error")[:500]
 
 
+def pareto(trials: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
+    """The trials no other trial beats on every objective (last-epoch values, the
+    ones Optuna records), best first on the first objective."""
+    names = [o["metric"] for o in spec.objectives]
+    if trials.empty or not set(names) <= set(trials.columns):
+        return trials.iloc[0:0]
+    ok = trials[trials["status"] != "errored"].dropna(subset=names)
+    costs = np.stack([ok[o["metric"]].to_numpy(float) * (1 if o["mode"] == "min" else -1) for o in spec.objectives], 1)
+    dominated = [((costs <= c).all(1) & (costs < c).any(1)).any() for c in costs]
+    front = ok[~np.array(dominated, dtype=bool)]
+    return front.sort_values(spec.metric, ascending=spec.mode == "min")
+
+
+def pick(front: pd.DataFrame, spec: StudySpec) -> pd.Series:
+    """The Pareto point to retrain: retrain.pick = most_accurate (best on the
+    first accuracy objective), knee (closest to the ideal point once each
+    objective is scaled to [0, 1] over the front) or index N (in front order)."""
+    how = spec.retrain["pick"]
+    if how == "most_accurate":
+        o = next((o for o in spec.objectives if o["metric"].endswith("_acc")), spec.objectives[0])
+        return front.sort_values(o["metric"], ascending=o["mode"] == "min").iloc[0]
+    if how == "knee":
+        dist = np.zeros(len(front))
+        for o in spec.objectives:
+            v = front[o["metric"]].to_numpy(float)
+            span = v.max() - v.min()
+            gap = (v.max() - v) if o["mode"] == "max" else (v - v.min())
+            dist += (gap / span) ** 2 if span > 0 else 0
+        return front.iloc[int(np.argmin(dist))]
+    index = how if isinstance(how, int) else int(how.split()[1])
+    return front.iloc[min(index, len(front) - 1)]
+
+
 def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
+    """The best trial: by the objective's best epoch, or the picked Pareto point."""
+    if spec.multi:
+        front = pareto(trials, spec)
+        return None if front.empty else pick(front, spec)
     key = f"best_{spec.metric}"
     ok = trials[trials["status"] != "errored"] if len(trials) else trials
     if key not in ok or ok[key].dropna().empty:
@@ -137,17 +176,25 @@ def export(result_grid, spec: StudySpec, study_dir: Path) -> tuple[pd.DataFrame,
     row = best_row(trials, spec)
     best = None
     if row is not None:
-        params = {k: _plain(row[k]) for k in spec.space if not _missing(row[k])}
-        best = {
-            "trial_id": row["trial_id"],
-            "objective": {"metric": spec.metric, "mode": spec.mode, "value": _plain(row[f"best_{spec.metric}"])},
-            "params": params,
-            "config": spec.config(params).to_dict(),
-            "metrics": {m: _plain(row[m]) for m in METRICS if m in row and m not in ("epoch", "lr")
-                        and not _missing(row[m])},
-        }
+        best = _best_entry(row, spec)
+        if spec.multi:
+            best["pick"] = spec.retrain["pick"]
+            best["pareto"] = [_best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
         write_atomic(study_dir / "best.yaml", yaml.safe_dump(best, sort_keys=False))
     return trials, history, best
+
+
+def _best_entry(row: pd.Series, spec: StudySpec) -> dict:
+    params = {k: _plain(row[k]) for k in spec.space if not _missing(row[k])}
+    value = (lambda m: _plain(row[m])) if spec.multi else (lambda m: _plain(row[f"best_{m}"]))
+    return {
+        "trial_id": row["trial_id"],
+        "objective": [{**o, "value": value(o["metric"])} for o in spec.objectives] if spec.multi
+        else {**spec.objectives[0], "value": value(spec.metric)},
+        "params": params,
+        "config": spec.config(params).to_dict(),
+        "metrics": {m: _plain(row[m]) for m in METRICS if m in row and m not in ("epoch", "lr") and not _missing(row[m])},
+    }
 
 
 def _missing(v) -> bool:
@@ -212,10 +259,7 @@ def load(path: str | Path) -> Study:
         best = yaml.safe_load((path / "best.yaml").read_text())
     else:
         row = best_row(trials, spec) if len(trials) else None
-        best = None if row is None else {
-            "trial_id": row["trial_id"], "params": {k: _plain(row[k]) for k in spec.space if not _missing(row[k])},
-            "objective": {"metric": spec.metric, "mode": spec.mode, "value": _plain(row[f"best_{spec.metric}"])},
-            "config": yaml.safe_load(row["config"]), "metrics": {}}
+        best = None if row is None else _best_entry(row, spec)
     retrain = pd.read_csv(path / "best" / "metrics.csv") if (path / "best" / "metrics.csv").is_file() else None
     summary = yaml.safe_load((path / "best" / "summary.yaml").read_text()) if (path / "best" / "summary.yaml").is_file() else None
     return Study(path, spec, trials, history, best, retrain, summary)

@@ -32,6 +32,7 @@ def make_sampler(spec: specs.StudySpec):
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
     }[spec.search["sampler"]]()
 
 
@@ -68,10 +69,16 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, re
         # Ray ignores points_to_evaluate with a define-by-run space: enqueue in
         # Optuna's own study, which OptunaSearch then loads (same storage and name).
         study = optuna.create_study(storage=storage, study_name=spec.name, sampler=sampler,
-                                    direction="maximize" if spec.mode == "max" else "minimize")
+                                    directions=["maximize" if o["mode"] == "max" else "minimize"
+                                                for o in spec.objectives])
         study.enqueue_trial(specs.baseline_params(spec))
-    searcher = OptunaSearch(space=specs.define_by_run(spec), metric=spec.metric, mode=spec.mode,
-                            sampler=sampler, study_name=spec.name, storage=storage)
+    # Several objectives: Optuna's multi-objective search on each trial's last
+    # report; Ray's own metric (progress table, ASHA when single) is the first.
+    metrics = [o["metric"] for o in spec.objectives]
+    modes = [o["mode"] for o in spec.objectives]
+    searcher = OptunaSearch(space=specs.define_by_run(spec), metric=metrics if spec.multi else metrics[0],
+                            mode=modes if spec.multi else modes[0], sampler=sampler, study_name=spec.name,
+                            storage=storage)
     epochs = spec.config({}).epochs
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs,
                                grace_period=min(spec.scheduler["grace_period"], epochs),
@@ -137,7 +144,14 @@ def summarize(trials: pd.DataFrame, best: dict | None, spec: specs.StudySpec, wa
         f"{counts.get(s, 0)} {s}" for s in results.STATUSES) + f"; wall time {wall_s / 60:.1f} min"]
     for _, row in trials[trials["status"] == "errored"].iterrows() if len(trials) else []:
         lines.append(f"  errored {row['trial_id']}: {row['error']}")
-    if best:
+    if best and spec.multi:
+        lines.append(f"Pareto front of {', '.join(o['mode'] + ' ' + o['metric'] for o in spec.objectives)}: "
+                     f"{len(best['pareto'])} trials")
+        for p in best["pareto"]:
+            lines.append(f"  {p['trial_id']}: " + ", ".join(f"{o['metric']} {o['value']:.4g}" for o in p["objective"])
+                         + "  " + " ".join(f"{k}={v}" for k, v in p["params"].items()))
+        lines.append(f"picked ({spec.retrain['pick']}): {best['trial_id']}")
+    elif best:
         lines.append(f"best trial {best['trial_id']}: {spec.metric} = {best['objective']['value']:.4f}  "
                      + " ".join(f"{k}={v}" for k, v in best["params"].items()))
         m = best["metrics"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ from csnn.train import METRICS, TrainConfig
 
 TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
             "scheduler": False, "resources": False, "retrain": False, "render": False}
-SAMPLERS = ("tpe", "random", "qmc", "gp")
+SAMPLERS = ("tpe", "random", "qmc", "gp", "nsga2")
+PICKS = "most_accurate, knee or index N"
 SCHEDULERS = ("asha", "none")
 DIST_TYPES = ("int", "float", "categorical")
 # The tutorial's configuration, enqueued as the first trial when search.baseline is true.
@@ -25,7 +26,7 @@ DEFAULTS = {
     "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False},
     "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3},
     "resources": {"gpus_per_trial": 0.0, "cpus_per_trial": 1.0},
-    "retrain": {"epochs": None, "seeds": [0]},
+    "retrain": {"epochs": None, "seeds": [0], "pick": "most_accurate"},
     "render": {"images": 4},
 }
 
@@ -37,8 +38,7 @@ class SpecError(ValueError):
 @dataclass
 class StudySpec:
     name: str
-    metric: str
-    mode: str
+    objectives: list  # [{metric, mode}]: one, or several for a multi-objective (Pareto) study
     train: dict  # fixed TrainConfig fields
     space: dict  # field -> {type, low, high, step, log, choices} | {depends_on, cases}, optional when
     search: dict
@@ -47,11 +47,23 @@ class StudySpec:
     retrain: dict
     render: dict
     path: str = ""
-    fields: tuple = field(default=(), repr=False)
+
+    @property
+    def metric(self) -> str:
+        """The first objective's metric: the one ASHA and single-objective studies use."""
+        return self.objectives[0]["metric"]
+
+    @property
+    def mode(self) -> str:
+        return self.objectives[0]["mode"]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("metric", "mode", "path", "fields")}
-        return {"name": d.pop("name"), "objective": {"metric": self.metric, "mode": self.mode}, **d}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("objectives", "path")}
+        return {"name": d.pop("name"), "objective": self.objectives if self.multi else self.objectives[0], **d}
 
     def config(self, params: dict, **overrides) -> TrainConfig:
         """The TrainConfig of one trial: the fixed fields, the sampled ones, then overrides."""
@@ -221,14 +233,7 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
         raise _err(where, "train", str(e)) from None
     space = _parse_space(where, raw["space"], train)
 
-    obj = _mapping(where, "objective", raw["objective"], {"metric": True, "mode": True})
-    metric, mode = obj["metric"], obj["mode"]
-    if metric not in METRICS:
-        raise _err(where, "objective.metric", f"{metric!r} is never reported; allowed: {', '.join(METRICS)}")
-    if metric.startswith("val_") and not train.get("val_size"):
-        raise _err(where, "objective.metric", f"{metric} is reported only with a validation split; set train.val_size > 0")
-    if mode not in ("max", "min"):
-        raise _err(where, "objective.mode", f"{mode!r} is not allowed; allowed: max, min")
+    objectives = _objectives(where, raw["objective"], train)
 
     search = _section(where, raw, "search", DEFAULTS["search"])
     if search["sampler"] not in SAMPLERS:
@@ -246,6 +251,11 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     sched = _section(where, raw, "scheduler", {"type": 0, "grace_period": 0, "reduction_factor": 0})
     if sched["type"] not in SCHEDULERS:
         raise _err(where, "scheduler.type", f"{sched['type']!r} is not allowed; allowed: {', '.join(SCHEDULERS)}")
+    if len(objectives) > 1 and sched["type"] != "none":
+        if raw.get("scheduler") is not None:
+            raise _err(where, "scheduler.type", "asha is not allowed with several objectives: it would stop trials "
+                       "on the first objective alone and cut the cheap end of the Pareto front; use none")
+        sched["type"] = "none"
     _number(where, "scheduler.grace_period", sched["grace_period"], integer=True, minimum=1)
     _number(where, "scheduler.reduction_factor", sched["reduction_factor"], above=1)
 
@@ -261,9 +271,36 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise _err(where, "retrain.seeds", f"{seeds!r} is not allowed; must be a list of integers >= 0 (empty: no retrain)")
 
+    pick = retrain["pick"]
+    if not (pick in ("most_accurate", "knee") or (isinstance(pick, int) and not isinstance(pick, bool) and pick >= 0)
+            or (isinstance(pick, str) and pick.startswith("index ") and pick[6:].isdigit())):
+        raise _err(where, "retrain.pick", f"{pick!r} is not allowed; allowed: {PICKS}")
+
     render = _section(where, raw, "render", DEFAULTS["render"])
     _number(where, "render.images", render["images"], integer=True, minimum=0)
-    return StudySpec(name, metric, mode, train, space, search, sched, res, retrain, render, path=where)
+    return StudySpec(name, objectives, train, space, search, sched, res, retrain, render, path=where)
+
+
+def _objectives(where, raw, train) -> list:
+    """objective: {metric, mode} or a non-empty list of them."""
+    items, multi = (raw, True) if isinstance(raw, list) else ([raw], False)
+    if not items:
+        raise _err(where, "objective", "is an empty list; give {metric, mode} or a list of them")
+    out = []
+    for i, obj in enumerate(items):
+        key = f"objective[{i}]" if multi else "objective"
+        _mapping(where, key, obj, {"metric": True, "mode": True})
+        metric, mode = obj["metric"], obj["mode"]
+        if metric not in METRICS:
+            raise _err(where, f"{key}.metric", f"{metric!r} is never reported; allowed: {', '.join(METRICS)}")
+        if metric.startswith("val_") and not train.get("val_size"):
+            raise _err(where, f"{key}.metric", f"{metric} is reported only with a validation split; set train.val_size > 0")
+        if mode not in ("max", "min"):
+            raise _err(where, f"{key}.mode", f"{mode!r} is not allowed; allowed: max, min")
+        if metric in [o["metric"] for o in out]:
+            raise _err(where, f"{key}.metric", f"{metric} is already an objective")
+        out.append({"metric": metric, "mode": mode})
+    return out
 
 
 def _admits(p: dict, value, context: dict) -> bool:

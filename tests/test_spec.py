@@ -22,7 +22,7 @@ def test_fmnist_resolved():
     s = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
     assert s.search == {"sampler": "tpe", "seed": 0, "num_samples": 48, "max_concurrent": 8, "baseline": True}
     assert s.resources == {"gpus_per_trial": 0.25, "cpus_per_trial": 2}
-    assert s.retrain == {"epochs": 16, "seeds": [0, 1, 2]}
+    assert s.retrain == {"epochs": 16, "seeds": [0, 1, 2], "pick": "most_accurate"}
     assert specs.baseline_params(s) == {"T": 4, "channels": 128, "optimizer": "sgd", "lr[optimizer=sgd]": 0.1,
                                         "momentum": 0.9}
     assert specs.parse(s.to_dict(), "again").to_dict() == s.to_dict()
@@ -68,6 +68,14 @@ def bad(path: str, value, delete=False):
     (bad("objective.metric", "accuracy"), "objective.metric", "is never reported; allowed: epoch"),
     (bad("train.val_size", 0), "objective.metric", "set train.val_size > 0"),
     (bad("objective.mode", "maximize"), "objective.mode", "allowed: max, min"),
+    (bad("objective", []), "objective", "is an empty list"),
+    (bad("objective", [{"metric": "val_acc", "mode": "max"}, {"metric": "joules", "mode": "min"}]),
+     "objective[1].metric", "'joules' is never reported"),
+    (bad("objective", [{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "lowest"}]),
+     "objective[1].mode", "allowed: max, min"),
+    (bad("objective", [{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "min"}]),
+     "scheduler.type", "asha is not allowed with several objectives"),
+    (bad("retrain.pick", "fastest"), "retrain.pick", "allowed: most_accurate, knee or index N"),
     (bad("search.sampler", "cmaes"), "search.sampler", "allowed: tpe, random, qmc, gp"),
     (bad("scheduler.type", "hyperband"), "scheduler.type", "allowed: asha, none"),
     (bad("space.channels.choices", [32, 64]), "search.baseline", "channels = 128 is outside space.channels"),

@@ -1,0 +1,64 @@
+"""What a spiking network costs per image: spikes, synaptic operations, estimated energy.
+
+The counts come from SpikingJelly 2's own counters
+(`spikingjelly.activation_based.op_counter.SimpleEnergyProfiler`), which
+intercept every operator of a forward pass and count from the actual spikes:
+
+- synaptic operations (SynOps): accumulates driven by a spike, per layer that
+  receives spikes (conv2, fc1, fc2): a spike reaching a 3x3 conv with C output
+  channels costs 9 C accumulates (fewer at the border), one reaching a linear
+  layer costs its fan-out;
+- MACs: the multiply-accumulates of the layers that see real values (the first
+  Conv2d, computed once per image by our model, and the BatchNorms);
+- ACs: SynOps plus the accumulates of the neurons' own updates;
+- energy: E_MAC * MACs + E_AC * ACs with SpikingJelly's 45 nm figures
+  (Horowitz, ISSCC 2014): E_MAC 4.6 pJ, E_AC 0.9 pJ (32-bit float). Memory
+  traffic, which SpikingJelly's estimate also prices, is left out: it depends
+  on the hardware far more than on the network.
+"""
+from __future__ import annotations
+
+import torch
+from spikingjelly.activation_based import functional
+from spikingjelly.activation_based.op_counter import SimpleEnergyProfiler
+
+from csnn.model import CSNN
+
+E_MAC_PJ, E_AC_PJ = 4.6, 0.9  # SimpleEnergyCostConfig's defaults, which count() uses
+
+
+def neurons_per_image(net: CSNN) -> list[int]:
+    """Neurons of each spiking layer for one 28x28 image."""
+    c = net.conv_fc[0].out_channels
+    return [c * 28 * 28, c * 14 * 14, net.conv_fc[9].out_features, net.conv_fc[11].out_features]
+
+
+def spikes_per_image(net: CSNN, rates: list[float]) -> float:
+    """Spikes of all spiking layers over the T steps, from their mean firing rates."""
+    return sum(r * net.T * n for r, n in zip(rates, neurons_per_image(net)))
+
+
+def count(net: CSNN, x: torch.Tensor) -> dict:
+    """SynOps, MACs, ACs and energy per image of one forward pass over x [N, 1, 28, 28].
+    Runs SpikingJelly's own path (the counters must see every operator), in eval mode."""
+    fused = [m.fused for m in net.conv_fc if hasattr(m, "fused")]
+    was_training = net.training
+    net.fuse(False)
+    net.eval()
+    profiler = SimpleEnergyProfiler()
+    profiler.bind_model(net)
+    try:
+        with torch.no_grad(), profiler:
+            net(x)
+    finally:
+        functional.reset_net(net)
+        net.train(was_training)
+        net.fuse(any(fused))
+    report = profiler.get_report()
+    n = len(x)
+    return {
+        "synops_per_image": report.counts["synop"] / n,
+        "macs_per_image": report.counts["mac"] / n,
+        "acs_per_image": report.counts["ac"] / n,
+        "energy_uj": report.energy_compute_pj / n / 1e6,  # E_MAC * MACs + E_AC * ACs
+    }

@@ -1,0 +1,99 @@
+"""The cost metrics against a hand count, and a tiny real multi-objective study."""
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import ROOT, env, study_cmd, tiny_spec, write_spec
+from csnn import efficiency
+from csnn.model import CSNN
+
+
+def identity_bn(bn):
+    bn.eval()
+    bn.running_mean.zero_(); bn.running_var.fill_(1 - bn.eps)  # so that BN(x) = x exactly
+    bn.weight.data.fill_(1.0); bn.bias.data.zero_()
+
+
+def test_counts_match_a_hand_count():
+    """1 channel, T 2; k pixels of value 1.5, each alone in its 2x2 pooling window
+    and away from the border. conv1 and conv2 pass the value through (centre
+    weight 1, the others 0.01: too little to fire), so each pixel spikes at every
+    step in layers 2 and 6; fc1's weights (0.001) are too small for layers 10 and
+    12 to fire. No weight or input is binary, so only spikes count as SynOps."""
+    T, k = 2, 3
+    net = CSNN(T=T, channels=1).eval()
+    for conv in (net.conv_fc[0], net.conv_fc[4]):
+        conv.weight.data.fill_(0.01); conv.weight.data[0, 0, 1, 1] = 1.0
+    identity_bn(net.conv_fc[1]); identity_bn(net.conv_fc[5])
+    net.conv_fc[9].weight.data.fill_(0.001)
+    x = torch.zeros(1, 1, 28, 28)
+    for r, c in ((8, 8), (12, 16), (16, 12)):  # pooled twice: (2,2), (3,4), (4,3) in the 7x7 map
+        x[0, 0, r, c] = 1.5
+    rates = []
+    with torch.no_grad():
+        net(x, rates)
+    rates = [r.item() for r in rates]
+    assert efficiency.spikes_per_image(net, rates) == pytest.approx(2 * k * T)  # layers 2 and 6
+
+    got = efficiency.count(net, x)
+    # SynOps: conv2 receives k spikes per step, each reaching 9 outputs x 1 channel;
+    # fc1 receives k spikes per step, each reaching its 16 outputs; fc2 receives none.
+    assert got["synops_per_image"] == k * T * 9 + k * T * 16
+    # MACs: conv1 on the image once (28*28 outputs x 9 weights), then one per element
+    # of each BatchNorm (BN1 once, BN2 at every step).
+    assert got["macs_per_image"] == 28 * 28 * 9 + 28 * 28 + T * 14 * 14
+    assert got["energy_uj"] == pytest.approx((4.6 * got["macs_per_image"] + 0.9 * got["acs_per_image"]) / 1e6)
+    assert got["acs_per_image"] >= got["synops_per_image"]  # SynOps plus the neurons' own accumulates
+
+
+def test_counting_leaves_the_model_as_it_was():
+    net = CSNN(T=2, channels=4)
+    net.fuse()
+    net.train()
+    efficiency.count(net, torch.rand(4, 1, 28, 28))
+    assert net.training and all(m.fused for m in net.conv_fc if hasattr(m, "fused"))
+    assert isinstance(net.conv_fc[2].v, float)  # reset
+
+
+def test_tiny_multi_objective_study(tmp_path, tiny_data_dir):
+    spec = tiny_spec("pareto",
+                     objective=[{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "min"}],
+                     train={"epochs": 1},
+                     space={"T": {"type": "int", "low": 1, "high": 3},
+                            "channels": {"type": "categorical", "choices": [2, 4, 6]},
+                            "lr": {"type": "float", "low": 0.003, "high": 0.03, "log": True}},
+                     search={"sampler": "tpe", "num_samples": 5, "max_concurrent": 2},
+                     retrain={"seeds": [0], "pick": "knee"}, render={"images": 1})
+    spec["train"].pop("T")
+    space = write_spec(tmp_path, spec)
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Pareto front of max val_acc, min energy_uj" in p.stdout
+    d = tmp_path / "results" / "pareto"
+    trials = pd.read_csv(d / "trials.csv")
+    best = yaml.safe_load((d / "best.yaml").read_text())
+    front = {e["trial_id"] for e in best["pareto"]}
+    assert front and best["trial_id"] in front and best["pick"] == "knee"
+    # every trial on the front is beaten by no trial; every other trial is
+    ok = trials[trials["status"] != "errored"]
+    for _, r in ok.iterrows():
+        beaten = ((ok["val_acc"] >= r["val_acc"]) & (ok["energy_uj"] <= r["energy_uj"])
+                  & ((ok["val_acc"] > r["val_acc"]) | (ok["energy_uj"] < r["energy_uj"]))).any()
+        assert beaten == (r["trial_id"] not in front)
+    for e in best["pareto"]:
+        assert [o["metric"] for o in e["objective"]] == ["val_acc", "energy_uj"]
+    assert (trials["energy_uj"] > 0).all() and (trials["synops_per_image"] > 0).any()  # a silent net has none
+
+    a = subprocess.run([sys.executable, "-m", "study.analyze", str(d)], env=env(), capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert a.returncode == 0, a.stderr[-3000:]
+    img = np.asarray(Image.open(d / "report" / "pareto.png").convert("L"))
+    assert img.shape[1] >= 1000 and img.std() > 5
+    report = (d / "report" / "report.md").read_text()
+    assert f"## Pareto front ({len(front)} trials" in report and "](pareto.png)" in report
