@@ -128,8 +128,10 @@ class IFNode(neuron.IFNode):
     fused = False
 
     def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs):
-        if not (self.fused and x_seq.device.type == "cpu" and isinstance(self.v, float) and self.v == 0.0
-                and x_seq.dtype == torch.float32 and not args and not kwargs):
+        tutorial_neuron = (self.v_threshold == 1.0 and self.v_reset == 0.0 and not self.detach_reset
+                           and getattr(self.surrogate_function, "alpha", None) == ALPHA)
+        if not (self.fused and tutorial_neuron and x_seq.device.type == "cpu" and isinstance(self.v, float)
+                and self.v == 0.0 and x_seq.dtype == torch.float32 and not args and not kwargs):
             return super().multi_step_forward(x_seq, *args, **kwargs)
         flat = x_seq.reshape(x_seq.shape[0], -1).contiguous()
         if torch.is_grad_enabled() and flat.requires_grad:

@@ -215,7 +215,8 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         start_epoch, max_test_acc = ckpt["epoch"] + 1, ckpt["max_test_acc"]
 
     splits = fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)
-    train_x, train_y = (t.to(device) for t in splits["train"])
+    splits = {k: tuple(t.to(device) for t in v) for k, v in splits.items()}  # resident on the device
+    train_x, train_y = splits["train"]
     if device.type == "cpu":  # on CUDA SpikingJelly's own kernels run
         net.fuse(cfg.compile if cfg.compile != "auto" else cfg.epochs * len(train_y) >= COMPILE_AUTO_IMAGES)
     if out_dir is not None:
@@ -239,16 +240,16 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
             raise FloatingPointError(f"epoch {epoch}: diverged (train_loss {m['train_loss']}, "
                                      f"{'finite' if finite else 'non-finite'} weights); try an lr below {cfg.lr}")
         if "val" in splits:
-            v = evaluate(net, *(t.to(device) for t in splits["val"]), cfg.batch_size, amp_dtype)
+            v = evaluate(net, *splits["val"], cfg.batch_size, amp_dtype)
             m.update(val_loss=v["loss"], val_acc=v["acc"])
-        t = evaluate(net, *(t.to(device) for t in splits["test"]), cfg.batch_size, amp_dtype)
+        t = evaluate(net, *splits["test"], cfg.batch_size, amp_dtype)
         improved = t["acc"] > max_test_acc
         max_test_acc = max(max_test_acc, t["acc"])
         m.update(test_loss=t["loss"], test_acc=t["acc"], max_test_acc=max_test_acc,
                  train_img_s=n_train / train_s)
         m.update({k: v for k, v in t.items() if k.startswith("fr_")})
         m["spikes_per_image"] = efficiency.spikes_per_image(net, [t[f"fr_{i}"] for i in net.spiking_layers])
-        m.update(efficiency.count(net, to_input(splits["test"][0][:COST_IMAGES].to(device))))
+        m.update(efficiency.count(net, to_input(splits["test"][0][:COST_IMAGES])))
         m["epoch_s"] = time.perf_counter() - t0
 
         if out_dir is not None:
@@ -276,7 +277,7 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[CSNN, TrainConfig]:
-    """The network of a checkpoint (ours, or the tutorial's with T and channels given by its weights)."""
+    """The network (in eval mode) and the TrainConfig of a checkpoint written by fit."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = TrainConfig.from_dict(ckpt["config"])
     net = CSNN(cfg.T, cfg.channels)

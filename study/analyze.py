@@ -66,7 +66,7 @@ def plot_curves(study: results.Study, top: int, out: Path) -> Path | None:
         if tid not in top_ids:
             faint = status.get(tid) == "stopped"
             ax.plot(g["epoch"] + 1, g[metric], color="grey", alpha=0.25 if faint else 0.5, lw=1,
-                    ls=":" if faint else "-")
+                    ls=":" if faint else "-", marker=".")  # a trial stopped after one epoch is a dot
     for rank, tid in enumerate(top_ids):
         g = h[h["trial_id"] == tid]
         faint = status.get(tid) == "stopped"
@@ -116,10 +116,9 @@ def plot_param(study: results.Study, name: str, out: Path) -> Path | None:
     if categorical:
         choices = p["choices"]
         x = t[name].map(lambda v: choices.index(v) if v in choices else choices.index(type(choices[0])(v)))
-        jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(t))
-        ax.scatter(x + jitter, t[key], alpha=0.7)
+        x = x + np.random.default_rng(0).uniform(-0.08, 0.08, len(t))  # jitter: ties stay visible
+        ax.scatter(x, t[key], alpha=0.7)
         ax.set_xticks(range(len(choices)), [str(c) for c in choices])
-        best_x = x.iloc[0]
     else:
         groups = t.groupby(t[p["depends_on"]]) if "depends_on" in p else [(None, t)]
         for case, g in groups:
@@ -128,8 +127,12 @@ def plot_param(study: results.Study, name: str, out: Path) -> Path | None:
             ax.legend(fontsize=8)
         if _log_scaled(p):
             ax.set_xscale("log")
-        best_x = t[name].iloc[0]
-    ax.scatter([best_x], [t[key].iloc[0]], marker="*", s=250, color="red", zorder=3, label="best trial")
+    best = study.best_row  # the picked Pareto point when there are several objectives
+    if best is not None and not results._missing(best.get(name)):
+        i = t.index[t["trial_id"] == study.best["trial_id"]]
+        bx = x.loc[i] if categorical else t.loc[i, name]
+        ax.scatter(bx, t.loc[i, key], marker="*", s=250, color="red", zorder=3,
+                   label="picked trial" if study.spec.multi else "best trial")
     warning = edge_warning(study, name)
     title = f"{label(study.spec.metric)} against {name}"
     ax.set(title=title + ("\n(best at the edge of the range)" if warning else ""),

@@ -141,7 +141,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study_
 def summarize(trials: pd.DataFrame, best: dict | None, spec: specs.StudySpec, wall_s: float) -> str:
     counts = trials["status"].value_counts() if len(trials) else {}
     lines = [f"study {spec.name}: {len(trials)} trials: " + ", ".join(
-        f"{counts.get(s, 0)} {s}" for s in results.STATUSES) + f"; wall time {wall_s / 60:.1f} min"]
+        f"{counts.get(s, 0)} {s}" for s in results.STATUSES if s != "unfinished") + f"; wall time {wall_s / 60:.1f} min"]
     for _, row in trials[trials["status"] == "errored"].iterrows() if len(trials) else []:
         lines.append(f"  errored {row['trial_id']}: {row['error']}")
     if best and spec.multi:
