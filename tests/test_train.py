@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from csnn.train import TIMING_METRICS, TrainConfig, fit, load_model
+from csnn.train import METRICS, TIMING_METRICS, TrainConfig, fit, load_model
 
 SMALL = dict(T=2, channels=4, batch_size=64, epochs=2, optimizer="adam", lr=0.01, device="cpu", train_size=640, test_size=320)
 
@@ -38,7 +38,9 @@ def test_training_lowers_the_loss_and_reports_every_metric(real_data):
     history = fit(cfg, real_data, callback=seen.append)
     assert seen == history and [m["epoch"] for m in history] == [0, 1, 2]
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
-                               "test_acc", "max_test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12"}
+                               "test_acc", "max_test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12",
+                               "spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj"}
+    assert set(history[0]) == set(METRICS)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1
     assert history[0]["lr"] == 0.01 and history[1]["lr"] == pytest.approx(0.01 * (1 + math.cos(math.pi / 3)) / 2)
