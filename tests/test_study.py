@@ -1,11 +1,8 @@
 """Real Ray Tune + Optuna studies on tiny real data (600 training images, channels 4-6)."""
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -16,7 +13,6 @@ from PIL import Image
 
 from conftest import env, study_cmd, tiny_spec, write_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir):
