@@ -269,11 +269,16 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     return history
 
 
-def save_atomic(obj, path: Path) -> None:
-    """Write to a temporary name, then rename: a killed run never leaves half a checkpoint."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp) under a temporary name, then rename: a killed run never leaves
+    half a file (checkpoint, table, report) under the real name."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_atomic(obj, path: Path) -> None:
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[CSNN, TrainConfig]:

@@ -229,24 +229,28 @@ def plot_efficiency(study: results.Study, out: Path) -> Path | None:
     t = study.trials
     if t.empty or not {acc, "energy_uj"} <= set(t.columns) or t[[acc, "energy_uj"]].dropna().empty:
         return None
+    if "T" not in t:  # T fixed in train: the same for every trial
+        t = t.assign(T=study.spec.config({}).T)
+    front = results.pareto(t, study.spec) if study.spec.multi else t.iloc[0:0]
     t = t.dropna(subset=[acc, "energy_uj"])
-    front = results.pareto(study.trials, study.spec) if study.spec.multi else t.iloc[0:0]
-    base, best = baseline_row(study), study.best_row
+    by_id = t.set_index("trial_id")
+    marks = []
+    if study.best is not None and study.best["trial_id"] in by_id.index:
+        marks.append((by_id.loc[study.best["trial_id"]], dict(marker="*", s=250, color="tab:blue"),
+                      "picked trial" if study.spec.multi else "best trial"))
+    base = baseline_row(study)
+    if base is not None and base["trial_id"] in by_id.index:
+        marks.append((by_id.loc[base["trial_id"]], dict(marker="X", s=150, color="black"),
+                      "tutorial config (T 4, 128 ch, SGD 0.1)"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, x, xlabel in ((axes[0], "energy_uj", "estimated energy per image (µJ, 45 nm: E_MAC 4.6 pJ, E_AC 0.9 pJ)"),
                           (axes[1], "T", "time steps T")):
-        xs = t[x] if x in t else pd.Series(study.spec.config({}).T, index=t.index)
-        ax.scatter(xs, t[acc], color="grey", alpha=0.6, label="trials")
+        ax.scatter(t[x], t[acc], color="grey", alpha=0.6, label="trials")
         if len(front):
-            f = front.sort_values(x) if x in front else front
-            fx = f[x] if x in f else pd.Series(study.spec.config({}).T, index=f.index)
-            ax.plot(fx, f[acc], color="red", marker="o", lw=1.5, label="Pareto front", ls="-" if x == "energy_uj" else "")
-        if best is not None:
-            ax.scatter([best[x] if x in best else study.spec.config({}).T], [best[acc]], marker="*", s=250,
-                       color="tab:blue", zorder=3, label="picked trial" if study.spec.multi else "best trial")
-        if base is not None:
-            ax.scatter([base[x] if x in base else 4], [base[acc]], marker="X", s=150, color="black", zorder=3,
-                       label="tutorial config (T 4, 128 ch, SGD 0.1)")
+            f = front.sort_values(x)
+            ax.plot(f[x], f[acc], color="red", marker="o", lw=1.5, label="Pareto front", ls="-" if x == "energy_uj" else "")
+        for row, style, name in marks:
+            ax.scatter([row[x]], [row[acc]], zorder=3, label=name, **style)
         ax.set(xlabel=xlabel, ylabel=label(acc))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

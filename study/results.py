@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,19 +21,20 @@ import pandas as pd
 import yaml
 
 from csnn.train import METRICS
+from csnn.train import write_atomic as atomic
 from study.spec import StudySpec
 
 STATUSES = ("finished", "stopped", "errored", "unfinished")
 
 
 def write_atomic(path: Path, text: str | None = None, frame: pd.DataFrame | None = None) -> None:
-    """Write a file under a temporary name, then rename: never half a file under the real name."""
-    tmp = path.with_name(path.name + ".tmp")
-    if frame is not None:
-        frame.to_parquet(tmp, index=False) if path.suffix == ".parquet" else frame.to_csv(tmp, index=False)
+    """A text or a table (csv, or parquet by the suffix), written atomically."""
+    if frame is None:
+        atomic(path, lambda tmp: tmp.write_text(text))
+    elif path.suffix == ".parquet":
+        atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
     else:
-        tmp.write_text(text)
-    os.replace(tmp, path)
+        atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def _best(series: pd.Series, mode: str):
