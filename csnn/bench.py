@@ -25,7 +25,9 @@ from spikingjelly.activation_based import functional
 
 from csnn import data as fmnist
 from csnn.model import CSNN
-from csnn.train import TrainConfig, evaluate, make_optimizer, resolve_device, to_input, train_epoch
+from csnn.config import TUTORIAL, TrainConfig
+from csnn.data import to_input
+from csnn.train import evaluate, make_optimizer, resolve_device, train_epoch
 
 
 def reference_loaders(train, test, batch_size: int, root: Path):
@@ -109,9 +111,9 @@ def sync(device):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m csnn.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("-T", type=int, default=4)
+    ap.add_argument("-T", type=int, default=TUTORIAL["T"])
     ap.add_argument("--channels", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=TUTORIAL["batch_size"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions of each, after one warm-up")
     ap.add_argument("--train-images", type=int, default=2560, help="images per timed training pass")
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     from spikingjelly.activation_based.examples.conv_fashion_mnist import CSNN as RefCSNN
 
     cfg = TrainConfig(T=args.T, channels=args.channels, batch_size=args.batch_size, device=args.device,
-                      optimizer="sgd", lr=0.1, momentum=0.9)
+                      **{k: TUTORIAL[k] for k in ("optimizer", "lr", "momentum")})
     device = resolve_device(cfg.device)
     s = fmnist.split(fmnist.load(args.data_dir), train_size=args.train_images, test_size=args.eval_images)
     x_eq = to_input(s["test"][0][: cfg.batch_size]).to(device)

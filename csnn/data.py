@@ -173,3 +173,8 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None, d
     order = order.to(device)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def to_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1], as torchvision's ToTensor."""
+    return x.unsqueeze(1).float().div_(255)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
-BACKENDS = ("auto", "cupy")
+from csnn.config import BACKENDS
 ALPHA = 2.0  # surrogate.ATan's default, the tutorial's
 
 

@@ -14,6 +14,7 @@ from PIL import Image  # noqa: E402
 from spikingjelly import visualizing  # noqa: E402
 from spikingjelly.activation_based import functional  # noqa: E402
 
+from csnn.data import to_input  # noqa: E402
 from csnn.model import CSNN  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def render(net: CSNN, images: torch.Tensor, out_dir: str | Path, overwrite: bool
             raise FileExistsError(f"{out_dir} already exists and is not empty; choose another folder or remove it")
         shutil.rmtree(out_dir)
     device = next(net.parameters()).device
-    x = images.unsqueeze(1).float().div(255).to(device)  # [N, 1, 28, 28]
+    x = to_input(images).to(device)  # [N, 1, 28, 28]
     encoder = net.spiking_encoder()
     was_training = net.training
     net.eval()

@@ -10,7 +10,8 @@ from pathlib import Path
 from ray import tune
 
 from csnn.data import FashionMNIST
-from csnn.train import TrainConfig, fit
+from csnn.config import TrainConfig
+from csnn.train import fit
 
 
 def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None) -> None:

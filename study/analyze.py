@@ -17,10 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from csnn.atomic import write_atomic  # noqa: E402
+from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import results  # noqa: E402
 from study.spec import BASELINE  # noqa: E402
-
-TUTORIAL_ACC = 0.9263  # the tutorial's max_test_acc at T 4, 128 channels, SGD lr 0.1, 16 epochs
 LABELS = {"val_acc": "validation accuracy", "test_acc": "test accuracy", "train_acc": "training accuracy",
           "val_loss": "validation loss (MSE)", "test_loss": "test loss (MSE)", "train_loss": "training loss (MSE)",
           "T": "time steps T", "channels": "channels", "lr": "learning rate", "momentum": "momentum",
@@ -241,7 +241,7 @@ def plot_efficiency(study: results.Study, out: Path) -> Path | None:
     base = baseline_row(study)
     if base is not None and base["trial_id"] in by_id.index:
         marks.append((by_id.loc[base["trial_id"]], dict(marker="X", s=150, color="black"),
-                      "tutorial config (T 4, 128 ch, SGD 0.1)"))
+                      "tutorial config (" + ", ".join(f"{k} {v}" for k, v in BASELINE.items()) + ")"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, x, xlabel in ((axes[0], "energy_uj", "estimated energy per image (µJ, 45 nm: E_MAC 4.6 pJ, E_AC 0.9 pJ)"),
                           (axes[1], "T", "time steps T")):
@@ -346,7 +346,7 @@ def report(study: results.Study, top: int) -> Path:
             lines.append(f"Retrained from scratch on all training images for {s['epochs']} epochs with seeds {s['seeds']}: "
                          f"**test accuracy {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}** (mean ± std over seeds), "
                          f"{'+' if diff >= 0 else ''}{diff:.4f} against the tutorial's {TUTORIAL_ACC} "
-                         "(T 4, 128 channels, SGD lr 0.1, 16 epochs).")
+                         f"({TUTORIAL_TEXT}).")
         else:
             lines.append("The best configuration has not been retrained (best/ is missing).")
     else:
@@ -380,7 +380,7 @@ def report(study: results.Study, top: int) -> Path:
         lines.append("## Not drawn")
         lines += [f"- {n}" for n in notes]
     path = out / "report.md"
-    results.write_atomic(path, "\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from csnn import data as fmnist
-from csnn.train import TIMING_METRICS, TrainConfig, fit, load_model, resolve_device
+from csnn.config import TIMING_METRICS, TrainConfig
+from csnn.train import fit, load_model, resolve_device
 from study import results
 
 CUDA_TOLERANCE = 0.02  # absolute, on accuracies, losses and firing rates (all in [0, 1])
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
                       stop_after=epochs)
         table = compare(recorded, history, tolerance)
         out.mkdir(parents=True, exist_ok=True)
-        results.write_atomic(out / "comparison.csv", frame=table)
+        results.write_table(out / "comparison.csv", table)
         from csnn.spikes import render
 
         net, _ = load_model(f"{work}/checkpoint_latest.pth", str(device))

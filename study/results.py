@@ -20,21 +20,19 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from csnn.train import METRICS
-from csnn.train import write_atomic as atomic
+from csnn.atomic import write_atomic
+from csnn.config import METRICS
 from study.spec import StudySpec
 
 STATUSES = ("finished", "stopped", "errored", "unfinished")
 
 
-def write_atomic(path: Path, text: str | None = None, frame: pd.DataFrame | None = None) -> None:
-    """A text or a table (csv, or parquet by the suffix), written atomically."""
-    if frame is None:
-        atomic(path, lambda tmp: tmp.write_text(text))
-    elif path.suffix == ".parquet":
-        atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+def write_table(path: Path, frame: pd.DataFrame) -> None:
+    """A table, csv or parquet by the suffix, written atomically."""
+    if path.suffix == ".parquet":
+        write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
     else:
-        atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+        write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def _best(series: pd.Series, mode: str):
@@ -170,9 +168,9 @@ def export(result_grid, spec: StudySpec, study_dir: Path) -> tuple[pd.DataFrame,
     errors = {Path(r.path).name.split("_")[1]: _error_file_text(Path(r.path) / "error.txt") or error_text(str(r.error))
               for r in result_grid if r.error}
     trials, history = frames(study_dir / "ray", spec, complete=True, errors=errors)
-    write_atomic(study_dir / "history.csv", frame=history)
-    write_atomic(study_dir / "trials.parquet", frame=trials)
-    write_atomic(study_dir / "trials.csv", frame=trials)
+    write_table(study_dir / "history.csv", history)
+    write_table(study_dir / "trials.parquet", trials)
+    write_table(study_dir / "trials.csv", trials)
     row = best_row(trials, spec)
     best = None
     if row is not None:

@@ -18,7 +18,9 @@ import pandas as pd
 import yaml
 
 from csnn import data as fmnist
-from csnn.train import TrainConfig, fit, load_model
+from csnn.atomic import write_atomic
+from csnn.config import TUTORIAL_ACC, TrainConfig
+from csnn.train import fit, load_model
 from study import results, spec as specs
 
 
@@ -223,7 +225,7 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, resum
     start = time.time()
     study_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        results.write_atomic(study_dir / "spec.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        write_atomic(study_dir / "spec.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
     if not ray.is_initialized():
         # A bare ray.init() would join any cluster a `ray start` left behind: be explicit.
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
@@ -239,7 +241,7 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, resum
     if best and do_retrain and spec.retrain["seeds"] and spec.retrain["epochs"] > 0:
         s = retrain(spec, best, data, study_dir)
         print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
-              f"{s['seeds']} (tutorial baseline 0.9263); {study_dir / 'best'}", flush=True)
+              f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study_dir / 'best'}", flush=True)
     print(f"results in {study_dir}; wall time {(time.time() - start) / 60:.1f} min")
     return 0 if best else 1
 

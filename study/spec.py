@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from csnn.train import METRICS, TrainConfig
+from csnn.config import METRICS, TUTORIAL, TrainConfig
 
 TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
             "scheduler": False, "resources": False, "retrain": False, "render": False}
@@ -21,7 +21,7 @@ PICKS = "most_accurate, knee or index N"
 SCHEDULERS = ("asha", "none")
 DIST_TYPES = ("int", "float", "categorical")
 # The tutorial's configuration, enqueued as the first trial when search.baseline is true.
-BASELINE = {"T": 4, "channels": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
+BASELINE = {k: TUTORIAL[k] for k in ("T", "channels", "optimizer", "lr", "momentum")}
 DEFAULTS = {
     "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False},
     "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3},

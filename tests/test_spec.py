@@ -1,4 +1,7 @@
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -119,3 +122,14 @@ def test_define_by_run_samples_conditionally():
         s.config(params)  # a valid TrainConfig
         study.tell(trial, 0.5)
     assert seen == {"sgd", "adam"}
+
+
+def test_parsing_imports_neither_torch_nor_spikingjelly():
+    # A fresh interpreter: this one has torch loaded by other tests' imports.
+    code = ("import sys; from study import spec; "
+            "s = spec.load(sys.argv[1]); spec.baseline_params(s); "
+            "print(s.name, sorted(m for m in ('torch', 'spikingjelly') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code, str(ROOT / "search_spaces" / "fmnist.yaml")],
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-1] == "[]", p.stdout

@@ -4,7 +4,8 @@ import pytest
 import torch
 import yaml
 
-from csnn.train import METRICS, TIMING_METRICS, TrainConfig, fit, load_model
+from csnn.config import METRICS, TIMING_METRICS, TrainConfig
+from csnn.train import fit, load_model
 
 SMALL = dict(T=2, channels=4, batch_size=64, epochs=2, optimizer="adam", lr=0.01, device="cpu", train_size=640, test_size=320)
 

@@ -1,0 +1,101 @@
+"""The tutorial's command line (`python -m csnn.train`): its flags, mapped onto a TrainConfig, and one run of fit."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from csnn import data as fmnist
+from csnn.config import TUTORIAL, TrainConfig
+from csnn.model import CSNN, set_backend
+from csnn.train import fit, load_model, resolve_device
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m csnn.train", description="Classify Fashion-MNIST with the tutorial's CSNN")
+    p.add_argument("-T", default=TUTORIAL["T"], type=int, help="simulating time-steps")
+    p.add_argument("-device", default="cuda:0", help="device: cuda:N or cpu (default cuda:0, as the tutorial)")
+    p.add_argument("-b", default=TUTORIAL["batch_size"], type=int, help="batch size")
+    # 64 is the tutorial script's default; its reported run used TUTORIAL["epochs"]
+    p.add_argument("-epochs", default=64, type=int, metavar="N", help="number of total epochs to run")
+    p.add_argument("-j", default=4, type=int, metavar="N",
+                   help="accepted for compatibility and ignored: data is held as tensors, no loader workers")
+    p.add_argument("-data-dir", type=str, help="Fashion-MNIST folder (the four IDX files, or torchvision's root)")
+    p.add_argument("-download", action="store_true", help="download Fashion-MNIST with torchvision into -data-dir if not found")
+    p.add_argument("-out-dir", type=str, default="./logs", help="root dir for saving logs and checkpoint")
+    p.add_argument("-resume", type=str, help="resume from the checkpoint path")
+    p.add_argument("-amp", action="store_true", help="automatic mixed precision training (CUDA only)")
+    p.add_argument("-cupy", action="store_true", help="use the CuPy neuron backend (SpikingJelly < 2 only)")
+    p.add_argument("-opt", type=str, default=TUTORIAL["optimizer"], help="optimizer: sgd, adam or adamw")
+    p.add_argument("-momentum", default=TUTORIAL["momentum"], type=float, help="momentum for SGD")
+    p.add_argument("-lr", default=TUTORIAL["lr"], type=float, help="learning rate")
+    p.add_argument("-channels", default=TUTORIAL["channels"], type=int, help="channels of CSNN")
+    p.add_argument("-save-es", default=None, help="dir for saving a batch of spikes encoded by the first {Conv2d-BatchNorm2d-IFNode}")
+    p.add_argument("-seed", default=0, type=int, help="seed for weights and batch order")
+    p.add_argument("-weight-decay", default=0.0, type=float, help="weight decay")
+    p.add_argument("-val-size", default=0, type=int, help="training images held out for validation")
+    p.add_argument("-train-size", default=0, type=int, help="stratified training subset (0 = all)")
+    p.add_argument("-test-size", default=0, type=int, help="stratified test subset (0 = all)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print(args)
+    try:
+        cfg = TrainConfig(T=args.T, channels=args.channels, batch_size=args.b, epochs=args.epochs,
+                          optimizer=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                          amp=args.amp, seed=args.seed, device=args.device, val_size=args.val_size,
+                          train_size=args.train_size, test_size=args.test_size,
+                          backend="cupy" if args.cupy else "auto")
+        resolve_device(cfg.device)
+        set_backend(CSNN(1, 1), cfg.backend)  # fail before loading anything
+        data = fmnist.load(args.data_dir, download=args.download)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if args.resume and args.save_es:
+        from csnn.spikes import render
+
+        net, saved = load_model(args.resume, cfg.device)
+        images = fmnist.split(data, test_size=0)["test"][0][: args.b]
+        try:
+            written = render(net, images, Path(args.save_es) / "visualization")
+        except FileExistsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"saved the encoder spikes of {len(images)} test images (T={saved.T}) to {written}")
+        return 0
+
+    name = f"T{cfg.T}_b{cfg.batch_size}_{cfg.optimizer}_lr{cfg.lr}_c{cfg.channels}"
+    name += "_amp" if cfg.amp else ""
+    name += "_cupy" if cfg.backend == "cupy" else ""
+    out_dir = Path(args.out_dir) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "args.txt").write_text(f"{args}\n{' '.join(sys.argv)}\n{cfg.to_yaml()}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    start = torch.load(args.resume, map_location="cpu", weights_only=False)["epoch"] + 1 if args.resume else 0
+    writer = SummaryWriter(str(out_dir), purge_step=start)
+
+    def report(m: dict) -> None:
+        for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
+            writer.add_scalar(k, m[k], m["epoch"])
+        writer.flush()
+        print(f"epoch = {m['epoch']}, train_loss ={m['train_loss']: .4f}, train_acc ={m['train_acc']: .4f}, "
+              f"test_loss ={m['test_loss']: .4f}, test_acc ={m['test_acc']: .4f}, max_test_acc ={m['max_test_acc']: .4f}, "
+              f"train speed ={m['train_img_s']: .1f} images/s, epoch time ={m['epoch_s']: .1f} s", flush=True)
+
+    print(out_dir)
+    try:
+        fit(cfg, data, out_dir, report, resume=args.resume)
+    except (ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        writer.close()
+    return 0

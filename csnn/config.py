@@ -1,0 +1,101 @@
+"""TrainConfig, the names the trainer reports, and the tutorial's facts, each defined once.
+
+Imports neither torch nor SpikingJelly, so that parsing a search space (study.spec)
+and reading results stay light.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import yaml
+
+# SpikingJelly's conv_fashion_mnist run that every study is measured against:
+# its configuration, and the max_test_acc it reached.
+TUTORIAL = {"T": 4, "channels": 128, "batch_size": 128, "epochs": 16, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
+TUTORIAL_ACC = 0.9263
+TUTORIAL_TEXT = (f"T {TUTORIAL['T']}, {TUTORIAL['channels']} channels, {TUTORIAL['optimizer'].upper()} "
+                 f"lr {TUTORIAL['lr']}, {TUTORIAL['epochs']} epochs")
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+BACKENDS = ("auto", "cupy")  # neuron kernels: auto (SpikingJelly 2) | cupy (SpikingJelly < 2)
+# Indices in CSNN.conv_fc of the spiking (IF) layers; CSNN checks its own
+# layers against this when built, so a change of architecture fails there.
+SPIKING_LAYERS = (2, 6, 10, 12)
+# Every metric the trainer reports each epoch (fr_<i>: mean firing rate of the
+# spiking layer at conv_fc[i], on the test set). val_* only when val_size > 0.
+COST_METRICS = ("spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj")
+TIMING_METRICS = ("train_img_s", "epoch_s")
+METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+           "max_test_acc", *TIMING_METRICS, *(f"fr_{i}" for i in SPIKING_LAYERS), *COST_METRICS)
+COMPILE_AUTO_IMAGES = 50_000  # measured break-even on 2 CPU cores: ~13k images warm, ~80k cold
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the tutorial's (TUTORIAL)."""
+
+    T: int = TUTORIAL["T"]
+    channels: int = TUTORIAL["channels"]
+    batch_size: int = TUTORIAL["batch_size"]
+    epochs: int = TUTORIAL["epochs"]
+    optimizer: str = TUTORIAL["optimizer"]
+    lr: float = TUTORIAL["lr"]
+    momentum: float = TUTORIAL["momentum"]  # SGD only
+    weight_decay: float = 0.0
+    amp: bool = True  # float16 autocast + GradScaler on CUDA; ignored on the CPU
+    seed: int = 0  # weights and batch order
+    split_seed: int = 0  # validation split and subsets, fixed across seeds so trials compare on one split
+    device: str = "auto"  # auto: cuda if available, else cpu
+    val_size: int = 0  # images held out of the 60k training set for model selection
+    train_size: int = 0  # stratified training subset, 0 = all
+    test_size: int = 0  # stratified test subset, 0 = all
+    backend: str = "auto"  # one of BACKENDS
+    # Compiled CPU kernels for the IF neurons and max pooling: true, false, or auto
+    # (on when the run trains >= COMPILE_AUTO_IMAGES images; compiling costs
+    # about 6 s per process with a warm inductor cache, 40 s cold).
+    compile: bool | str = "auto"
+
+    def __post_init__(self):
+        positive = ("T", "channels", "batch_size", "epochs", "lr")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"TrainConfig.{name}: {value!r} is not allowed; must be a number > 0")
+        for name in ("T", "channels", "batch_size", "epochs", "seed", "split_seed", "val_size", "train_size", "test_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name}: {value!r} is not allowed; must be an integer >= 0")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"TrainConfig.{name}: {value!r} is not allowed; must be a number >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer: {self.optimizer!r} is not allowed; allowed: {', '.join(OPTIMIZERS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"TrainConfig.backend: {self.backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"TrainConfig.compile: {self.compile!r} is not allowed; allowed: true, false, auto")
+        if not isinstance(self.amp, bool):
+            raise ValueError(f"TrainConfig.amp: {self.amp!r} is not allowed; must be true or false")
+        # The device is checked as a name here; whether it exists is train.resolve_device's (torch's) job.
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"TrainConfig.device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig has no field {', '.join(unknown)}; fields: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(yaml.safe_load(text) or {})
