@@ -116,20 +116,10 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     order_gen = torch.Generator().manual_seed(cfg.seed)  # batch order, saved in checkpoints
     start_epoch, max_test_acc = 0, -1.0
 
+    # What a checkpoint saves under these keys (with the RNGs); the next piece of state goes here.
+    state = {"net": net, "optimizer": optimizer, "lr_scheduler": scheduler, "scaler": scaler}
     if resume is not None:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
-        saved = TrainConfig.from_dict(ckpt["config"])
-        if {**saved.to_dict(), "device": ""} != {**cfg.to_dict(), "device": ""}:
-            raise ValueError(f"{resume}: checkpoint was written for a different configuration: {saved}")
-        net.load_state_dict(ckpt["net"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        order_gen.set_state(ckpt["rng"]["order"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        start_epoch, max_test_acc = ckpt["epoch"] + 1, ckpt["max_test_acc"]
+        start_epoch, max_test_acc = restore_checkpoint(resume, cfg, state, order_gen, device)
 
     splits = fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)
     splits = {k: tuple(t.to(device) for t in v) for k, v in splits.items()}  # resident on the device
@@ -170,20 +160,44 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         m["epoch_s"] = time.perf_counter() - t0
 
         if out_dir is not None:
-            ckpt = {
-                "net": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "max_test_acc": max_test_acc, "config": cfg.to_dict(), "metrics": m,
-                "rng": {"order": order_gen.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            }
-            write_atomic(Path(out_dir) / "checkpoint_latest.pth", lambda tmp: torch.save(ckpt, tmp))
+            paths = [Path(out_dir) / "checkpoint_latest.pth"]
             if save_max and improved:
-                write_atomic(Path(out_dir) / "checkpoint_max.pth", lambda tmp: torch.save(ckpt, tmp))
+                paths.append(Path(out_dir) / "checkpoint_max.pth")
+            save_checkpoint(paths, cfg, state, order_gen, device, epoch, max_test_acc, m)
         history.append(m)
         if callback is not None:
             callback(m)
     return history
+
+
+def save_checkpoint(paths: list[Path], cfg: TrainConfig, state: dict, order_gen: torch.Generator,
+                    device: torch.device, epoch: int, max_test_acc: float, metrics: dict) -> None:
+    """The checkpoint layout: the tutorial's keys (net, optimizer, lr_scheduler, epoch,
+    max_test_acc) plus every object of `state`, the RNGs, the config and the epoch's
+    metrics. restore_checkpoint reads back exactly this."""
+    ckpt = {k: obj.state_dict() for k, obj in state.items()}
+    ckpt.update(epoch=epoch, max_test_acc=max_test_acc, config=cfg.to_dict(), metrics=metrics,
+                rng={"order": order_gen.get_state(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+    for path in paths:
+        write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def restore_checkpoint(path: str | Path, cfg: TrainConfig, state: dict, order_gen: torch.Generator,
+                       device: torch.device) -> tuple[int, float]:
+    """Load a checkpoint written by save_checkpoint into `state` and the RNGs, so that
+    the run continues as if never stopped; returns (next epoch, max_test_acc)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    saved = TrainConfig.from_dict(ckpt["config"])
+    if {**saved.to_dict(), "device": ""} != {**cfg.to_dict(), "device": ""}:
+        raise ValueError(f"{path}: checkpoint was written for a different configuration: {saved}")
+    for k, obj in state.items():
+        obj.load_state_dict(ckpt[k])
+    order_gen.set_state(ckpt["rng"]["order"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["epoch"] + 1, ckpt["max_test_acc"]
 
 
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[CSNN, TrainConfig]:
