@@ -27,15 +27,9 @@ from csnn.model import CSNN
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9  # SimpleEnergyCostConfig's defaults, which count() uses
 
 
-def neurons_per_image(net: CSNN) -> list[int]:
-    """Neurons of each spiking layer for one 28x28 image."""
-    c = net.conv_fc[0].out_channels
-    return [c * 28 * 28, c * 14 * 14, net.conv_fc[9].out_features, net.conv_fc[11].out_features]
-
-
 def spikes_per_image(net: CSNN, rates: list[float]) -> float:
     """Spikes of all spiking layers over the T steps, from their mean firing rates."""
-    return sum(r * net.T * n for r, n in zip(rates, neurons_per_image(net)))
+    return sum(r * net.T * n for r, n in zip(rates, net.neurons_per_image))
 
 
 def count(net: CSNN, x: torch.Tensor) -> dict:

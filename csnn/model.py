@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
-from csnn.config import BACKENDS
+from csnn.config import BACKENDS, SPIKING_LAYERS
 ALPHA = 2.0  # surrogate.ATan's default, the tutorial's
 
 
@@ -170,6 +170,25 @@ class CSNN(nn.Module):
         )
         functional.set_step_mode(self, step_mode="m")
         self.spiking_layers = [i for i, m in enumerate(self.conv_fc) if isinstance(m, neuron.IFNode)]
+        # The metric names (fr_<i>) are written from config.SPIKING_LAYERS: keep the two in step.
+        assert tuple(self.spiking_layers) == SPIKING_LAYERS, \
+            f"CSNN's spiking layers are at {self.spiking_layers}; update csnn.config.SPIKING_LAYERS ({SPIKING_LAYERS})"
+        self.neurons_per_image = self._count_neurons()
+
+    def _count_neurons(self) -> list[int]:
+        """Neurons of each spiking layer for one 28x28 image, read off the layers' outputs
+        (in eval mode, so BatchNorm's running statistics stay untouched)."""
+        counts = []
+        with torch.no_grad():
+            self.eval()
+            y = torch.zeros(1, 1, 1, 28, 28)  # [T, N, C, H, W]
+            for i, m in enumerate(self.conv_fc):
+                y = m(y)
+                if i in self.spiking_layers:
+                    counts.append(y[0, 0].numel())
+            functional.reset_net(self)
+            self.train()
+        return counts
 
     def fuse(self, on: bool = True) -> None:
         """Compiled CPU kernels for the IF neurons and max pooling (see IFNode, MaxPool2d)."""

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from spikingjelly.activation_based import functional
 
+from csnn.config import SPIKING_LAYERS
 from csnn.model import CSNN, set_backend
 
 
@@ -19,6 +20,16 @@ def test_shapes_no_nan_every_parameter_gets_a_gradient():
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert net.spiking_encoder()[2].__class__.__name__ == "IFNode"
+
+
+def test_layout_counted_when_built():
+    net = CSNN(T=2, channels=3)
+    assert net.spiking_layers == list(SPIKING_LAYERS)
+    # conv1 and conv2 at 28x28 and 14x14, fc1's C*4*4 outputs, the 10 classes
+    assert net.neurons_per_image == [3 * 28 * 28, 3 * 14 * 14, 3 * 4 * 4, 10]
+    # the count leaves the model as built: training mode, BatchNorm's statistics untouched
+    assert net.training and net.conv_fc[1].num_batches_tracked.item() == 0
+    assert (net.conv_fc[1].running_mean == 0).all()
 
 
 def test_first_layer_once_equals_tutorial_formulation():
