@@ -21,6 +21,7 @@ from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import results  # noqa: E402
 from study.spec import BASELINE  # noqa: E402
+
 LABELS = {"val_acc": "validation accuracy", "test_acc": "test accuracy", "train_acc": "training accuracy",
           "val_loss": "validation loss (MSE)", "test_loss": "test loss (MSE)", "train_loss": "training loss (MSE)",
           "T": "time steps T", "channels": "channels", "lr": "learning rate", "momentum": "momentum",
