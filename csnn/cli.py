@@ -10,7 +10,7 @@ import torch
 from csnn import data as fmnist
 from csnn.config import TUTORIAL, TrainConfig
 from csnn.model import CSNN, set_backend
-from csnn.train import fit, load_model, resolve_device
+from csnn.train import fit, load_model, resolve_device, set_deterministic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,7 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-out-dir", type=str, default="./logs", help="root dir for saving logs and checkpoint")
     p.add_argument("-resume", type=str, help="resume from the checkpoint path")
     p.add_argument("-amp", action="store_true", help="automatic mixed precision training (CUDA only)")
-    p.add_argument("-cupy", action="store_true", help="use the CuPy neuron backend (SpikingJelly < 2 only)")
+    p.add_argument("-cupy", action="store_true", help="IF neurons on our CuPy kernels (CUDA; pip install -e '.[cupy]')")
+    p.add_argument("-deterministic", action="store_true",
+                   help="bit-reproducible CUDA training (cuDNN deterministic, no autotuning), at a cost in speed")
     p.add_argument("-opt", type=str, default=TUTORIAL["optimizer"], help="optimizer: sgd, adam or adamw")
     p.add_argument("-momentum", default=TUTORIAL["momentum"], type=float, help="momentum for SGD")
     p.add_argument("-lr", default=TUTORIAL["lr"], type=float, help="learning rate")
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
                           backend="cupy" if args.cupy else "auto")
         resolve_device(cfg.device)
         set_backend(CSNN(1, 1), cfg.backend)  # fail before loading anything
+        set_deterministic(args.deterministic)
         data = fmnist.load(args.data_dir, download=args.download)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

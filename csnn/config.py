@@ -18,7 +18,7 @@ TUTORIAL_TEXT = (f"T {TUTORIAL['T']}, {TUTORIAL['channels']} channels, {TUTORIAL
                  f"lr {TUTORIAL['lr']}, {TUTORIAL['epochs']} epochs")
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-BACKENDS = ("auto", "cupy")  # neuron kernels: auto (SpikingJelly 2) | cupy (SpikingJelly < 2)
+BACKENDS = ("auto", "cupy")  # IF kernels: auto (SpikingJelly 2's; ours compiled on the CPU) | cupy (ours, CUDA)
 # Indices in CSNN.conv_fc of the spiking (IF) layers; CSNN checks its own
 # layers against this when built, so a change of architecture fails there.
 SPIKING_LAYERS = (2, 6, 10, 12)
@@ -28,6 +28,11 @@ COST_METRICS = ("spikes_per_image", "synops_per_image", "macs_per_image", "acs_p
 TIMING_METRICS = ("train_img_s", "epoch_s")
 METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
            "max_test_acc", *TIMING_METRICS, *(f"fr_{i}" for i in SPIKING_LAYERS), *COST_METRICS)
+# Where and how each epoch ran, reported with the metrics (not objectives): what
+# study.reproduce reads to choose its tolerance, and what a user needs to find a
+# slow or different trial (neuron_impl: the IF kernels that ran in training).
+RUN_INFO = ("run_device", "run_amp", "neuron_impl", "deterministic", "torch_version", "spikingjelly_version",
+            "cuda_version")
 COMPILE_AUTO_IMAGES = 50_000  # measured break-even on 2 CPU cores: ~13k images warm, ~80k cold
 
 
@@ -74,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.optimizer: {self.optimizer!r} is not allowed; allowed: {', '.join(OPTIMIZERS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"TrainConfig.backend: {self.backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+        if self.backend == "cupy":
+            _check_cupy(self.device)
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"TrainConfig.compile: {self.compile!r} is not allowed; allowed: true, false, auto")
         if not isinstance(self.amp, bool):
@@ -99,3 +106,16 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, text: str) -> "TrainConfig":
         return cls.from_dict(yaml.safe_load(text) or {})
+
+
+def _check_cupy(device: str) -> None:
+    """backend cupy runs our CuPy kernels on a CUDA GPU: refuse it where it cannot run,
+    before any data loads or Ray starts (whether a GPU exists is train.resolve_device's check)."""
+    import importlib.util
+
+    if device == "cpu":
+        raise ValueError("TrainConfig.backend: 'cupy' runs on a CUDA GPU, and device is 'cpu'; "
+                         "use backend 'auto' on the CPU (our compiled CPU kernels)")
+    if importlib.util.find_spec("cupy") is None:
+        raise ValueError("TrainConfig.backend: 'cupy' needs CuPy, which is not installed: "
+                         "pip install -e '.[cupy]' (CuPy for CUDA 12), or use backend 'auto'")

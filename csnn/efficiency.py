@@ -22,7 +22,7 @@ import torch
 from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.op_counter import SimpleEnergyProfiler
 
-from csnn.model import CSNN
+from csnn.model import CSNN, IFNode, MaxPool2d
 
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9  # SimpleEnergyCostConfig's defaults, which count() uses
 
@@ -33,21 +33,32 @@ def spikes_per_image(net: CSNN, rates: list[float]) -> float:
 
 
 def count(net: CSNN, x: torch.Tensor) -> dict:
-    """SynOps, MACs, ACs and energy per image of one forward pass over x [N, 1, 28, 28].
-    Runs SpikingJelly's own path (the counters must see every operator), in eval mode."""
-    fused = [m.fused for m in net.conv_fc if hasattr(m, "fused")]
-    was_training = net.training
-    net.fuse(False)
+    """SynOps, MACs, ACs and energy per image of one forward pass over x [N, 1, 28, 28],
+    in eval mode and float32. The counters match ATen operators, so the pass runs the
+    same operators on every device: SpikingJelly's reference IF formulas (not a fused
+    kernel, which the counters see as one opaque op) and, on CUDA, BatchNorm and
+    convolution without cuDNN (whose cudnn_batch_norm they do not count). The figures
+    then depend only on the network, its weights and the images."""
+    pools = [m for m in net.conv_fc if isinstance(m, MaxPool2d)]
+    neurons = [m for m in net.conv_fc if isinstance(m, IFNode)]
+    saved = [m.fused for m in pools], [m.kernel for m in neurons], net.training
+    for m in pools:
+        m.fused = False
+    for m in neurons:
+        m.kernel = "reference"
     net.eval()
     profiler = SimpleEnergyProfiler()
     profiler.bind_model(net)
     try:
-        with torch.no_grad(), profiler:
-            net(x)
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=False), profiler:
+            net(x.float())
     finally:
         functional.reset_net(net)
-        net.train(was_training)
-        net.fuse(any(fused))
+        for m, fused in zip(pools, saved[0]):
+            m.fused = fused
+        for m, kernel in zip(neurons, saved[1]):
+            m.kernel = kernel
+        net.train(saved[2])
     report = profiler.get_report()
     n = len(x)
     return {

@@ -7,9 +7,11 @@ import math
 import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
+from spikingjelly.activation_based.functional.neuron import _surrogate_spec
 
 from csnn.config import BACKENDS, SPIKING_LAYERS
 ALPHA = 2.0  # surrogate.ATan's default, the tutorial's
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # inputs SpikingJelly's fused IF kernels take
 
 
 def _if_forward(x_seq: torch.Tensor, keep_h: bool):
@@ -119,27 +121,77 @@ class MaxPool2d(layer.MaxPool2d):
 
 
 class IFNode(neuron.IFNode):
-    """SpikingJelly's IFNode (hard reset to 0, threshold 1, ATan surrogate). With
-    `fused` set, on the CPU its multi-step dynamics run as two compiled
-    elementwise kernels (forward; surrogate backward) instead of SpikingJelly's
-    Python loop of small ops: same formulas, about 8x faster there. Elsewhere,
-    or with state carried between calls, SpikingJelly's own kernels run."""
+    """SpikingJelly's IFNode (hard reset to 0, threshold 1, ATan surrogate), with
+    its membrane potential kept in float32 whatever the input dtype, and a
+    choice of kernels for the tutorial's neuron (`kernel`):
 
-    fused = False
+    - "spikingjelly": SpikingJelly's own; on CUDA its fused Triton kernel,
+      which needs a float32 state: SpikingJelly would make the state float16
+      under AMP and silently fall back to its Python reference loop;
+    - "compiled": on the CPU, two compiled elementwise kernels (forward;
+      surrogate backward) instead of SpikingJelly's loop of small ops, same
+      formulas, about 8x faster there;
+    - "cupy": on CUDA, our CuPy kernels (csnn.cupy_if), the tutorial's -cupy;
+    - "reference": SpikingJelly's reference formulas as plain ATen ops on any
+      device, so that the cost counters see the same operators everywhere.
+
+    Where the chosen kernel does not apply (state carried between calls, another
+    dtype or device) SpikingJelly's runs. `implementation` says what ran last.
+    """
+
+    kernel = "spikingjelly"
+    implementation: str | None = None
+
+    def materialize_states(self, inputs, states, step_mode):
+        v = states[0]
+        if isinstance(v, float):
+            x = inputs[0][0] if step_mode == "m" else inputs[0]
+            return (torch.full_like(x, v, dtype=torch.float32), *states[1:])
+        states = super().materialize_states(inputs, states, step_mode)
+        return (states[0].float(), *states[1:])
 
     def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs):
         tutorial_neuron = (self.v_threshold == 1.0 and self.v_reset == 0.0 and not self.detach_reset
                            and getattr(self.surrogate_function, "alpha", None) == ALPHA)
-        if not (self.fused and tutorial_neuron and x_seq.device.type == "cpu" and isinstance(self.v, float)
-                and self.v == 0.0 and x_seq.dtype == torch.float32 and not args and not kwargs):
-            return super().multi_step_forward(x_seq, *args, **kwargs)
-        flat = x_seq.reshape(x_seq.shape[0], -1).contiguous()
-        if torch.is_grad_enabled() and flat.requires_grad:
-            spikes, v = _FusedIF.apply(flat)
+        fresh = isinstance(self.v, float) and self.v == 0.0 and not args and not kwargs and tutorial_neuron
+        device, dtype = x_seq.device.type, x_seq.dtype
+        grad = torch.is_grad_enabled() and x_seq.requires_grad
+        flat = x_seq.reshape(x_seq.shape[0], -1)
+        if fresh and self.kernel == "compiled" and device == "cpu" and dtype == torch.float32:
+            flat = flat.contiguous()
+            spikes, v = _FusedIF.apply(flat) if grad else _compiled(_if_forward)(_mark(flat), False)[::2]
+            self.implementation = "compiled-cpu"
+        elif fresh and self.kernel == "cupy" and device == "cuda" and dtype in (torch.float32, torch.float16):
+            from csnn import cupy_if
+
+            flat = flat.contiguous()
+            spikes, v = cupy_if.CupyIF.apply(flat, ALPHA) if grad else cupy_if.forward(flat, False)[::2]
+            self.implementation = "cupy"
+        elif fresh and self.kernel == "reference":
+            from spikingjelly._ops.if_.reference import _forward_impl
+
+            surrogate_id, alpha = _surrogate_spec(self.surrogate_function)
+            spikes, v, _ = _forward_impl(flat, torch.zeros_like(flat[0], dtype=torch.float32), 1.0, 0.0, False,
+                                         alpha, False, surrogate_id)
+            self.implementation = "spikingjelly-reference"
         else:
-            spikes, _, v = _compiled(_if_forward)(_mark(flat), False)
+            self.implementation = spikingjelly_implementation(x_seq, self.surrogate_function)
+            return super().multi_step_forward(x_seq, *args, **kwargs)
         self.v = v.view(x_seq.shape[1:])  # the state SpikingJelly would keep, until reset_net
         return spikes.view(x_seq.shape)
+
+
+def spikingjelly_implementation(x_seq: torch.Tensor, surrogate_function) -> str:
+    """Which of SpikingJelly 2's IF implementations its multi-step IFNode runs for
+    this input, given a float32 state: the conditions of its
+    functional.if_multi_step (its own logger, which says so, is off by default)."""
+    if _surrogate_spec(surrogate_function) is None or x_seq.dtype not in FUSED_DTYPES:
+        return "spikingjelly-reference"
+    if x_seq.device.type != "cuda":
+        return "spikingjelly-cpu"
+    from spikingjelly._ops.if_ import _selection
+
+    return "spikingjelly-" + _selection.diagnostics(x_seq.device)["implementation"]
 
 
 class CSNN(nn.Module):
@@ -193,8 +245,14 @@ class CSNN(nn.Module):
     def fuse(self, on: bool = True) -> None:
         """Compiled CPU kernels for the IF neurons and max pooling (see IFNode, MaxPool2d)."""
         for m in self.conv_fc:
-            if isinstance(m, (IFNode, MaxPool2d)):
+            if isinstance(m, MaxPool2d):
                 m.fused = on
+            elif isinstance(m, IFNode) and m.kernel in ("spikingjelly", "compiled"):
+                m.kernel = "compiled" if on else "spikingjelly"
+
+    def neuron_implementations(self) -> dict[int, str | None]:
+        """Which IF implementation each spiking layer ran last (None: not run yet)."""
+        return {i: self.conv_fc[i].implementation for i in self.spiking_layers}
 
     def forward(self, x: torch.Tensor, rates: list | None = None) -> torch.Tensor:
         """x [N, 1, 28, 28] -> firing rate of the output layer [N, 10].
@@ -210,7 +268,7 @@ class CSNN(nn.Module):
         for i in range(2, len(self.conv_fc)):
             y = self.conv_fc[i](y)
             if rates is not None and i in self.spiking_layers:
-                rates.append(y.detach().float().mean())
+                rates.append(y.detach().mean(dtype=torch.float32))  # no float32 copy of the spikes
         return y.mean(0)
 
     def forward_literal(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,23 +279,16 @@ class CSNN(nn.Module):
         return self.conv_fc[0:3]
 
 
-def set_backend(net: nn.Module, backend: str) -> None:
-    """'auto': SpikingJelly 2.x picks its kernels (Torch on CPU, CUDA/Triton on GPU).
-    'cupy': the legacy CuPy kernels of SpikingJelly < 2, which must be installed."""
-    if backend == "auto":
-        return
-    if backend != "cupy":
+def set_backend(net: CSNN, backend: str) -> None:
+    """'auto': SpikingJelly 2 picks its IF kernels (fused Triton on CUDA, our compiled
+    ones on the CPU with CSNN.fuse); 'cupy': our CuPy kernels (csnn.cupy_if), CUDA only."""
+    if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
-    if not hasattr(functional, "set_backend"):
-        import spikingjelly
+    if backend == "cupy":
+        from csnn import cupy_if
 
-        raise RuntimeError(
-            f"backend 'cupy' needs SpikingJelly < 2 with CuPy (pip install 'spikingjelly<2' cupy-cuda12x); "
-            f"the installed SpikingJelly {getattr(spikingjelly, '__version__', '2.x')} has no CuPy backend "
-            "and picks its own CUDA kernels: use backend 'auto'"
-        )
-    try:
-        import cupy  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError("backend 'cupy' needs CuPy: pip install -e '.[cupy]' (cupy-cuda12x)") from e
-    functional.set_backend(net, "cupy")
+        missing = cupy_if.available()
+        if missing:
+            raise RuntimeError(f"backend 'cupy' cannot run here: {missing}; or use backend 'auto'")
+    for i in net.spiking_layers:
+        net.conv_fc[i].kernel = "cupy" if backend == "cupy" else "spikingjelly"

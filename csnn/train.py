@@ -7,8 +7,10 @@ trainable, the study's retrain and reproduce) calls `fit(config, data, ...)`.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -46,17 +48,19 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int, amp_dtype=None) -> dict:
-    """Loss, accuracy and per-layer firing rates over a whole split (one host sync)."""
+def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
+    """Loss, accuracy and per-layer firing rates over a whole split (one host sync).
+    Always in float32, as the tutorial measured its 0.9263, even inside an autocast
+    region: AMP is for training."""
     net.eval()
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device)
     rates = torch.zeros(len(net.spiking_layers), device=x.device)
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         for idx in fmnist.batches(len(y), batch_size, device=x.device):
             label = y[idx]
             batch_rates: list = []
-            fr = net(to_input(x[idx]), batch_rates).float()
+            fr = net(to_input(x[idx]), batch_rates)
             loss += F.mse_loss(fr, F.one_hot(label, 10).float(), reduction="sum") / 10
             correct += (fr.argmax(1) == label).sum()
             rates += torch.stack(batch_rates) * len(idx)
@@ -137,6 +141,8 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         loss_sum, correct, n_train = train_epoch(net, optimizer, scaler, train_x, train_y, cfg.batch_size,
                                                  order_gen, amp_dtype)
         train_s = time.perf_counter() - t0
+        if epoch == start_epoch:
+            info = run_info(net, device, use_amp)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
@@ -147,9 +153,9 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
             raise FloatingPointError(f"epoch {epoch}: diverged (train_loss {m['train_loss']}, "
                                      f"{'finite' if finite else 'non-finite'} weights); try an lr below {cfg.lr}")
         if "val" in splits:
-            v = evaluate(net, *splits["val"], cfg.batch_size, amp_dtype)
+            v = evaluate(net, *splits["val"], cfg.batch_size)
             m.update(val_loss=v["loss"], val_acc=v["acc"])
-        t = evaluate(net, *splits["test"], cfg.batch_size, amp_dtype)
+        t = evaluate(net, *splits["test"], cfg.batch_size)
         improved = t["acc"] > max_test_acc
         max_test_acc = max(max_test_acc, t["acc"])
         m.update(test_loss=t["loss"], test_acc=t["acc"], max_test_acc=max_test_acc,
@@ -158,6 +164,7 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         m["spikes_per_image"] = efficiency.spikes_per_image(net, [t[f"fr_{i}"] for i in net.spiking_layers])
         m.update(efficiency.count(net, to_input(splits["test"][0][:COST_IMAGES])))
         m["epoch_s"] = time.perf_counter() - t0
+        m.update(info)
 
         if out_dir is not None:
             paths = [Path(out_dir) / "checkpoint_latest.pth"]
@@ -168,6 +175,36 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         if callback is not None:
             callback(m)
     return history
+
+
+def run_info(net: CSNN, device: torch.device, amp: bool) -> dict:
+    """Where and how this run trains (config.RUN_INFO), read after its first training
+    epoch; says once which IF kernels ran, and warns when CUDA fell back to
+    SpikingJelly's slow reference loop."""
+    from importlib.metadata import version
+
+    impls = sorted({i or "none" for i in net.neuron_implementations().values()})
+    name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    print(f"csnn: training on {name}, AMP {'on' if amp else 'off'}, IF kernels: {', '.join(impls)}", flush=True)
+    if device.type == "cuda" and any(i.endswith("reference") for i in impls):
+        warnings.warn(f"SpikingJelly's fused IF kernel did not run on {name} ({', '.join(impls)}): training is slow",
+                      stacklevel=3)
+    return {"run_device": name, "run_amp": amp, "neuron_impl": ",".join(impls),
+            "deterministic": torch.are_deterministic_algorithms_enabled(), "torch_version": torch.__version__,
+            "spikingjelly_version": version("spikingjelly"), "cuda_version": torch.version.cuda or ""}
+
+
+def set_deterministic(on: bool) -> None:
+    """Bit-reproducible CUDA runs, at a cost in speed (README): cuDNN's deterministic
+    algorithms without autotuning, and PyTorch's deterministic kernels where they
+    exist (a warning where none does). cuBLAS reads its workspace setting when it
+    starts, so call this before any CUDA work. No effect on CPU results, which are
+    reproducible anyway."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def save_checkpoint(paths: list[Path], cfg: TrainConfig, state: dict, order_gen: torch.Generator,
@@ -192,7 +229,9 @@ def restore_checkpoint(path: str | Path, cfg: TrainConfig, state: dict, order_ge
     if {**saved.to_dict(), "device": ""} != {**cfg.to_dict(), "device": ""}:
         raise ValueError(f"{path}: checkpoint was written for a different configuration: {saved}")
     for k, obj in state.items():
-        obj.load_state_dict(ckpt[k])
+        # A CPU run saves an empty GradScaler state, which an enabled (CUDA) scaler refuses.
+        if k != "scaler" or ckpt[k]:
+            obj.load_state_dict(ckpt[k])
     order_gen.set_state(ckpt["rng"]["order"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:

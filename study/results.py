@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from csnn.atomic import write_atomic
-from csnn.config import METRICS
+from csnn.config import METRICS, RUN_INFO
 from study.spec import StudySpec
 
 STATUSES = ("finished", "stopped", "errored", "unfinished")
@@ -71,7 +71,7 @@ def frames(ray_dir: Path, spec: StudySpec, complete: bool,
         trial_id, number = d.name.split("_")[1], int(d.name.split("_")[2])
         config = json.loads((d / "params.json").read_text())
         h = pd.read_csv(d / "progress.csv") if (d / "progress.csv").is_file() else pd.DataFrame()
-        h = h[[c for c in METRICS if c in h.columns]]
+        h = h[[c for c in (*METRICS, *RUN_INFO) if c in h.columns]]
         if len(h):
             h = h.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a retried epoch counts once
         params = {k: v for k, v in config.items() if "[" not in k}
@@ -85,7 +85,7 @@ def frames(ray_dir: Path, spec: StudySpec, complete: bool,
                   else "stopped" if complete else "unfinished")
         row = {"trial_id": trial_id, "number": number, "status": status}
         row.update({k: params.get(k) for k in spec.space})
-        for m in METRICS:
+        for m in (*METRICS, *RUN_INFO):
             # epoch and lr per epoch stay in history: here the searched lr is the column
             if m in h and m not in ("epoch", "lr"):
                 row[m] = h[m].iloc[-1]

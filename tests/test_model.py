@@ -55,11 +55,49 @@ def test_first_layer_once_equals_tutorial_formulation():
     torch.testing.assert_close(a(x), b.forward_literal(x))
 
 
-def test_cupy_backend_fails_clearly_on_spikingjelly_2():
-    with pytest.raises(RuntimeError, match="SpikingJelly < 2"):
-        set_backend(CSNN(1, 1), "cupy")
+def test_cupy_backend_is_refused_where_it_cannot_run():
+    import importlib.util
+
+    from csnn.config import TrainConfig
+
+    with pytest.raises(ValueError, match="'cupy' runs on a CUDA GPU, and device is 'cpu'; use backend 'auto'"):
+        TrainConfig(backend="cupy", device="cpu")
+    if importlib.util.find_spec("cupy") is None:  # CI: no CuPy
+        with pytest.raises(ValueError, match=r"'cupy' needs CuPy, which is not installed: pip install -e '.\[cupy\]'"):
+            TrainConfig(backend="cupy", device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cupy' cannot run here"):
+            set_backend(CSNN(1, 1), "cupy")
     with pytest.raises(ValueError, match="allowed: auto, cupy"):
         set_backend(CSNN(1, 1), "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_membrane_potential_stays_float32_under_autocast(dtype):
+    """SpikingJelly's IFNode takes its state's dtype from the input; under AMP that
+    made the state float16 and SpikingJelly fall back from its fused kernel to its
+    reference loop. On the CPU that choice is visible in the same place."""
+    from spikingjelly.activation_based import neuron, surrogate
+
+    theirs = neuron.IFNode(surrogate_function=surrogate.ATan(), step_mode="m")
+    theirs(torch.rand(2, 3, 4).to(dtype))
+    assert theirs.v.dtype == dtype  # what our IFNode fixes
+    net = CSNN(T=2, channels=4)
+    with torch.autocast("cpu", dtype=dtype):
+        net(torch.rand(4, 1, 28, 28)).float().sum().backward()
+    assert all(net.conv_fc[i].v.dtype == torch.float32 for i in net.spiking_layers)
+    # not SpikingJelly's Python reference loop: its registered kernel, with float32 state
+    assert set(net.neuron_implementations().values()) == {"spikingjelly-cpu"}
+
+
+def test_the_implementation_that_ran_is_recorded():
+    net = CSNN(T=2, channels=4)
+    net(torch.rand(2, 1, 28, 28))
+    assert set(net.neuron_implementations().values()) == {"spikingjelly-cpu"}
+    functional.reset_net(net)
+    net.fuse()
+    net(torch.rand(2, 1, 28, 28))
+    assert set(net.neuron_implementations().values()) == {"compiled-cpu"}
 
 
 def test_fused_cpu_kernels_compute_spikingjellys_function():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from csnn.config import METRICS, TIMING_METRICS, TrainConfig
+from csnn.config import METRICS, RUN_INFO, TIMING_METRICS, TrainConfig
 from csnn.train import fit, load_model
 
 SMALL = dict(T=2, channels=4, batch_size=64, epochs=2, optimizer="adam", lr=0.01, device="cpu", train_size=640, test_size=320)
@@ -40,8 +40,12 @@ def test_training_lowers_the_loss_and_reports_every_metric(real_data):
     assert seen == history and [m["epoch"] for m in history] == [0, 1, 2]
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
                                "test_acc", "max_test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12",
-                               "spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj"}
-    assert set(history[0]) == set(METRICS)
+                               "spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj",
+                               "run_device", "run_amp", "neuron_impl", "deterministic", "torch_version",
+                               "spikingjelly_version", "cuda_version"}
+    assert set(history[0]) == set(METRICS) | set(RUN_INFO)
+    assert history[0]["run_device"] == "cpu" and history[0]["run_amp"] is False
+    assert history[0]["neuron_impl"] == "spikingjelly-cpu" and history[0]["torch_version"] == torch.__version__
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1
     assert history[0]["lr"] == 0.01 and history[1]["lr"] == pytest.approx(0.01 * (1 + math.cos(math.pi / 3)) / 2)

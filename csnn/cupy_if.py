@@ -1,0 +1,146 @@
+"""Our CuPy kernels for the tutorial's multi-step IF neuron (backend: cupy, `-cupy`).
+
+SpikingJelly 2 has no CuPy code; the tutorial's `-cupy` selected SpikingJelly
+1's CuPy kernels. These are ours, with the same formulas as the compiled CPU
+kernels in `csnn/model.py` (threshold 1, hard reset to 0, ATan surrogate):
+
+    forward, t = 0..T-1:   H = V + X[t];  S = (H >= 1);  V = (1 - S) * H
+    backward, t = T-1..0:  g = dL/dS[t] * sg(H) + g' * ((1 - S) - H * sg(H)),
+                           sg(H) = (a/2) / (1 + (pi/2 * a * (H - 1))^2),  dL/dX[t] = g
+
+One thread per neuron walks the T steps. Inputs and spikes are float32 or
+float16 (AMP); the membrane potential and the saved H are float32. The kernels
+are compiled by CuPy's NVRTC on first use, for whatever CuPy build is installed
+(cupy-cuda12x, cupy-cuda13x): the code only says `import cupy`. They run on
+PyTorch's current stream, so no synchronisation is needed.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+THREADS = 256
+
+_SOURCE = r"""
+// float16 travels as its 16 bits, converted by PTX: no header needed, whatever the CuPy build.
+typedef unsigned short half_bits;
+__device__ __forceinline__ float load(const float x) { return x; }
+__device__ __forceinline__ float load(const half_bits x) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x)); return f; }
+__device__ __forceinline__ void store(float* p, const float v) { *p = v; }
+__device__ __forceinline__ void store(half_bits* p, const float v) {
+    half_bits h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); *p = h; }
+
+extern "C" __global__ void if_forward_SUFFIX(const SCALAR* __restrict__ x, SCALAR* __restrict__ s,
+        float* __restrict__ h_seq, float* __restrict__ v_last, const int T, const long long M) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M) return;
+    float v = 0.0f;
+    for (int t = 0; t < T; ++t) {
+        const long long k = (long long)t * M + i;
+        const float h = v + load(x[k]);
+        const float spike = h >= 1.0f ? 1.0f : 0.0f;
+        store(s + k, spike);
+        if (h_seq) h_seq[k] = h;
+        v = (1.0f - spike) * h;
+    }
+    v_last[i] = v;
+}
+
+extern "C" __global__ void if_backward_SUFFIX(const SCALAR* __restrict__ grad_s, const float* __restrict__ h_seq,
+        SCALAR* __restrict__ grad_x, const float alpha, const int T, const long long M) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M) return;
+    const float half_pi_alpha = 1.5707963267948966f * alpha;
+    float carry = 0.0f;
+    for (int t = T - 1; t >= 0; --t) {
+        const long long k = (long long)t * M + i;
+        const float h = h_seq[k];
+        const float z = (h - 1.0f) * half_pi_alpha;
+        const float sg = 0.5f * alpha / (1.0f + z * z);
+        const float spike = h >= 1.0f ? 1.0f : 0.0f;
+        const float g = load(grad_s[k]) * sg + carry * ((1.0f - spike) - h * sg);
+        store(grad_x + k, g);
+        carry = g;
+    }
+}
+"""
+
+_TYPES = {torch.float32: ("float", "f32"), torch.float16: ("half_bits", "f16")}
+
+
+def available() -> str | None:
+    """None when the cupy backend can run here, else what is missing (for the error message)."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        return f"CuPy is not importable ({e}); install it with pip install -e '.[cupy]' (CUDA 12) or the cupy-cudaXXx build matching your CUDA"
+    if not torch.cuda.is_available():
+        return "it needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False)"
+    return None
+
+
+@functools.cache
+def _kernels(dtype: torch.dtype):
+    import cupy
+
+    scalar, suffix = _TYPES[dtype]
+    module = cupy.RawModule(code=_SOURCE.replace("SCALAR", scalar).replace("SUFFIX", suffix),
+                            options=("-std=c++14",))
+    return module.get_function(f"if_forward_{suffix}"), module.get_function(f"if_backward_{suffix}")
+
+
+def _cp(t: torch.Tensor):
+    import cupy
+
+    return cupy.from_dlpack(t.detach())
+
+
+def _launch(kernel, device: torch.device, m: int, args) -> None:
+    import cupy
+
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        kernel(((m + THREADS - 1) // THREADS,), (THREADS,), args)
+
+
+def forward(x_seq: torch.Tensor, keep_h: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """x_seq [T, M] (float32/float16, contiguous, CUDA) -> spikes (x's dtype), H [T, M] float32 or None,
+    final V [M] float32."""
+    import cupy
+
+    T, m = x_seq.shape
+    spikes = torch.empty_like(x_seq)
+    h = torch.empty(x_seq.shape, dtype=torch.float32, device=x_seq.device) if keep_h else None
+    v = torch.empty(m, dtype=torch.float32, device=x_seq.device)
+    fwd, _ = _kernels(x_seq.dtype)
+    _launch(fwd, x_seq.device, m, (_cp(x_seq), _cp(spikes), _cp(h) if keep_h else cupy.uint64(0), _cp(v),
+                                   cupy.int32(T), cupy.int64(m)))
+    return spikes, h, v
+
+
+def backward(grad_s: torch.Tensor, h: torch.Tensor, alpha: float) -> torch.Tensor:
+    import cupy
+
+    T, m = h.shape
+    grad_x = torch.empty_like(grad_s)
+    _, bwd = _kernels(grad_s.dtype)
+    _launch(bwd, h.device, m, (_cp(grad_s), _cp(h), _cp(grad_x), cupy.float32(alpha), cupy.int32(T), cupy.int64(m)))
+    return grad_x
+
+
+class CupyIF(torch.autograd.Function):
+    """Multi-step IF over x_seq [T, M]; returns (spikes, final V). Gradient flows to x_seq only."""
+
+    @staticmethod
+    def forward(ctx, x_seq: torch.Tensor, alpha: float):
+        spikes, h, v = forward(x_seq, keep_h=True)
+        ctx.save_for_backward(h)
+        ctx.alpha = alpha
+        ctx.mark_non_differentiable(v)
+        return spikes, v
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_v):
+        (h,) = ctx.saved_tensors
+        return backward(grad_s.contiguous(), h, ctx.alpha), None
+

@@ -1,0 +1,72 @@
+"""The parts of the GPU path that a CPU can check: float32 evaluation, the scaler of a
+CPU checkpoint, the recorded run, reproduce's tolerance, and gpucheck's refusal."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, env, write_dataset
+from csnn import data as fmnist
+from csnn.config import TrainConfig
+from csnn.model import CSNN
+from csnn.train import evaluate, fit, restore_checkpoint
+from study.reproduce import compare, exact_expected
+
+
+def test_evaluation_is_float32_inside_an_autocast_region():
+    torch.manual_seed(0)
+    net = CSNN(T=2, channels=4)
+    x = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    y = torch.arange(40) % 10
+    plain = evaluate(net, x, y, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as a caller training with AMP would be
+        assert evaluate(net, x, y, 16) == plain
+
+
+def test_a_cpu_checkpoint_loads_into_an_enabled_scaler(tmp_path):
+    """A CPU run saves a disabled GradScaler's empty state; a GPU run's scaler is
+    enabled and refuses an empty state. An enabled CPU scaler refuses it the same way."""
+    data = fmnist.load(write_dataset(tmp_path / "data", n_train=100, n_test=20))
+    cfg = TrainConfig(T=2, channels=2, batch_size=50, epochs=2, device="cpu", compile=False)
+    fit(cfg, data, tmp_path / "run", stop_after=1)
+    ckpt = tmp_path / "run" / "checkpoint_latest.pth"
+    assert torch.load(ckpt, weights_only=False)["scaler"] == {}
+    enabled = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError, match="empty"):
+        enabled.load_state_dict({})  # what the old restore did
+    epoch, _ = restore_checkpoint(ckpt, cfg, {"scaler": enabled}, torch.Generator(), torch.device("cpu"))
+    assert epoch == 1 and enabled.get_scale() == 65536.0
+
+
+def recorded_run(device: str) -> pd.DataFrame:
+    return pd.DataFrame([{"epoch": 0, "test_acc": 0.80, "test_loss": 0.030, "synops_per_image": 100_000.0,
+                          "fr_2": 0.10, "lr": 0.1, "run_device": device, "neuron_impl": "spikingjelly-triton"}])
+
+
+def test_reproduce_chooses_its_tolerance_from_the_recorded_run():
+    cuda, cpu = recorded_run("cuda:0 (NVIDIA H200)"), recorded_run("cpu")
+    near = [{"epoch": 0, "test_acc": 0.81, "test_loss": 0.031, "synops_per_image": 104_000.0, "fr_2": 0.11,
+             "lr": 0.1, "run_device": "cpu", "train_img_s": 5.0}]
+    assert not exact_expected(cuda, torch.device("cpu"))  # recorded on CUDA: tolerances, even on the CPU
+    assert exact_expected(cpu, torch.device("cpu"))
+    assert not exact_expected(cpu.drop(columns="run_device"), torch.device("cpu"))  # unrecorded: not exact
+
+    table = compare(cuda, near, exact=False).set_index("metric")
+    assert table["ok"].all() and set(table.index) == {"test_acc", "test_loss", "synops_per_image", "fr_2", "lr"}
+    assert table.loc["synops_per_image", "tolerance"] == "0.05 rel"  # 4,000 apart: a count, relative
+    far = [{**near[0], "test_acc": 0.85, "synops_per_image": 120_000.0}]
+    table = compare(cuda, far, exact=False).set_index("metric")
+    assert list(table.index[~table["ok"]]) == ["test_acc", "synops_per_image"]
+    exact = compare(cpu, near, exact=True).set_index("metric")
+    assert list(exact.index[exact["ok"]]) == ["lr"]  # on the CPU only equal values pass
+
+
+def test_gpucheck_says_there_is_no_cuda_device():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: python -m csnn.gpucheck runs for real here")
+    p = subprocess.run([sys.executable, "-m", "csnn.gpucheck"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "error: no CUDA device" in p.stderr
