@@ -25,7 +25,7 @@ from csnn.config import COMPILE_AUTO_IMAGES, TrainConfig
 from csnn.data import to_input
 from csnn.model import CSNN, set_backend
 
-COST_IMAGES = 128  # the first test images, counted each epoch (counting costs ~8 ms an image on 2 cores)
+COST_IMAGES = 128  # the first validation (else test) images, counted each epoch (~8 ms an image on 2 cores)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,10 +100,12 @@ def train_epoch(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor, 
 
 def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None = None,
         callback: Callable[[dict], None] | None = None, resume: str | Path | None = None,
-        save_max: bool = True, stop_after: int | None = None) -> list[dict]:
-    """Train `cfg` on `data`; after each epoch save checkpoint_latest.pth (and
-    checkpoint_max.pth when test accuracy improves and `save_max`) in `out_dir`,
-    then call `callback(metrics)`. Resumes from the checkpoint at `resume`.
+        stop_after: int | None = None, on_epoch: Callable[[dict, Callable], None] | None = None) -> list[dict]:
+    """Train `cfg` on `data`; after each epoch call `on_epoch(metrics, save)` if given
+    (`save(paths, **keys)` checkpoints the epoch with extra top-level keys: how the
+    tutorial's command line keeps its max_test_acc and checkpoint_max.pth), save
+    checkpoint_latest.pth in `out_dir`, then call `callback(metrics)`.
+    Resumes from the checkpoint at `resume`.
     `stop_after` ends the run after that many epochs of this call (used to
     interrupt a run in tests and tools; the schedule still spans cfg.epochs).
     Returns the metrics of the epochs run by this call."""
@@ -118,12 +120,12 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     amp_dtype = torch.float16 if use_amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     order_gen = torch.Generator().manual_seed(cfg.seed)  # batch order, saved in checkpoints
-    start_epoch, max_test_acc = 0, -1.0
+    start_epoch = 0
 
     # What a checkpoint saves under these keys (with the RNGs); the next piece of state goes here.
     state = {"net": net, "optimizer": optimizer, "lr_scheduler": scheduler, "scaler": scaler}
     if resume is not None:
-        start_epoch, max_test_acc = restore_checkpoint(resume, cfg, state, order_gen, device)
+        start_epoch = restore_checkpoint(resume, cfg, state, order_gen, device)
 
     splits = fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)
     splits = {k: tuple(t.to(device) for t in v) for k, v in splits.items()}  # resident on the device
@@ -156,21 +158,20 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
             v = evaluate(net, *splits["val"], cfg.batch_size)
             m.update(val_loss=v["loss"], val_acc=v["acc"])
         t = evaluate(net, *splits["test"], cfg.batch_size)
-        improved = t["acc"] > max_test_acc
-        max_test_acc = max(max_test_acc, t["acc"])
-        m.update(test_loss=t["loss"], test_acc=t["acc"], max_test_acc=max_test_acc,
-                 train_img_s=n_train / train_s)
-        m.update({k: v for k, v in t.items() if k.startswith("fr_")})
-        m["spikes_per_image"] = efficiency.spikes_per_image(net, [t[f"fr_{i}"] for i in net.spiking_layers])
-        m.update(efficiency.count(net, to_input(splits["test"][0][:COST_IMAGES])))
+        m.update(test_loss=t["loss"], test_acc=t["acc"], train_img_s=n_train / train_s)
+        # Firing rates and costs may be objectives: count them where selection looks,
+        # the validation split, or the test set when there is none (the tutorial's command line).
+        c, cost_x = (v, splits["val"][0]) if "val" in splits else (t, splits["test"][0])
+        m.update({k: x for k, x in c.items() if k.startswith("fr_")})
+        m["spikes_per_image"] = efficiency.spikes_per_image(net, [c[f"fr_{i}"] for i in net.spiking_layers])
+        m.update(efficiency.count(net, to_input(cost_x[:COST_IMAGES])))
         m["epoch_s"] = time.perf_counter() - t0
         m.update(info)
 
+        if on_epoch is not None:
+            on_epoch(m, lambda paths, **keys: save_checkpoint(paths, cfg, state, order_gen, device, epoch, m, **keys))
         if out_dir is not None:
-            paths = [Path(out_dir) / "checkpoint_latest.pth"]
-            if save_max and improved:
-                paths.append(Path(out_dir) / "checkpoint_max.pth")
-            save_checkpoint(paths, cfg, state, order_gen, device, epoch, max_test_acc, m)
+            save_checkpoint([Path(out_dir) / "checkpoint_latest.pth"], cfg, state, order_gen, device, epoch, m)
         history.append(m)
         if callback is not None:
             callback(m)
@@ -208,12 +209,12 @@ def set_deterministic(on: bool) -> None:
 
 
 def save_checkpoint(paths: list[Path], cfg: TrainConfig, state: dict, order_gen: torch.Generator,
-                    device: torch.device, epoch: int, max_test_acc: float, metrics: dict) -> None:
-    """The checkpoint layout: the tutorial's keys (net, optimizer, lr_scheduler, epoch,
-    max_test_acc) plus every object of `state`, the RNGs, the config and the epoch's
-    metrics. restore_checkpoint reads back exactly this."""
+                    device: torch.device, epoch: int, metrics: dict, **keys) -> None:
+    """The checkpoint layout: the tutorial's keys (net, optimizer, lr_scheduler, epoch;
+    its max_test_acc among `keys`, from the command line) plus every object of `state`,
+    the RNGs, the config and the epoch's metrics. restore_checkpoint reads back exactly this."""
     ckpt = {k: obj.state_dict() for k, obj in state.items()}
-    ckpt.update(epoch=epoch, max_test_acc=max_test_acc, config=cfg.to_dict(), metrics=metrics,
+    ckpt.update(keys, epoch=epoch, config=cfg.to_dict(), metrics=metrics,
                 rng={"order": order_gen.get_state(), "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
     for path in paths:
@@ -221,9 +222,9 @@ def save_checkpoint(paths: list[Path], cfg: TrainConfig, state: dict, order_gen:
 
 
 def restore_checkpoint(path: str | Path, cfg: TrainConfig, state: dict, order_gen: torch.Generator,
-                       device: torch.device) -> tuple[int, float]:
+                       device: torch.device) -> int:
     """Load a checkpoint written by save_checkpoint into `state` and the RNGs, so that
-    the run continues as if never stopped; returns (next epoch, max_test_acc)."""
+    the run continues as if never stopped; returns the next epoch."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     saved = TrainConfig.from_dict(ckpt["config"])
     if {**saved.to_dict(), "device": ""} != {**cfg.to_dict(), "device": ""}:
@@ -236,7 +237,7 @@ def restore_checkpoint(path: str | Path, cfg: TrainConfig, state: dict, order_ge
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return ckpt["epoch"] + 1, ckpt["max_test_acc"]
+    return ckpt["epoch"] + 1
 
 
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[CSNN, TrainConfig]:

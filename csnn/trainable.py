@@ -32,4 +32,4 @@ def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None) -> No
             # Ray copies the folder into the trial's storage before returning.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(out)))
 
-        fit(cfg, data, out, report, resume=resume, save_max=False)
+        fit(cfg, data, out, report, resume=resume)

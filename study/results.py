@@ -47,7 +47,7 @@ def metric_mode(metric: str, spec: StudySpec) -> str | None:
     for o in spec.objectives:
         if metric == o["metric"]:
             return o["mode"]
-    if metric.endswith("_acc") and metric != "max_test_acc":
+    if metric.endswith("_acc"):
         return "max"
     if metric.endswith("_loss"):
         return "min"

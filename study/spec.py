@@ -291,6 +291,10 @@ def _objectives(where, raw, train) -> list:
         key = f"objective[{i}]" if multi else "objective"
         _mapping(where, key, obj, {"metric": True, "mode": True})
         metric, mode = obj["metric"], obj["mode"]
+        if isinstance(metric, str) and metric.startswith(("test_", "max_test_")):  # and the tutorial's max_test_acc
+            raise _err(where, f"{key}.metric", f"{metric} is measured on the test set, which a study only reports: "
+                       "choosing by it would fit the test set; hold out a validation split (train.val_size, "
+                       f"e.g. 5000) and use {metric.replace('max_', '').replace('test_', 'val_')}")
         if metric not in METRICS:
             raise _err(where, f"{key}.metric", f"{metric!r} is never reported; allowed: {', '.join(METRICS)}")
         if metric.startswith("val_") and not train.get("val_size"):

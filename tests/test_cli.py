@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from csnn.spikes import grid
@@ -22,6 +23,10 @@ def test_cli_trains_one_epoch_then_renders_encoder_spikes(tmp_path):
     out = tmp_path / "logs" / "T2_b64_sgd_lr0.1_c12"
     assert "epoch = 0, train_loss =" in p.stdout and "test_acc =" in p.stdout
     assert (out / "checkpoint_latest.pth").is_file() and (out / "checkpoint_max.pth").is_file()
+    ckpt = torch.load(out / "checkpoint_max.pth", weights_only=False)  # the tutorial's keys
+    assert {"net", "optimizer", "lr_scheduler", "epoch"} <= set(ckpt)
+    assert ckpt["max_test_acc"] == ckpt["metrics"]["test_acc"] > 0.1
+    assert f"max_test_acc ={ckpt['max_test_acc']: .4f}" in p.stdout
     assert list(out.glob("events.out.tfevents.*")) and "-channels 12" in (out / "args.txt").read_text()
 
     p = run("-device", "cpu", "-b", "3", "-resume", str(out / "checkpoint_latest.pth"),

@@ -36,7 +36,7 @@ def test_a_cpu_checkpoint_loads_into_an_enabled_scaler(tmp_path):
     enabled = torch.amp.GradScaler("cpu", enabled=True)
     with pytest.raises(RuntimeError, match="empty"):
         enabled.load_state_dict({})  # what the old restore did
-    epoch, _ = restore_checkpoint(ckpt, cfg, {"scaler": enabled}, torch.Generator(), torch.device("cpu"))
+    epoch = restore_checkpoint(ckpt, cfg, {"scaler": enabled}, torch.Generator(), torch.device("cpu"))
     assert epoch == 1 and enabled.get_scale() == 65536.0
 
 

@@ -70,6 +70,13 @@ def bad(path: str, value, delete=False):
     (bad("space.channels.choices", []), "space.channels.choices", "non-empty list"),
     (bad("objective.metric", "accuracy"), "objective.metric", "is never reported; allowed: epoch"),
     (bad("train.val_size", 0), "objective.metric", "set train.val_size > 0"),
+    # Selection never reads the test set: the key path, the reason and the way out.
+    (bad("objective.metric", "test_acc"), "objective.metric",
+     "test_acc is measured on the test set, which a study only reports: choosing by it would fit the test set; "
+     "hold out a validation split (train.val_size, e.g. 5000) and use val_acc"),
+    (bad("objective.metric", "max_test_acc"), "objective.metric", "measured on the test set"),
+    (bad("objective", [{"metric": "val_acc", "mode": "max"}, {"metric": "test_loss", "mode": "min"}]),
+     "objective[1].metric", "test_loss is measured on the test set, which a study only reports"),
     (bad("objective.mode", "maximize"), "objective.mode", "allowed: max, min"),
     (bad("objective", []), "objective", "is an empty list"),
     (bad("objective", [{"metric": "val_acc", "mode": "max"}, {"metric": "joules", "mode": "min"}]),

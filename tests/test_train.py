@@ -4,8 +4,11 @@ import pytest
 import torch
 import yaml
 
+from csnn import data as fmnist
+from csnn import efficiency
 from csnn.config import METRICS, RUN_INFO, TIMING_METRICS, TrainConfig
-from csnn.train import fit, load_model
+from csnn.data import to_input
+from csnn.train import COST_IMAGES, evaluate, fit, load_model
 
 SMALL = dict(T=2, channels=4, batch_size=64, epochs=2, optimizer="adam", lr=0.01, device="cpu", train_size=640, test_size=320)
 
@@ -39,7 +42,7 @@ def test_training_lowers_the_loss_and_reports_every_metric(real_data):
     history = fit(cfg, real_data, callback=seen.append)
     assert seen == history and [m["epoch"] for m in history] == [0, 1, 2]
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
-                               "test_acc", "max_test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12",
+                               "test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12",
                                "spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj",
                                "run_device", "run_amp", "neuron_impl", "deterministic", "torch_version",
                                "spikingjelly_version", "cuda_version"}
@@ -49,7 +52,21 @@ def test_training_lowers_the_loss_and_reports_every_metric(real_data):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1
     assert history[0]["lr"] == 0.01 and history[1]["lr"] == pytest.approx(0.01 * (1 + math.cos(math.pi / 3)) / 2)
-    assert history[-1]["max_test_acc"] == max(m["test_acc"] for m in history)
+
+
+def test_costs_are_counted_on_validation_images_and_no_test_selection_is_saved(real_data, tmp_path):
+    """Firing rates and costs may be objectives, so they come from the validation
+    split; fit keeps no best-on-test checkpoint (that is the command line's)."""
+    cfg = TrainConfig(**{**SMALL, "epochs": 1, "val_size": 200})
+    m = fit(cfg, real_data, tmp_path)[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_latest.pth"]
+    assert "max_test_acc" not in torch.load(tmp_path / "checkpoint_latest.pth", weights_only=False)
+    net, _ = load_model(tmp_path / "checkpoint_latest.pth")
+    splits = fmnist.split(real_data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)
+    on = {k: efficiency.count(net, to_input(splits[k][0][:COST_IMAGES])) for k in ("val", "test")}
+    assert on["val"] != on["test"]  # the two splits give different counts, so this tells them apart
+    assert {k: m[k] for k in on["val"]} == pytest.approx(on["val"])
+    assert m["fr_2"] == pytest.approx(evaluate(net, *splits["val"], cfg.batch_size)["fr_2"])
 
 
 def test_same_config_same_metrics(real_data):
@@ -65,7 +82,7 @@ def test_resume_continues_exactly(real_data, tmp_path):
     first = fit(cfg, real_data, tmp_path / "b", stop_after=1)
     ckpt = torch.load(tmp_path / "b" / "checkpoint_latest.pth", weights_only=False)
     assert ckpt["epoch"] == 0 and ckpt["config"] == cfg.to_dict()
-    assert {"net", "optimizer", "lr_scheduler", "scaler", "max_test_acc", "rng"} <= set(ckpt)
+    assert {"net", "optimizer", "lr_scheduler", "scaler", "rng"} <= set(ckpt)
     second = fit(cfg, real_data, tmp_path / "b", resume=tmp_path / "b" / "checkpoint_latest.pth")
     assert strip_timing(first + second) == strip_timing(straight)
     net, saved = load_model(tmp_path / "b" / "checkpoint_latest.pth")
