@@ -66,16 +66,19 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, re
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}")
     sampler = make_sampler(spec)
+    # The Optuna study is made here and OptunaSearch loads it (same storage and name):
+    # so that optuna-dashboard names the objectives (not "Objective 0"), and so that
+    # the baseline can be enqueued (Ray ignores points_to_evaluate with a define-by-run space).
+    metrics = [o["metric"] for o in spec.objectives]
+    study = optuna.create_study(storage=storage, study_name=spec.name, sampler=sampler,
+                                directions=["maximize" if o["mode"] == "max" else "minimize" for o in spec.objectives])
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what optuna-dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(metrics)
     if spec.search["baseline"]:
-        # Ray ignores points_to_evaluate with a define-by-run space: enqueue in
-        # Optuna's own study, which OptunaSearch then loads (same storage and name).
-        study = optuna.create_study(storage=storage, study_name=spec.name, sampler=sampler,
-                                    directions=["maximize" if o["mode"] == "max" else "minimize"
-                                                for o in spec.objectives])
         study.enqueue_trial(specs.baseline_params(spec))
     # Several objectives: Optuna's multi-objective search on each trial's last
     # report; Ray's own metric (progress table, ASHA when single) is the first.
-    metrics = [o["metric"] for o in spec.objectives]
     modes = [o["mode"] for o in spec.objectives]
     searcher = OptunaSearch(space=specs.define_by_run(spec), metric=metrics if spec.multi else metrics[0],
                             mode=modes if spec.multi else modes[0], sampler=sampler, study_name=spec.name,

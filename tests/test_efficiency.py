@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import torch
@@ -89,6 +90,8 @@ def test_tiny_multi_objective_study(tmp_path, tiny_data_dir):
     for e in best["pareto"]:
         assert [o["metric"] for o in e["objective"]] == ["val_acc", "energy_uj"]
     assert (trials["energy_uj"] > 0).all() and (trials["synops_per_image"] > 0).any()  # a silent net has none
+    stored = optuna.load_study(study_name="pareto", storage=f"sqlite:///{d / 'optuna.db'}")
+    assert stored.metric_names == ["val_acc", "energy_uj"]  # optuna-dashboard's labels for the two objectives
 
     a = subprocess.run([sys.executable, "-m", "study.analyze", str(d)], env=env(), capture_output=True, text=True,
                        cwd=ROOT, timeout=300)

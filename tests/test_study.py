@@ -58,6 +58,7 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir):
 
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{d / 'optuna.db'}")
     assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert study.metric_names == ["val_acc"]  # optuna-dashboard's label for the objective
 
     again = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr
