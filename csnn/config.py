@@ -121,3 +121,10 @@ def _check_cupy(device: str) -> None:
     if importlib.util.find_spec("cupy") is None:
         raise ValueError("TrainConfig.backend: 'cupy' needs CuPy, which is not installed: "
                          "pip install -e '.[cupy]' (CuPy for CUDA 12), or use backend 'auto'")
+
+
+def trial_fields(config: dict) -> dict:
+    """A trial's config (from Ray and Optuna) as TrainConfig fields: without the
+    searcher's own names for the cases of a conditional range (lr[optimizer=sgd],
+    study.spec.optuna_name), whose value also comes under the field's name (lr)."""
+    return {k: v for k, v in config.items() if "[" not in k}

@@ -10,7 +10,7 @@ from pathlib import Path
 from ray import tune
 
 from csnn.data import FashionMNIST
-from csnn.config import TrainConfig
+from csnn.config import TrainConfig, trial_fields
 from csnn.train import fit
 
 
@@ -18,9 +18,7 @@ def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None) -> No
     """Train TrainConfig(**fixed, **config). `data` arrives through Ray's object
     store (tune.with_parameters), so no trial reads files. A restarted trial
     (FailureConfig retry, or a resumed study) continues from its last checkpoint."""
-    # Keys with '[' are the searcher's own names for the cases of a conditional
-    # range (lr[optimizer=sgd]); the same value also comes under the field name.
-    cfg = TrainConfig.from_dict({**(fixed or {}), **{k: v for k, v in config.items() if "[" not in k}})
+    cfg = TrainConfig.from_dict({**(fixed or {}), **trial_fields(config)})
     resume = None
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="csnn-trial-") as work:

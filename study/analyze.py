@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import results  # noqa: E402
-from study.spec import BASELINE  # noqa: E402
+from study.spec import BASELINE, distribution  # noqa: E402
 
 LABELS = {"val_acc": "validation accuracy", "test_acc": "test accuracy", "train_acc": "training accuracy",
           "val_loss": "validation loss (MSE)", "test_loss": "test loss (MSE)", "train_loss": "training loss (MSE)",
@@ -92,7 +92,7 @@ def edge_warning(study: results.Study, name: str) -> str | None:
     if row is None or results._missing(row.get(name)):
         return None
     value = row[name]
-    d = p["cases"][row[p["depends_on"]]] if "depends_on" in p else p
+    d = distribution(p, row)
     if d["type"] == "categorical":
         numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d["choices"])
         if numeric and len(d["choices"]) > 2 and value in (min(d["choices"]), max(d["choices"])):

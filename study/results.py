@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from csnn.atomic import write_atomic
-from csnn.config import METRICS, RUN_INFO
+from csnn.config import METRICS, RUN_INFO, trial_fields
 from study.spec import StudySpec
 
 STATUSES = ("finished", "stopped", "errored", "unfinished")
@@ -74,7 +74,7 @@ def frames(ray_dir: Path, spec: StudySpec, complete: bool,
         h = h[[c for c in (*METRICS, *RUN_INFO) if c in h.columns]]
         if len(h):
             h = h.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a retried epoch counts once
-        params = {k: v for k, v in config.items() if "[" not in k}
+        params = trial_fields(config)
         cfg = spec.config(params)
         if errors is not None:
             error = errors.get(trial_id)

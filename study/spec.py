@@ -308,13 +308,12 @@ def _objectives(where, raw, train) -> list:
 
 
 def _admits(p: dict, value, context: dict) -> bool:
-    if "depends_on" in p:
-        if p["depends_on"] not in context:
-            return True  # the baseline does not fix that parameter: any case may hold
-        p = p["cases"][context[p["depends_on"]]]
-    if p["type"] == "categorical":
-        return value in p["choices"]
-    return p["low"] <= value <= p["high"]
+    if "depends_on" in p and p["depends_on"] not in context:
+        return True  # the baseline does not fix that parameter: any case may hold
+    d = distribution(p, context)
+    if d["type"] == "categorical":
+        return value in d["choices"]
+    return d["low"] <= value <= d["high"]
 
 
 def load(path: str | Path) -> StudySpec:
@@ -330,9 +329,16 @@ def load(path: str | Path) -> StudySpec:
 
 # ------------------------------------------------------------ the search space
 
+def distribution(p: dict, params) -> dict:
+    """The distribution that applies to parameter p given its parent's value in
+    params (a dict, or a trial's row): a depends_on range has one per case."""
+    return p["cases"][params[p["depends_on"]]] if "depends_on" in p else p
+
+
 def optuna_name(name: str, p: dict, params: dict) -> str:
     """Optuna's name for a parameter: a conditional range is a parameter of its
-    own per case (lr[optimizer=sgd]), so the sampler never mixes the cases."""
+    own per case (lr[optimizer=sgd]), so the sampler never mixes the cases;
+    csnn.config.trial_fields drops these names from a trial's config."""
     return f"{name}[{p['depends_on']}={params[p['depends_on']]}]" if "depends_on" in p else name
 
 
@@ -353,7 +359,7 @@ def _define(spec: StudySpec, trial) -> dict:
     for name, p in spec.space.items():
         if not active(p, params):
             continue
-        d = p["cases"][params[p["depends_on"]]] if "depends_on" in p else p
+        d = distribution(p, params)
         oname = optuna_name(name, p, params)
         if d["type"] == "categorical":
             params[name] = trial.suggest_categorical(oname, d["choices"])

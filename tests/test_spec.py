@@ -8,6 +8,7 @@ import optuna
 import pytest
 import yaml
 
+from csnn.config import trial_fields
 from study import spec as specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +128,7 @@ def test_define_by_run_samples_conditionally():
         assert trial.params[f"lr[optimizer={params['optimizer']}]"] == params["lr"]
         assert ("momentum" in params) == (params["optimizer"] == "sgd")
         s.config(params)  # a valid TrainConfig
+        assert trial_fields({**trial.params, **params}) == params  # what Ray hands the trainable, as fields
         study.tell(trial, 0.5)
     assert seen == {"sgd", "adam"}
 
