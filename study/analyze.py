@@ -32,20 +32,10 @@ def label(name: str) -> str:
     return LABELS.get(name, name)
 
 
-def ranked(study: results.Study) -> pd.DataFrame:
-    """Trials that reported the objective, best first."""
-    key = f"best_{study.spec.metric}"
-    t = study.trials
-    if key not in t:
-        return t.iloc[0:0]
-    t = t[t[key].notna()]
-    return t.sort_values(key, ascending=study.spec.mode == "min")
-
-
 def leaderboard(study: results.Study, top: int) -> str:
     spec = study.spec
-    cols = ["number", "trial_id", "status", *spec.space, f"best_{spec.metric}", "test_acc", "epochs_run", "time_s"]
-    t = ranked(study)[[c for c in cols if c in study.trials]].head(top)
+    cols = ["number", "trial_id", "status", *spec.space, study.objective_column, "test_acc", "epochs_run", "time_s"]
+    t = study.ranked()[[c for c in cols if c in study.trials]].head(top)
     return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
@@ -60,7 +50,7 @@ def plot_curves(study: results.Study, top: int, out: Path) -> Path | None:
     h, metric = study.history, study.spec.metric
     if metric not in h or h.empty:
         return None
-    top_ids = list(ranked(study)["trial_id"].head(top))
+    top_ids = list(study.ranked()["trial_id"].head(top))
     status = study.trials.set_index("trial_id")["status"]
     fig, ax = plt.subplots(figsize=(8, 5))
     for tid, g in h.groupby("trial_id"):
@@ -89,7 +79,7 @@ def _log_scaled(p: dict) -> bool:
 def edge_warning(study: results.Study, name: str) -> str | None:
     """The best value at (within 5% of) the edge of its range: the range may be too narrow."""
     p, row = study.spec.space[name], study.best_row
-    if row is None or results._missing(row.get(name)):
+    if row is None or results.missing(row.get(name)):
         return None
     value = row[name]
     d = distribution(p, row)
@@ -106,8 +96,8 @@ def edge_warning(study: results.Study, name: str) -> str | None:
 
 
 def plot_param(study: results.Study, name: str, out: Path) -> Path | None:
-    t = ranked(study)
-    key = f"best_{study.spec.metric}"
+    t = study.ranked()
+    key = study.objective_column
     t = t[t[name].notna()]
     if t.empty:
         return None
@@ -129,7 +119,7 @@ def plot_param(study: results.Study, name: str, out: Path) -> Path | None:
         if _log_scaled(p):
             ax.set_xscale("log")
     best = study.best_row  # the picked Pareto point when there are several objectives
-    if best is not None and not results._missing(best.get(name)):
+    if best is not None and not results.missing(best.get(name)):
         i = t.index[t["trial_id"] == study.best["trial_id"]]
         bx = x.loc[i] if categorical else t.loc[i, name]
         ax.scatter(bx, t.loc[i, key], marker="*", s=250, color="red", zorder=3,
@@ -145,11 +135,11 @@ def plot_param(study: results.Study, name: str, out: Path) -> Path | None:
 
 def plot_parallel(study: results.Study, out: Path) -> Path | None:
     """One line per trial across the searched parameters (scaled to [0, 1]), coloured by the objective."""
-    t = ranked(study)
+    t = study.ranked()
     names = list(study.spec.space)
     if len(t) < 2 or not names:
         return None
-    key = f"best_{study.spec.metric}"
+    key = study.objective_column
     cols, ticks = [], []
     for name in names:
         p = study.spec.space[name]
@@ -217,16 +207,11 @@ def plot_importance(imp: dict, out: Path) -> Path:
     return _save(fig, out / "importance.png")
 
 
-def accuracy_metric(study: results.Study) -> str:
-    """The accuracy plotted against cost: the first accuracy objective, else test accuracy."""
-    return next((o["metric"] for o in study.spec.objectives if o["metric"].endswith("_acc")), "test_acc")
-
-
 def plot_efficiency(study: results.Study, out: Path) -> Path | None:
     """Accuracy against estimated energy and against T, one dot per trial (last
     epoch); the Pareto front in red for multi-objective studies; the tutorial's
     configuration and the best trial marked."""
-    acc = accuracy_metric(study)
+    acc = study.accuracy_metric  # the first accuracy objective: what selection saw
     t = study.trials
     if t.empty or not {acc, "energy_uj"} <= set(t.columns) or t[[acc, "energy_uj"]].dropna().empty:
         return None
@@ -265,7 +250,7 @@ def baseline_row(study: results.Study) -> pd.Series | None:
     if not study.spec.search.get("baseline") or study.trials.empty:
         return None
     first = study.trials.sort_values("number").iloc[0]
-    ok = all(results._missing(first.get(k)) or first[k] == v for k, v in BASELINE.items() if k in study.spec.space)
+    ok = all(results.missing(first.get(k)) or first[k] == v for k, v in BASELINE.items() if k in study.spec.space)
     return first if ok else None
 
 
@@ -297,90 +282,114 @@ def plot_baseline(study: results.Study, out: Path) -> Path | None:
     return _save(fig, out / "baseline.png")
 
 
-def report(study: results.Study, top: int) -> Path:
-    out = study.path / "report"
-    out.mkdir(exist_ok=True)
+def summary(study: results.Study) -> list[str]:
+    """The top of report.md, and what study.run prints when the search ends."""
+    return header(study) + pareto_lines(study) + best_lines(study)
+
+
+def header(study: results.Study) -> list[str]:
+    """What was searched, how, and what became of the trials (errors included)."""
     spec, t = study.spec, study.trials
-    notes = []
+    wall = t["time_s"].sum() / 60 if len(t) else 0
+    lines = [f"# Study `{spec.name}`", "",
+             "Objective: " + ", ".join(f"{o['mode']} `{o['metric']}`" for o in spec.objectives)
+             + f". Sampler {spec.search['sampler']} (seed {spec.search['seed']}), "
+             f"{spec.search['num_samples']} trials planned, scheduler {spec.scheduler['type']}.", "",
+             "Searched: " + "; ".join(f"`{n}` {_describe(p)}" for n, p in spec.space.items()) + ".",
+             "Fixed: " + ", ".join(f"{k} {v}" for k, v in spec.train.items()) + ".", "",
+             f"Trials: {len(t)} — " + ", ".join(f"{n} {s}" for s, n in study.status_counts().items())
+             + f". Training time summed over trials: {wall:.1f} min."
+             + ("" if study.complete else " **The study has not ended.**")]
+    lines += [f"- errored trial {r['trial_id']}: {r['error']}" for _, r in study.errored().iterrows()]
+    return lines + [""]
+
+
+def pareto_lines(study: results.Study) -> list[str]:
+    spec = study.spec
+    front = results.pareto(study.trials, spec) if spec.multi else study.trials.iloc[0:0]
+    if front.empty:
+        return []
+    cols = ["trial_id", *spec.space, *(o["metric"] for o in spec.objectives), "spikes_per_image", "synops_per_image"]
+    return [f"## Pareto front of {', '.join(o['mode'] + ' ' + o['metric'] for o in spec.objectives)}: "
+            f"{len(front)} trials (objectives at each trial's last epoch)", "",
+            "```\n" + front[[c for c in cols if c in front]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+            + "\n```", ""]
+
+
+def best_lines(study: results.Study) -> list[str]:
+    spec, b = study.spec, study.best
+    if not b:
+        return ["No trial reported the objective: there is no best trial.", ""]
+    objs = b["objective"] if spec.multi else [b["objective"]]
+    return [f"## Picked trial ({spec.retrain['pick']}): {b['trial_id']}" if spec.multi else f"## Best trial: {b['trial_id']}",
+            "", ", ".join(f"{o['metric']} = {o['value']:.4g}" for o in objs) + " with "
+            + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items()) + ".", ""]
+
+
+def retrain_lines(study: results.Study) -> list[str]:
+    """The best trial's full TrainConfig and how it did retrained (the report's, not study.run's)."""
+    s, b = study.retrain_summary, study.best
+    if not b:
+        return []
+    lines = ["```yaml\n" + "\n".join(f"{k}: {v}" for k, v in b["config"].items()) + "\n```", ""]
+    if not s:
+        return lines + ["The best configuration has not been retrained (best/ is missing).", ""]
+    diff = s["test_acc_mean"] - TUTORIAL_ACC
+    return lines + [f"Retrained from scratch on all training images for {s['epochs']} epochs with seeds {s['seeds']}: "
+            f"**test accuracy {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}** (mean ± std over seeds, "
+            f"last epoch), {'+' if diff >= 0 else ''}{diff:.4f} against the tutorial's {TUTORIAL_ACC} "
+            f"({TUTORIAL_TEXT}).", ""]
+
+
+def baseline_lines(study: results.Study) -> list[str]:
+    base = baseline_row(study)
+    if base is None:
+        return []
+    return [f"The tutorial's configuration ran as trial {base['trial_id']}: best {study.spec.metric} "
+            f"{base.get(study.objective_column, float('nan')):.4f}, test accuracy at its last epoch "
+            f"{base.get('test_acc', float('nan')):.4f} ({base['status']}).", ""]
+
+
+def edge_lines(study: results.Study) -> list[str]:
+    warnings = [w for w in (edge_warning(study, n) for n in study.spec.space) if w]
+    if not warnings:
+        return []
+    return ["**Warning — the best value lies at the edge of its range; widen the range:**",
+            *(f"- {w}" for w in warnings), ""]
+
+
+def top_lines(study: results.Study, top: int) -> list[str]:
+    return [f"## Top {min(top, len(study.ranked()))} trials", "", "```\n" + leaderboard(study, top) + "\n```", ""]
+
+
+def draw(study: results.Study, top: int, out: Path) -> tuple[dict, list[str]]:
+    """Every plot ({title: path, or None when not drawn}) and why some were not drawn."""
     plots = {"learning curves": plot_curves(study, top, out)}
-    for name in spec.space:
-        plots[f"{name}"] = plot_param(study, name, out)
+    for name in study.spec.space:
+        plots[name] = plot_param(study, name, out)
     plots["parallel coordinates"] = plot_parallel(study, out)
     imp, why = importances(study)
     plots["parameter importance"] = plot_importance(imp, out) if imp else None
-    if why:
-        notes.append(f"parameter importance not drawn: {why}")
+    notes = [f"parameter importance not drawn: {why}"] if why else []
     plots["baseline against best"] = plot_baseline(study, out)
-    plots["Pareto front" if spec.multi else "accuracy against energy"] = plot_efficiency(study, out)
-    for k, v in plots.items():
-        if v is None and k != "parameter importance":
-            notes.append(f"{k}: not drawn (no finished trial reported what it needs)")
-    warnings = [w for w in (edge_warning(study, n) for n in spec.space) if w]
+    plots["Pareto front" if study.spec.multi else "accuracy against energy"] = plot_efficiency(study, out)
+    notes += [f"{k}: not drawn (no finished trial reported what it needs)"
+              for k, v in plots.items() if v is None and k != "parameter importance"]
+    return plots, notes
 
-    counts = t["status"].value_counts() if len(t) else pd.Series(dtype=int)
-    wall = t["time_s"].sum() / 60 if len(t) else 0
-    lines = [f"# Study `{spec.name}`", ""]
-    lines.append("Objective: " + ", ".join(f"{o['mode']} `{o['metric']}`" for o in spec.objectives) + ". Sampler {spec.search['sampler']} (seed {spec.search['seed']}), "
-                 f"{spec.search['num_samples']} trials planned, scheduler {spec.scheduler['type']}.")
-    lines.append("")
-    lines.append("Searched: " + "; ".join(f"`{n}` {_describe(p)}" for n, p in spec.space.items()) + ".")
-    lines.append("Fixed: " + ", ".join(f"{k} {v}" for k, v in spec.train.items()) + ".")
-    lines.append("")
-    lines.append(f"Trials: {len(t)} — " + ", ".join(f"{int(counts.get(s, 0))} {s}" for s in results.STATUSES
-                                                   if counts.get(s, 0) or s != "unfinished")
-                 + f". Training time summed over trials: {wall:.1f} min." + ("" if study.complete else " **The study has not ended.**"))
-    for _, r in t[t["status"] == "errored"].iterrows() if len(t) else []:
-        lines.append(f"- errored trial {r['trial_id']}: {r['error']}")
-    lines.append("")
-    if study.best:
-        b = study.best
-        lines.append(f"## Best trial: {b['trial_id']}")
-        lines.append("")
-        objs = b["objective"] if spec.multi else [b["objective"]]
-        lines.append(", ".join(f"{o['metric']} = {o['value']:.4g}" for o in objs) + " with "
-                     + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items())
-                     + (f" (picked from the Pareto front: {spec.retrain['pick']})." if spec.multi else "."))
-        lines.append("")
-        lines.append("```yaml\n" + "\n".join(f"{k}: {v}" for k, v in b["config"].items()) + "\n```")
-        if study.retrain_summary:
-            s = study.retrain_summary
-            diff = s["test_acc_mean"] - TUTORIAL_ACC
-            lines.append(f"Retrained from scratch on all training images for {s['epochs']} epochs with seeds {s['seeds']}: "
-                         f"**test accuracy {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}** (mean ± std over seeds), "
-                         f"{'+' if diff >= 0 else ''}{diff:.4f} against the tutorial's {TUTORIAL_ACC} "
-                         f"({TUTORIAL_TEXT}).")
-        else:
-            lines.append("The best configuration has not been retrained (best/ is missing).")
-    else:
-        lines.append("No trial reported the objective: there is no best trial.")
-    lines.append("")
-    base = baseline_row(study)
-    if base is not None:
-        lines.append(f"The tutorial's configuration ran as trial {base['trial_id']}: best {spec.metric} "
-                     f"{base.get(f'best_{spec.metric}', float('nan')):.4f}, test accuracy at its last epoch {base.get('test_acc', float('nan')):.4f} "
-                     f"({base['status']}).")
-        lines.append("")
-    if warnings:
-        lines.append("**Warning — the best value lies at the edge of its range; widen the range:**")
-        lines += [f"- {w}" for w in warnings]
-        lines.append("")
-    if spec.multi and study.best:
-        cols = ["trial_id", *spec.space, *(o["metric"] for o in spec.objectives), "spikes_per_image", "synops_per_image"]
-        front = results.pareto(t, spec)
-        lines.append(f"## Pareto front ({len(front)} trials; objectives at each trial's last epoch)")
-        lines.append("")
-        lines.append("```\n" + front[[c for c in cols if c in front]].to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n```")
-        lines.append("")
-    lines.append(f"## Top {min(top, len(ranked(study)))} trials")
-    lines.append("")
-    lines.append("```\n" + leaderboard(study, top) + "\n```")
-    lines.append("")
-    for k, v in plots.items():
-        if v is not None:
-            lines.append(f"### {k}\n\n![{k}]({v.name})\n")
-    if notes:
-        lines.append("## Not drawn")
-        lines += [f"- {n}" for n in notes]
+
+def plot_lines(plots: dict, notes: list[str]) -> list[str]:
+    lines = [f"### {k}\n\n![{k}]({v.name})\n" for k, v in plots.items() if v is not None]
+    return lines + (["## Not drawn", *(f"- {n}" for n in notes)] if notes else [])
+
+
+def report(study: results.Study, top: int) -> Path:
+    """report/report.md, the study on one page, and its plots."""
+    out = study.path / "report"
+    out.mkdir(exist_ok=True)
+    plots, notes = draw(study, top, out)
+    lines = (summary(study) + retrain_lines(study) + baseline_lines(study) + edge_lines(study)
+             + top_lines(study, top) + plot_lines(plots, notes))
     path = out / "report.md"
     write_atomic(path, "\n".join(lines) + "\n")
     return path

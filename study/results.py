@@ -42,6 +42,17 @@ def _best(series: pd.Series, mode: str):
     return s.max() if mode == "max" else s.min()
 
 
+def best_column(metric: str) -> str:
+    """The trials table's column for a metric's best value over a trial's epochs."""
+    return f"best_{metric}"
+
+
+def accuracy_objective(spec: StudySpec) -> dict:
+    """The first accuracy objective ({metric, mode}), else the first objective: what
+    retrain.pick most_accurate ranks by and what the analysis plots against cost."""
+    return next((o for o in spec.objectives if o["metric"].endswith("_acc")), spec.objectives[0])
+
+
 def metric_mode(metric: str, spec: StudySpec) -> str | None:
     """Which way is better for a metric: an objective's mode, max for accuracy, min for loss."""
     for o in spec.objectives:
@@ -91,7 +102,7 @@ def frames(ray_dir: Path, spec: StudySpec, complete: bool,
                 row[m] = h[m].iloc[-1]
                 mode = metric_mode(m, spec)
                 if mode:
-                    row[f"best_{m}"] = _best(h[m], mode)
+                    row[best_column(m)] = _best(h[m], mode)
         row["epochs_run"] = ran
         row["time_s"] = float(h["epoch_s"].sum()) if "epoch_s" in h else 0.0
         row["error"] = error
@@ -136,7 +147,7 @@ def pick(front: pd.DataFrame, spec: StudySpec) -> pd.Series:
     objective is scaled to [0, 1] over the front) or index N (in front order)."""
     how = spec.retrain["pick"]
     if how == "most_accurate":
-        o = next((o for o in spec.objectives if o["metric"].endswith("_acc")), spec.objectives[0])
+        o = accuracy_objective(spec)
         return front.sort_values(o["metric"], ascending=o["mode"] == "min").iloc[0]
     if how == "knee":
         dist = np.zeros(len(front))
@@ -155,7 +166,7 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
     if spec.multi:
         front = pareto(trials, spec)
         return None if front.empty else pick(front, spec)
-    key = f"best_{spec.metric}"
+    key = best_column(spec.metric)
     ok = trials[trials["status"] != "errored"] if len(trials) else trials
     if key not in ok or ok[key].dropna().empty:
         return None
@@ -183,19 +194,20 @@ def export(result_grid, spec: StudySpec, study_dir: Path) -> tuple[pd.DataFrame,
 
 
 def _best_entry(row: pd.Series, spec: StudySpec) -> dict:
-    params = {k: _plain(row[k]) for k in spec.space if not _missing(row[k])}
-    value = (lambda m: _plain(row[m])) if spec.multi else (lambda m: _plain(row[f"best_{m}"]))
+    params = {k: _plain(row[k]) for k in spec.space if not missing(row[k])}
+    value = (lambda m: _plain(row[m])) if spec.multi else (lambda m: _plain(row[best_column(m)]))
     return {
         "trial_id": row["trial_id"],
         "objective": [{**o, "value": value(o["metric"])} for o in spec.objectives] if spec.multi
         else {**spec.objectives[0], "value": value(spec.metric)},
         "params": params,
         "config": spec.config(params).to_dict(),
-        "metrics": {m: _plain(row[m]) for m in METRICS if m in row and m not in ("epoch", "lr") and not _missing(row[m])},
+        "metrics": {m: _plain(row[m]) for m in METRICS if m in row and m not in ("epoch", "lr") and not missing(row[m])},
     }
 
 
-def _missing(v) -> bool:
+def missing(v) -> bool:
+    """A value a trial did not report (None in YAML and parquet, NaN in csv and pandas)."""
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
@@ -229,6 +241,30 @@ class Study:
     @property
     def complete(self) -> bool:
         return (self.path / "trials.csv").is_file()
+
+    @property
+    def objective_column(self) -> str:
+        """The trials' column that ranks them: the (first) objective's best epoch."""
+        return best_column(self.spec.metric)
+
+    @property
+    def accuracy_metric(self) -> str:
+        return accuracy_objective(self.spec)["metric"]
+
+    def ranked(self) -> pd.DataFrame:
+        """The trials that reported the objective, best first."""
+        key, t = self.objective_column, self.trials
+        if key not in t:
+            return t.iloc[0:0]
+        return t[t[key].notna()].sort_values(key, ascending=self.spec.mode == "min")
+
+    def status_counts(self) -> dict:
+        """{status: number of trials} in STATUSES order, unfinished only when there are some."""
+        n = self.trials["status"].value_counts() if len(self.trials) else {}
+        return {s: int(n.get(s, 0)) for s in STATUSES if n.get(s, 0) or s != "unfinished"}
+
+    def errored(self) -> pd.DataFrame:
+        return self.trials[self.trials["status"] == "errored"] if len(self.trials) else self.trials
 
 
 def load(path: str | Path) -> Study:

@@ -21,7 +21,7 @@ from csnn import data as fmnist
 from csnn.atomic import write_atomic
 from csnn.config import TUTORIAL_ACC, TrainConfig
 from csnn.train import fit, load_model
-from study import results, spec as specs
+from study import analyze, results, spec as specs
 
 
 def make_sampler(spec: specs.StudySpec):
@@ -142,29 +142,6 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study_
     return summary
 
 
-def summarize(trials: pd.DataFrame, best: dict | None, spec: specs.StudySpec, wall_s: float) -> str:
-    counts = trials["status"].value_counts() if len(trials) else {}
-    lines = [f"study {spec.name}: {len(trials)} trials: " + ", ".join(
-        f"{counts.get(s, 0)} {s}" for s in results.STATUSES if s != "unfinished") + f"; wall time {wall_s / 60:.1f} min"]
-    for _, row in trials[trials["status"] == "errored"].iterrows() if len(trials) else []:
-        lines.append(f"  errored {row['trial_id']}: {row['error']}")
-    if best and spec.multi:
-        lines.append(f"Pareto front of {', '.join(o['mode'] + ' ' + o['metric'] for o in spec.objectives)}: "
-                     f"{len(best['pareto'])} trials")
-        for p in best["pareto"]:
-            lines.append(f"  {p['trial_id']}: " + ", ".join(f"{o['metric']} {o['value']:.4g}" for o in p["objective"])
-                         + "  " + " ".join(f"{k}={v}" for k, v in p["params"].items()))
-        lines.append(f"picked ({spec.retrain['pick']}): {best['trial_id']}")
-    elif best:
-        lines.append(f"best trial {best['trial_id']}: {spec.metric} = {best['objective']['value']:.4f}  "
-                     + " ".join(f"{k}={v}" for k, v in best["params"].items()))
-        m = best["metrics"]
-        lines.append("  last epoch: " + ", ".join(f"{k} {m[k]:.4f}" for k in ("val_acc", "test_acc") if k in m))
-    else:
-        lines.append("no trial reported the objective: nothing to retrain")
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n")[0])
     p.add_argument("space", help="search-space YAML file")
@@ -239,8 +216,9 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, resum
         print(f"study {spec.name} interrupted after {grid.num_terminated + grid.num_errors} of "
               f"{spec.search['num_samples']} trials; continue it with --resume", file=sys.stderr)
         return 130
-    trials, _, best = results.export(grid, spec, study_dir)
-    print(summarize(trials, best, spec, time.time() - start), flush=True)
+    trials, history, best = results.export(grid, spec, study_dir)
+    # The top of the report the analysis writes: the same lines, one place.
+    print("\n".join(analyze.summary(results.Study(study_dir, spec, trials, history, best, None, None))), flush=True)
     if best and do_retrain and spec.retrain["seeds"] and spec.retrain["epochs"] > 0:
         s = retrain(spec, best, data, study_dir)
         print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "

@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, env
-from study import results
+from study import analyze, results
 
 
 def run(module, *args):
@@ -28,8 +28,8 @@ def test_load_gives_dataframes(tiny_study):
     assert s.best["trial_id"] in set(s.trials["trial_id"]) and s.best_row["best_val_acc"] == s.trials["best_val_acc"].max()
     assert list(s.retrain["seed"].unique()) == [0, 1] and s.retrain_summary["seeds"] == [0, 1]
     # the notebook example of the README
-    top = s.trials.sort_values("best_val_acc", ascending=False).head(5)
-    assert len(top) == 3
+    top = s.ranked().head(5)
+    assert len(top) == 3 and list(top[s.objective_column]) == sorted(s.trials["best_val_acc"], reverse=True)
     assert s.trials.groupby("channels")["test_acc"].mean().index.isin([4, 6]).all()
 
 
@@ -70,6 +70,8 @@ def test_analyze_writes_every_plot_and_the_report(tiny_study, tmp_path):
         assert img.std() > 5 and (img < 128).mean() > 0.002, f"{name} looks blank"
     report = (out / "report.md").read_text()
     assert f"## Best trial: {s.best['trial_id']}" in report
+    top = "\n".join(analyze.summary(s))  # one summary: study.run printed it, the report starts with it
+    assert report.startswith(top) and top in tiny_study[1].stdout and "Trials: 3 — " in top
     assert "0.9263" in report and "mean ± std over seeds" in report
     for name in expected:
         assert f"]({name})" in report

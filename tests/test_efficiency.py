@@ -99,4 +99,4 @@ def test_tiny_multi_objective_study(tmp_path, tiny_data_dir):
     img = np.asarray(Image.open(d / "report" / "pareto.png").convert("L"))
     assert img.shape[1] >= 1000 and img.std() > 5
     report = (d / "report" / "report.md").read_text()
-    assert f"## Pareto front ({len(front)} trials" in report and "](pareto.png)" in report
+    assert f"## Pareto front of max val_acc, min energy_uj: {len(front)} trials" in report and "](pareto.png)" in report

@@ -19,7 +19,7 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir):
     d, p = tiny_study
     tmp_path = d.parent.parent
     space = tmp_path / "e2e.yaml"
-    assert "study e2e: 3 trials:" in p.stdout and "retrained best: test_acc" in p.stdout
+    assert "# Study `e2e`" in p.stdout and "Trials: 3 — " in p.stdout and "retrained best: test_acc" in p.stdout
 
     assert yaml.safe_load((d / "spec.yaml").read_text())["name"] == "e2e"
     trials = pd.read_csv(d / "trials.csv")
