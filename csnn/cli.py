@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from csnn import data as fmnist
-from csnn.config import TUTORIAL, TrainConfig
+from csnn.config import TUTORIAL, TrainConfig, check_runnable
 from csnn.model import CSNN, set_backend
 from csnn.train import fit, load_model, resolve_device, set_deterministic
 
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
                           train_size=args.train_size, test_size=args.test_size,
                           backend="cupy" if args.cupy else "auto")
         resolve_device(cfg.device)
+        check_runnable(cfg.backend)
         set_backend(CSNN(1, 1), cfg.backend)  # fail before loading anything
         set_deterministic(args.deterministic)
         data = fmnist.load(args.data_dir, download=args.download)

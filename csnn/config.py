@@ -81,8 +81,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.optimizer: {self.optimizer!r} is not allowed; allowed: {', '.join(OPTIMIZERS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"TrainConfig.backend: {self.backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
-        if self.backend == "cupy":
-            _check_cupy(self.device)
+        if self.backend == "cupy" and self.device == "cpu":
+            raise ValueError("TrainConfig.backend: 'cupy' runs on a CUDA GPU, and device is 'cpu'; "
+                             "use backend 'auto' on the CPU (our compiled CPU kernels)")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"TrainConfig.compile: {self.compile!r} is not allowed; allowed: true, false, auto")
         if not isinstance(self.amp, bool):
@@ -110,16 +111,14 @@ class TrainConfig:
         return cls.from_dict(yaml.safe_load(text) or {})
 
 
-def _check_cupy(device: str) -> None:
-    """backend cupy runs our CuPy kernels on a CUDA GPU: refuse it where it cannot run,
-    before any data loads or Ray starts (whether a GPU exists is train.resolve_device's check)."""
+def check_runnable(backend: str) -> None:
+    """What a config needs of this machine, checked before data loads or Ray starts (a
+    recorded config stays readable anywhere: TrainConfig itself checks only its values).
+    backend cupy needs CuPy; whether a CUDA GPU exists is train.resolve_device's check."""
     import importlib.util
 
-    if device == "cpu":
-        raise ValueError("TrainConfig.backend: 'cupy' runs on a CUDA GPU, and device is 'cpu'; "
-                         "use backend 'auto' on the CPU (our compiled CPU kernels)")
-    if importlib.util.find_spec("cupy") is None:
-        raise ValueError("TrainConfig.backend: 'cupy' needs CuPy, which is not installed: "
+    if backend == "cupy" and importlib.util.find_spec("cupy") is None:
+        raise ValueError("backend 'cupy' needs CuPy, which is not installed: "
                          "pip install -e '.[cupy]' (CuPy for CUDA 12), or use backend 'auto'")
 
 

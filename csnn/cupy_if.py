@@ -99,6 +99,8 @@ def _cp(t: torch.Tensor):
 def _launch(kernel, device: torch.device, m: int, args) -> None:
     import cupy
 
+    if m == 0:  # an empty grid is a launch error
+        return
     with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
         kernel(((m + THREADS - 1) // THREADS,), (THREADS,), args)
 

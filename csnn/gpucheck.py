@@ -14,7 +14,8 @@ its error (a failed check does not stop the others):
   epoch        one full epoch at that setting on the real data: images/s, test accuracy
   concurrency  1, 2, 4 and 8 such trainers at once on the GPU (plain processes):
                total images/s, to set gpus_per_trial from a measurement
-  deterministic  one trainer with --deterministic, against the single trainer above
+  deterministic  one trainer with -deterministic, against the single trainer above;
+               and 30 batches trained twice from one seed, with and without it
 
 Prints one JSON object with every figure (also written to --out) and exits 1
 if any check failed, 2 when there is no CUDA device.
@@ -152,7 +153,8 @@ def check_speed(data_dir) -> dict:
 
 def check_epoch(data_dir) -> dict:
     from csnn import data as fmnist
-    from csnn.train import TrainConfig, fit
+    from csnn.config import TrainConfig
+    from csnn.train import fit
 
     data = fmnist.load(data_dir)
     t0 = time.perf_counter()
@@ -167,7 +169,8 @@ def worker(seconds: float, start_at: float, data_dir, deterministic: bool) -> No
     reports the images/s of the chunks it trained within the next `seconds`."""
     from csnn import data as fmnist
     from csnn.model import CSNN
-    from csnn.train import TrainConfig, make_optimizer, set_deterministic, train_epoch
+    from csnn.config import TrainConfig
+    from csnn.train import make_optimizer, set_deterministic, train_epoch
 
     set_deterministic(deterministic)
     cfg = TrainConfig(**TUTORIAL, device="cuda")
@@ -206,15 +209,47 @@ def run_workers(n: int, seconds: float, data_dir, deterministic: bool = False) -
 
 def check_concurrency(data_dir, seconds: float) -> dict:
     out = {str(n): run_workers(n, seconds, data_dir) for n in (1, 2, 4, 8)}
-    best = max(out, key=lambda n: out[n]["total_img_s"])
-    out["best_trials_per_gpu"] = int(best)
+    best = max(v["total_img_s"] for v in out.values())
+    # the fewest trials per GPU that reach 90% of the best total: more only slow each trial down
+    out["suggested_trials_per_gpu"] = min(int(n) for n, v in out.items() if v["total_img_s"] >= 0.9 * best)
     return out
+
+
+def repeat(deterministic: bool, data_dir) -> None:
+    """Train 30 batches twice from the same seed; print whether the weights came out equal."""
+    from csnn import data as fmnist
+    from csnn.model import CSNN
+    from csnn.config import TrainConfig
+    from csnn.train import make_optimizer, set_deterministic, train_epoch
+
+    set_deterministic(deterministic)
+    cfg = TrainConfig(**TUTORIAL, device="cuda")
+    x, y = (t.cuda() for t in fmnist.split(fmnist.load(data_dir), train_size=30 * cfg.batch_size)["train"])
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = CSNN(cfg.T, cfg.channels).cuda()
+        opt = make_optimizer(cfg, net.parameters())
+        train_epoch(net, opt, torch.amp.GradScaler("cuda"), x, y, cfg.batch_size, torch.Generator().manual_seed(0),
+                    torch.float16)
+        weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    print(json.dumps({"equal": torch.equal(*weights), "max_abs_diff": (weights[0] - weights[1]).abs().max().item()}))
+
+
+def run_repeat(deterministic: bool, data_dir) -> dict:
+    cmd = [sys.executable, "-m", "csnn.gpucheck", "--repeat"] + (["--deterministic"] if deterministic else [])
+    cmd += ["--data-dir", str(data_dir)] if data_dir else []
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-1500:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def check_deterministic(data_dir, seconds: float, plain: float | None) -> dict:
     det = run_workers(1, seconds, data_dir, deterministic=True)["total_img_s"]
-    return {"deterministic_img_s": det, "plain_img_s": plain,
-            "slowdown": round(plain / det, 3) if plain and det else None}
+    out = {"deterministic_img_s": det, "plain_img_s": plain, "slowdown": round(plain / det, 3) if plain and det else None,
+           "repeat_deterministic": run_repeat(True, data_dir), "repeat_plain": run_repeat(False, data_dir)}
+    assert out["repeat_deterministic"]["equal"], f"-deterministic training did not repeat exactly: {out}"
+    return out
 
 
 def main(argv=None) -> int:
@@ -226,6 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--start-at", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: no CUDA device: python -m csnn.gpucheck needs a CUDA GPU, and torch.cuda.is_available() "
@@ -233,6 +269,9 @@ def main(argv=None) -> int:
         return 2
     if args.worker is not None:
         worker(args.worker, args.start_at, args.data_dir, args.deterministic)
+        return 0
+    if args.repeat:
+        repeat(args.deterministic, args.data_dir)
         return 0
 
     result: dict = {"versions": versions(), "failed": []}

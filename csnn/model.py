@@ -143,10 +143,11 @@ class IFNode(neuron.IFNode):
     implementation: str | None = None
 
     def materialize_states(self, inputs, states, step_mode):
-        v = states[0]
+        v, x = states[0], inputs[0][0] if step_mode == "m" else inputs[0]
         if isinstance(v, float):
-            x = inputs[0][0] if step_mode == "m" else inputs[0]
             return (torch.full_like(x, v, dtype=torch.float32), *states[1:])
+        if isinstance(v, torch.Tensor) and v.shape == x.shape:  # a carried state: never through float16
+            return (v.to(device=x.device, dtype=torch.float32), *states[1:])
         states = super().materialize_states(inputs, states, step_mode)
         return (states[0].float(), *states[1:])
 
@@ -175,8 +176,12 @@ class IFNode(neuron.IFNode):
                                          alpha, False, surrogate_id)
             self.implementation = "spikingjelly-reference"
         else:
-            self.implementation = spikingjelly_implementation(x_seq, self.surrogate_function)
-            return super().multi_step_forward(x_seq, *args, **kwargs)
+            spikes = super().multi_step_forward(x_seq, *args, **kwargs)
+            # what ran, read off the state it ran with: SpikingJelly falls back without a float32 state
+            fp32_state = isinstance(self.v, torch.Tensor) and self.v.dtype == torch.float32
+            self.implementation = spikingjelly_implementation(x_seq, self.surrogate_function) if fp32_state \
+                else "spikingjelly-reference"
+            return spikes
         self.v = v.view(x_seq.shape[1:])  # the state SpikingJelly would keep, until reset_net
         return spikes.view(x_seq.shape)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from csnn.config import METRICS, TUTORIAL, TrainConfig
+from csnn.config import METRICS, TUTORIAL, TrainConfig, check_runnable
 
 TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
             "scheduler": False, "resources": False, "retrain": False, "render": False}
@@ -324,7 +324,17 @@ def load(path: str | Path) -> StudySpec:
         raise SpecError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
-    return parse(raw, str(path))
+    spec = parse(raw, str(path))
+    # What this machine must have to run it (a stored spec.yaml stays readable without it).
+    backends = {"train.backend": spec.train.get("backend")}
+    backends.update({f"space.backend.choices[{i}]": b
+                     for i, b in enumerate(spec.space.get("backend", {}).get("choices", []))})
+    for key, backend in backends.items():
+        try:
+            check_runnable(backend)
+        except ValueError as e:
+            raise _err(str(path), key, str(e)) from None
+    return spec
 
 
 # ------------------------------------------------------------ the search space

@@ -42,6 +42,17 @@ def test_cupy_kernels_match_spikingjellys_reference_loop(dtype):
     torch.testing.assert_close(xc.grad.float(), xr.grad.float(), rtol=rtol, atol=atol)
 
 
+def test_cupy_forward_without_autograd_is_the_same():
+    from csnn import cupy_if
+
+    x = torch.randn(4, 5000, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)) + 0.5
+    spikes, h, v = cupy_if.forward(x, keep_h=False)
+    assert h is None
+    s2, v2 = cupy_if.CupyIF.apply(x.clone().requires_grad_(), ALPHA)
+    assert torch.equal(spikes, s2.detach()) and torch.equal(v, v2)
+    assert cupy_if.forward(x[:, :0].contiguous(), keep_h=False)[0].shape == (4, 0)  # no launch for no neurons
+
+
 def test_cupy_backend_runs_in_the_network():
     net = CSNN(4, 8).cuda()
     set_backend(net, "cupy")
@@ -63,7 +74,8 @@ def test_cost_counts_do_not_depend_on_the_device():
 
 
 def test_a_cpu_checkpoint_resumes_on_the_gpu(tmp_path):
-    from csnn.train import TrainConfig, fit
+    from csnn.config import TrainConfig
+    from csnn.train import fit
 
     data = fmnist.load(write_dataset(tmp_path / "data", n_train=200, n_test=50))
     cfg = dict(T=2, channels=4, batch_size=50, epochs=2, amp=True)

@@ -49,16 +49,17 @@ def test_reproduce_chooses_its_tolerance_from_the_recorded_run():
     cuda, cpu = recorded_run("cuda:0 (NVIDIA H200)"), recorded_run("cpu")
     near = [{"epoch": 0, "test_acc": 0.81, "test_loss": 0.031, "synops_per_image": 104_000.0, "fr_2": 0.11,
              "lr": 0.1, "run_device": "cpu", "train_img_s": 5.0}]
-    assert not exact_expected(cuda, torch.device("cpu"))  # recorded on CUDA: tolerances, even on the CPU
-    assert exact_expected(cpu, torch.device("cpu"))
-    assert not exact_expected(cpu.drop(columns="run_device"), torch.device("cpu"))  # unrecorded: not exact
+    assert not exact_expected(cuda, torch.device("cpu"), "auto")  # recorded on CUDA: tolerances, even on the CPU
+    assert exact_expected(cpu, torch.device("cpu"), "auto")
+    unrecorded = cpu.drop(columns="run_device")  # an older study: the configured device decides
+    assert exact_expected(unrecorded, torch.device("cpu"), "cpu") and not exact_expected(unrecorded, torch.device("cpu"), "auto")
 
     table = compare(cuda, near, exact=False).set_index("metric")
     assert table["ok"].all() and set(table.index) == {"test_acc", "test_loss", "synops_per_image", "fr_2", "lr"}
-    assert table.loc["synops_per_image", "tolerance"] == "0.05 rel"  # 4,000 apart: a count, relative
-    far = [{**near[0], "test_acc": 0.85, "synops_per_image": 120_000.0}]
+    assert table.loc["synops_per_image", "tolerance"] == "0 + 5%"  # 4,000 apart: a count, relative
+    far = [{**near[0], "test_acc": 0.85, "synops_per_image": 120_000.0, "test_loss": 0.04, "fr_2": 0.13}]
     table = compare(cuda, far, exact=False).set_index("metric")
-    assert list(table.index[~table["ok"]]) == ["test_acc", "synops_per_image"]
+    assert list(table.index[~table["ok"]]) == ["test_acc", "test_loss", "synops_per_image", "fr_2"]
     exact = compare(cpu, near, exact=True).set_index("metric")
     assert list(exact.index[exact["ok"]]) == ["lr"]  # on the CPU only equal values pass
 
@@ -70,3 +71,38 @@ def test_gpucheck_says_there_is_no_cuda_device():
                        timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "error: no CUDA device" in p.stderr
+
+
+def test_the_bench_equivalence_check_catches_a_wrong_neuron():
+    """Every layer's spikes and the gradients, not just the (often silent) output."""
+    from spikingjelly.activation_based import surrogate
+    from spikingjelly.activation_based.examples.conv_fashion_mnist import CSNN as Ref
+
+    from csnn.bench import check_equivalence
+
+    cfg, cpu = TrainConfig(T=2, channels=4, device="cpu"), torch.device("cpu")
+    x = torch.rand(16, 1, 28, 28)
+    assert check_equivalence(Ref, cfg, x, cpu, compiled=True)["ok"]
+
+    class Wrong(Ref):  # the reference with another surrogate in one layer: same spikes, other gradients
+        def __init__(self, T, channels):
+            super().__init__(T=T, channels=channels)
+            self.conv_fc[6].surrogate_function = surrogate.ATan(alpha=3.0)
+
+    wrong = check_equivalence(Wrong, cfg, x, cpu, compiled=True)
+    assert not wrong["ok"] and wrong["differing_spikes"] == 0 and wrong["grad_rel_err"] > 0.01
+
+
+def test_a_cupy_study_is_refused_without_cupy(tmp_path, capsys):
+    import importlib.util
+
+    import yaml
+
+    from study.run import main
+
+    space = yaml.safe_load((ROOT / "search_spaces" / "quick.yaml").read_text())
+    space["train"]["backend"] = "cupy"
+    (tmp_path / "cupy.yaml").write_text(yaml.safe_dump(space))
+    assert importlib.util.find_spec("cupy") is None  # CI has no CuPy: this is what it checks
+    assert main([str(tmp_path / "cupy.yaml"), "--dry-run"]) == 2
+    assert "train.backend: backend 'cupy' needs CuPy, which is not installed" in capsys.readouterr().err

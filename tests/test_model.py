@@ -58,13 +58,14 @@ def test_first_layer_once_equals_tutorial_formulation():
 def test_cupy_backend_is_refused_where_it_cannot_run():
     import importlib.util
 
-    from csnn.config import TrainConfig
+    from csnn.config import TrainConfig, check_runnable
 
     with pytest.raises(ValueError, match="'cupy' runs on a CUDA GPU, and device is 'cpu'; use backend 'auto'"):
         TrainConfig(backend="cupy", device="cpu")
+    TrainConfig(backend="cupy", device="cuda")  # a recorded config reads anywhere
     if importlib.util.find_spec("cupy") is None:  # CI: no CuPy
         with pytest.raises(ValueError, match=r"'cupy' needs CuPy, which is not installed: pip install -e '.\[cupy\]'"):
-            TrainConfig(backend="cupy", device="cuda")
+            check_runnable("cupy")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="backend 'cupy' cannot run here"):
             set_backend(CSNN(1, 1), "cupy")
