@@ -6,9 +6,13 @@ and reading results stay light.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 
 import yaml
+
+from csnn import yamlio
 
 # SpikingJelly's conv_fashion_mnist run that every study is measured against:
 # its configuration, and the max_test_acc it reached.
@@ -64,19 +68,26 @@ class TrainConfig:
     compile: bool | str = "auto"
 
     def __post_init__(self):
-        positive = ("T", "channels", "batch_size", "epochs", "lr")
-        for name in positive:
+        # Types first, for every field, so that a wrong type (device: 0) is named
+        # here rather than failing as an AttributeError in a value check below.
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), FIELD_TYPES.get(f.name)
+            if allowed is not None and (isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed)):
+                raise ValueError(f"TrainConfig.{f.name}: {value!r} is not allowed; must be {TYPE_WORDS[allowed]}"
+                                 + yaml_number_hint(value))
+        for name in ("T", "channels", "batch_size", "epochs", "lr"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not value > 0:  # also false for NaN
                 raise ValueError(f"TrainConfig.{name}: {value!r} is not allowed; must be a number > 0")
-        for name in ("T", "channels", "batch_size", "epochs", "seed", "split_seed", "val_size", "train_size", "test_size"):
+        for name in ("seed", "split_seed", "val_size", "train_size", "test_size", "weight_decay"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig.{name}: {value!r} is not allowed; must be an integer >= 0")
-        for name in ("momentum", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"TrainConfig.{name}: {value!r} is not allowed; must be a number >= 0")
+            if not value >= 0:
+                raise ValueError(f"TrainConfig.{name}: {value!r} is not allowed; must be {TYPE_WORDS[FIELD_TYPES[name]]} >= 0")
+        if not 0 <= self.momentum < 1:  # momentum >= 1 makes SGD's step grow without bound
+            raise ValueError(f"TrainConfig.momentum: {self.momentum!r} is not allowed; must be >= 0 and < 1")
+        for name in ("lr", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not allowed; must be a finite number")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer: {self.optimizer!r} is not allowed; allowed: {', '.join(OPTIMIZERS)}")
         if self.backend not in BACKENDS:
@@ -86,21 +97,26 @@ class TrainConfig:
                              "use backend 'auto' on the CPU (our compiled CPU kernels)")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"TrainConfig.compile: {self.compile!r} is not allowed; allowed: true, false, auto")
-        if not isinstance(self.amp, bool):
-            raise ValueError(f"TrainConfig.amp: {self.amp!r} is not allowed; must be true or false")
         # The device is checked as a name here; whether it exists is train.resolve_device's (torch's) job.
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"TrainConfig.device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+
+    def differences(self, other: "TrainConfig", ignore=("device",)) -> dict:
+        """{field: (self's value, other's value)} for the fields that differ."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a TrainConfig must be a mapping of its fields, got {d!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"TrainConfig has no field {', '.join(unknown)}; fields: {', '.join(sorted(known))}")
+            raise ValueError(f"TrainConfig has no field {', '.join(map(repr, unknown))}; fields: {', '.join(sorted(known))}")
         return cls(**d)
 
     def to_yaml(self) -> str:
@@ -108,8 +124,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> "TrainConfig":
-        return cls.from_dict(yaml.safe_load(text) or {})
-
+        return cls.from_dict(yamlio.load(text) or {})
 
 def check_runnable(backend: str) -> None:
     """What a config needs of this machine, checked before data loads or Ray starts (a
@@ -127,3 +142,24 @@ def trial_fields(config: dict) -> dict:
     searcher's own names for the cases of a conditional range (lr[optimizer=sgd],
     study.spec.optuna_name), whose value also comes under the field's name (lr)."""
     return {k: v for k, v in config.items() if "[" not in k}
+
+
+# The types each TrainConfig field accepts (an int is a float, as in YAML's 1 for 1.0).
+FIELD_TYPES = {f: (int,) for f in ("T", "channels", "batch_size", "epochs", "seed", "split_seed",
+                                   "val_size", "train_size", "test_size")}
+FIELD_TYPES.update({f: (int, float) for f in ("lr", "momentum", "weight_decay")})
+FIELD_TYPES.update({f: (str,) for f in ("optimizer", "device", "backend")})
+FIELD_TYPES.update(amp=(bool,), compile=(bool, str))
+TYPE_WORDS = {(int,): "an integer", (int, float): "a number", (str,): "a string", (bool,): "true or false",
+              (bool, str): "true, false or auto"}
+
+
+def yaml_number_hint(value) -> str:
+    """YAML 1.1 (PyYAML) reads 1e-4 as a string: say how to write it as a number."""
+    if isinstance(value, str):
+        try:
+            x = float(value)
+        except ValueError:
+            return ""
+        return f" (YAML reads {value} as text; write a number with a dot and a signed exponent, e.g. {x:.1e})"
+    return ""

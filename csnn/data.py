@@ -50,6 +50,9 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: cannot read ({e})") from e
+    if path.suffix != ".gz" and raw[:2] == b"\x1f\x8b":
+        raise DataError(f"{path}: looks gzipped (starts with the gzip magic bytes 1f 8b) but has no .gz suffix; "
+                        f"rename it to {path.name}.gz or decompress it")
     if len(raw) < 4 + 4 * ndim:
         raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
     magic = int.from_bytes(raw[:4], "big")
@@ -85,12 +88,17 @@ def _find_file(folder: Path, name: str) -> Path | None:
 
 
 def _candidates(data_dir) -> list[Path]:
-    out = []
-    for d in (data_dir, os.environ.get("CSNN_DATA") or None, DEBIAN_DIR):
-        if d is not None:
-            d = Path(d).expanduser()
-            out += [d, d / "FashionMNIST" / "raw"]  # a plain folder or torchvision's layout
-    return out
+    """Where to look: a named location only (--data-dir, else $CSNN_DATA), else Debian's
+    package. A location the user named is never silently replaced by another."""
+    named = data_dir if data_dir is not None else os.environ.get("CSNN_DATA") or None
+    d = Path(named).expanduser() if named is not None else DEBIAN_DIR
+    return [d, d / "FashionMNIST" / "raw"]  # a plain folder or torchvision's layout
+
+
+def _named_source(data_dir) -> str | None:
+    if data_dir is not None:
+        return "--data-dir"
+    return "CSNN_DATA" if os.environ.get("CSNN_DATA") else None
 
 
 def find(data_dir=None) -> Path | None:
@@ -112,6 +120,14 @@ def load(data_dir=None, download: bool = False) -> FashionMNIST:
         torchvision.datasets.FashionMNIST(root=str(root), train=False, download=True)
         folder = root / "FashionMNIST" / "raw"
     if folder is None:
+        where, named = _candidates(data_dir)[0], _named_source(data_dir)
+        if named and where.exists() and not where.is_dir():
+            raise DataError(f"{where} ({named}): is a file, not a folder; name the folder that holds the four "
+                            "*-idx?-ubyte[.gz] files")
+        if named:
+            raise DataError(f"{where} ({named}): no Fashion-MNIST files there "
+                            f"({'the folder does not exist' if not where.exists() else 'nor in FashionMNIST/raw'}); "
+                            f"{HOW_TO_GET}")
         searched = ", ".join(str(p) for p in _candidates(data_dir))
         raise DataError(f"Fashion-MNIST not found (looked in {searched}); {HOW_TO_GET}")
     arrays = {}
@@ -126,6 +142,13 @@ def load(data_dir=None, download: bool = False) -> FashionMNIST:
             raise DataError(f"{ypath}: {len(y)} labels for {len(x)} images in {xpath}")
         if len(y) and y.max() > 9:
             raise DataError(f"{ypath}: label {int(y.max())} out of range, allowed 0..9")
+        if len(x) == 0:
+            raise DataError(f"{xpath}: holds no images")
+    n_train, n_test = len(arrays["train_y"][0]), len(arrays["test_y"][0])
+    if n_train <= n_test:  # Fashion-MNIST has 60000 training and 10000 test images
+        raise DataError(f"{arrays['train_x'][1]}: {n_train} training images but {n_test} test images in "
+                        f"{arrays['test_x'][1]}: the training split must be the larger (Fashion-MNIST: 60000 "
+                        "and 10000); are the train-* and t10k-* files swapped?")
     t = {k: torch.from_numpy(a.copy()) for k, (a, _) in arrays.items()}
     return FashionMNIST(t["train_x"], t["train_y"].long(), t["test_x"], t["test_y"].long(), str(folder))
 
@@ -157,6 +180,11 @@ def split(data: FashionMNIST, val_size: int = 0, train_size: int = 0, test_size:
     rest = torch.ones(len(data.train_y), dtype=torch.bool)
     rest[val_idx] = False
     rest_idx = torch.nonzero(rest).squeeze(1)
+    if train_size > len(rest_idx):
+        raise ValueError(f"train_size {train_size} is more than the {len(rest_idx)} training images "
+                         f"left after val_size {val_size}")
+    if test_size > len(data.test_y):
+        raise ValueError(f"test_size {test_size} is more than the {len(data.test_y)} test images")
     train_idx = rest_idx[stratified_subset(data.train_y[rest_idx], train_size, g)]
     test_idx = torch.sort(stratified_subset(data.test_y, test_size, g)).values
     out = {"train": (data.train_x[train_idx], data.train_y[train_idx])}

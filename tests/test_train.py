@@ -32,7 +32,7 @@ def test_config_round_trips_dict_and_yaml():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
     assert yaml.safe_load(cfg.to_yaml())["lr"] == 3e-3
-    with pytest.raises(ValueError, match="no field dropout"):
+    with pytest.raises(ValueError, match="no field 'dropout'"):
         TrainConfig.from_dict({"dropout": 0.1})
 
 
