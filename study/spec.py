@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from csnn.config import METRICS, TUTORIAL, TrainConfig, check_runnable
+from csnn import yamlio
+from csnn.config import METRICS, TUTORIAL, TrainConfig, check_runnable, yaml_number_hint
 
 TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
             "scheduler": False, "resources": False, "retrain": False, "render": False}
 SAMPLERS = ("tpe", "random", "qmc", "gp", "nsga2")
 PICKS = "most_accurate, knee or index N"
 SCHEDULERS = ("asha", "none")
+# What a study can optimise: every reported metric but the epoch counter and the
+# scheduled learning rate, which no trial controls, and the test set's (see _objectives).
+OBJECTIVE_METRICS = tuple(m for m in METRICS if m not in ("epoch", "lr") and not m.startswith("test_"))
 DIST_TYPES = ("int", "float", "categorical")
 # The tutorial's configuration, enqueued as the first trial when search.baseline is true.
 BASELINE = {k: TUTORIAL[k] for k in ("T", "channels", "optimizer", "lr", "momentum")}
@@ -91,7 +96,10 @@ def _mapping(where, key, value, allowed: dict | None = None) -> dict:
 def _number(where, key, value, integer=False, minimum=None, above=None):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok:
-        raise _err(where, key, f"{value!r} is not allowed; must be {'an integer' if integer else 'a number'}")
+        raise _err(where, key, f"{value!r} is not allowed; must be {'an integer' if integer else 'a number'}"
+                   + yaml_number_hint(value))
+    if not math.isfinite(value):
+        raise _err(where, key, f"{value!r} is not allowed; must be a finite number")
     if minimum is not None and value < minimum:
         raise _err(where, key, f"{value!r} is not allowed; must be >= {minimum}")
     if above is not None and not value > above:
@@ -133,9 +141,17 @@ def _distribution(where, key, d, train, name) -> dict:
         raise _err(where, f"{key}.low", f"{low} is not allowed with log: true; must be > 0")
     out = {"type": kind, "low": low, "high": high, "log": log}
     if "step" in d:
-        out["step"] = _number(where, f"{key}.step", d["step"], integer, above=0)
+        step = out["step"] = _number(where, f"{key}.step", d["step"], integer, above=0)
         if log:
             raise _err(where, f"{key}.step", "step and log: true cannot be combined (Optuna's rule); drop one")
+        # Optuna would quietly lower high to the last step it reaches: say so instead.
+        n = (high - low) / step
+        if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
+            if n < 1:
+                raise _err(where, f"{key}.step", f"{step} is larger than the range {low}..{high}; use a step that divides it")
+            valid = low + math.floor(n + 1e-9) * step
+            raise _err(where, f"{key}.step", f"{step} does not divide the range {low}..{high}; the nearest valid "
+                       f"high is {valid if integer else round(valid, 12)} (or use a step that divides the range)")
     for bound in ("low", "high"):
         _check_value(where, f"{key}.{bound}", train, name, out[bound])
     return out
@@ -223,13 +239,21 @@ def _section(where, raw, name, schema: dict) -> dict:
 def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     _mapping(where, "", raw, TOP_KEYS)
     name = raw["name"]
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise _err(where, "name", f"{name!r} is not allowed; must be a folder name (no '/')")
+    if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".")
+            or not name.isprintable()):
+        raise _err(where, "name", f"{name!r} is not allowed; must be a folder name (printable, no '/', not starting with '.')")
 
     train = dict(_mapping(where, "train", raw.get("train") or {}))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k in train:
+        if k not in fields:
+            raise _err(where, f"train.{k}", f"TrainConfig has no field {k!r}; fields: {', '.join(sorted(fields))}")
     try:
         TrainConfig.from_dict(train)
     except (ValueError, TypeError) as e:
+        field, _, msg = str(e).partition(": ")
+        if field.startswith("TrainConfig.") and field[12:] in train:
+            raise _err(where, f"train.{field[12:]}", msg) from None
         raise _err(where, "train", str(e)) from None
     space = _parse_space(where, raw["space"], train)
 
@@ -270,6 +294,8 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     seeds = retrain["seeds"]
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise _err(where, "retrain.seeds", f"{seeds!r} is not allowed; must be a list of integers >= 0 (empty: no retrain)")
+    if len(set(seeds)) < len(seeds):  # one folder per seed, and a spread over distinct runs
+        raise _err(where, "retrain.seeds", f"{seeds!r} is not allowed; the seeds must differ")
 
     pick = retrain["pick"]
     if not (pick in ("most_accurate", "knee") or (isinstance(pick, int) and not isinstance(pick, bool) and pick >= 0)
@@ -295,8 +321,9 @@ def _objectives(where, raw, train) -> list:
             raise _err(where, f"{key}.metric", f"{metric} is measured on the test set, which a study only reports: "
                        "choosing by it would fit the test set; hold out a validation split (train.val_size, "
                        f"e.g. 5000) and use {metric.replace('max_', '').replace('test_', 'val_')}")
-        if metric not in METRICS:
-            raise _err(where, f"{key}.metric", f"{metric!r} is never reported; allowed: {', '.join(METRICS)}")
+        if metric not in OBJECTIVE_METRICS:
+            why = "cannot be optimised" if metric in METRICS else "is never reported"
+            raise _err(where, f"{key}.metric", f"{metric!r} {why}; allowed: {', '.join(OBJECTIVE_METRICS)}")
         if metric.startswith("val_") and not train.get("val_size"):
             raise _err(where, f"{key}.metric", f"{metric} is reported only with a validation split; set train.val_size > 0")
         if mode not in ("max", "min"):
@@ -319,11 +346,18 @@ def _admits(p: dict, value, context: dict) -> bool:
 def load(path: str | Path) -> StudySpec:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+        raw = yamlio.load(text)
     except OSError as e:
         raise SpecError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise SpecError(f"{path}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                        "save the file as UTF-8") from None
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
+        raise SpecError(f"{path}: not valid YAML: {yamlio.one_line(e)}") from None
+    if raw is None:
+        raise SpecError(f"{path}: the file is empty; a study needs name, objective and space")
     spec = parse(raw, str(path))
     # What this machine must have to run it (a stored spec.yaml stays readable without it).
     backends = {"train.backend": spec.train.get("backend")}

@@ -65,11 +65,11 @@ def bad(path: str, value, delete=False):
     (bad("space.optimizer.when", {"lr": 0.1}), "space.optimizer", "cycle"),
     (bad("space.dropout", {"type": "float", "low": 0.0, "high": 0.5}), "space.dropout", "TrainConfig has no field"),
     (bad("train.epochs", 16), None, None),  # the good file itself (control)
-    (bad("train.epoch", 16), "train", "no field epoch"),
+    (bad("train.epoch", 16), "train.epoch", "TrainConfig has no field 'epoch'"),
     (bad("train.T", 4), "space.T", "both fixed in train and searched"),
     (bad("space.T.choices", [0, 4]), "space.T.choices[0]", "TrainConfig.T"),
     (bad("space.channels.choices", []), "space.channels.choices", "non-empty list"),
-    (bad("objective.metric", "accuracy"), "objective.metric", "is never reported; allowed: epoch"),
+    (bad("objective.metric", "accuracy"), "objective.metric", "is never reported; allowed: train_loss"),
     (bad("train.val_size", 0), "objective.metric", "set train.val_size > 0"),
     # Selection never reads the test set: the key path, the reason and the way out.
     (bad("objective.metric", "test_acc"), "objective.metric",
