@@ -10,7 +10,8 @@ import torch
 from csnn import data as fmnist
 from csnn.config import TUTORIAL, TrainConfig, check_runnable
 from csnn.model import CSNN, set_backend
-from csnn.train import fit, load_model, resolve_device, set_deterministic
+from csnn.atomic import write_atomic
+from csnn.train import check_resumable, fit, load_model, read_checkpoint, resolve_device, set_deterministic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-download", action="store_true", help="download Fashion-MNIST with torchvision into -data-dir if not found")
     p.add_argument("-out-dir", type=str, default="./logs", help="root dir for saving logs and checkpoint")
     p.add_argument("-resume", type=str, help="resume from the checkpoint path")
+    p.add_argument("-overwrite", action="store_true", help="replace the checkpoints of an earlier run in the same folder")
     p.add_argument("-amp", action="store_true", help="automatic mixed precision training (CUDA only)")
     p.add_argument("-cupy", action="store_true", help="IF neurons on our CuPy kernels (CUDA; pip install -e '.[cupy]')")
     p.add_argument("-deterministic", action="store_true",
@@ -46,31 +48,46 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     print(args)
+    progress: dict = {}  # the last epoch finished and where its checkpoint is, for the Ctrl-C message
     try:
-        cfg = TrainConfig(T=args.T, channels=args.channels, batch_size=args.b, epochs=args.epochs,
-                          optimizer=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                          amp=args.amp, seed=args.seed, device=args.device, val_size=args.val_size,
-                          train_size=args.train_size, test_size=args.test_size,
-                          backend="cupy" if args.cupy else "auto")
-        resolve_device(cfg.device)
-        check_runnable(cfg.backend)
-        set_backend(CSNN(1, 1), cfg.backend)  # fail before loading anything
-        set_deterministic(args.deterministic)
-        data = fmnist.load(args.data_dir, download=args.download)
-    except (ValueError, RuntimeError) as e:
+        return run(args, progress)
+    except (ValueError, RuntimeError, OSError) as e:  # DataError, CheckpointError: ValueErrors; FileExistsError: OSError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if "epoch" in progress:
+            print(f"interrupted after epoch {progress['epoch']}; resume with -resume {progress['checkpoint']}",
+                  file=sys.stderr)
+        else:
+            print("interrupted before the first epoch ended; no checkpoint written", file=sys.stderr)
+        return 130
 
-    if args.resume and args.save_es:
+
+def run(args: argparse.Namespace, progress: dict) -> int:
+    """Check every input, then train; nothing is written before all the checks pass."""
+    cfg = TrainConfig(T=args.T, channels=args.channels, batch_size=args.b, epochs=args.epochs,
+                      optimizer=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                      amp=args.amp, seed=args.seed, device=args.device, val_size=args.val_size,
+                      train_size=args.train_size, test_size=args.test_size,
+                      backend="cupy" if args.cupy else "auto")
+    resolve_device(cfg.device)
+    check_runnable(cfg.backend)
+    set_backend(CSNN(1, 1), cfg.backend)  # fail before loading anything
+    set_deterministic(args.deterministic)
+    if args.save_es is not None:
+        if not args.resume:
+            raise ValueError("-save-es needs -resume CHECKPOINT: the network whose encoder is drawn")
+        if Path(args.save_es).exists() and not Path(args.save_es).is_dir():
+            raise ValueError(f"-save-es {args.save_es}: is a file; name a folder")
+    ckpt = read_checkpoint(args.resume) if args.resume else None  # before anything is written
+
+    if args.save_es is not None:
         from csnn.spikes import render
 
+        data = fmnist.load(args.data_dir, download=args.download)
         net, saved = load_model(args.resume, cfg.device)
         images = fmnist.split(data, test_size=0)["test"][0][: args.b]
-        try:
-            written = render(net, images, Path(args.save_es) / "visualization")
-        except FileExistsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        written = render(net, images, Path(args.save_es) / "visualization")  # FileExistsError is an OSError
         print(f"saved the encoder spikes of {len(images)} test images (T={saved.T}) to {written}")
         return 0
 
@@ -78,17 +95,32 @@ def main(argv=None) -> int:
     name += "_amp" if cfg.amp else ""
     name += "_cupy" if cfg.backend == "cupy" else ""
     out_dir = Path(args.out_dir) / name
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: is a file; -out-dir must name a folder")
+    if ckpt is not None:
+        check_resumable(args.resume, ckpt, cfg)
+        if ckpt["epoch"] + 1 >= cfg.epochs:
+            print(f"{args.resume}: the run is already complete ({cfg.epochs} epochs); nothing to resume")
+            return 0
+    # The folder name does not hold every setting (epochs, seed, ...): never replace another run's checkpoints.
+    existing = [f.name for f in (out_dir / "checkpoint_latest.pth", out_dir / "checkpoint_max.pth") if f.exists()]
+    if existing and ckpt is None and not args.overwrite:
+        raise ValueError(f"{out_dir}: already holds a run ({', '.join(existing)}); continue it with "
+                         f"-resume {out_dir / 'checkpoint_latest.pth'}, replace it with -overwrite, or choose another -out-dir")
+    data = fmnist.load(args.data_dir, download=args.download)
+    fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)  # sizes that fit the data
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "args.txt").write_text(f"{args}\n{' '.join(sys.argv)}\n{cfg.to_yaml()}")
+    write_atomic(out_dir / "args.txt", f"{args}\n{' '.join(sys.argv)}\n{cfg.to_yaml()}")
 
     from torch.utils.tensorboard import SummaryWriter
 
-    resumed = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else {"epoch": -1}
-    writer = SummaryWriter(str(out_dir), purge_step=resumed["epoch"] + 1)
+    start = ckpt["epoch"] + 1 if ckpt is not None else 0
+    writer = SummaryWriter(str(out_dir), purge_step=start)
     # The tutorial's bookkeeping, which selects on the test set and so stays out of fit
     # (studies select on validation): the best test accuracy so far, saved in every
     # checkpoint as max_test_acc, and the epoch that reached it as checkpoint_max.pth.
-    max_test_acc = resumed.get("max_test_acc", -1.0)
+    max_test_acc = ckpt.get("max_test_acc", -1.0) if ckpt is not None else -1.0
 
     def on_epoch(m: dict, save) -> None:
         nonlocal max_test_acc
@@ -98,6 +130,7 @@ def main(argv=None) -> int:
              max_test_acc=max_test_acc)
 
     def report(m: dict) -> None:
+        progress.update(epoch=m["epoch"], checkpoint=out_dir / "checkpoint_latest.pth")
         for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
             writer.add_scalar(k, m[k], m["epoch"])
         writer.flush()
@@ -108,7 +141,7 @@ def main(argv=None) -> int:
     print(out_dir)
     try:
         fit(cfg, data, None, report, resume=args.resume, on_epoch=on_epoch)  # on_epoch writes the checkpoints
-    except (ValueError, FloatingPointError) as e:
+    except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -225,10 +225,8 @@ def restore_checkpoint(path: str | Path, cfg: TrainConfig, state: dict, order_ge
                        device: torch.device) -> int:
     """Load a checkpoint written by save_checkpoint into `state` and the RNGs, so that
     the run continues as if never stopped; returns the next epoch."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved = TrainConfig.from_dict(ckpt["config"])
-    if {**saved.to_dict(), "device": ""} != {**cfg.to_dict(), "device": ""}:
-        raise ValueError(f"{path}: checkpoint was written for a different configuration: {saved}")
+    ckpt = read_checkpoint(path)
+    check_resumable(path, ckpt, cfg)
     for k, obj in state.items():
         # A CPU run saves an empty GradScaler state, which an enabled (CUDA) scaler refuses.
         if k != "scaler" or ckpt[k]:
@@ -242,11 +240,51 @@ def restore_checkpoint(path: str | Path, cfg: TrainConfig, state: dict, order_ge
 
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[CSNN, TrainConfig]:
     """The network (in eval mode) and the TrainConfig of a checkpoint written by fit."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"])
     net = CSNN(cfg.T, cfg.channels)
     net.load_state_dict(ckpt["net"])
     return net.to(resolve_device(device)).eval(), cfg
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint written by fit; the message names it and why."""
+
+
+CHECKPOINT_KEYS = ("net", "optimizer", "lr_scheduler", "epoch", "config", "rng")  # max_test_acc: the CLI's only
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by fit, read and checked before anything is done with it."""
+    path = Path(path)
+    def bad(why):
+        return CheckpointError(f"{path} is not a csnn.train checkpoint ({why})")
+    if not path.exists():
+        raise bad("no such file")
+    if path.is_dir():
+        raise bad("a directory; give its checkpoint_latest.pth")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load fails in many ways on a damaged file: each means the same here
+        raise bad(f"torch.load cannot read it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'}") from None
+    if not isinstance(ckpt, dict):
+        raise bad(f"holds a {type(ckpt).__name__}, not a dict")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise bad(f"no {', '.join(missing)}" + ("; a bare state_dict?" if "net" in missing else ""))
+    try:
+        TrainConfig.from_dict(ckpt["config"])
+    except ValueError as e:
+        raise bad(f"its config: {e}") from None
+    return ckpt
+
+
+def check_resumable(path, ckpt: dict, cfg: TrainConfig) -> None:
+    """A run continues only with the configuration it was started with (the device may change)."""
+    diff = TrainConfig.from_dict(ckpt["config"]).differences(cfg)
+    if diff:
+        raise CheckpointError(f"{path}: checkpoint was written for a different configuration: "
+                              + ", ".join(f"{k} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items()))
 
 
 if __name__ == "__main__":  # the tutorial's command line, kept at its old name
