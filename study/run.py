@@ -142,13 +142,25 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study_
     return summary
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative count is never meant)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; must be >= 1")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n")[0])
     p.add_argument("space", help="search-space YAML file")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    p.add_argument("--retrain", action="store_true", help="retrain the best configuration of a finished study again")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--storage", default="results", help="folder for results: STORAGE/<name>/ (default: results)")
-    p.add_argument("--num-samples", type=int, default=None, help="override search.num_samples")
+    p.add_argument("--num-samples", type=positive_int, default=None, help="override search.num_samples")
     p.add_argument("--no-retrain", action="store_true", help="skip retraining the best configuration")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved study; start nothing")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $CSNN_DATA, then Debian's)")
@@ -156,45 +168,116 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def values(spec: specs.StudySpec, name: str) -> list:
+    """Every value a TrainConfig field can take in this study: the fixed one, or the
+    searched range's bounds and choices (in every case of a conditional range)."""
+    if name not in spec.space:
+        return [getattr(spec.config({}), name)]
+    p = spec.space[name]
+    out = []
+    for d in p["cases"].values() if "depends_on" in p else [p]:
+        out += d["choices"] if d["type"] == "categorical" else [d["low"], d["high"]]
+    return out
+
+
+def check_machine(spec: specs.StudySpec, data: fmnist.FashionMNIST) -> None:
+    """What the file alone cannot tell: that the sizes fit the data and the devices exist here."""
+    from csnn.train import resolve_device
+
+    where = lambda k: f"{spec.path}: {'space' if k in spec.space else 'train'}.{k}"  # noqa: E731
+    n_train, n_test = len(data.train_y), len(data.test_y)
+    val = max(values(spec, "val_size"))
+    if val >= n_train:
+        raise specs.SpecError(f"{where('val_size')}: {val} must be smaller than the {n_train} training images in {data.source}")
+    train = max(values(spec, "train_size"))
+    if train > n_train - val:
+        raise specs.SpecError(f"{where('train_size')}: {train} is more than the {n_train - val} training images "
+                              f"left after val_size {val} in {data.source}")
+    test = max(values(spec, "test_size"))
+    if test > n_test:
+        raise specs.SpecError(f"{where('test_size')}: {test} is more than the {n_test} test images in {data.source}")
+    if spec.render["images"] > n_test:
+        raise specs.SpecError(f"{spec.path}: render.images: {spec.render['images']} is more than the {n_test} "
+                              f"test images in {data.source}")
+    for device in values(spec, "device"):
+        try:
+            resolve_device(device)
+        except RuntimeError as e:
+            raise specs.SpecError(f"{where('device')}: {e}") from None
+
+
+class UsageError(Exception):
+    """A flag that does not fit the study folder; exit 2 with the message."""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        spec = specs.load(args.space)
-        if args.num_samples is not None:
-            if args.num_samples < 1:
-                raise specs.SpecError(f"--num-samples: {args.num_samples} is not allowed; must be >= 1")
-            spec.search["num_samples"] = args.num_samples
-    except specs.SpecError as e:
+        return _main(args)
+    except (specs.SpecError, fmnist.DataError, results.StudyError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    study_dir = (Path(args.storage) / spec.name).resolve()
-    resolved = yaml.safe_dump(spec.to_dict(), sort_keys=False)
-    if args.dry_run:
-        print(f"# {args.space}: valid; results would go to {study_dir}\n{resolved}", end="")
-        return 0
 
-    ray_dir = study_dir / "ray"
+
+def _main(args) -> int:
+    spec = specs.load(args.space)
+    resolved = yaml.safe_dump(spec.to_dict(), sort_keys=False)  # as written to spec.yaml, before any flag
+    if args.num_samples is not None and not args.resume:
+        spec.search["num_samples"] = args.num_samples
+    storage = Path(args.storage)
+    if storage.exists() and not storage.is_dir():
+        raise UsageError(f"--storage {args.storage}: is a file; name a folder for the results")
+    study_dir = (storage / spec.name).resolve()
+    if study_dir.exists() and not study_dir.is_dir():
+        raise UsageError(f"{study_dir}: is a file, not a study folder; remove it or choose another name or --storage")
     exists = study_dir.exists() and any(study_dir.iterdir())
-    if exists and not args.resume:
-        print(f"error: {study_dir} already holds a study; pass --resume to continue it, "
-              "or choose another name or --storage", file=sys.stderr)
-        return 2
-    if args.resume:
-        from ray import tune
-
-        if not tune.Tuner.can_restore(str(ray_dir)):
-            print(f"error: --resume: no study to continue in {study_dir}", file=sys.stderr)
-            return 2
+    if exists and not (args.resume or args.retrain or args.dry_run):
+        raise UsageError(f"{study_dir} already holds a study; pass --resume to continue it, "
+                         "or choose another name or --storage")
+    if (args.resume or args.retrain) and not args.dry_run:
+        if not (study_dir / "spec.yaml").is_file():
+            raise UsageError(f"--{'resume' if args.resume else 'retrain'}: no study in {study_dir} (no spec.yaml)")
         stored = (study_dir / "spec.yaml").read_text()
         if stored != resolved:
-            print(f"error: --resume: {args.space} differs from the study stored in {study_dir / 'spec.yaml'}; "
-                  "resume with the same file", file=sys.stderr)
-            return 2
-    try:
-        data = fmnist.load(args.data_dir, download=args.download)
-    except fmnist.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            raise UsageError(f"--{'resume' if args.resume else 'retrain'}: {args.space} differs from the study stored in {study_dir / 'spec.yaml'}; "
+                             "resume with the same file")
+        if args.num_samples is not None and args.num_samples != spec.search["num_samples"]:
+            raise UsageError(f"--num-samples {args.num_samples}: a study keeps the number of trials it started with "
+                             f"({spec.search['num_samples']}; Ray Tune cannot change it on --resume); leave the flag out")
+    complete = (study_dir / "trials.csv").is_file() or (study_dir / "trials.parquet").is_file()
+    if args.retrain and not complete and not args.dry_run:
+        raise UsageError(f"--retrain: the study in {study_dir} has not ended; continue it with --resume")
+    can_retrain = bool(spec.retrain["seeds"]) and spec.retrain["epochs"] > 0
+    if args.retrain and not can_retrain:
+        raise UsageError(f"--retrain: {args.space} sets no retrain (retrain.seeds empty or retrain.epochs 0)")
+    # A finished study is left alone: its best/ is replaced only on request (--retrain);
+    # --resume finishes only a retrain that was cut short (best/ missing).
+    retrain_now = complete and (args.retrain or (not (study_dir / "best").is_dir() and can_retrain
+                                                 and not args.no_retrain))
+    if args.resume and complete and not retrain_now and not args.dry_run:
+        print(f"study {spec.name} is complete ({study_dir}): nothing to resume. Retrain its best configuration "
+              "again with --retrain; read it with python -m study.analyze")
+        return 0
+    if args.resume and not complete and not args.dry_run:
+        from ray import tune
+
+        if not tune.Tuner.can_restore(str(study_dir / "ray")):
+            raise UsageError(f"--resume: no study to continue in {study_dir}")
+
+    data = fmnist.load(args.data_dir, download=args.download)
+    check_machine(spec, data)
+    if args.dry_run:
+        print(f"# {args.space}: valid; data {data.source} ({len(data.train_y)} training, {len(data.test_y)} test "
+              f"images); results would go to {study_dir}\n{resolved}", end="")
+        return 0
+    if retrain_now:  # --retrain, or --resume of a study whose retrain did not finish
+        best = results.load(study_dir).best
+        if best is None:
+            raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain")
+        s = retrain(spec, best, data, study_dir)
+        print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
+              f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study_dir / 'best'}", flush=True)
+        return 0
     return run(spec, data, study_dir, resume=args.resume, address=args.address, do_retrain=not args.no_retrain)
 
 
