@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import functional
 
 from csnn import data as fmnist
+from csnn.argtypes import positive_int
 from csnn.model import CSNN
 from csnn.config import TUTORIAL, TrainConfig
 from csnn.data import to_input
@@ -244,16 +245,16 @@ class EquivalenceError(Exception):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m csnn.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("-T", type=int, default=TUTORIAL["T"])
-    ap.add_argument("--channels", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=TUTORIAL["batch_size"])
+    ap.add_argument("-T", type=positive_int, default=TUTORIAL["T"])
+    ap.add_argument("--channels", type=positive_int, default=16)
+    ap.add_argument("--batch-size", type=positive_int, default=TUTORIAL["batch_size"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="auto", help="IF kernels of ours: auto or cupy (CUDA)")
     ap.add_argument("--no-amp", action="store_true", help="on CUDA, train both sides in float32")
     ap.add_argument("-j", "--workers", type=int, default=4, help="the reference's DataLoader workers on CUDA (the tutorial's -j)")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions of each, after one warm-up")
-    ap.add_argument("--train-images", type=int, default=2560, help="images per timed training pass")
-    ap.add_argument("--eval-images", type=int, default=5120, help="images per timed evaluation pass")
+    ap.add_argument("--reps", type=positive_int, default=5, help="timed repetitions of each, after one warm-up")
+    ap.add_argument("--train-images", type=positive_int, default=2560, help="images per timed training pass")
+    ap.add_argument("--eval-images", type=positive_int, default=5120, help="images per timed evaluation pass")
     ap.add_argument("--compile", choices=("on", "off"), default="on",
                     help="our compiled CPU kernels for the IF neurons and max pooling (TrainConfig.compile)")
     ap.add_argument("--data-dir", default=None)
@@ -263,6 +264,9 @@ def main(argv=None) -> int:
                      backend=args.backend, amp=not args.no_amp, compile=args.compile == "on",
                      train_images=args.train_images, eval_images=args.eval_images, reps=args.reps,
                      data_dir=args.data_dir, workers=args.workers)
+    except (ValueError, RuntimeError) as e:  # a bad input (TrainConfig, device, data): as the other commands
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except EquivalenceError as e:
         print(f"error: {e}; no ratio printed", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import results  # noqa: E402
+from csnn.argtypes import positive_int  # noqa: E402
 from study.spec import BASELINE, distribution  # noqa: E402
 
 LABELS = {"val_acc": "validation accuracy", "test_acc": "test accuracy", "train_acc": "training accuracy",
@@ -410,7 +411,7 @@ def _describe(p: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m study.analyze", description=__doc__.split("\n")[0])
     ap.add_argument("study", help="the study folder, results/<name>")
-    ap.add_argument("--top", type=int, default=5, help="trials in the leaderboard and the learning curves")
+    ap.add_argument("--top", type=positive_int, default=5, help="trials in the leaderboard and the learning curves")
     args = ap.parse_args(argv)
     try:
         study = results.load(args.study)

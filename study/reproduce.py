@@ -23,6 +23,7 @@ from csnn import data as fmnist
 from csnn.config import RUN_INFO, TIMING_METRICS, TrainConfig
 from csnn.train import fit, load_model, resolve_device, set_deterministic
 from study import results
+from csnn.argtypes import positive_int
 
 # When CUDA ran, per metric: (absolute, relative) tolerance, a difference passing
 # when it is within absolute + relative * |recorded|. Accuracies move by a few
@@ -62,11 +63,18 @@ def compare(recorded: pd.DataFrame, reproduced: list[dict], exact: bool) -> pd.D
     return pd.DataFrame(rows)
 
 
+def trial_id_arg(text: str) -> str:
+    """argparse type: a non-empty trial id (an empty one would silently mean the best trial)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty trial id is not allowed; leave --trial out for the best trial")
+    return text.strip()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m study.reproduce", description=__doc__.split("\n")[0])
     ap.add_argument("study", help="the study folder, results/<name>")
-    ap.add_argument("--trial", default=None, help="trial id (default: the best trial)")
-    ap.add_argument("--epochs", type=int, default=None, help="reproduce only the first N epochs")
+    ap.add_argument("--trial", type=trial_id_arg, default=None, help="trial id (default: the best trial)")
+    ap.add_argument("--epochs", type=positive_int, default=None, help="reproduce only the first N epochs")
     ap.add_argument("--device", default=None, help="override the recorded device (e.g. cpu)")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $CSNN_DATA, then Debian's)")
     ap.add_argument("--deterministic", action="store_true",
@@ -74,7 +82,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         study = results.load(args.study)
-        trial_id = args.trial or (study.best or {}).get("trial_id")
+        trial_id = args.trial if args.trial is not None else (study.best or {}).get("trial_id")
         if trial_id is None:
             raise results.StudyError(f"{args.study}: the study has no best trial; pass --trial ID")
         rows = study.trials[study.trials["trial_id"].astype(str) == str(trial_id)]
@@ -91,6 +99,7 @@ def main(argv=None) -> int:
             raise results.StudyError(f"{args.study}: trial {trial_id} recorded no epoch")
         epochs = min(args.epochs or len(recorded), len(recorded))
         data = fmnist.load(args.data_dir)
+        fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)  # the trial's sizes fit this data
         device = resolve_device(cfg.device)
     except (results.StudyError, fmnist.DataError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -109,11 +118,11 @@ def main(argv=None) -> int:
                       stop_after=epochs)
         table = compare(recorded, history, exact)
         out.mkdir(parents=True, exist_ok=True)
-        results.write_table(out / "comparison.csv", table)
         from csnn.spikes import render
 
         net, _ = load_model(f"{work}/checkpoint_latest.pth", str(device))
         render(net, data.test_x[: max(1, study.spec.render["images"])], out / "spikes", overwrite=True)
+        results.write_table(out / "comparison.csv", table)  # last, and whole: it marks a finished reproduction
     bad = table[~table["ok"]]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
     if len(bad):

@@ -18,6 +18,7 @@ import pandas as pd
 import yaml
 
 from csnn import data as fmnist
+from csnn.argtypes import positive_int
 from csnn.atomic import write_atomic
 from csnn.config import TUTORIAL_ACC, TrainConfig
 from csnn.train import fit, load_model
@@ -142,15 +143,6 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study_
     return summary
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (0 or a negative count is never meant)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; must be >= 1")
-    return value
 
 
 def parse_args(argv=None):
