@@ -187,13 +187,14 @@ def importances(study: results.Study) -> tuple[dict | None, str | None]:
     if not db.is_file():
         return None, "no optuna.db"
     try:
-        s = optuna.load_study(study_name=study.spec.name, storage=f"sqlite:///{db}")
+        # Read-only: opening an empty or foreign file read-write would write a fresh schema into it.
+        s = optuna.load_study(study_name=study.spec.name, storage=f"sqlite:///file:{db.resolve()}?mode=ro&uri=true")
         done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if len(done) < 2:
             return None, f"{len(done)} completed Optuna trial(s); importances need at least 2"
         imp = optuna.importance.get_param_importances(s)
-    except (RuntimeError, ValueError) as e:
-        return None, str(e)
+    except Exception as e:  # noqa: BLE001 - a damaged optuna.db (SQLAlchemy, sqlite3 errors): draw the rest
+        return None, f"{db}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not imp:
         return None, "no parameter was sampled in every completed trial"
     return imp, None
@@ -418,6 +419,7 @@ def main(argv=None) -> int:
     except results.StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"trials read from {study.trials_file or study.path / 'ray'}")
     print(leaderboard(study, args.top))
     path = report(study, args.top)
     print(f"report: {path}")

@@ -88,7 +88,10 @@ def main(argv=None) -> int:
         rows = study.trials[study.trials["trial_id"].astype(str) == str(trial_id)]
         if rows.empty:
             raise results.StudyError(f"{args.study}: no trial {trial_id!r}; trials: {', '.join(study.trials['trial_id'].astype(str))}")
-        cfg = TrainConfig.from_dict(yaml.safe_load(rows.iloc[0]["config"]))
+        try:
+            cfg = TrainConfig.from_dict(yaml.safe_load(str(rows.iloc[0]["config"])))
+        except (yaml.YAMLError, ValueError) as e:
+            raise results.StudyError(f"{study.trials_file}: trial {trial_id}: unreadable config ({e})") from None
         recorded_device = cfg.device
         if args.device:
             # our CuPy kernels and the CPU's compute the same formulas: a cupy trial reproduces on the CPU

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from csnn import yamlio
 from csnn.atomic import write_atomic
 from csnn.config import METRICS, RUN_INFO, trial_fields
 from study.spec import StudySpec
@@ -80,13 +82,21 @@ def frames(ray_dir: Path, spec: StudySpec, complete: bool,
     rows, hist = [], []
     for d in trial_folders(ray_dir):
         trial_id, number = d.name.split("_")[1], int(d.name.split("_")[2])
-        config = json.loads((d / "params.json").read_text())
-        h = pd.read_csv(d / "progress.csv") if (d / "progress.csv").is_file() else pd.DataFrame()
+        try:  # a trial killed mid-write: skip it, the others still make a study
+            config = json.loads((d / "params.json").read_text())
+            h = pd.read_csv(d / "progress.csv") if (d / "progress.csv").is_file() else pd.DataFrame()
+            if not isinstance(config, dict):
+                raise ValueError("params.json is not a mapping")
+            if len(h) and "epoch" not in h:
+                raise ValueError("progress.csv has no epoch column")
+            params = trial_fields(config)
+            cfg = spec.config(params)
+        except (OSError, ValueError) as e:  # json's and pandas' parse errors are ValueErrors
+            warnings.warn(f"{d}: trial {trial_id} skipped, its files are damaged ({str(e).splitlines()[0]})", stacklevel=2)
+            continue
         h = h[[c for c in (*METRICS, *RUN_INFO) if c in h.columns]]
         if len(h):
             h = h.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a retried epoch counts once
-        params = trial_fields(config)
-        cfg = spec.config(params)
         if errors is not None:
             error = errors.get(trial_id)
         else:
@@ -231,6 +241,7 @@ class Study:
     best: dict | None  # best.yaml: trial_id, objective, params, config (a TrainConfig dict), metrics
     retrain: pd.DataFrame | None  # best/metrics.csv: one row per seed and epoch
     retrain_summary: dict | None  # best/summary.yaml: test_acc per seed, mean, std
+    trials_file: Path | None = None  # the table trials was read from; None: from Ray's trial folders
 
     @property
     def best_row(self) -> pd.Series | None:
@@ -240,7 +251,7 @@ class Study:
 
     @property
     def complete(self) -> bool:
-        return (self.path / "trials.csv").is_file()
+        return self.trials_file is not None
 
     @property
     def objective_column(self) -> str:
@@ -267,33 +278,92 @@ class Study:
         return self.trials[self.trials["status"] == "errored"] if len(self.trials) else self.trials
 
 
+def _read(path: Path, read, what: str):
+    """read(path), any failure of a damaged file (pandas, pyarrow and YAML each raise
+    their own kinds) turned into one StudyError naming the file."""
+    try:
+        return read(path)
+    except StudyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StudyError(f"{path}: unreadable {what} ({detail})") from None
+
+
+def _yaml(path: Path):
+    return yamlio.load(path.read_bytes().decode("utf-8"))
+
+
+def _csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"trial_id": str})  # ids of digits stay strings ("00001")
+
+
+def _parquet(path: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(path)
+    return frame.astype({"trial_id": str}) if "trial_id" in frame else frame
+
+
+def _columns(path: Path, frame: pd.DataFrame, needed: tuple) -> pd.DataFrame:
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise StudyError(f"{path}: not a table that study.run writes (no {', '.join(missing)} column)")
+    return frame
+
+
+def _mapping(path: Path, value, keys: tuple, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise StudyError(f"{path}: {what} must be a mapping, got {type(value).__name__}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise StudyError(f"{path}: {what} without {', '.join(missing)}")
+    return value
+
+
 def load(path: str | Path) -> Study:
-    """Load results/<name>/. A study still running or interrupted (no trials.csv
-    yet) is read from Ray Tune's trial folders, its unfinished trials marked so."""
-    from study.spec import SpecError, parse
+    """Load results/<name>/. A study still running or interrupted (no trials table
+    yet) is read from Ray Tune's trial folders, its unfinished trials marked so.
+    Every damaged file raises StudyError naming it."""
+    from study.spec import parse
 
     path = Path(path)
     spec_file = path / "spec.yaml"
     if not spec_file.is_file():
         raise StudyError(f"{path}: not a study folder (no spec.yaml); give the results/<name>/ folder "
                          "that python -m study.run writes")
-    try:
-        spec = parse(yaml.safe_load(spec_file.read_text()), str(spec_file))
-    except (SpecError, yaml.YAMLError) as e:
-        raise StudyError(f"{spec_file}: unreadable study spec: {e}") from None
-    if (path / "trials.parquet").is_file():
-        trials = pd.read_parquet(path / "trials.parquet")
-        history = pd.read_csv(path / "history.csv")
-    elif (path / "trials.csv").is_file():
-        trials = pd.read_csv(path / "trials.csv")
-        history = pd.read_csv(path / "history.csv")
+    spec = _read(spec_file, lambda f: parse(_yaml(f), str(f)), "study spec")
+    # trials.parquet keeps the types; trials.csv is its copy for people. Either one
+    # makes the study complete; which was read is recorded (Study.trials_file).
+    tables = [f for f in (path / "trials.parquet", path / "trials.csv") if f.is_file()]
+    trials_file = tables[0] if tables else None
+    if trials_file is not None:
+        trials = _columns(trials_file, _read(trials_file, _parquet if trials_file.suffix == ".parquet" else _csv,
+                                             "trials table"), ("trial_id", "status"))
+        if len(tables) == 2:
+            other = _read(tables[1], _csv, "trials table")
+            if "trial_id" not in other or set(other["trial_id"]) != set(trials["trial_id"]):
+                warnings.warn(f"{tables[1]} and {trials_file} list different trials; read {trials_file}", stacklevel=2)
+        history_file = path / "history.csv"
+        if not history_file.is_file():
+            raise StudyError(f"{history_file}: missing (study.run writes it with {trials_file.name})")
+        history = _columns(history_file, _read(history_file, _csv, "history table"), ("trial_id", "epoch"))
     else:
         trials, history = frames(path / "ray", spec, complete=False)
-    if (path / "best.yaml").is_file():
-        best = yaml.safe_load((path / "best.yaml").read_text())
+    ids = set(trials["trial_id"]) if len(trials) else set()
+    best_file = path / "best.yaml"
+    if best_file.is_file():
+        best = _mapping(best_file, _read(best_file, _yaml, "best trial"), ("trial_id", "objective", "params", "config"),
+                        "the best trial")
+        best["trial_id"] = str(best["trial_id"])
+        if best["trial_id"] not in ids:
+            raise StudyError(f"{best_file}: trial_id {best['trial_id']!r} is not a trial of this study "
+                             f"({trials_file or path / 'ray'} lists {', '.join(sorted(ids)) or 'none'})")
     else:
         row = best_row(trials, spec) if len(trials) else None
         best = None if row is None else _best_entry(row, spec)
-    retrain = pd.read_csv(path / "best" / "metrics.csv") if (path / "best" / "metrics.csv").is_file() else None
-    summary = yaml.safe_load((path / "best" / "summary.yaml").read_text()) if (path / "best" / "summary.yaml").is_file() else None
-    return Study(path, spec, trials, history, best, retrain, summary)
+    metrics_file, summary_file = path / "best" / "metrics.csv", path / "best" / "summary.yaml"
+    retrain = (_columns(metrics_file, _read(metrics_file, pd.read_csv, "retrain table"), ("seed", "epoch", "test_acc"))
+               if metrics_file.is_file() else None)
+    summary = (_mapping(summary_file, _read(summary_file, _yaml, "retrain summary"),
+                        ("trial_id", "epochs", "seeds", "test_acc_mean", "test_acc_std", "epoch_s_mean"), "the retrain summary")
+               if summary_file.is_file() else None)
+    return Study(path, spec, trials, history, best, retrain, summary, trials_file)
