@@ -1,0 +1,436 @@
+"""Every bad input gets a clear error and nothing is lost (issue 11).
+
+One table: each row is a bad input, the command it is given to, the exit code
+and a fragment of the one-line message, and optionally a check that nothing was
+lost. Each command's main(argv) runs in-process on small IDX files and a study
+folder built by hand (no Ray), so the whole table takes seconds. A row fails if
+the command raises anything (a traceback) instead of returning its exit code.
+"""
+from __future__ import annotations
+
+import gzip
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, tiny_spec, write_dataset
+from csnn import bench, cli
+from csnn.atomic import write_atomic
+from csnn.config import TrainConfig, FIELD_TYPES
+from csnn.train import read_checkpoint
+from study import analyze, reproduce, results, run, spec as specs
+
+
+def load_cmd(argv) -> int:
+    """results.load as a command: 0, or 2 with the StudyError (what a notebook sees)."""
+    try:
+        results.load(argv[0])
+    except results.StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"csnn.train": cli.main, "study.run": run.main, "study.reproduce": reproduce.main,
+            "study.analyze": analyze.main, "csnn.bench": bench.main, "results.load": load_cmd}
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    data: Path  # 300 training and 100 test images
+    ckpt: Path  # a real checkpoint of csnn.train (T 1, 2 channels, batch 16, 2 epochs)
+
+    def cli(self, *extra, epochs=2, data=None) -> list:
+        return ["-device", "cpu", "-T", "1", "-channels", "2", "-b", "16", "-epochs", str(epochs), "-data-dir",
+                str(data or self.data), "-out-dir", str(self.tmp / "logs"), *map(str, extra)]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.tmp / "logs" / "T1_b16_sgd_lr0.1_c2"
+
+    def space(self, text: str | None = None, **over) -> Path:
+        f = self.tmp / "space.yaml"
+        if text is None:
+            text = yaml.safe_dump(tiny_spec("hand", **over), sort_keys=False)
+        f.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+        return f
+
+    def dry(self, space: Path, *extra, data=None) -> list:
+        return [str(space), "--storage", str(self.tmp / "results"), "--data-dir", str(data or self.data), "--dry-run", *extra]
+
+    def study(self, ids=("00001", "00002")) -> Path:
+        """A complete study folder as study.run writes it, built by hand from the results
+        module's own functions: spec.yaml, trials.parquet/.csv, history.csv, best.yaml, best/."""
+        raw = tiny_spec("hand")
+        self.space()
+        spec = specs.parse(raw, "space.yaml")
+        d = self.tmp / "results" / "hand"
+        (d / "best").mkdir(parents=True, exist_ok=True)
+        write_atomic(d / "spec.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        rows, hist = [], []
+        for n, (tid, channels, lr, accs) in enumerate(zip(ids, (4, 6), (0.01, 0.005), ([0.3, 0.5], [0.2, 0.4]))):
+            for e, a in enumerate(accs):
+                hist.append({"trial_id": tid, "epoch": e, "lr": lr, "train_loss": 0.08, "train_acc": a, "val_loss": 0.07,
+                             "val_acc": a, "test_loss": 0.07, "test_acc": a, "max_test_acc": a, "epoch_s": 1.0,
+                             "train_img_s": 500.0, "energy_uj": 1.0 + n, "spikes_per_image": 100.0})
+            cfg = spec.config({"channels": channels, "lr": lr})
+            rows.append({"trial_id": tid, "number": n, "status": "finished", "channels": channels, "lr": lr,
+                         "val_acc": accs[-1], "best_val_acc": max(accs), "test_acc": accs[-1], "best_test_acc": max(accs),
+                         "energy_uj": 1.0 + n, "epochs_run": 2, "time_s": 2.0, "error": None,
+                         "config": yaml.safe_dump(cfg.to_dict(), default_flow_style=True, width=10_000).strip()})
+        trials, history = pd.DataFrame(rows), pd.DataFrame(hist)
+        for name, frame in (("trials.parquet", trials), ("trials.csv", trials), ("history.csv", history)):
+            results.write_table(d / name, frame)
+        best = results._best_entry(results.best_row(trials, spec), spec)
+        write_atomic(d / "best.yaml", yaml.safe_dump(best, sort_keys=False))
+        summary = {"trial_id": best["trial_id"], "epochs": 1, "seeds": [0, 1], "test_acc": {0: 0.5, 1: 0.52},
+                   "test_acc_mean": 0.51, "test_acc_std": 0.014, "epoch_s_mean": 1.0}
+        write_atomic(d / "best" / "summary.yaml", yaml.safe_dump(summary, sort_keys=False))
+        results.write_table(d / "best" / "metrics.csv", pd.DataFrame([{"seed": s, "epoch": 0, "test_acc": 0.5} for s in (0, 1)]))
+        return d
+
+    def interrupted(self) -> Path:
+        """A study cut short: no trials table yet, two Ray trial folders."""
+        d = self.study()
+        for f in ("trials.parquet", "trials.csv", "history.csv", "best.yaml"):
+            (d / f).unlink()
+        shutil.rmtree(d / "best")
+        for n, tid in enumerate(("aa001", "aa002")):
+            t = d / "ray" / f"trainable_{tid}_{n + 1}_channels=4_2026-01-01"
+            t.mkdir(parents=True)
+            (t / "params.json").write_text('{"channels": 4, "lr": 0.01}')
+            (t / "progress.csv").write_text("epoch,val_acc,test_acc,epoch_s\n0,0.3,0.3,1.0\n")
+        return d
+
+
+@dataclass
+class Row:
+    id: str
+    cmd: str
+    setup: Callable[[Ctx], list]  # writes what the row needs, returns argv
+    code: int
+    fragment: str
+    check: Callable[[Ctx], None] | None = None  # after the command: nothing lost
+    env: dict = field(default_factory=dict)
+    warns: str | None = None  # a warning the command must give
+
+
+def snapshot(*paths: Path) -> dict:
+    return {p: p.read_bytes() for p in paths}
+
+
+def cli_existing_run(c: Ctx) -> list:
+    c.run_dir.mkdir(parents=True)
+    for name in ("checkpoint_latest.pth", "checkpoint_max.pth"):
+        shutil.copy(c.ckpt, c.run_dir / name)
+    (c.run_dir / "args.txt").write_text("the longer run's arguments\n")
+    c.before = snapshot(*c.run_dir.iterdir())
+    return c.cli(epochs=1)
+
+
+def unchanged(c: Ctx) -> None:
+    assert snapshot(*c.before) == c.before, "a file was changed"
+
+
+def resume_with(make: Callable[[Path, Ctx], None], *extra) -> Callable[[Ctx], list]:
+    """-resume with a bad file, into a run folder whose args.txt must survive."""
+    def setup(c: Ctx) -> list:
+        c.run_dir.mkdir(parents=True)
+        (c.run_dir / "args.txt").write_text("the earlier run's arguments\n")
+        c.before = snapshot(c.run_dir / "args.txt")
+        bad = c.tmp / "bad.pth"
+        make(bad, c)
+        return c.cli("-resume", bad, *extra)
+    return setup
+
+
+def truncated(p: Path, c: Ctx) -> None:
+    raw = c.ckpt.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])
+
+
+def run_dir_unwritten(c: Ctx) -> None:
+    unchanged(c)
+    assert sorted(f.name for f in c.run_dir.iterdir()) == ["args.txt"]
+
+
+def with_comparison(c: Ctx, *extra) -> list:
+    d = c.study()
+    out = d / "reproduce" / "00001"
+    out.mkdir(parents=True)
+    (out / "comparison.csv").write_text("epoch,metric,recorded,reproduced,diff,ok\n0,test_acc,0.3,0.3,0.0,True\n")
+    c.before = snapshot(out / "comparison.csv")
+    return [str(d), "--trial", "00001", *extra]
+
+
+def finished_study(c: Ctx, *extra) -> list:
+    d = c.study()
+    c.before = snapshot(*(d / "best").iterdir(), d / "trials.csv")
+    return [str(c.tmp / "space.yaml"), "--storage", str(c.tmp / "results"), "--data-dir", str(c.data), *extra]
+
+
+def damaged(mutate: Callable[[Path], None], interrupted=False) -> Callable[[Ctx], list]:
+    def setup(c: Ctx) -> list:
+        d = c.interrupted() if interrupted else c.study()
+        mutate(d)
+        return [str(d)]
+    return setup
+
+
+def data_variant(make: Callable[[Path], None]) -> Callable[[Ctx], list]:
+    def setup(c: Ctx) -> list:
+        folder = write_dataset(c.tmp / "d", 300, 100)
+        make(folder)
+        return [str(c.space()), "--storage", str(c.tmp / "results"), "--data-dir", str(folder), "--dry-run"]
+    return setup
+
+
+def gzip_in_place(folder: Path) -> None:
+    f = folder / "train-labels-idx1-ubyte"
+    f.write_bytes(gzip.compress(f.read_bytes()))
+
+
+def report_has_no_placeholders(c: Ctx) -> None:
+    text = (c.tmp / "results" / "hand" / "report" / "report.md").read_text()
+    assert "Sampler tpe (seed 0)" in text
+    assert re.search(r"\{[A-Za-z_]", text) is None, "a format placeholder was left in report.md"
+
+
+def ids_stay_strings(c: Ctx) -> None:
+    s = results.load(c.tmp / "results" / "hand")
+    assert list(s.trials["trial_id"]) == ["00001", "00002"] and set(s.history["trial_id"]) == {"00001", "00002"}
+    assert s.best["trial_id"] == "00001" and s.best_row["best_val_acc"] == 0.5
+
+
+def read_csv_only(c: Ctx) -> None:
+    s = results.load(c.tmp / "results" / "hand")
+    assert s.complete and s.trials_file.name == "trials.csv" and list(s.trials["trial_id"]) == ["00001", "00002"]
+
+
+def one_trial_left(c: Ctx) -> None:
+    assert list(results.load(c.tmp / "results" / "hand").trials["trial_id"]) == ["aa002"]
+
+
+def optuna_db_untouched(c: Ctx) -> None:
+    unchanged(c)
+    report = (c.tmp / "results" / "hand" / "report" / "report.md").read_text()
+    assert "parameter importance not drawn" in report and "### learning curves" in report
+
+
+def optuna_db(content: bytes) -> Callable[[Ctx], list]:
+    def setup(c: Ctx) -> list:
+        d = c.study()
+        (d / "optuna.db").write_bytes(content)
+        c.before = snapshot(d / "optuna.db")
+        return [str(d)]
+    return setup
+
+
+def write(name: str, content: bytes) -> Callable[[Path], None]:
+    return lambda d: (d / name).write_bytes(content)
+
+
+def with_data_file(c: Ctx, **env) -> None:
+    (c.tmp / "afile").write_text("not a folder")
+
+
+SPEC_TOP = "name: hand\nobjective: {metric: test_acc, mode: max}\n"
+SPACE = "space: {lr: {type: float, low: 0.01, high: 0.1, log: true}}\n"
+NO_GPU = not torch.cuda.is_available()
+
+ROWS = [
+    # ---- 1-4: data loss
+    Row("1 fewer -epochs into an earlier run's folder", "csnn.train", cli_existing_run, 2, "already holds a run", unchanged),
+    *[Row(f"2 -resume {what}", "csnn.train", resume_with(make), 2, "is not a csnn.train checkpoint", run_dir_unwritten)
+      for what, make in [
+          ("missing", lambda p, c: None),
+          ("empty", lambda p, c: p.write_bytes(b"")),
+          ("text", lambda p, c: p.write_text("hello\n")),
+          ("truncated", truncated),
+          ("a bare state_dict", lambda p, c: torch.save(read_checkpoint(c.ckpt)["net"], p)),
+          ("a dict without the keys", lambda p, c: torch.save({"epoch": 3}, p)),
+          ("a directory", lambda p, c: p.mkdir()),
+      ]],
+    Row("3 reproduce --epochs -1 keeps comparison.csv", "study.reproduce", lambda c: with_comparison(c, "--epochs", "-1"),
+        2, "--epochs: -1 is not allowed", unchanged),
+    Row("4 --resume of a finished study", "study.run", lambda c: finished_study(c, "--resume"), 0, "is complete", unchanged),
+    # ---- 5-15: silently wrong
+    Row("5 -data-dir /nonexistent", "csnn.train", lambda c: c.cli(data="/nonexistent"), 2,
+        "/nonexistent (--data-dir): no Fashion-MNIST"),
+    Row("5 --data-dir a file", "study.run", lambda c: (with_data_file(c), [str(c.space()), "--data-dir", str(c.tmp / "afile"),
+                                                                         "--dry-run"])[1], 2, "(--data-dir): is a file"),
+    Row("5 CSNN_DATA a file", "study.run", lambda c: (with_data_file(c), [str(c.space()), "--dry-run"])[1], 2,
+        "(CSNN_DATA): is a file", env={"CSNN_DATA": "{tmp}/afile"}),
+    Row("6 train and test files swapped", "study.run",
+        lambda c: c.dry(c.space(), data=write_dataset(c.tmp / "sw", 100, 300)), 2,
+        "are the train-* and t10k-* files swapped"),
+    Row("7 objective.metric: epoch", "study.run", lambda c: c.dry(c.space(objective={"metric": "epoch", "mode": "max"})), 2,
+        "objective.metric: 'epoch' cannot be optimised"),
+    Row("7 objective.metric: lr", "study.run", lambda c: c.dry(c.space(objective={"metric": "lr", "mode": "min"})), 2,
+        "objective.metric: 'lr' cannot be optimised"),
+    Row("8 a duplicate key", "study.run", lambda c: c.dry(c.space(SPEC_TOP + "train: {T: 4}\n" + SPACE + "train: {T: 8}\n")),
+        2, "key 'train' is given twice: on line 3 and on line 5"),
+    Row("9 a step larger than the range", "study.run", lambda c: c.dry(c.space(space={"momentum": {
+        "type": "float", "low": 0.8, "high": 0.99, "step": 0.5}})), 2, "space.momentum.step: 0.5 is larger than the range"),
+    Row("9 a step that does not divide the range", "study.run", lambda c: c.dry(c.space(space={"seed": {
+        "type": "int", "low": 2, "high": 9, "step": 2}})), 2, "space.seed.step: 2 does not divide the range 2..9; the nearest valid high is 8"),
+    Row("10 --dry-run: val_size >= the training set", "study.run", lambda c: c.dry(c.space(train={"val_size": 300})), 2,
+        "train.val_size: 300 must be smaller than the 300 training images"),
+    Row("10 --dry-run: device cuda:3 absent", "study.run", lambda c: c.dry(c.space(train={"device": "cuda:3"})), 2,
+        "train.device: device 'cuda:3'"),
+    Row("10 --dry-run: device cudaXYZ", "study.run", lambda c: c.dry(c.space(train={"device": "cudaXYZ"})), 2,
+        "train.device: 'cudaXYZ' is not allowed; allowed: auto, cpu, cuda, cuda:N"),
+    Row("10 --dry-run: low .nan", "study.run", lambda c: c.dry(c.space(SPEC_TOP + "space: {lr: {type: float, low: .nan, high: 0.1}}\n")),
+        2, "space.lr.low: nan is not allowed; must be a finite number"),
+    Row("10 --dry-run: --storage a file", "study.run", lambda c: (with_data_file(c), c.dry(c.space())[:1] + [
+        "--storage", str(c.tmp / "afile"), "--data-dir", str(c.data), "--dry-run"])[1], 2, "afile: is a file"),
+    Row("11 momentum 50", "study.run", lambda c: c.dry(c.space(train={"momentum": 50}, space={"lr": {"type": "float", "low": 0.01, "high": 0.1}})),
+        2, "train.momentum: 50 is not allowed; must be >= 0 and < 1"),
+    Row("11 render.images beyond the test set", "study.run", lambda c: c.dry(c.space(render={"images": 100000})), 2,
+        "render.images: 100000 is more than the 100 test images"),
+    Row("11 retrain.seeds [0, 0]", "study.run", lambda c: c.dry(c.space(retrain={"seeds": [0, 0]})), 2,
+        "retrain.seeds: [0, 0] is not allowed; the seeds must differ"),
+    Row("12 reproduce --trial ''", "study.reproduce", lambda c: [str(c.study()), "--trial", ""], 2, "an empty trial id is not allowed"),
+    Row("12 reproduce --epochs 0", "study.reproduce", lambda c: with_comparison(c, "--epochs", "0"), 2,
+        "--epochs: 0 is not allowed; must be >= 1", unchanged),
+    Row("12 analyze --top -3", "study.analyze", lambda c: [str(c.study()), "--top", "-3"], 2, "--top: -3 is not allowed"),
+    Row("12 analyze --top 0", "study.analyze", lambda c: [str(c.study()), "--top", "0"], 2, "--top: 0 is not allowed"),
+    Row("12 bench --train-images 0", "csnn.bench", lambda c: ["--train-images", "0"], 2, "--train-images: 0 is not allowed"),
+    Row("12 bench --train-images -5", "csnn.bench", lambda c: ["--train-images", "-5"], 2, "--train-images: -5 is not allowed"),
+    Row("13+14 report.md of digit ids, no placeholders", "study.analyze", lambda c: [str(c.study())], 0, "report:",
+        lambda c: (report_has_no_placeholders(c), ids_stay_strings(c))),
+    Row("15 only trials.csv (parquet deleted)", "results.load",
+        damaged(lambda d: (d / "trials.parquet").unlink()), 0, "", read_csv_only),
+    Row("15 trials.csv edited to disagree with trials.parquet", "results.load",
+        damaged(lambda d: (d / "trials.csv").write_text((d / "trials.csv").read_text().rsplit("\n", 2)[0] + "\n")),
+        0, "", warns="list different trials; read"),
+    # ---- 16-22: tracebacks
+    Row("16 train.device: 0", "study.run", lambda c: c.dry(c.space(train={"device": 0})), 2, "train.device: 0 is not allowed; must be a string"),
+    Row("16 train.amp: 1", "study.run", lambda c: c.dry(c.space(train={"amp": 1})), 2, "train.amp: 1 is not allowed; must be true or false"),
+    Row("17 a Latin-1 comment", "study.run", lambda c: c.dry(c.space((SPEC_TOP + "# caf\u00e9\n" + SPACE).encode("latin-1"))), 2,
+        "line 3: not UTF-8 text (byte 0xe9)"),
+    Row("17 a name with a NUL byte", "study.run", lambda c: c.dry(c.space('name: "a\\0b"\nobjective: {metric: test_acc, mode: max}\n' + SPACE)),
+        2, "name: 'a\\x00b' is not allowed"),
+    Row("18 --resume without spec.yaml", "study.run", lambda c: no_spec(c), 2, "(no spec.yaml)"),
+    Row("18 the study folder is a file", "study.run", lambda c: study_file(c), 2, "is a file, not a study folder"),
+    *[Row(f"19 {cmd.split('.')[1]}: {what}", cmd, damaged(mutate, interrupted="progress" in what or "params" in what),
+          code, fragment, warns=warn)
+      for cmd in ("results.load", "study.analyze")
+      for what, mutate, code, fragment, warn in [
+          ("best.yaml unreadable", write("best.yaml", b"trial_id: [1,\n"), 2, "best.yaml: unreadable best trial", None),
+          ("best.yaml a list", write("best.yaml", b"- 1\n- 2\n"), 2, "best.yaml: the best trial must be a mapping", None),
+          ("best.yaml without trial_id", write("best.yaml", b"objective: 1\nparams: {}\nconfig: {}\n"), 2, "without trial_id", None),
+          ("best.yaml naming an unknown trial", lambda d: (d / "best.yaml").write_text(
+              (d / "best.yaml").read_text().replace("00001", "99999", 1)), 2, "trial_id '99999' is not a trial of this study", None),
+          ("trials.csv empty", lambda d: ((d / "trials.parquet").unlink(), (d / "trials.csv").write_bytes(b"")), 2,
+           "trials.csv: unreadable trials table", None),
+          ("trials.csv garbage", lambda d: ((d / "trials.parquet").unlink(), (d / "trials.csv").write_bytes(b"hello world\n1,2\n")),
+           2, "trials.csv: not a table that study.run writes (no trial_id, status column)", None),
+          ("trials.csv binary", lambda d: ((d / "trials.parquet").unlink(), (d / "trials.csv").write_bytes(b"\x00\xff\xfe\n")),
+           2, "trials.csv: unreadable trials table", None),
+          ("trials.parquet truncated", lambda d: (d / "trials.parquet").write_bytes((d / "trials.parquet").read_bytes()[:100]),
+           2, "trials.parquet: unreadable trials table", None),
+          ("history.csv missing", lambda d: (d / "history.csv").unlink(), 2, "history.csv: missing", None),
+          ("best/summary.yaml unreadable", write("best/summary.yaml", b"{: ["), 2, "summary.yaml: unreadable retrain summary", None),
+          ("best/metrics.csv unreadable", write("best/metrics.csv", b""), 2, "metrics.csv: unreadable retrain table", None),
+          ("spec.yaml garbage", write("spec.yaml", b"name: [\n"), 2, "spec.yaml: unreadable study spec", None),
+          ("an empty progress.csv", write("ray/trainable_aa001_1_channels=4_2026-01-01/progress.csv", b""), 0, "", "aa001 skipped"),
+          ("a corrupt params.json", write("ray/trainable_aa001_1_channels=4_2026-01-01/params.json", b"{\"chan"), 0, "", "aa001 skipped"),
+      ]],
+    Row("19 load: an empty progress.csv, the other trial read", "results.load",
+        damaged(write("ray/trainable_aa001_1_channels=4_2026-01-01/progress.csv", b""), interrupted=True), 0, "",
+        one_trial_left, warns="aa001 skipped"),
+    Row("19 analyze: optuna.db garbage", "study.analyze", optuna_db(b"not a database" * 100), 0, "report:", optuna_db_untouched),
+    Row("19 analyze: optuna.db empty (not rewritten)", "study.analyze", optuna_db(b""), 0, "report:", optuna_db_untouched),
+    Row("19 reproduce: best.yaml a list", "study.reproduce", lambda c: [*damaged(write("best.yaml", b"- 1\n"))(c)], 2,
+        "best.yaml: the best trial must be a mapping"),
+    Row("20 -save-es without -resume", "csnn.train", lambda c: c.cli("-save-es", c.tmp / "es"), 2, "-save-es needs -resume"),
+    Row("20 -save-es with a missing -resume", "csnn.train", lambda c: c.cli("-save-es", c.tmp / "es", "-resume", c.tmp / "nope.pth"),
+        2, "nope.pth is not a csnn.train checkpoint (no such file)"),
+    Row("20 -save-es with a text -resume", "csnn.train", resume_with(lambda p, c: p.write_text("x"), "-save-es", "{tmp}/es"), 2,
+        "is not a csnn.train checkpoint"),
+    Row("20 -save-es pointing at a file", "csnn.train", lambda c: (with_data_file(c), c.cli("-save-es", c.tmp / "afile", "-resume", c.ckpt))[1],
+        2, "afile: is a file; name a folder"),
+    Row("21 bench -T 0", "csnn.bench", lambda c: ["-T", "0"], 2, "argument -T: 0 is not allowed"),
+    Row("21 bench --batch-size 0", "csnn.bench", lambda c: ["--batch-size", "0"], 2, "--batch-size: 0 is not allowed"),
+    Row("21 bench --reps 0", "csnn.bench", lambda c: ["--reps", "0"], 2, "--reps: 0 is not allowed"),
+    Row("21 bench --device cuda:99", "csnn.bench", lambda c: ["--device", "cuda:99", "--data-dir", str(c.data)], 2, "device 'cuda:99'"),
+    Row("21 bench a bad --data-dir", "csnn.bench", lambda c: ["--data-dir", str(c.tmp / "none")], 2, "(--data-dir): no Fashion-MNIST files"),
+    # ---- clearer messages
+    Row("msg an empty YAML file", "study.run", lambda c: c.dry(c.space("")), 2, "space.yaml: the file is empty"),
+    Row("msg low: 1e-4 read as a string", "study.run", lambda c: c.dry(c.space(SPEC_TOP + "space: {lr: {type: float, low: 1e-4, high: 0.1}}\n")),
+        2, "YAML reads 1e-4 as text; write a number with a dot and a signed exponent, e.g. 1.0e-04"),
+    Row("msg --resume --num-samples 20 blames the flag", "study.run", lambda c: finished_study(c, "--resume", "--num-samples", "20"), 2,
+        "--num-samples 20: a study keeps the number of trials it started with (3"),
+    Row("msg zero training images", "study.run", data_variant(lambda f: write_dataset(f, 0, 100)), 2, "train-images-idx3-ubyte: holds no images"),
+    Row("msg a gzipped file without .gz", "study.run", data_variant(gzip_in_place), 2, "looks gzipped"),
+    Row("msg -resume with another configuration names the fields", "csnn.train",
+        lambda c: c.cli("-resume", c.ckpt, "-lr", "0.05"), 2, "different configuration: lr 0.1 in the checkpoint, 0.05 now"),
+    Row("msg an unknown field under train:", "study.run", lambda c: c.dry(c.space(train={"epoch": 3})), 2,
+        "train.epoch: TrainConfig has no field 'epoch'"),
+]
+
+
+def no_spec(c: Ctx) -> list:
+    argv = finished_study(c, "--resume")
+    (c.tmp / "results" / "hand" / "spec.yaml").unlink()
+    return argv
+
+
+def study_file(c: Ctx) -> list:
+    (c.tmp / "results").mkdir()
+    (c.tmp / "results" / "hand").write_text("a file")
+    return c.dry(c.space())[:1] + ["--storage", str(c.tmp / "results"), "--data-dir", str(c.data)]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Small data and one real checkpoint, made once for the table."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    data = write_dataset(root / "data", 300, 100)
+    logs = root / "ckpt-logs"
+    assert cli.main(["-device", "cpu", "-T", "1", "-channels", "2", "-b", "16", "-epochs", "2", "-data-dir", str(data),
+                     "-out-dir", str(logs)]) == 0
+    return data, logs / "T1_b16_sgd_lr0.1_c2" / "checkpoint_latest.pth"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input(row: Row, shared, tmp_path, monkeypatch, capsys):
+    data, ckpt = shared
+    ctx = Ctx(tmp_path, data, ckpt)
+    monkeypatch.delenv("CSNN_DATA", raising=False)
+    for k, v in row.env.items():
+        monkeypatch.setenv(k, v.format(tmp=tmp_path))
+    argv = [a.format(tmp=tmp_path) if isinstance(a, str) else a for a in row.setup(ctx)]
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            code = COMMANDS[row.cmd](argv)
+        except SystemExit as e:  # argparse's own errors: exit 2 with a usage line
+            code = e.code
+    out, err = capsys.readouterr()
+    assert code == row.code, f"exit {code}, expected {row.code}\nstdout: {out[-2000:]}\nstderr: {err[-2000:]}"
+    text = err if row.code else out + err
+    assert row.fragment in text, f"{row.fragment!r} not in:\n{text[-2000:]}"
+    assert "Traceback" not in out + err
+    if row.code == 2:
+        lines = [line for line in err.strip().splitlines() if line.startswith("error:") or ": error:" in line]
+        assert len(lines) == 1, err  # one line that says what is wrong
+    if row.warns:
+        assert any(row.warns in str(w.message) for w in caught), [str(w.message) for w in caught]
+    if row.check:
+        row.check(ctx)
