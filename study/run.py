@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 
 from csnn import data as fmnist
@@ -193,9 +194,23 @@ def check_machine(spec: specs.StudySpec, data: fmnist.FashionMNIST) -> None:
                               f"test images in {data.source}")
     for device in values(spec, "device"):
         try:
-            resolve_device(device)
+            dev = resolve_device(device)
         except RuntimeError as e:
             raise specs.SpecError(f"{where('device')}: {e}") from None
+        need = activation_bytes(max(values(spec, "T")), max(values(spec, "channels")), max(values(spec, "batch_size")))
+        have = (torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda"
+                else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        if need > have:  # a warning: the estimate is rough, and the user may know better
+            print(f"warning: {spec.path}: the largest T, channels and batch_size need about {need / 2**30:.0f} GiB "
+                  f"for one batch's activations, more than the {have / 2**30:.0f} GiB of {dev}; lower batch_size "
+                  "or channels", file=sys.stderr)
+
+
+def activation_bytes(T: int, channels: int, batch_size: int) -> int:
+    """A rough size of what one training batch keeps for the backward pass: per image and
+    time step, about ten float32 maps of C x 28 x 28 (convolutions, batch norms, membrane
+    potentials and spikes, at full and pooled size)."""
+    return batch_size * T * channels * 28 * 28 * 4 * 10
 
 
 class UsageError(Exception):

@@ -304,6 +304,8 @@ ROWS = [
         "render.images: 100000 is more than the 100 test images"),
     Row("11 retrain.seeds [0, 0]", "study.run", lambda c: c.dry(c.space(retrain={"seeds": [0, 0]})), 2,
         "retrain.seeds: [0, 0] is not allowed; the seeds must differ"),
+    Row("11 sizes that will not fit in memory: a warning", "study.run", lambda c: c.dry(c.space(train={"batch_size": 10**7})),
+        0, "warning: ", lambda c: None),
     Row("12 reproduce --trial ''", "study.reproduce", lambda c: [str(c.study()), "--trial", ""], 2, "an empty trial id is not allowed"),
     Row("12 reproduce --epochs 0", "study.reproduce", lambda c: with_comparison(c, "--epochs", "0"), 2,
         "--epochs: 0 is not allowed; must be >= 1", unchanged),
