@@ -248,7 +248,7 @@ def with_data_file(c: Ctx, **env) -> None:
     (c.tmp / "afile").write_text("not a folder")
 
 
-SPEC_TOP = "name: hand\nobjective: {metric: test_acc, mode: max}\n"
+SPEC_TOP = "name: hand\nobjective: {metric: train_loss, mode: min}\n"
 SPACE = "space: {lr: {type: float, low: 0.01, high: 0.1, log: true}}\n"
 NO_GPU = not torch.cuda.is_available()
 
@@ -325,7 +325,7 @@ ROWS = [
     Row("16 train.amp: 1", "study.run", lambda c: c.dry(c.space(train={"amp": 1})), 2, "train.amp: 1 is not allowed; must be true or false"),
     Row("17 a Latin-1 comment", "study.run", lambda c: c.dry(c.space((SPEC_TOP + "# caf\u00e9\n" + SPACE).encode("latin-1"))), 2,
         "line 3: not UTF-8 text (byte 0xe9)"),
-    Row("17 a name with a NUL byte", "study.run", lambda c: c.dry(c.space('name: "a\\0b"\nobjective: {metric: test_acc, mode: max}\n' + SPACE)),
+    Row("17 a name with a NUL byte", "study.run", lambda c: c.dry(c.space('name: "a\\0b"\nobjective: {metric: train_loss, mode: min}\n' + SPACE)),
         2, "name: 'a\\x00b' is not allowed"),
     Row("18 --resume without spec.yaml", "study.run", lambda c: no_spec(c), 2, "(no spec.yaml)"),
     Row("18 the study folder is a file", "study.run", lambda c: study_file(c), 2, "is a file, not a study folder"),
@@ -519,7 +519,7 @@ state = {"net": net, "optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.
          "scaler": torch.amp.GradScaler("cuda", enabled=False)}
 for epoch in range(cfg.epochs):
     save_checkpoint([Path(sys.argv[1]) / "checkpoint_latest.pth"], cfg, state, torch.Generator(), torch.device("cpu"),
-                    epoch, 0.5, {"epoch": epoch})
+                    epoch, {"epoch": epoch})
     print(epoch, flush=True)
 """
 
