@@ -308,7 +308,8 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, resum
         return 130
     trials, history, best = results.export(grid, spec, study_dir)
     # The top of the report the analysis writes: the same lines, one place.
-    print("\n".join(analyze.summary(results.Study(study_dir, spec, trials, history, best, None, None))), flush=True)
+    ended = results.Study(study_dir, spec, trials, history, best, None, None, trials_file=study_dir / "trials.parquet")
+    print("\n".join(analyze.summary(ended)), flush=True)
     if best and do_retrain and spec.retrain["seeds"] and spec.retrain["epochs"] > 0:
         s = retrain(spec, best, data, study_dir)
         print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
