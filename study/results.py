@@ -1,17 +1,18 @@
 """A study's results folder: written from Ray Tune's ResultGrid, read back as pandas dataframes.
 
-results/<name>/
+results/<name>/ (or --storage DIR or URI/<name>/)
   spec.yaml                 the resolved study
   trials.csv, .parquet      one row per trial: id, status, searched parameters,
-                            last and best value of each metric, epochs run, time
+                            last and best value of each metric, epochs run, time,
+                            where it ran (node_ip, hostname, gpu_ids; run_device)
   history.csv               every epoch every trial reported
   best.yaml                 the best trial: id, full TrainConfig, metrics
   best/                     the best configuration retrained per seed (study.run)
-  optuna.db, ray/           the Optuna study and Ray Tune's own experiment folder
+  ray/, retrain/            Ray Tune's own experiment folders (search, retrain)
+  optuna.db                 the Optuna study (a copy, when it lives on the driver's disk)
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,15 @@ import yaml
 
 from csnn.atomic import write_atomic
 from csnn.config import METRICS, RUN_INFO, trial_fields
+from study import storage
 from study.spec import StudySpec
+from study.storage import Location, read_table
 
 STATUSES = ("finished", "stopped", "errored", "unfinished")
 
 
 def write_table(path: Path, frame: pd.DataFrame) -> None:
-    """A table, csv or parquet by the suffix, written atomically."""
+    """A table, csv or parquet by the suffix, written atomically to a local path."""
     if path.suffix == ".parquet":
         write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
     else:
@@ -65,32 +68,37 @@ def metric_mode(metric: str, spec: StudySpec) -> str | None:
     return None
 
 
-def trial_folders(ray_dir: Path) -> list[Path]:
-    """Ray Tune's trial folders (<trainable>_<id>_<number>_<params>_<date>), in creation order."""
-    dirs = [d for d in Path(ray_dir).glob("*_*_*") if (d / "params.json").is_file()]
-    return sorted(dirs, key=lambda d: int(d.name.split("_")[2]))
+PLACEMENT = ("node_ip", "hostname", "gpu_ids")  # where a trial ran: Ray's node and the GPU ids it gave the trial
 
 
-def frames(ray_dir: Path, spec: StudySpec, complete: bool,
-           errors: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(trials, history) read from the trial folders Ray Tune wrote. `complete`:
-    the study has ended, so a trial with fewer epochs than planned was stopped
-    early (else it is 'unfinished'). `errors` ({trial_id: text}) overrides the
-    error files (a trial retried successfully keeps an old error.txt)."""
+def trial_results(ray_dir: Location) -> list:
+    """(trial, Result) of every trial Ray Tune recorded in its experiment folder,
+    in creation order, read through Ray's own API (any storage pyarrow reads).
+    A study that has not saved its state yet has none."""
+    from ray import tune
+
+    try:
+        analysis = tune.ExperimentAnalysis(ray_dir.path, storage_filesystem=ray_dir.fs)
+    except ValueError:  # no experiment_state*.json yet
+        return []
+    return list(zip(analysis.trials, tune.ResultGrid(analysis)))
+
+
+def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, history) of the trials Ray Tune recorded. `complete`: the study
+    has ended, so a trial with fewer epochs than planned was stopped early (else
+    it is 'unfinished')."""
     rows, hist = [], []
-    for d in trial_folders(ray_dir):
-        trial_id, number = d.name.split("_")[1], int(d.name.split("_")[2])
-        config = json.loads((d / "params.json").read_text())
-        h = pd.read_csv(d / "progress.csv") if (d / "progress.csv").is_file() else pd.DataFrame()
+    for number, (trial, result) in enumerate(trial_results(ray_dir), 1):
+        trial_id = trial.trial_id
+        h = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        last = h.iloc[-1] if len(h) else {}
         h = h[[c for c in (*METRICS, *RUN_INFO) if c in h.columns]]
         if len(h):
             h = h.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a retried epoch counts once
-        params = trial_fields(config)
+        params = trial_fields(trial.config)
         cfg = spec.config(params)
-        if errors is not None:
-            error = errors.get(trial_id)
-        else:
-            error = _error_file_text(d / "error.txt")
+        error = error_text(str(result.error)) if result.error else None
         ran = len(h)
         status = ("errored" if error else "finished" if ran >= cfg.epochs
                   else "stopped" if complete else "unfinished")
@@ -105,6 +113,7 @@ def frames(ray_dir: Path, spec: StudySpec, complete: bool,
                     row[best_column(m)] = _best(h[m], mode)
         row["epochs_run"] = ran
         row["time_s"] = float(h["epoch_s"].sum()) if "epoch_s" in h else 0.0
+        row.update({k: _text(last.get(k)) for k in PLACEMENT})
         row["error"] = error
         row["config"] = yaml.safe_dump(cfg.to_dict(), default_flow_style=True, width=10_000).strip()
         rows.append(row)
@@ -116,10 +125,9 @@ def frames(ray_dir: Path, spec: StudySpec, complete: bool,
     return trials, history
 
 
-def _error_file_text(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    return error_text(path.read_text())
+def _text(v) -> str:
+    """Placement as text ('0,1' GPU ids stay text; a trial that never reported: '')."""
+    return "" if missing(v) else str(v)
 
 
 def error_text(text: str) -> str:
@@ -173,15 +181,13 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
     return ok.loc[ok[key].idxmax() if spec.mode == "max" else ok[key].idxmin()]
 
 
-def export(result_grid, spec: StudySpec, study_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
-    """Write trials.csv/.parquet, history.csv and best.yaml from an ended
-    study's ResultGrid and trial folders; return (trials, history, best)."""
-    errors = {Path(r.path).name.split("_")[1]: _error_file_text(Path(r.path) / "error.txt") or error_text(str(r.error))
-              for r in result_grid if r.error}
-    trials, history = frames(study_dir / "ray", spec, complete=True, errors=errors)
-    write_table(study_dir / "history.csv", history)
-    write_table(study_dir / "trials.parquet", trials)
-    write_table(study_dir / "trials.csv", trials)
+def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
+    """Write trials.csv/.parquet, history.csv and best.yaml of an ended study,
+    read from Ray Tune's record in study_dir/ray; return (trials, history, best)."""
+    trials, history = frames(study_dir / "ray", spec, complete=True)
+    storage.write_table(study_dir / "history.csv", history)
+    storage.write_table(study_dir / "trials.parquet", trials)
+    storage.write_table(study_dir / "trials.csv", trials)
     row = best_row(trials, spec)
     best = None
     if row is not None:
@@ -189,7 +195,7 @@ def export(result_grid, spec: StudySpec, study_dir: Path) -> tuple[pd.DataFrame,
         if spec.multi:
             best["pick"] = spec.retrain["pick"]
             best["pareto"] = [_best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
-        write_atomic(study_dir / "best.yaml", yaml.safe_dump(best, sort_keys=False))
+        (study_dir / "best.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
     return trials, history, best
 
 
@@ -224,13 +230,18 @@ class StudyError(ValueError):
 class Study:
     """A study folder as dataframes: what a notebook imports."""
 
-    path: Path
+    location: Location  # the study folder: local, or behind a URI (s3://...)
     spec: StudySpec
     trials: pd.DataFrame  # one row per trial
     history: pd.DataFrame  # one row per trial and epoch
     best: dict | None  # best.yaml: trial_id, objective, params, config (a TrainConfig dict), metrics
     retrain: pd.DataFrame | None  # best/metrics.csv: one row per seed and epoch
-    retrain_summary: dict | None  # best/summary.yaml: test_acc per seed, mean, std
+    retrain_summary: dict | None  # best/summary.yaml: test_acc per seed, mean, std, placement
+
+    @property
+    def path(self) -> Path | str:
+        """The local folder, or the URI."""
+        return self.location.local or self.location.shown
 
     @property
     def best_row(self) -> pd.Series | None:
@@ -240,7 +251,7 @@ class Study:
 
     @property
     def complete(self) -> bool:
-        return (self.path / "trials.csv").is_file()
+        return (self.location / "trials.csv").is_file()
 
     @property
     def objective_column(self) -> str:
@@ -267,33 +278,39 @@ class Study:
         return self.trials[self.trials["status"] == "errored"] if len(self.trials) else self.trials
 
 
-def load(path: str | Path) -> Study:
-    """Load results/<name>/. A study still running or interrupted (no trials.csv
-    yet) is read from Ray Tune's trial folders, its unfinished trials marked so."""
+def load(path: str | Path | Location) -> Study:
+    """Load results/<name>/ (or a URI such as s3://bucket/results/<name>). A study
+    still running or interrupted (no trials.csv yet) is read from Ray Tune's
+    record, its unfinished trials marked so."""
     from study.spec import SpecError, parse
 
-    path = Path(path)
-    spec_file = path / "spec.yaml"
+    loc = path if isinstance(path, Location) else Location.parse(path)
+    spec_file = loc / "spec.yaml"
     if not spec_file.is_file():
-        raise StudyError(f"{path}: not a study folder (no spec.yaml); give the results/<name>/ folder "
-                         "that python -m study.run writes")
+        raise StudyError(f"{loc}: not a study folder (no spec.yaml); give the results/<name>/ folder "
+                         "(or the --storage URI/<name>) that python -m study.run writes")
     try:
         spec = parse(yaml.safe_load(spec_file.read_text()), str(spec_file))
     except (SpecError, yaml.YAMLError) as e:
         raise StudyError(f"{spec_file}: unreadable study spec: {e}") from None
-    if (path / "trials.parquet").is_file():
-        trials = pd.read_parquet(path / "trials.parquet")
-        history = pd.read_csv(path / "history.csv")
-    elif (path / "trials.csv").is_file():
-        trials = pd.read_csv(path / "trials.csv")
-        history = pd.read_csv(path / "history.csv")
+    text = {k: str for k in PLACEMENT}  # GPU ids '0' stay text
+    if (loc / "trials.parquet").is_file():
+        trials = read_table(loc / "trials.parquet")
+        history = read_table(loc / "history.csv")
+    elif (loc / "trials.csv").is_file():
+        trials = read_table(loc / "trials.csv", dtype=text)
+        trials[[k for k in PLACEMENT if k in trials]] = trials[[k for k in PLACEMENT if k in trials]].fillna("")
+        history = read_table(loc / "history.csv")
     else:
-        trials, history = frames(path / "ray", spec, complete=False)
-    if (path / "best.yaml").is_file():
-        best = yaml.safe_load((path / "best.yaml").read_text())
+        trials, history = frames(loc / "ray", spec, complete=False)
+    if (loc / "best.yaml").is_file():
+        best = yaml.safe_load((loc / "best.yaml").read_text())
     else:
         row = best_row(trials, spec) if len(trials) else None
         best = None if row is None else _best_entry(row, spec)
-    retrain = pd.read_csv(path / "best" / "metrics.csv") if (path / "best" / "metrics.csv").is_file() else None
-    summary = yaml.safe_load((path / "best" / "summary.yaml").read_text()) if (path / "best" / "summary.yaml").is_file() else None
-    return Study(path, spec, trials, history, best, retrain, summary)
+    # summary.yaml is written last: without it best/ is not complete
+    retrain, summary = None, None
+    if (loc / "best" / "summary.yaml").is_file():
+        summary = yaml.safe_load((loc / "best" / "summary.yaml").read_text())
+        retrain = read_table(loc / "best" / "metrics.csv")
+    return Study(loc, spec, trials, history, best, retrain, summary)

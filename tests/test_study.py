@@ -28,9 +28,13 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir):
             "time_s", "error", "config"} <= set(trials.columns)
     assert set(trials["status"]) <= {"finished", "stopped"} and (trials["status"] == "finished").any()
     assert trials["lr"].between(0.003, 0.03).all() and set(trials["channels"]) <= {4, 6}
-    cols = [c for c in trials.columns if c != "error"]  # all empty; None in parquet, NaN in csv
+    # all empty (no error; no GPU id on the CPU): '' or None in parquet, NaN in csv
+    cols = [c for c in trials.columns if c not in ("error", "gpu_ids")]
     pd.testing.assert_frame_equal(pd.read_parquet(d / "trials.parquet")[cols], trials[cols], check_dtype=False)
     assert trials["error"].isna().all()
+    # where each trial ran: Ray's node, no GPU id, the CPU
+    assert trials["node_ip"].notna().all() and trials["hostname"].notna().all()
+    assert trials["gpu_ids"].isna().all() and (trials["run_device"] == "cpu").all()
 
     history = pd.read_csv(d / "history.csv")
     assert len(history) == trials["epochs_run"].sum()
@@ -54,7 +58,7 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir):
         assert img.shape == (112, 112) and img.std() > 10
         for t in range(2):
             assert (d / "best" / "spikes" / str(i) / f"s_{t}.svg").is_file()
-    assert not (d / "best.partial").exists()
+    assert set(summary["placement"]) == {0, 1} and summary["placement"][0]["node_ip"]
 
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{d / 'optuna.db'}")
     assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
