@@ -119,29 +119,3 @@ def test_errored_trial_is_recorded_and_others_finish(tmp_path, tiny_data_dir):
     assert "errored" in p.stdout
     best = yaml.safe_load((tmp_path / "results" / "errors" / "best.yaml").read_text())
     assert best["config"]["lr"] == 0.01
-
-
-def test_fractional_gpus_run_four_trials_at_once(tmp_path, tiny_data_dir):
-    """2 logical GPUs and gpus_per_trial 0.5: Ray runs four trials at once."""
-    import ray
-
-    from csnn import data as fmnist
-    from study import run, spec as specs
-
-    spec = specs.parse(tiny_spec("gpus", train={"epochs": 3}, search={"num_samples": 4, "max_concurrent": 4},
-                                 resources={"gpus_per_trial": 0.5, "cpus_per_trial": 0.25},
-                                 retrain={"seeds": []}), "gpus.yaml")
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
-    try:
-        assert run.resources(spec) == {"cpu": 0.25, "gpu": 0.5}
-        assert run.run(spec, fmnist.load(tiny_data_dir), tmp_path / "gpus") == 0
-    finally:
-        ray.shutdown()
-    # Each trial's first report came before any trial finished: all four overlapped.
-    ray_dir = tmp_path / "gpus" / "ray"
-    spans = []
-    for f in ray_dir.glob("*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines()]
-        spans.append((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]))
-    assert len(spans) == 4
-    assert max(s for s, _ in spans) < min(e for _, e in spans)
