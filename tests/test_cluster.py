@@ -3,6 +3,7 @@
 server on 127.0.0.1) and a real two-node Ray cluster whose second node sees an
 empty tmpfs over the storage folder (unshare --mount)."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +17,7 @@ from conftest import ROOT, env, study_cmd, tiny_spec, write_spec
 from csnn import data as fmnist
 from csnn.trainable import checkpoint_epochs, trial_device
 from study import analyze, results, run, spec as specs
-from study.storage import Location, StorageError, check_nodes_see
+from study.storage import Location
 
 
 def spans(folder: Location) -> list:
@@ -138,7 +139,7 @@ def test_study_on_s3_end_to_end(s3, tmp_path, tiny_data_dir):
                        + ["--storage", s3, "--data-dir", str(tiny_data_dir)],
                        env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert not any(tmp_path.glob("s3*"))  # nothing written to a local folder named after the URI
+    assert not any(tmp_path.glob("s3:*"))  # nothing written to a local folder named after the URI
     study = Location.parse(s3) / "s3"
     s = results.load(study.shown)
     assert len(s.trials) == 3 and set(s.trials["status"]) <= {"finished", "stopped"}
@@ -152,6 +153,21 @@ def test_study_on_s3_end_to_end(s3, tmp_path, tiny_data_dir):
     assert "## Best trial" in report and (study / "report" / "curves.png").is_file()
 
 
+DRIVER = """
+import sys, time, ray
+from study.storage import Location, StorageError, check_nodes_see
+ray.init(address=sys.argv[1])
+deadline = time.time() + 60
+while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+    time.sleep(1)
+print("shared:", len(check_nodes_see(Location.parse(sys.argv[2]))), "nodes")
+try:
+    check_nodes_see(Location.parse(sys.argv[3]))
+except StorageError as e:
+    print("hidden:", e)
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,13 +179,11 @@ def test_two_node_storage_check(tmp_path):
     """A head and a second node on this machine; the second started under
     `unshare --mount` with a tmpfs over one folder: the check passes the folder
     both see and names the node that cannot see the other."""
-    import ray
-
     shared, hidden = tmp_path / "shared", tmp_path / "hidden"
     shared.mkdir()
     hidden.mkdir()
     port = _free_port()
-    e = {**env(), "RAY_AUTH_MODE": "token"}
+    e = {**env(), "RAY_AUTH_MODE": "token"}  # Ray 2.60's head turns token auth on: everyone uses it
     ray_bin = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "1", "--num-gpus", "0"]
     procs = [subprocess.Popen(ray_bin + ["--head", "--port", str(port), "--include-dashboard", "false"], env=e,
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
@@ -179,18 +193,17 @@ def test_two_node_storage_check(tmp_path):
         procs.append(subprocess.Popen(["unshare", "--mount", "sh", "-c",
                                        f"mount -t tmpfs tmpfs {hidden} && exec {worker}"], env=e,
                                       start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
-        os.environ["RAY_AUTH_MODE"] = "token"
-        ray.init(address=f"127.0.0.1:{port}")
-        deadline = time.time() + 60
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
-            time.sleep(1)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        assert len(check_nodes_see(Location.parse(shared))) == 2
-        with pytest.raises(StorageError, match=r"--storage .*hidden: 1 of 2 Ray nodes cannot read.*NFS"):
-            check_nodes_see(Location.parse(hidden))
+        # The driver reads RAY_AUTH_MODE when Ray starts in it: its own process.
+        p = subprocess.run([sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", str(shared), str(hidden)], env=e,
+                           capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "shared: 2 nodes" in p.stdout, p.stdout
+        assert re.search(r"hidden: --storage .*hidden: 1 of 2 Ray nodes cannot read.*NFS", p.stdout), p.stdout
     finally:
-        ray.shutdown()
-        os.environ.pop("RAY_AUTH_MODE", None)
-        for p in reversed(procs):  # ray start --block stops its node's processes when it ends
+        for p in reversed(procs):  # ray start --block ends its node's processes (its session) with it
             os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=60)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=20)
