@@ -103,7 +103,7 @@ def test_trials_spread_over_logical_gpus(gpus, tmp_path, tiny_data_dir):
         ray.shutdown()
     study = results.load(tmp_path / "gpus")
     t = study.trials
-    assert len(t) == 4 and (t["device"] == "cpu").all()  # logical GPUs: ids, no CUDA device
+    assert len(t) == 4 and (t["run_device"] == "cpu").all()  # logical GPUs: ids, no CUDA device
     assert sorted(t["gpu_ids"].value_counts().tolist()) == ([1, 1, 1, 1] if gpus == 4 else [2, 2])
     s = spans(Location.parse(tmp_path / "gpus") / "ray")
     assert max(a for a, _ in s) < min(b for _, b in s)  # all four overlapped
@@ -207,3 +207,34 @@ def test_two_node_storage_check(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=20)
+
+
+def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_dir):
+    """Ctrl-C after the first retrain seed finished (the seeds take all the CPUs,
+    so they run one after the other here): --resume keeps that seed and trains
+    only the other, then assembles best/."""
+    cpus = os.cpu_count()
+    spec = tiny_spec("reretrain", train={"epochs": 1}, search={"num_samples": 1, "max_concurrent": 1},
+                     resources={"cpus_per_trial": cpus}, retrain={"epochs": 3, "seeds": [0, 1]},
+                     render={"images": 1})
+    space = write_spec(tmp_path, spec)
+    retrain_dir = tmp_path / "results" / "reretrain" / "retrain"
+    proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline, done = time.time() + 300, []
+    while time.time() < deadline and not done:
+        done = [f for f in retrain_dir.glob("*/result.json") if len(f.read_text().splitlines()) >= 3]
+        time.sleep(0.5)
+    assert done, "no retrain seed finished in time"
+    before = done[0].read_text()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "continue it with --resume" in out, out[-3000:]
+    assert not (tmp_path / "results" / "reretrain" / "best" / "summary.yaml").exists()
+
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--resume"), env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert done[0].read_text() == before  # the finished seed was not trained again
+    summary = results.load(tmp_path / "results" / "reretrain").retrain_summary
+    assert set(summary["test_acc"]) == {0, 1}
