@@ -245,8 +245,11 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
                                                     storage_filesystem=study.fs,
                                                     failure_config=tune.FailureConfig(max_failures=1),
                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1))).fit()
-    failed = [f"seed {r.config['seed']}: {results.error_text(str(r.error))}" for r in grid if r.error]
-    if failed or len(grid) < len(seeds):
+    # A seed is done when it reported its last epoch: after Ctrl-C, Ray may
+    # list a seed that never started as terminated, without metrics.
+    failed = [f"{r.path}: {results.error_text(str(r.error))}" for r in grid if r.error]
+    unfinished = [r for r in grid if not r.error and r.metrics.get("epoch", -1) + 1 < fixed["epochs"]]
+    if failed or unfinished or len(grid) < len(seeds):
         raise RuntimeError("the retrain did not finish (" + ("; ".join(failed) or "interrupted")
                            + "); continue it with --resume")
 
