@@ -100,7 +100,8 @@ def train_epoch(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor, 
 
 def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None = None,
         callback: Callable[[dict], None] | None = None, resume: str | Path | None = None,
-        stop_after: int | None = None, on_epoch: Callable[[dict, Callable], None] | None = None) -> list[dict]:
+        stop_after: int | None = None, on_epoch: Callable[[dict, Callable], None] | None = None,
+        save_when: Callable[[int], bool] | None = None) -> list[dict]:
     """Train `cfg` on `data`; after each epoch call `on_epoch(metrics, save)` if given
     (`save(paths, **keys)` checkpoints the epoch with extra top-level keys: how the
     tutorial's command line keeps its max_test_acc and checkpoint_max.pth), save
@@ -108,6 +109,8 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     Resumes from the checkpoint at `resume`.
     `stop_after` ends the run after that many epochs of this call (used to
     interrupt a run in tests and tools; the schedule still spans cfg.epochs).
+    `save_when(epoch)`, if given, says after which epochs to save (a study
+    copies each checkpoint to its storage: it saves only where it must).
     Returns the metrics of the epochs run by this call."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -170,7 +173,7 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
 
         if on_epoch is not None:
             on_epoch(m, lambda paths, **keys: save_checkpoint(paths, cfg, state, order_gen, device, epoch, m, **keys))
-        if out_dir is not None:
+        if out_dir is not None and (save_when is None or save_when(epoch)):
             save_checkpoint([Path(out_dir) / "checkpoint_latest.pth"], cfg, state, order_gen, device, epoch, m)
         history.append(m)
         if callback is not None:

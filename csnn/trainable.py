@@ -1,24 +1,71 @@
-"""The Ray Tune trainable: the one training loop, reporting every epoch with a checkpoint.
+"""The Ray Tune trainable: the one training loop, reporting every epoch, with a
+checkpoint at the epochs that need one.
 
 The only module of `csnn` that knows about Ray.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
+import ray
 from ray import tune
 
-from csnn.data import FashionMNIST
 from csnn.config import TrainConfig, trial_fields
+from csnn.data import FashionMNIST
 from csnn.train import fit
 
 
-def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None) -> None:
+def trial_device(requested: str, gpu_ids: list, cuda_available: bool) -> str:
+    """The device a trial may use: the GPU Ray assigned it, else the CPU.
+
+    Ray 2.60 no longer hides the GPUs from a worker that asked for none, so
+    `device: auto` alone would put such a trial on cuda:0 behind Ray's back."""
+    if not gpu_ids:
+        if requested.startswith("cuda"):
+            raise ValueError(f"TrainConfig.device is {requested!r} but Ray gave this trial no GPU; "
+                             "set resources.gpus_per_trial above 0 (or auto), or device: auto")
+        return "cpu"
+    if requested == "cpu" or not cuda_available:
+        # Ray's logical GPUs (ray.init(num_gpus=N) on a CPU machine) have ids but no CUDA device.
+        return "cpu"
+    # Ray sets CUDA_VISIBLE_DEVICES to the assigned ids, so the first is cuda:0,
+    # unless told not to (then the ids are the machine's own).
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "0") not in ("", "0"):
+        return f"cuda:{gpu_ids[0]}"
+    return "cuda:0"
+
+
+def checkpoint_epochs(epochs: int, every: int, rungs=()) -> set[int]:
+    """The epochs (1-based, Ray's training_iteration) after which a checkpoint is
+    copied to storage: every `every` epochs, at the scheduler's rungs (where a
+    trial may be stopped) and at the end."""
+    return {e for e in range(1, epochs + 1) if e % every == 0 or e in rungs or e == epochs}
+
+
+def placement() -> dict:
+    """Where this trial runs: Ray's GPU ids (as '0,3'); Ray adds node_ip and
+    hostname itself, and fit reports the device as run_device."""
+    return {"gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())}
+
+
+def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None, checkpoint_every: int = 1,
+              rungs: tuple = ()) -> None:
     """Train TrainConfig(**fixed, **config). `data` arrives through Ray's object
     store (tune.with_parameters), so no trial reads files. A restarted trial
     (FailureConfig retry, or a resumed study) continues from its last checkpoint."""
     cfg = TrainConfig.from_dict({**(fixed or {}), **trial_fields(config)})
+    import torch
+
+    gpu_ids = ray.get_gpu_ids()
+    device = trial_device(cfg.device, gpu_ids, torch.cuda.is_available())
+    if not gpu_ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # nothing below (torch, Triton) may open a GPU
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": device})
+    where = placement()
+    save_at = checkpoint_epochs(cfg.epochs, checkpoint_every, rungs)
+
     resume = None
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="csnn-trial-") as work:
@@ -27,7 +74,9 @@ def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None) -> No
         out = Path(work) / "ckpt"
 
         def report(metrics: dict) -> None:
-            # Ray copies the folder into the trial's storage before returning.
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(out)))
+            # Ray copies the checkpoint folder into the trial's storage before returning.
+            saved = metrics["epoch"] + 1 in save_at
+            tune.report({**metrics, **where},
+                        checkpoint=tune.Checkpoint.from_directory(str(out)) if saved else None)
 
-        fit(cfg, data, out, report, resume=resume)
+        fit(cfg, data, out, report, resume=resume, save_when=lambda epoch: epoch + 1 in save_at)

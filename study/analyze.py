@@ -183,16 +183,23 @@ def importances(study: results.Study) -> tuple[dict | None, str | None]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    db = study.path / "optuna.db"
+    db = study.location / "optuna.db"
     if not db.is_file():
         return None, "no optuna.db"
+    import tempfile
+
     try:
-        # Read-only: opening an empty or foreign file read-write would write a fresh schema into it.
-        s = optuna.load_study(study_name=study.spec.name, storage=f"sqlite:///file:{db.resolve()}?mode=ro&uri=true")
-        done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if len(done) < 2:
-            return None, f"{len(done)} completed Optuna trial(s); importances need at least 2"
-        imp = optuna.importance.get_param_importances(s)
+        with tempfile.TemporaryDirectory() as tmp:  # SQLite reads a local file: copy one behind a URI
+            local = db.local or Path(tmp) / "optuna.db"
+            if db.local is None:
+                local.write_bytes(db.read_bytes())
+            # Read-only: opening an empty or foreign file read-write would write a fresh schema into it.
+            s = optuna.load_study(study_name=study.spec.name,
+                                  storage=f"sqlite:///file:{local.resolve()}?mode=ro&uri=true")
+            done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if len(done) < 2:
+                return None, f"{len(done)} completed Optuna trial(s); importances need at least 2"
+            imp = optuna.importance.get_param_importances(s)
     except Exception as e:  # noqa: BLE001 - a damaged optuna.db (SQLAlchemy, sqlite3 errors): draw the rest
         return None, f"{db}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not imp:
@@ -385,10 +392,22 @@ def plot_lines(plots: dict, notes: list[str]) -> list[str]:
     return lines + (["## Not drawn", *(f"- {n}" for n in notes)] if notes else [])
 
 
-def report(study: results.Study, top: int) -> Path:
-    """report/report.md, the study on one page, and its plots."""
-    out = study.path / "report"
-    out.mkdir(exist_ok=True)
+def report(study: results.Study, top: int) -> Path | str:
+    """report/report.md, the study on one page, and its plots; a study behind a
+    URI gets them drawn locally, then copied there."""
+    if study.location.local is not None:
+        out = study.location.local / "report"
+        out.mkdir(exist_ok=True)
+        return _report(study, top, out)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="csnn-report-") as tmp:
+        _report(study, top, Path(tmp))
+        (study.location / "report").upload(Path(tmp))
+    return str(study.location / "report" / "report.md")
+
+
+def _report(study: results.Study, top: int, out: Path) -> Path:
     plots, notes = draw(study, top, out)
     lines = (summary(study) + retrain_lines(study) + baseline_lines(study) + edge_lines(study)
              + top_lines(study, top) + plot_lines(plots, notes))

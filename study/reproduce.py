@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     set_deterministic(args.deterministic)
     exact = exact_expected(recorded, device, recorded_device)
     ran_on = ", ".join(sorted(set(recorded["run_device"].dropna().astype(str)))) if "run_device" in recorded else ""
-    out = study.path / "reproduce" / str(trial_id)
+    # A study behind a URI (s3://...) gets its reproduction in ./reproduce/<trial>/ here.
+    out = (study.location.local or Path.cwd()) / "reproduce" / str(trial_id)
     print(f"reproducing trial {trial_id} (recorded on {ran_on or 'an unrecorded device'}) for {epochs} of its "
           f"{len(recorded)} recorded epochs on {device}: {'exact' if exact else 'CUDA tolerances'}", flush=True)
     with tempfile.TemporaryDirectory() as work:

@@ -1,17 +1,18 @@
 """A study's results folder: written from Ray Tune's ResultGrid, read back as pandas dataframes.
 
-results/<name>/
+results/<name>/ (or --storage DIR or URI/<name>/)
   spec.yaml                 the resolved study
   trials.csv, .parquet      one row per trial: id, status, searched parameters,
-                            last and best value of each metric, epochs run, time
+                            last and best value of each metric, epochs run, time,
+                            where it ran (node_ip, hostname, gpu_ids; run_device)
   history.csv               every epoch every trial reported
   best.yaml                 the best trial: id, full TrainConfig, metrics
   best/                     the best configuration retrained per seed (study.run)
-  optuna.db, ray/           the Optuna study and Ray Tune's own experiment folder
+  ray/, retrain/            Ray Tune's own experiment folders (search, retrain)
+  optuna.db                 the Optuna study (a copy, when it lives on the driver's disk)
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,13 +25,15 @@ import yaml
 from csnn import yamlio
 from csnn.atomic import write_atomic
 from csnn.config import METRICS, RUN_INFO, trial_fields
+from study import storage
 from study.spec import StudySpec
+from study.storage import Location, read_table
 
 STATUSES = ("finished", "stopped", "errored", "unfinished")
 
 
 def write_table(path: Path, frame: pd.DataFrame) -> None:
-    """A table, csv or parquet by the suffix, written atomically."""
+    """A table, csv or parquet by the suffix, written atomically to a local path."""
     if path.suffix == ".parquet":
         write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
     else:
@@ -67,40 +70,44 @@ def metric_mode(metric: str, spec: StudySpec) -> str | None:
     return None
 
 
-def trial_folders(ray_dir: Path) -> list[Path]:
-    """Ray Tune's trial folders (<trainable>_<id>_<number>_<params>_<date>), in creation order."""
-    dirs = [d for d in Path(ray_dir).glob("*_*_*") if (d / "params.json").is_file()]
-    return sorted(dirs, key=lambda d: int(d.name.split("_")[2]))
+PLACEMENT = ("node_ip", "hostname", "gpu_ids")  # where a trial ran: Ray's node and the GPU ids it gave the trial
 
 
-def frames(ray_dir: Path, spec: StudySpec, complete: bool,
-           errors: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(trials, history) read from the trial folders Ray Tune wrote. `complete`:
-    the study has ended, so a trial with fewer epochs than planned was stopped
-    early (else it is 'unfinished'). `errors` ({trial_id: text}) overrides the
-    error files (a trial retried successfully keeps an old error.txt)."""
+def trial_results(ray_dir: Location) -> list:
+    """(trial, Result) of every trial Ray Tune recorded in its experiment folder,
+    in creation order, read through Ray's own API (any storage pyarrow reads).
+    A study that has not saved its state yet has none."""
+    from ray import tune
+
+    try:
+        analysis = tune.ExperimentAnalysis(ray_dir.path, storage_filesystem=ray_dir.fs)
+    except ValueError:  # no experiment_state*.json yet
+        return []
+    return list(zip(analysis.trials, tune.ResultGrid(analysis)))
+
+
+def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, history) of the trials Ray Tune recorded. `complete`: the study
+    has ended, so a trial with fewer epochs than planned was stopped early (else
+    it is 'unfinished')."""
     rows, hist = [], []
-    for d in trial_folders(ray_dir):
-        trial_id, number = d.name.split("_")[1], int(d.name.split("_")[2])
+    for number, (trial, result) in enumerate(trial_results(ray_dir), 1):
+        trial_id = trial.trial_id
         try:  # a trial killed mid-write: skip it, the others still make a study
-            config = json.loads((d / "params.json").read_text())
-            h = pd.read_csv(d / "progress.csv") if (d / "progress.csv").is_file() else pd.DataFrame()
-            if not isinstance(config, dict):
-                raise ValueError("params.json is not a mapping")
+            h = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
             if len(h) and "epoch" not in h:
-                raise ValueError("progress.csv has no epoch column")
-            params = trial_fields(config)
+                raise ValueError("its progress has no epoch column")
+            params = trial_fields(trial.config)
             cfg = spec.config(params)
-        except (OSError, ValueError) as e:  # json's and pandas' parse errors are ValueErrors
-            warnings.warn(f"{d}: trial {trial_id} skipped, its files are damaged ({str(e).splitlines()[0]})", stacklevel=2)
+        except (OSError, ValueError, TypeError) as e:  # pandas' and the config's parse errors
+            warnings.warn(f"{trial.path}: trial {trial_id} skipped, its files are damaged "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=2)
             continue
+        last = h.iloc[-1] if len(h) else {}
         h = h[[c for c in (*METRICS, *RUN_INFO) if c in h.columns]]
         if len(h):
             h = h.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a retried epoch counts once
-        if errors is not None:
-            error = errors.get(trial_id)
-        else:
-            error = _error_file_text(d / "error.txt")
+        error = error_text(str(result.error)) if result.error else None
         ran = len(h)
         status = ("errored" if error else "finished" if ran >= cfg.epochs
                   else "stopped" if complete else "unfinished")
@@ -115,6 +122,7 @@ def frames(ray_dir: Path, spec: StudySpec, complete: bool,
                     row[best_column(m)] = _best(h[m], mode)
         row["epochs_run"] = ran
         row["time_s"] = float(h["epoch_s"].sum()) if "epoch_s" in h else 0.0
+        row.update({k: _text(last.get(k)) for k in PLACEMENT})
         row["error"] = error
         row["config"] = yaml.safe_dump(cfg.to_dict(), default_flow_style=True, width=10_000).strip()
         rows.append(row)
@@ -126,10 +134,9 @@ def frames(ray_dir: Path, spec: StudySpec, complete: bool,
     return trials, history
 
 
-def _error_file_text(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    return error_text(path.read_text())
+def _text(v) -> str:
+    """Placement as text ('0,1' GPU ids stay text; a trial that never reported: '')."""
+    return "" if missing(v) else str(v)
 
 
 def error_text(text: str) -> str:
@@ -183,15 +190,13 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
     return ok.loc[ok[key].idxmax() if spec.mode == "max" else ok[key].idxmin()]
 
 
-def export(result_grid, spec: StudySpec, study_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
-    """Write trials.csv/.parquet, history.csv and best.yaml from an ended
-    study's ResultGrid and trial folders; return (trials, history, best)."""
-    errors = {Path(r.path).name.split("_")[1]: _error_file_text(Path(r.path) / "error.txt") or error_text(str(r.error))
-              for r in result_grid if r.error}
-    trials, history = frames(study_dir / "ray", spec, complete=True, errors=errors)
-    write_table(study_dir / "history.csv", history)
-    write_table(study_dir / "trials.parquet", trials)
-    write_table(study_dir / "trials.csv", trials)
+def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
+    """Write trials.csv/.parquet, history.csv and best.yaml of an ended study,
+    read from Ray Tune's record in study_dir/ray; return (trials, history, best)."""
+    trials, history = frames(study_dir / "ray", spec, complete=True)
+    storage.write_table(study_dir / "history.csv", history)
+    storage.write_table(study_dir / "trials.parquet", trials)
+    storage.write_table(study_dir / "trials.csv", trials)
     row = best_row(trials, spec)
     best = None
     if row is not None:
@@ -199,7 +204,7 @@ def export(result_grid, spec: StudySpec, study_dir: Path) -> tuple[pd.DataFrame,
         if spec.multi:
             best["pick"] = spec.retrain["pick"]
             best["pareto"] = [_best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
-        write_atomic(study_dir / "best.yaml", yaml.safe_dump(best, sort_keys=False))
+        (study_dir / "best.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
     return trials, history, best
 
 
@@ -234,14 +239,19 @@ class StudyError(ValueError):
 class Study:
     """A study folder as dataframes: what a notebook imports."""
 
-    path: Path
+    location: Location  # the study folder: local, or behind a URI (s3://...)
     spec: StudySpec
     trials: pd.DataFrame  # one row per trial
     history: pd.DataFrame  # one row per trial and epoch
     best: dict | None  # best.yaml: trial_id, objective, params, config (a TrainConfig dict), metrics
     retrain: pd.DataFrame | None  # best/metrics.csv: one row per seed and epoch
-    retrain_summary: dict | None  # best/summary.yaml: test_acc per seed, mean, std
-    trials_file: Path | None = None  # the table trials was read from; None: from Ray's trial folders
+    retrain_summary: dict | None  # best/summary.yaml: test_acc per seed, mean, std, placement
+    trials_file: Location | None = None  # the table trials was read from; None: from Ray's record
+
+    @property
+    def path(self) -> Path | str:
+        """The local folder, or the URI."""
+        return self.location.local or self.location.shown
 
     @property
     def best_row(self) -> pd.Series | None:
@@ -278,92 +288,99 @@ class Study:
         return self.trials[self.trials["status"] == "errored"] if len(self.trials) else self.trials
 
 
-def _read(path: Path, read, what: str):
-    """read(path), any failure of a damaged file (pandas, pyarrow and YAML each raise
+def _read(loc: Location, read, what: str):
+    """read(loc), any failure of a damaged file (pandas, pyarrow and YAML each raise
     their own kinds) turned into one StudyError naming the file."""
     try:
-        return read(path)
+        return read(loc)
     except StudyError:
         raise
     except Exception as e:  # noqa: BLE001 - see the docstring
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StudyError(f"{path}: unreadable {what} ({detail})") from None
+        raise StudyError(f"{loc}: unreadable {what} ({detail})") from None
 
 
-def _yaml(path: Path):
-    return yamlio.load(path.read_bytes().decode("utf-8"))
+def _yaml(loc: Location):
+    return yamlio.load(loc.read_bytes().decode("utf-8"))
 
 
-def _csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"trial_id": str})  # ids of digits stay strings ("00001")
-
-
-def _parquet(path: Path) -> pd.DataFrame:
-    frame = pd.read_parquet(path)
-    return frame.astype({"trial_id": str}) if "trial_id" in frame else frame
-
-
-def _columns(path: Path, frame: pd.DataFrame, needed: tuple) -> pd.DataFrame:
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise StudyError(f"{path}: not a table that study.run writes (no {', '.join(missing)} column)")
+def _csv(loc: Location) -> pd.DataFrame:
+    # ids of digits stay strings ("00001"), and so do GPU ids ("0,1")
+    frame = read_table(loc, dtype={"trial_id": str, **{k: str for k in PLACEMENT}})
+    present = [k for k in PLACEMENT if k in frame]
+    frame[present] = frame[present].fillna("")
     return frame
 
 
-def _mapping(path: Path, value, keys: tuple, what: str) -> dict:
+def _parquet(loc: Location) -> pd.DataFrame:
+    frame = read_table(loc)
+    return frame.astype({"trial_id": str}) if "trial_id" in frame else frame
+
+
+def _columns(loc: Location, frame: pd.DataFrame, needed: tuple) -> pd.DataFrame:
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise StudyError(f"{loc}: not a table that study.run writes (no {', '.join(missing)} column)")
+    return frame
+
+
+def _mapping(loc: Location, value, keys: tuple, what: str) -> dict:
     if not isinstance(value, dict):
-        raise StudyError(f"{path}: {what} must be a mapping, got {type(value).__name__}")
+        raise StudyError(f"{loc}: {what} must be a mapping, got {type(value).__name__}")
     missing = [k for k in keys if k not in value]
     if missing:
-        raise StudyError(f"{path}: {what} without {', '.join(missing)}")
+        raise StudyError(f"{loc}: {what} without {', '.join(missing)}")
     return value
 
 
-def load(path: str | Path) -> Study:
-    """Load results/<name>/. A study still running or interrupted (no trials table
-    yet) is read from Ray Tune's trial folders, its unfinished trials marked so.
-    Every damaged file raises StudyError naming it."""
+def load(path: str | Path | Location) -> Study:
+    """Load results/<name>/ (or a URI such as s3://bucket/results/<name>). A study
+    still running or interrupted (no trials table yet) is read from Ray Tune's
+    record, its unfinished trials marked so. Every damaged file raises StudyError
+    naming it."""
     from study.spec import parse
 
-    path = Path(path)
-    spec_file = path / "spec.yaml"
+    loc = path if isinstance(path, Location) else Location.parse(path)
+    spec_file = loc / "spec.yaml"
     if not spec_file.is_file():
-        raise StudyError(f"{path}: not a study folder (no spec.yaml); give the results/<name>/ folder "
-                         "that python -m study.run writes")
+        raise StudyError(f"{loc}: not a study folder (no spec.yaml); give the results/<name>/ folder "
+                         "(or the --storage URI/<name>) that python -m study.run writes")
     spec = _read(spec_file, lambda f: parse(_yaml(f), str(f)), "study spec")
     # trials.parquet keeps the types; trials.csv is its copy for people. Either one
     # makes the study complete; which was read is recorded (Study.trials_file).
-    tables = [f for f in (path / "trials.parquet", path / "trials.csv") if f.is_file()]
+    tables = [f for f in (loc / "trials.parquet", loc / "trials.csv") if f.is_file()]
     trials_file = tables[0] if tables else None
     if trials_file is not None:
-        trials = _columns(trials_file, _read(trials_file, _parquet if trials_file.suffix == ".parquet" else _csv,
+        trials = _columns(trials_file, _read(trials_file, _parquet if trials_file.path.endswith(".parquet") else _csv,
                                              "trials table"), ("trial_id", "status"))
         if len(tables) == 2:
             other = _read(tables[1], _csv, "trials table")
             if "trial_id" not in other or set(other["trial_id"]) != set(trials["trial_id"]):
                 warnings.warn(f"{tables[1]} and {trials_file} list different trials; read {trials_file}", stacklevel=2)
-        history_file = path / "history.csv"
+        history_file = loc / "history.csv"
         if not history_file.is_file():
-            raise StudyError(f"{history_file}: missing (study.run writes it with {trials_file.name})")
+            raise StudyError(f"{history_file}: missing (study.run writes it with {trials_file.path.rsplit('/', 1)[-1]})")
         history = _columns(history_file, _read(history_file, _csv, "history table"), ("trial_id", "epoch"))
     else:
-        trials, history = frames(path / "ray", spec, complete=False)
+        trials, history = frames(loc / "ray", spec, complete=False)
     ids = set(trials["trial_id"]) if len(trials) else set()
-    best_file = path / "best.yaml"
+    best_file = loc / "best.yaml"
     if best_file.is_file():
         best = _mapping(best_file, _read(best_file, _yaml, "best trial"), ("trial_id", "objective", "params", "config"),
                         "the best trial")
         best["trial_id"] = str(best["trial_id"])
         if best["trial_id"] not in ids:
             raise StudyError(f"{best_file}: trial_id {best['trial_id']!r} is not a trial of this study "
-                             f"({trials_file or path / 'ray'} lists {', '.join(sorted(ids)) or 'none'})")
+                             f"({trials_file or loc / 'ray'} lists {', '.join(sorted(ids)) or 'none'})")
     else:
         row = best_row(trials, spec) if len(trials) else None
         best = None if row is None else _best_entry(row, spec)
-    metrics_file, summary_file = path / "best" / "metrics.csv", path / "best" / "summary.yaml"
-    retrain = (_columns(metrics_file, _read(metrics_file, pd.read_csv, "retrain table"), ("seed", "epoch", "test_acc"))
-               if metrics_file.is_file() else None)
-    summary = (_mapping(summary_file, _read(summary_file, _yaml, "retrain summary"),
-                        ("trial_id", "epochs", "seeds", "test_acc_mean", "test_acc_std", "epoch_s_mean"), "the retrain summary")
-               if summary_file.is_file() else None)
-    return Study(path, spec, trials, history, best, retrain, summary, trials_file)
+    # summary.yaml is written last: without it best/ is not complete
+    retrain, summary = None, None
+    metrics_file, summary_file = loc / "best" / "metrics.csv", loc / "best" / "summary.yaml"
+    if summary_file.is_file():
+        summary = _mapping(summary_file, _read(summary_file, _yaml, "retrain summary"),
+                           ("trial_id", "epochs", "seeds", "test_acc_mean", "test_acc_std", "epoch_s_mean"),
+                           "the retrain summary")
+        retrain = _columns(metrics_file, _read(metrics_file, read_table, "retrain table"), ("seed", "epoch", "test_acc"))
+    return Study(loc, spec, trials, history, best, retrain, summary, trials_file)

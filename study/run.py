@@ -1,15 +1,18 @@
 """python -m study.run SPACE.yaml: an Optuna search run by Ray Tune, then the best configuration retrained.
 
-  YAML -> StudySpec -> Ray (local, or --address) -> Tuner(trainable, OptunaSearch, ASHA).fit()
-  -> results/<name>/{spec.yaml, trials.csv, trials.parquet, history.csv, best.yaml}
-  -> best/ (retrained per seed on train + validation, tested) -> best/spikes/
+  YAML -> StudySpec -> Ray (local, or --address) -> resources planned from the cluster's GPUs
+  -> every node checked to see --storage -> Tuner(trainable, OptunaSearch, ASHA).fit()
+  -> STORAGE/<name>/{spec.yaml, trials.csv, trials.parquet, history.csv, best.yaml}
+  -> retrain/ (one Ray trial per seed, at once) -> best/ (metrics, checkpoints, placement) -> best/spikes/
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
 import os
-import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -20,10 +23,10 @@ import yaml
 
 from csnn import data as fmnist
 from csnn.argtypes import positive_int
-from csnn.atomic import write_atomic
-from csnn.config import TUTORIAL_ACC, TrainConfig
-from csnn.train import fit, load_model
+from csnn.config import METRICS, TUTORIAL_ACC, TrainConfig
+from csnn.train import load_model
 from study import analyze, results, spec as specs
+from study.storage import Location, StorageError, check_nodes_see
 
 
 def make_sampler(spec: specs.StudySpec):
@@ -39,19 +42,122 @@ def make_sampler(spec: specs.StudySpec):
     }[spec.search["sampler"]]()
 
 
-def resources(spec: specs.StudySpec) -> dict:
-    """Per-trial resources; without a GPU in the Ray cluster, trials run on the CPU."""
+class PlanError(ValueError):
+    pass
+
+
+def plan(spec: specs.StudySpec, gpus: float, cpus: float, node_gpus: float, allow_cpu: bool = False,
+         allow_pending_gpus: bool = False) -> dict:
+    """Per-trial resources and trials at once, from the spec and the cluster's
+    totals (GPUs, CPUs, most GPUs on one node).
+
+    gpus_per_trial auto: Ray packs fractional GPU requests onto as few GPUs as it
+    can (ray-project/ray #28679), so each trial gets 1/k of a GPU with k the
+    fewest trials per GPU that still fit the concurrent trials on the cluster's
+    GPUs (at most trials_per_gpu). max_concurrent auto: every GPU full
+    (GPUs x trials_per_gpu), a whole multiple of the GPUs, within the CPUs."""
+    want, conc = spec.resources["gpus_per_trial"], spec.search["max_concurrent"]
+    cpt, per_gpu_max, n = spec.resources["cpus_per_trial"], spec.resources["trials_per_gpu"], spec.search["num_samples"]
+    cpu_slots = max(1, int(cpus // cpt))
+    where = spec.path or spec.name
+    if want == "auto" or want > 0:
+        if gpus == 0 and allow_pending_gpus:
+            # An autoscaler adds GPU nodes as trials ask: a whole GPU per trial spreads them.
+            if conc == "auto":
+                raise PlanError(f"{where}: search.max_concurrent auto needs the cluster's GPUs, and it has none yet "
+                                "(--allow-pending-gpus); give search.max_concurrent a number")
+            g = 1.0 if want == "auto" else want
+            return {"gpu": g, "cpu": cpt, "max_concurrent": conc, "retrain_gpu": max(g, 1.0) if want == "auto" else g,
+                    "summary": f"up to {conc or n} trials at once, {g:g} GPU and {cpt:g} CPUs each, "
+                               "on GPUs the autoscaler has still to add"}
+        if gpus == 0 and not allow_cpu:
+            raise PlanError(f"{where}: resources.gpus_per_trial is {want} but the Ray cluster has no GPU. This study "
+                            "is sized for GPUs and would run for days on CPUs: use search_spaces/quick.yaml (sized "
+                            "for a CPU), pass --allow-cpu to run it on the CPUs anyway, or --allow-pending-gpus on "
+                            "an autoscaling cluster whose GPU nodes are yet to start")
+        if gpus == 0:
+            warnings.warn(f"{where}: resources.gpus_per_trial is {want} but the Ray cluster has no GPU: "
+                          "every trial runs on the CPU (--allow-cpu)", stacklevel=2)
+    if not (want == "auto" or want > 0) or gpus == 0:
+        conc = min(cpu_slots, n) if conc == "auto" else conc
+        running = min(conc or n, n, cpu_slots)
+        return {"gpu": 0, "cpu": cpt, "max_concurrent": conc, "retrain_gpu": 0,
+                "summary": f"{running} trials at once on CPUs ({cpt:g} each), no GPU"}
+    whole = max(1, int(gpus))
+    if want == "auto":
+        if conc == "auto":
+            conc = min(whole * per_gpu_max, n, cpu_slots)
+            conc = conc // whole * whole or conc  # a multiple of the GPUs: Ray's packing then fills them all
+        running = min(conc or n, n, cpu_slots, whole * per_gpu_max)
+        per_gpu = min(per_gpu_max, math.ceil(running / whole))
+        g = math.floor(1e4 / per_gpu) / 1e4  # Ray counts GPUs to 1e-4: k shares must fit in one
+        retrain_gpu = 1.0
+    else:
+        if want > node_gpus:
+            raise PlanError(f"{where}: resources.gpus_per_trial is {want} but no Ray node has more than {node_gpus:g} "
+                            "GPUs: no trial could start; use at most that, or auto")
+        g = want
+        if conc == "auto":
+            conc = min(int(gpus // want), n, cpu_slots)
+        running = min(conc or n, n, cpu_slots, int(gpus // want))
+        retrain_gpu = want
+    used = min(whole, math.ceil(running * g - 1e-9))
+    return {"gpu": g, "cpu": cpt, "max_concurrent": conc, "retrain_gpu": retrain_gpu,
+            "summary": f"{running} trials at once on {used} of {whole} GPUs ({g:g} GPU and {cpt:g} CPUs each)"
+                       + ("" if used == whole or running == n else
+                          f"; {whole - used} GPUs idle: Ray packs GPU shares, make max_concurrent a multiple of {whole}")}
+
+
+def cluster() -> dict:
+    """The totals plan() needs, from the Ray cluster this driver joined."""
     import ray
 
-    gpus = spec.resources["gpus_per_trial"]
-    if gpus > 0 and ray.cluster_resources().get("GPU", 0) == 0:
-        warnings.warn(f"resources.gpus_per_trial is {gpus} but the Ray cluster has no GPU: "
-                      "every trial runs on the CPU", stacklevel=2)
-        gpus = 0
-    return {"cpu": spec.resources["cpus_per_trial"], "gpu": gpus}
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    total = ray.cluster_resources()
+    return {"gpus": total.get("GPU", 0), "cpus": total.get("CPU", 0),
+            "node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0)}
 
 
-def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, resume: bool):
+def asha_rungs(spec: specs.StudySpec) -> tuple:
+    """The epochs where ASHA decides (Ray's _Bracket milestones, one bracket)."""
+    if spec.scheduler["type"] != "asha":
+        return ()
+    epochs = spec.config({}).epochs
+    g, rf = min(spec.scheduler["grace_period"], epochs), spec.scheduler["reduction_factor"]
+    count = int(math.log(epochs / g) / math.log(rf) + 1)
+    return tuple(sorted({math.ceil(g * rf ** k) for k in range(count)}))
+
+
+def optuna_url(spec: specs.StudySpec, study: Location, given: str | None) -> tuple[str, Path | None]:
+    """Optuna's storage URL and, for SQLite, its local file. SQLite's locking is
+    unreliable on NFS and impossible on an object store: unless --optuna-storage
+    names a database server, the file stays on the driver's local disk (in the
+    study folder when that is local, else under ~/.cache/csnn-study/), and a
+    copy goes to the study's storage when the search ends."""
+    if given:
+        return given, None
+    if study.local is not None and not on_network_fs(study.local):
+        db = study.local / "optuna.db"
+    else:
+        key = hashlib.sha1(study.shown.encode()).hexdigest()[:8]
+        db = Path.home() / ".cache" / "csnn-study" / "optuna" / f"{spec.name}-{key}.db"
+    return f"sqlite:///{db}", db
+
+
+def on_network_fs(path: Path) -> bool:
+    """Whether `path` lies on NFS, SMB or a FUSE mount (read from /proc/mounts)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    path = str(Path(path).resolve())
+    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=[None, ""])
+    return best[1].startswith(("nfs", "cifs", "smb", "fuse", "ceph", "glusterfs", "lustre", "9p"))
+
+
+def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, resume: bool, res: dict,
+           optuna_storage: str):
     """Run (or continue) the Ray Tune + Optuna search; return its ResultGrid."""
     import optuna
     from ray import tune
@@ -60,25 +166,29 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, re
 
     from csnn.trainable import trainable
 
-    ray_dir = study_dir / "ray"
-    trial_fn = tune.with_resources(tune.with_parameters(trainable, data=data, fixed=spec.train), resources(spec))
+    ray_dir = study / "ray"
+    trial_fn = tune.with_resources(
+        tune.with_parameters(trainable, data=data, fixed=spec.train,
+                             checkpoint_every=spec.resources["checkpoint_every"], rungs=asha_rungs(spec)),
+        {"cpu": res["cpu"], "gpu": res["gpu"]})
     if resume:
-        return tune.Tuner.restore(str(ray_dir), trainable=trial_fn, resume_unfinished=True,
-                                  resume_errored=False).fit()
+        return tune.Tuner.restore(ray_dir.path, trainable=trial_fn, resume_unfinished=True, resume_errored=False,
+                                  storage_filesystem=ray_dir.fs).fit()
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}")
+    storage = optuna.storages.RDBStorage(optuna_storage)
     sampler = make_sampler(spec)
     # The Optuna study is made here and OptunaSearch loads it (same storage and name):
     # so that optuna-dashboard names the objectives (not "Objective 0"), and so that
     # the baseline can be enqueued (Ray ignores points_to_evaluate with a define-by-run space).
     metrics = [o["metric"] for o in spec.objectives]
-    study = optuna.create_study(storage=storage, study_name=spec.name, sampler=sampler,
-                                directions=["maximize" if o["mode"] == "max" else "minimize" for o in spec.objectives])
+    optuna_study = optuna.create_study(storage=storage, study_name=spec.name, sampler=sampler,
+                                       directions=["maximize" if o["mode"] == "max" else "minimize"
+                                                   for o in spec.objectives])
     with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what optuna-dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(metrics)
+        optuna_study.set_metric_names(metrics)
     if spec.search["baseline"]:
-        study.enqueue_trial(specs.baseline_params(spec))
+        optuna_study.enqueue_trial(specs.baseline_params(spec))
     # Several objectives: Optuna's multi-objective search on each trial's last
     # report; Ray's own metric (progress table, ASHA when single) is the first.
     modes = [o["mode"] for o in spec.objectives]
@@ -94,9 +204,9 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, re
         trial_fn,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=spec.search["num_samples"],
-                                    max_concurrent_trials=spec.search["max_concurrent"] or None),
+                                    max_concurrent_trials=res["max_concurrent"] or None),
         run_config=tune.RunConfig(
-            name="ray", storage_path=str(study_dir),
+            name="ray", storage_path=study.path, storage_filesystem=study.fs,
             failure_config=tune.FailureConfig(max_failures=1),  # one retry from the last checkpoint
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
@@ -104,43 +214,79 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, re
     return tuner.fit()
 
 
-def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study_dir: Path) -> dict:
+def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study: Location, res: dict,
+            resume: bool) -> dict:
     """Retrain the best configuration from scratch per seed on train + validation
-    (all 60k training images), test on the full test set, render the encoder.
-    Written to best.partial/ and renamed to best/ when complete."""
-    final = study_dir / "best"
-    work = study_dir / "best.partial"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    rows = []
-    for seed in spec.retrain["seeds"]:
-        cfg = TrainConfig.from_dict({**best["config"], "epochs": spec.retrain["epochs"], "seed": seed,
-                                     "val_size": 0, "train_size": 0, "test_size": 0})
-        print(f"retraining the best configuration with seed {seed} ({cfg.epochs} epochs, "
-              f"{len(data.train_y)} training images)", flush=True)
-        out = work / f"seed{seed}"
-        history = fit(cfg, data, out, lambda m, s=seed: print(
-            f"  seed {s} epoch {m['epoch']}: test_acc {m['test_acc']:.4f} ({m['epoch_s']:.0f} s)", flush=True))
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        rows += [{"seed": seed, **m} for m in history]
-    table = pd.DataFrame(rows)
-    table.to_csv(work / "metrics.csv", index=False)
-    finals = table.groupby("seed")["test_acc"].last()
-    summary = {
-        "trial_id": best["trial_id"], "epochs": spec.retrain["epochs"], "seeds": spec.retrain["seeds"],
-        "test_acc": {int(s): float(a) for s, a in finals.items()},
-        "test_acc_mean": float(finals.mean()),
-        "test_acc_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
-        "epoch_s_mean": float(table["epoch_s"].mean()),
-    }
-    (work / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
-    if spec.render["images"] > 0:
-        from csnn.spikes import render
+    (all 60k training images) and test on the full test set: one Ray Tune trial
+    per seed, all at once, each with a trial's CPUs and a whole GPU (or the
+    study's gpus_per_trial), checkpointing into study/retrain/. Then best/ is
+    assembled here from what they stored: metrics, checkpoints, placement, and
+    the encoder spikes rendered from seed 0's checkpoint on the CPU. --resume
+    continues an interrupted retrain (finished seeds are kept)."""
+    from ray import tune
 
-        net, _ = load_model(work / f"seed{spec.retrain['seeds'][0]}" / "checkpoint_latest.pth")
-        render(net, data.test_x[: spec.render["images"]], work / "spikes")
-    shutil.rmtree(final, ignore_errors=True)
-    work.rename(final)
+    from csnn.trainable import trainable
+
+    fixed = {**best["config"], "epochs": spec.retrain["epochs"], "val_size": 0, "train_size": 0, "test_size": 0}
+    fixed.pop("seed")
+    seeds = spec.retrain["seeds"]
+    fn = tune.with_resources(tune.with_parameters(trainable, data=data, fixed=fixed,
+                                                  checkpoint_every=spec.resources["checkpoint_every"]),
+                             {"cpu": res["cpu"], "gpu": res["retrain_gpu"]})
+    where = study / "retrain"
+    print(f"retraining the best configuration with seeds {seeds} at once ({fixed['epochs']} epochs, "
+          f"{len(data.train_y)} training images, {res['retrain_gpu']:g} GPU each)", flush=True)
+    if resume and tune.Tuner.can_restore(where.path, storage_filesystem=where.fs):
+        grid = tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
+                                  storage_filesystem=where.fs).fit()
+    else:
+        where.delete()
+        grid = tune.Tuner(fn, param_space={"seed": tune.grid_search(seeds)},
+                          tune_config=tune.TuneConfig(max_concurrent_trials=len(seeds)),
+                          run_config=tune.RunConfig(name="retrain", storage_path=study.path,
+                                                    storage_filesystem=study.fs,
+                                                    failure_config=tune.FailureConfig(max_failures=1),
+                                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1))).fit()
+    # A seed is done when it reported its last epoch: after Ctrl-C, Ray may
+    # list a seed that never started as terminated, without metrics.
+    failed = [f"{r.path}: {results.error_text(str(r.error))}" for r in grid if r.error]
+    unfinished = [r for r in grid if not r.error and r.metrics.get("epoch", -1) + 1 < fixed["epochs"]]
+    if failed or unfinished or len(grid) < len(seeds):
+        raise RuntimeError("the retrain did not finish (" + ("; ".join(failed) or "interrupted")
+                           + "); continue it with --resume")
+
+    with tempfile.TemporaryDirectory(prefix="csnn-best-") as tmp:
+        work = Path(tmp)
+        rows, placement = [], {}
+        for r in sorted(grid, key=lambda r: r.config["seed"]):
+            seed = r.config["seed"]
+            h = r.metrics_dataframe.drop_duplicates("epoch", keep="last").sort_values("epoch")
+            rows.append(h[[c for c in METRICS if c in h]].assign(seed=seed))
+            placement[seed] = {k: str(r.metrics.get(k, "")) for k in (*results.PLACEMENT, "run_device")}
+            r.checkpoint.to_directory(str(work / f"seed{seed}"))
+            cfg = TrainConfig.from_dict({**fixed, "seed": seed})
+            (work / f"seed{seed}" / "config.yaml").write_text(cfg.to_yaml())
+        table = pd.concat(rows, ignore_index=True)
+        table = table[["seed"] + [c for c in table.columns if c != "seed"]]
+        table.to_csv(work / "metrics.csv", index=False)
+        finals = table.groupby("seed")["test_acc"].last()
+        summary = {
+            "trial_id": best["trial_id"], "epochs": spec.retrain["epochs"], "seeds": seeds,
+            "test_acc": {int(s): float(a) for s, a in finals.items()},
+            "test_acc_mean": float(finals.mean()),
+            "test_acc_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+            "epoch_s_mean": float(table["epoch_s"].mean()),
+            "placement": placement,  # per seed: node_ip, hostname, gpu_ids, run_device
+        }
+        if spec.render["images"] > 0:
+            from csnn.spikes import render
+
+            net, _ = load_model(work / f"seed{seeds[0]}" / "checkpoint_latest.pth")
+            render(net, data.test_x[: spec.render["images"]], work / "spikes")
+        final = study / "best"
+        final.delete()
+        final.upload(work)  # summary.yaml last: best/ counts as complete only with it
+        (final / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     return summary
 
 
@@ -149,10 +295,18 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n")[0])
     p.add_argument("space", help="search-space YAML file")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study (search or retrain)")
     p.add_argument("--retrain", action="store_true", help="retrain the best configuration of a finished study again")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--storage", default="results", help="folder for results: STORAGE/<name>/ (default: results)")
+    p.add_argument("--storage", default="results",
+                   help="where results go, STORAGE/<name>/: a folder (on a cluster, one every node mounts: NFS) "
+                        "or a URI pyarrow opens (s3://bucket/path, gs://...) (default: results)")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="Optuna's database, e.g. postgresql://user:pw@host/db (default: SQLite on the driver's disk)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run a study that asks for GPUs on a cluster without any, on its CPUs")
+    p.add_argument("--allow-pending-gpus", action="store_true",
+                   help="keep the GPU requests on a cluster with no GPU yet (an autoscaler adds GPU nodes)")
     p.add_argument("--num-samples", type=positive_int, default=None, help="override search.num_samples")
     p.add_argument("--no-retrain", action="store_true", help="skip retraining the best configuration")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved study; start nothing")
@@ -231,13 +385,16 @@ def _main(args) -> int:
     resolved = yaml.safe_dump(spec.to_dict(), sort_keys=False)  # as written to spec.yaml, before any flag
     if args.num_samples is not None and not args.resume:
         spec.search["num_samples"] = args.num_samples
-    storage = Path(args.storage)
-    if storage.exists() and not storage.is_dir():
-        raise UsageError(f"--storage {args.storage}: is a file; name a folder for the results")
-    study_dir = (storage / spec.name).resolve()
-    if study_dir.exists() and not study_dir.is_dir():
-        raise UsageError(f"{study_dir}: is a file, not a study folder; remove it or choose another name or --storage")
-    exists = study_dir.exists() and any(study_dir.iterdir())
+    try:
+        storage = Location.parse(args.storage)
+        if storage.is_file():
+            raise UsageError(f"--storage {args.storage}: is a file; name a folder (or a URI) for the results")
+        study_dir = storage / spec.name
+        if study_dir.is_file():
+            raise UsageError(f"{study_dir}: is a file, not a study folder; remove it or choose another name or --storage")
+        exists = not study_dir.is_empty_dir()
+    except (StorageError, OSError) as e:
+        raise UsageError(f"--storage {args.storage}: cannot read it ({e})") from None
     if exists and not (args.resume or args.retrain or args.dry_run):
         raise UsageError(f"{study_dir} already holds a study; pass --resume to continue it, "
                          "or choose another name or --storage")
@@ -258,8 +415,8 @@ def _main(args) -> int:
     if args.retrain and not can_retrain:
         raise UsageError(f"--retrain: {args.space} sets no retrain (retrain.seeds empty or retrain.epochs 0)")
     # A finished study is left alone: its best/ is replaced only on request (--retrain);
-    # --resume finishes only a retrain that was cut short (best/ missing).
-    retrain_now = complete and (args.retrain or (not (study_dir / "best").is_dir() and can_retrain
+    # --resume finishes only a retrain that was cut short (best/summary.yaml, written last, missing).
+    retrain_now = complete and (args.retrain or (not (study_dir / "best" / "summary.yaml").is_file() and can_retrain
                                                  and not args.no_retrain))
     if args.resume and complete and not retrain_now and not args.dry_run:
         print(f"study {spec.name} is complete ({study_dir}): nothing to resume. Retrain its best configuration "
@@ -268,7 +425,7 @@ def _main(args) -> int:
     if args.resume and not complete and not args.dry_run:
         from ray import tune
 
-        if not tune.Tuner.can_restore(str(study_dir / "ray")):
+        if not tune.Tuner.can_restore((study_dir / "ray").path, storage_filesystem=study_dir.fs):
             raise UsageError(f"--resume: no study to continue in {study_dir}")
 
     data = fmnist.load(args.data_dir, download=args.download)
@@ -277,44 +434,73 @@ def _main(args) -> int:
         print(f"# {args.space}: valid; data {data.source} ({len(data.train_y)} training, {len(data.test_y)} test "
               f"images); results would go to {study_dir}\n{resolved}", end="")
         return 0
-    if retrain_now:  # --retrain, or --resume of a study whose retrain did not finish
-        best = results.load(study_dir).best
-        if best is None:
-            raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain")
-        s = retrain(spec, best, data, study_dir)
-        print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
-              f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study_dir / 'best'}", flush=True)
-        return 0
-    return run(spec, data, study_dir, resume=args.resume, address=args.address, do_retrain=not args.no_retrain)
+    if retrain_now and results.load(study_dir).best is None:
+        raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain")
+    # --retrain, or --resume of a study whose retrain did not finish: the retrain alone
+    return run(spec, data, study_dir, resume=args.resume, address=args.address, do_retrain=not args.no_retrain,
+               allow_cpu=args.allow_cpu, allow_pending_gpus=args.allow_pending_gpus,
+               optuna_storage=args.optuna_storage, retrain_only=retrain_now, fresh_retrain=args.retrain)
 
 
-def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study_dir: Path, resume: bool = False,
-        address: str | None = None, do_retrain: bool = True) -> int:
+def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str | Path, resume: bool = False,
+        address: str | None = None, do_retrain: bool = True, allow_cpu: bool = False,
+        allow_pending_gpus: bool = False, optuna_storage: str | None = None, retrain_only: bool = False,
+        fresh_retrain: bool = False) -> int:
+    """Search, then retrain the best configuration; with `retrain_only` (an ended study)
+    only the retrain, continued (`resume`) or from scratch (`fresh_retrain`)."""
     import ray
 
     start = time.time()
-    study_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_atomic(study_dir / "spec.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    study = study if isinstance(study, Location) else Location.parse(study)
     if not ray.is_initialized():
         # A bare ray.init() would join any cluster a `ray start` left behind: be explicit.
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
-    grid = search(spec, data, study_dir, resume)
-    if len(grid) < spec.search["num_samples"] or grid.num_terminated + grid.num_errors < len(grid):
-        # Ctrl-C: Ray saved its state and returned early. Export nothing that
-        # would look like a finished study.
-        print(f"study {spec.name} interrupted after {grid.num_terminated + grid.num_errors} of "
-              f"{spec.search['num_samples']} trials; continue it with --resume", file=sys.stderr)
-        return 130
-    trials, history, best = results.export(grid, spec, study_dir)
-    # The top of the report the analysis writes: the same lines, one place.
-    ended = results.Study(study_dir, spec, trials, history, best, None, None, trials_file=study_dir / "trials.parquet")
-    print("\n".join(analyze.summary(ended)), flush=True)
-    if best and do_retrain and spec.retrain["seeds"] and spec.retrain["epochs"] > 0:
-        s = retrain(spec, best, data, study_dir)
+    try:
+        res = plan(spec, **cluster(), allow_cpu=allow_cpu, allow_pending_gpus=allow_pending_gpus)
+        study.fs.create_dir(study.path, recursive=True)
+        nodes = check_nodes_see(study)
+    except (PlanError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"study {spec.name}: {res['summary']}; {len(nodes)} Ray node(s); results in {study}", flush=True)
+    if retrain_only:
+        best = results.load(study).best
+    else:
+        if not resume:
+            (study / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        url, db = optuna_url(spec, study, optuna_storage)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            if resume and not db.exists() and (study / "optuna.db").is_file():
+                db.write_bytes((study / "optuna.db").read_bytes())  # resumed from another driver machine
+        try:
+            grid = search(spec, data, study, resume, res, url)
+        finally:
+            if db is not None and db.exists() and db != (study.local or Path()) / "optuna.db":
+                (study / "optuna.db").write_bytes(db.read_bytes())
+        if len(grid) < spec.search["num_samples"] or grid.num_terminated + grid.num_errors < len(grid):
+            # Ctrl-C: Ray saved its state and returned early. Export nothing that
+            # would look like a finished study.
+            print(f"study {spec.name} interrupted after {grid.num_terminated + grid.num_errors} of "
+                  f"{spec.search['num_samples']} trials; continue it with --resume", file=sys.stderr)
+            return 130
+        trials, history, best = results.export(spec, study)
+        # The top of the report the analysis writes: the same lines, one place.
+        print("\n".join(analyze.summary(results.Study(study, spec, trials, history, best, None, None,
+                                                      trials_file=study / "trials.parquet"))), flush=True)
+        if len(trials) and "gpu_ids" in trials:  # where the trials ran
+            where = trials["node_ip"] + " GPU " + trials["gpu_ids"].replace("", "-")
+            print("trials per node and GPU: " + ", ".join(f"{w}: {n}" for w, n in where.value_counts().sort_index().items()),
+                  flush=True)
+    if best and (do_retrain or retrain_only) and spec.retrain["seeds"] and spec.retrain["epochs"] > 0:
+        try:
+            s = retrain(spec, best, data, study, res, resume and not fresh_retrain)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
-              f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study_dir / 'best'}", flush=True)
-    print(f"results in {study_dir}; wall time {(time.time() - start) / 60:.1f} min")
+              f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study / 'best'}", flush=True)
+    print(f"results in {study}; wall time {(time.time() - start) / 60:.1f} min")
     return 0 if best else 1
 
 

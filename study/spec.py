@@ -30,7 +30,11 @@ BASELINE = {k: TUTORIAL[k] for k in ("T", "channels", "optimizer", "lr", "moment
 DEFAULTS = {
     "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False},
     "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3},
-    "resources": {"gpus_per_trial": 0.0, "cpus_per_trial": 1.0},
+    # gpus_per_trial auto: an equal share per trial that spreads the concurrent
+    # trials over every GPU of the cluster, at most trials_per_gpu on one GPU
+    # (Ray packs fractional requests onto as few GPUs as it can). checkpoint_every:
+    # epochs between checkpoints copied to storage (also at ASHA's rungs and the end).
+    "resources": {"gpus_per_trial": 0.0, "cpus_per_trial": 1.0, "trials_per_gpu": 4, "checkpoint_every": 4},
     "retrain": {"epochs": None, "seeds": [0], "pick": "most_accurate"},
     "render": {"images": 4},
 }
@@ -93,11 +97,13 @@ def _mapping(where, key, value, allowed: dict | None = None) -> dict:
     return value
 
 
-def _number(where, key, value, integer=False, minimum=None, above=None):
+def _number(where, key, value, integer=False, minimum=None, above=None, auto=False):
+    if auto and value == "auto":
+        return value
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok:
         raise _err(where, key, f"{value!r} is not allowed; must be {'an integer' if integer else 'a number'}"
-                   + yaml_number_hint(value))
+                   + (" or auto" if auto else "") + yaml_number_hint(value))
     if not math.isfinite(value):
         raise _err(where, key, f"{value!r} is not allowed; must be a finite number")
     if minimum is not None and value < minimum:
@@ -264,7 +270,7 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
         raise _err(where, "search.sampler", f"{search['sampler']!r} is not allowed; allowed: {', '.join(SAMPLERS)}")
     _number(where, "search.seed", search["seed"], integer=True, minimum=0)
     _number(where, "search.num_samples", search["num_samples"], integer=True, minimum=1)
-    _number(where, "search.max_concurrent", search["max_concurrent"], integer=True, minimum=0)
+    _number(where, "search.max_concurrent", search["max_concurrent"], integer=True, minimum=0, auto=True)
     if not isinstance(search["baseline"], bool):
         raise _err(where, "search.baseline", f"{search['baseline']!r} is not allowed; must be true or false")
     if search["baseline"]:
@@ -284,7 +290,9 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     _number(where, "scheduler.reduction_factor", sched["reduction_factor"], above=1)
 
     res = _section(where, raw, "resources", DEFAULTS["resources"])
-    _number(where, "resources.gpus_per_trial", res["gpus_per_trial"], minimum=0)
+    _number(where, "resources.gpus_per_trial", res["gpus_per_trial"], minimum=0, auto=True)
+    _number(where, "resources.trials_per_gpu", res["trials_per_gpu"], integer=True, minimum=1)
+    _number(where, "resources.checkpoint_every", res["checkpoint_every"], integer=True, minimum=1)
     _number(where, "resources.cpus_per_trial", res["cpus_per_trial"], above=0)
 
     retrain = _section(where, raw, "retrain", DEFAULTS["retrain"])

@@ -24,8 +24,8 @@ def test_shipped_files_parse(name):
 
 def test_fmnist_resolved():
     s = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
-    assert s.search == {"sampler": "tpe", "seed": 0, "num_samples": 48, "max_concurrent": 8, "baseline": True}
-    assert s.resources == {"gpus_per_trial": 0.25, "cpus_per_trial": 2}
+    assert s.search == {"sampler": "tpe", "seed": 0, "num_samples": 48, "max_concurrent": "auto", "baseline": True}
+    assert s.resources == {"gpus_per_trial": "auto", "cpus_per_trial": 2, "trials_per_gpu": 4, "checkpoint_every": 4}
     assert s.retrain == {"epochs": 16, "seeds": [0, 1, 2], "pick": "most_accurate"}
     assert specs.baseline_params(s) == {"T": 4, "channels": 128, "optimizer": "sgd", "lr[optimizer=sgd]": 0.1,
                                         "momentum": 0.9}
@@ -65,6 +65,10 @@ def bad(path: str, value, delete=False):
     (bad("space.optimizer.when", {"lr": 0.1}), "space.optimizer", "cycle"),
     (bad("space.dropout", {"type": "float", "low": 0.0, "high": 0.5}), "space.dropout", "TrainConfig has no field"),
     (bad("train.epochs", 16), None, None),  # the good file itself (control)
+    (bad("resources.gpus_per_trial", "all"), "resources.gpus_per_trial", "must be a number or auto"),
+    (bad("search.max_concurrent", "many"), "search.max_concurrent", "must be an integer or auto"),
+    (bad("resources.trials_per_gpu", 0), "resources.trials_per_gpu", "must be >= 1"),
+    (bad("resources.checkpoint_every", 0), "resources.checkpoint_every", "must be >= 1"),
     (bad("train.epoch", 16), "train.epoch", "TrainConfig has no field 'epoch'"),
     (bad("train.T", 4), "space.T", "both fixed in train and searched"),
     (bad("space.T.choices", [0, 4]), "space.T.choices[0]", "TrainConfig.T"),

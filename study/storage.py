@@ -1,0 +1,162 @@
+"""Where a study keeps its files: a local folder (NFS on a cluster) or a URI that
+pyarrow understands (s3://bucket/results?endpoint_override=..., gs://...).
+
+Ray Tune writes the trials there from every node; the study's own files
+(spec.yaml, trials.*, history.csv, best.yaml, best/, report/) go to the same place.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow
+import pyarrow.fs as pafs
+
+
+class StorageError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder in a pyarrow filesystem. `shown` is how a person would write it."""
+
+    fs: pafs.FileSystem
+    path: str
+    shown: str
+
+    @classmethod
+    def parse(cls, where: str | os.PathLike) -> "Location":
+        where = str(where)
+        if "://" not in where:
+            p = Path(where).expanduser().resolve()
+            return cls(pafs.LocalFileSystem(), p.as_posix(), str(p))
+        try:
+            fs, path = pafs.FileSystem.from_uri(where)
+        except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError, ValueError) as e:
+            raise StorageError(f"--storage {where}: not a folder or a URI pyarrow can open ({e})") from None
+        return cls(fs, path.rstrip("/"), where)
+
+    @property
+    def local(self) -> Path | None:
+        """The folder as a local Path, or None behind a URI."""
+        return Path(self.path) if isinstance(self.fs, pafs.LocalFileSystem) else None
+
+    def __truediv__(self, name: str) -> "Location":
+        base, q, query = self.shown.partition("?")
+        return Location(self.fs, f"{self.path}/{name}", f"{base.rstrip('/')}/{name}{q}{query}")
+
+    def __str__(self) -> str:
+        return self.shown
+
+    def kind(self) -> pafs.FileType:
+        return self.fs.get_file_info(self.path).type
+
+    def exists(self) -> bool:
+        return self.kind() != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self.kind() == pafs.FileType.File
+
+    def is_empty_dir(self) -> bool:
+        if self.kind() == pafs.FileType.NotFound:
+            return True
+        return not self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.readall()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> None:
+        """Local: under a temporary name, then renamed (a killed run never leaves
+        half a file under the real name). An object store writes an object whole."""
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        if self.local is not None:
+            tmp = f"{self.path}.tmp"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        else:
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def upload(self, local_dir: Path) -> None:
+        """Copy a local folder's files here."""
+        self.fs.create_dir(self.path, recursive=True)
+        pafs.copy_files(str(local_dir), self.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+    def download(self, local_dir: Path) -> Path:
+        pafs.copy_files(self.path, str(local_dir), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return local_dir
+
+    def delete(self) -> None:
+        kind = self.kind()
+        if kind == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif kind == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+
+def read_table(loc: Location, **kw):
+    import pandas as pd
+
+    data = loc.read_bytes()
+    return pd.read_parquet(io.BytesIO(data)) if loc.path.endswith(".parquet") else pd.read_csv(io.BytesIO(data), **kw)
+
+
+def write_table(loc: Location, frame) -> None:
+    buf = io.BytesIO()
+    if loc.path.endswith(".parquet"):
+        frame.to_parquet(buf, index=False)
+    else:
+        frame.to_csv(buf, index=False)
+    loc.write_bytes(buf.getvalue())
+
+
+def check_nodes_see(loc: Location, timeout_s: float = 120) -> list[str]:
+    """On a cluster of several nodes, check that each node reads a marker the
+    driver wrote into the storage; raise StorageError naming those that cannot.
+    Returns the nodes checked (their IPs)."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return [n["NodeManagerAddress"] for n in nodes]
+    marker = loc / f".storage-check-{uuid.uuid4().hex[:8]}"
+    token = uuid.uuid4().hex
+    marker.write_text(token)
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
+        refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(marker.fs, marker.path) for n in nodes]
+        seen = ray.get(refs, timeout=timeout_s)
+    finally:
+        marker.delete()
+    bad = [f"{n['NodeManagerAddress']} ({got})" for n, got in zip(nodes, seen) if got != token]
+    if bad:
+        raise StorageError(
+            f"--storage {loc.shown}: {len(bad)} of {len(nodes)} Ray nodes cannot read what the driver wrote there: "
+            + "; ".join(bad) + ". Every trial writes its checkpoints to the storage from the node it runs on: "
+            "give --storage a folder every node mounts at the same path (NFS), or a URI (s3://..., gs://...)")
+    return [n["NodeManagerAddress"] for n in nodes]
+
+
+def _read_marker(fs, path: str) -> str:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.readall().decode()
+    except (OSError, pyarrow.ArrowException) as e:
+        return f"{type(e).__name__}: {e}"

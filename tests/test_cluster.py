@@ -1,0 +1,240 @@
+"""Studies on GPUs and clusters, tested on this CPU machine: Ray's logical GPUs
+(ray.init(num_gpus=N) gives each trial real GPU ids), a real S3 endpoint (moto's
+server on 127.0.0.1) and a real two-node Ray cluster whose second node sees an
+empty tmpfs over the storage folder (unshare --mount)."""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, env, study_cmd, tiny_spec, write_spec
+from csnn import data as fmnist
+from csnn.trainable import checkpoint_epochs, trial_device
+from study import analyze, results, run, spec as specs
+from study.storage import Location
+
+
+def spans(folder: Location) -> list:
+    """(start, end) of each trial's training, from Ray's own record."""
+    out = []
+    for _, r in results.trial_results(folder):
+        df = r.metrics_dataframe
+        out.append((df["timestamp"].iloc[0] - df["time_this_iter_s"].iloc[0], df["timestamp"].iloc[-1]))
+    return out
+
+
+def test_plan_spreads_trials_over_every_gpu():
+    fmnist_spec = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
+    # 8 GPUs, 64 CPUs: 4 trials on each GPU (fmnist.yaml: auto, trials_per_gpu 4, 2 CPUs a trial)
+    p = run.plan(fmnist_spec, gpus=8, cpus=64, node_gpus=8)
+    assert (p["gpu"], p["max_concurrent"], p["retrain_gpu"]) == (0.25, 32, 1.0)
+    # fewer CPUs: fewer trials, but still spread over all 8 GPUs rather than packed on 4
+    p = run.plan(fmnist_spec, gpus=8, cpus=32, node_gpus=8)
+    assert (p["gpu"], p["max_concurrent"]) == (0.5, 16) and "on 8 of 8 GPUs" in p["summary"]
+    spec = specs.parse(tiny_spec("p", search={"num_samples": 8, "max_concurrent": 4},
+                                 resources={"gpus_per_trial": "auto"}))
+    assert run.plan(spec, gpus=4, cpus=8, node_gpus=4)["gpu"] == 1.0  # one trial per GPU
+    assert run.plan(spec, gpus=2, cpus=8, node_gpus=2)["gpu"] == 0.5  # two per GPU
+    assert run.plan(spec, gpus=3, cpus=8, node_gpus=3)["gpu"] == 0.5  # 2+2 (one GPU idle, said so)
+    assert "1 GPUs idle" in run.plan(spec, gpus=3, cpus=8, node_gpus=3)["summary"]
+    fixed = specs.parse(tiny_spec("p", resources={"gpus_per_trial": 2}))
+    with pytest.raises(run.PlanError, match="no Ray node has more than 1 GPUs"):
+        run.plan(fixed, gpus=4, cpus=8, node_gpus=1)
+
+
+def test_gpu_study_without_gpus_is_refused_unless_allowed():
+    spec = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
+    with pytest.raises(run.PlanError, match="quick.yaml.*--allow-cpu"):
+        run.plan(spec, gpus=0, cpus=16, node_gpus=0)
+    with pytest.warns(UserWarning, match="runs on the CPU"):
+        p = run.plan(spec, gpus=0, cpus=16, node_gpus=0, allow_cpu=True)
+    assert p["gpu"] == 0 and p["max_concurrent"] == 8  # 16 CPUs, 2 a trial
+    with pytest.raises(run.PlanError, match="max_concurrent auto"):
+        run.plan(spec, gpus=0, cpus=16, node_gpus=0, allow_pending_gpus=True)
+    spec.search["max_concurrent"] = 8
+    p = run.plan(spec, gpus=0, cpus=16, node_gpus=0, allow_pending_gpus=True)
+    assert p["gpu"] == 1.0 and p["max_concurrent"] == 8  # the requests stay: the autoscaler adds GPU nodes
+
+
+def test_refused_on_a_real_gpu_less_ray(tmp_path, tiny_data_dir):
+    spec = tiny_spec("cpuonly", resources={"gpus_per_trial": "auto"})
+    p = subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir), env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "has no GPU" in p.stderr and "--allow-cpu" in p.stderr
+    assert not (tmp_path / "results" / "cpuonly" / "spec.yaml").exists()
+
+
+def test_trial_device_is_the_gpu_ray_assigned_or_the_cpu():
+    # A machine with CUDA: a trial Ray gave no GPU stays on the CPU.
+    assert trial_device("auto", [], cuda_available=True) == "cpu"
+    assert trial_device("auto", ["3"], cuda_available=True) == "cuda:0"  # CUDA_VISIBLE_DEVICES=3
+    assert trial_device("auto", [0], cuda_available=False) == "cpu"  # a logical GPU
+    with pytest.raises(ValueError, match="no GPU"):
+        trial_device("cuda", [], cuda_available=True)
+
+
+def test_checkpoints_at_rungs_every_n_and_the_end():
+    assert checkpoint_epochs(16, 4, (2, 6)) == {2, 4, 6, 8, 12, 16}
+    assert checkpoint_epochs(5, 4) == {4, 5}
+    spec = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
+    assert run.asha_rungs(spec) == (2, 6)  # grace 2, factor 3, 16 epochs
+
+
+@pytest.mark.parametrize("gpus", [4, 2])
+def test_trials_spread_over_logical_gpus(gpus, tmp_path, tiny_data_dir):
+    """4 trials at once: on 4 GPUs one each, on 2 GPUs two each; with 4 GPUs the
+    two retrain seeds also run at once on GPUs of their own, in Ray's workers."""
+    import ray
+
+    retrain = {"epochs": 1, "seeds": [0, 1]} if gpus == 4 else {"seeds": []}
+    spec = specs.parse(tiny_spec("gpus", train={"epochs": 2}, search={"num_samples": 4, "max_concurrent": 4},
+                                 resources={"gpus_per_trial": "auto", "cpus_per_trial": 0.25},
+                                 retrain=retrain, render={"images": 1}), "gpus.yaml")
+    ray.init(address="local", num_cpus=2, num_gpus=gpus, include_dashboard=False)
+    try:
+        assert run.run(spec, fmnist.load(tiny_data_dir), tmp_path / "gpus") == 0
+    finally:
+        ray.shutdown()
+    study = results.load(tmp_path / "gpus")
+    t = study.trials
+    assert len(t) == 4 and (t["run_device"] == "cpu").all()  # logical GPUs: ids, no CUDA device
+    assert sorted(t["gpu_ids"].value_counts().tolist()) == ([1, 1, 1, 1] if gpus == 4 else [2, 2])
+    s = spans(Location.parse(tmp_path / "gpus") / "ray")
+    assert max(a for a, _ in s) < min(b for _, b in s)  # all four overlapped
+    if gpus == 4:
+        placement = study.retrain_summary["placement"]
+        assert len({placement[s]["gpu_ids"] for s in (0, 1)}) == 2 and all(placement[s]["gpu_ids"] for s in (0, 1))
+        s = spans(Location.parse(tmp_path / "gpus") / "retrain")
+        assert len(s) == 2 and max(a for a, _ in s) < min(b for _, b in s)  # the seeds ran at once
+        assert (tmp_path / "gpus" / "best" / "seed1" / "checkpoint_latest.pth").is_file()
+        assert (tmp_path / "gpus" / "best" / "spikes" / "0" / "input.png").is_file()
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on 127.0.0.1 and a storage URI in it."""
+    from moto.server import ThreadedMotoServer
+
+    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                 ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    _, port = server.get_host_and_port()
+    # allow_delayed_open: small files in one PUT (moto's multipart completion trips pyarrow)
+    yield (f"s3://studies/results?endpoint_override=127.0.0.1:{port}&scheme=http"
+           "&allow_bucket_creation=true&allow_delayed_open=true")
+    server.stop()
+
+
+def test_study_on_s3_end_to_end(s3, tmp_path, tiny_data_dir):
+    spec = tiny_spec("s3", retrain={"epochs": 1, "seeds": [0]})
+    p = subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir)[:-4]
+                       + ["--storage", s3, "--data-dir", str(tiny_data_dir)],
+                       env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert not any(tmp_path.glob("s3:*"))  # nothing written to a local folder named after the URI
+    study = Location.parse(s3) / "s3"
+    s = results.load(study.shown)
+    assert len(s.trials) == 3 and set(s.trials["status"]) <= {"finished", "stopped"}
+    assert len(s.history) == s.trials["epochs_run"].sum() and s.best is not None
+    assert s.retrain_summary["seeds"] == [0] and len(s.retrain) == 1
+    for name in ("spec.yaml", "trials.csv", "history.csv", "best.yaml", "optuna.db", "best/seed0/config.yaml",
+                 "best/spikes/0/input.png"):
+        assert (study / name).is_file(), name
+    assert analyze.main([study.shown]) == 0
+    report = (study / "report" / "report.md").read_text()
+    assert "## Best trial" in report and (study / "report" / "curves.png").is_file()
+
+
+DRIVER = """
+import sys, time, ray
+from study.storage import Location, StorageError, check_nodes_see
+ray.init(address=sys.argv[1])
+deadline = time.time() + 60
+while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+    time.sleep(1)
+print("shared:", len(check_nodes_see(Location.parse(sys.argv[2]))), "nodes")
+try:
+    check_nodes_see(Location.parse(sys.argv[3]))
+except StorageError as e:
+    print("hidden:", e)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for unshare --mount")
+def test_two_node_storage_check(tmp_path):
+    """A head and a second node on this machine; the second started under
+    `unshare --mount` with a tmpfs over one folder: the check passes the folder
+    both see and names the node that cannot see the other."""
+    shared, hidden = tmp_path / "shared", tmp_path / "hidden"
+    shared.mkdir()
+    hidden.mkdir()
+    port = _free_port()
+    e = {**env(), "RAY_AUTH_MODE": "token"}  # Ray 2.60's head turns token auth on: everyone uses it
+    ray_bin = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "1", "--num-gpus", "0"]
+    procs = [subprocess.Popen(ray_bin + ["--head", "--port", str(port), "--include-dashboard", "false"], env=e,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+    try:
+        time.sleep(8)
+        worker = " ".join(ray_bin + ["--address", f"127.0.0.1:{port}"])
+        procs.append(subprocess.Popen(["unshare", "--mount", "sh", "-c",
+                                       f"mount -t tmpfs tmpfs {hidden} && exec {worker}"], env=e,
+                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        # The driver reads RAY_AUTH_MODE when Ray starts in it: its own process.
+        p = subprocess.run([sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", str(shared), str(hidden)], env=e,
+                           capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "shared: 2 nodes" in p.stdout, p.stdout
+        assert re.search(r"hidden: --storage .*hidden: 1 of 2 Ray nodes cannot read.*NFS", p.stdout), p.stdout
+    finally:
+        for p in reversed(procs):  # ray start --block ends its node's processes (its session) with it
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=20)
+
+
+def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_dir):
+    """Ctrl-C after the first retrain seed finished (the seeds take all the CPUs,
+    so they run one after the other here): --resume keeps that seed and trains
+    only the other, then assembles best/."""
+    cpus = os.cpu_count()
+    spec = tiny_spec("reretrain", train={"epochs": 1}, search={"num_samples": 1, "max_concurrent": 1},
+                     resources={"cpus_per_trial": cpus}, retrain={"epochs": 3, "seeds": [0, 1]},
+                     render={"images": 1})
+    space = write_spec(tmp_path, spec)
+    retrain_dir = tmp_path / "results" / "reretrain" / "retrain"
+    proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline, done = time.time() + 300, []
+    while time.time() < deadline and not done:
+        done = [f for f in retrain_dir.glob("*/result.json") if len(f.read_text().splitlines()) >= 3]
+        time.sleep(0.5)
+    assert done, "no retrain seed finished in time"
+    before = done[0].read_text()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "continue it with --resume" in out, out[-3000:]
+    assert not (tmp_path / "results" / "reretrain" / "best" / "summary.yaml").exists()
+
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--resume"), env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert done[0].read_text() == before  # the finished seed was not trained again
+    summary = results.load(tmp_path / "results" / "reretrain").retrain_summary
+    assert set(summary["test_acc"]) == {0, 1}
