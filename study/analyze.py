@@ -99,6 +99,8 @@ def edge_warning(study: results.Study, name: str) -> str | None:
 def plot_param(study: results.Study, name: str, out: Path) -> Path | None:
     t = study.ranked()
     key = study.objective_column
+    if t.empty or name not in t:  # no trial recorded yet
+        return None
     t = t[t[name].notna()]
     if t.empty:
         return None

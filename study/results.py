@@ -351,7 +351,7 @@ def load(path: str | Path | Location) -> Study:
     tables = [f for f in (loc / "trials.parquet", loc / "trials.csv") if f.is_file()]
     trials_file = tables[0] if tables else None
     if trials_file is not None:
-        trials = _columns(trials_file, _read(trials_file, _parquet if trials_file.path.endswith(".parquet") else _csv,
+        trials = _columns(trials_file, _read(trials_file, _parquet if trials_file.name.endswith(".parquet") else _csv,
                                              "trials table"), ("trial_id", "status"))
         if len(tables) == 2:
             other = _read(tables[1], _csv, "trials table")
@@ -359,7 +359,7 @@ def load(path: str | Path | Location) -> Study:
                 warnings.warn(f"{tables[1]} and {trials_file} list different trials; read {trials_file}", stacklevel=2)
         history_file = loc / "history.csv"
         if not history_file.is_file():
-            raise StudyError(f"{history_file}: missing (study.run writes it with {trials_file.path.rsplit('/', 1)[-1]})")
+            raise StudyError(f"{history_file}: missing (study.run writes it with {trials_file.name})")
         history = _columns(history_file, _read(history_file, _csv, "history table"), ("trial_id", "epoch"))
     else:
         trials, history = frames(loc / "ray", spec, complete=False)

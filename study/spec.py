@@ -294,6 +294,10 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     _number(where, "resources.trials_per_gpu", res["trials_per_gpu"], integer=True, minimum=1)
     _number(where, "resources.checkpoint_every", res["checkpoint_every"], integer=True, minimum=1)
     _number(where, "resources.cpus_per_trial", res["cpus_per_trial"], above=0)
+    cupy = train.get("backend") == "cupy" or "cupy" in (space.get("backend") or {}).get("choices", [])
+    if cupy and res["gpus_per_trial"] == 0:  # a trial without a GPU runs on the CPU, where cupy cannot
+        raise _err(where, "resources.gpus_per_trial", "0 is not allowed with backend cupy, whose kernels run on a "
+                   "GPU; give each trial a GPU share (or auto), or use backend auto")
 
     retrain = _section(where, raw, "retrain", DEFAULTS["retrain"])
     if retrain["epochs"] is None:

@@ -44,6 +44,10 @@ class Location:
         """The folder as a local Path, or None behind a URI."""
         return Path(self.path) if isinstance(self.fs, pafs.LocalFileSystem) else None
 
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
     def __truediv__(self, name: str) -> "Location":
         base, q, query = self.shown.partition("?")
         return Location(self.fs, f"{self.path}/{name}", f"{base.rstrip('/')}/{name}{q}{query}")

@@ -102,19 +102,6 @@ class Ctx:
         results.write_table(d / "best" / "metrics.csv", pd.DataFrame([{"seed": s, "epoch": 0, "test_acc": 0.5} for s in (0, 1)]))
         return d
 
-    def interrupted(self) -> Path:
-        """A study cut short: no trials table yet, two Ray trial folders."""
-        d = self.study()
-        for f in ("trials.parquet", "trials.csv", "history.csv", "best.yaml"):
-            (d / f).unlink()
-        shutil.rmtree(d / "best")
-        for n, tid in enumerate(("aa001", "aa002")):
-            t = d / "ray" / f"trainable_{tid}_{n + 1}_channels=4_2026-01-01"
-            t.mkdir(parents=True)
-            (t / "params.json").write_text('{"channels": 4, "lr": 0.01}')
-            (t / "progress.csv").write_text("epoch,val_acc,test_acc,epoch_s\n0,0.3,0.3,1.0\n")
-        return d
-
 
 @dataclass
 class Row:
@@ -182,9 +169,9 @@ def finished_study(c: Ctx, *extra) -> list:
     return [str(c.tmp / "space.yaml"), "--storage", str(c.tmp / "results"), "--data-dir", str(c.data), *extra]
 
 
-def damaged(mutate: Callable[[Path], None], interrupted=False) -> Callable[[Ctx], list]:
+def damaged(mutate: Callable[[Path], None]) -> Callable[[Ctx], list]:
     def setup(c: Ctx) -> list:
-        d = c.interrupted() if interrupted else c.study()
+        d = c.study()
         mutate(d)
         return [str(d)]
     return setup
@@ -218,11 +205,6 @@ def ids_stay_strings(c: Ctx) -> None:
 def read_csv_only(c: Ctx) -> None:
     s = results.load(c.tmp / "results" / "hand")
     assert s.complete and s.trials_file.name == "trials.csv" and list(s.trials["trial_id"]) == ["00001", "00002"]
-
-
-def one_trial_left(c: Ctx) -> None:
-    with pytest.warns(UserWarning, match="trial aa001 skipped"):
-        assert list(results.load(c.tmp / "results" / "hand").trials["trial_id"]) == ["aa002"]
 
 
 def optuna_db_untouched(c: Ctx) -> None:
@@ -329,7 +311,7 @@ ROWS = [
         2, "name: 'a\\x00b' is not allowed"),
     Row("18 --resume without spec.yaml", "study.run", lambda c: no_spec(c), 2, "(no spec.yaml)"),
     Row("18 the study folder is a file", "study.run", lambda c: study_file(c), 2, "is a file, not a study folder"),
-    *[Row(f"19 {cmd.split('.')[1]}: {what}", cmd, damaged(mutate, interrupted="progress" in what or "params" in what),
+    *[Row(f"19 {cmd.split('.')[1]}: {what}", cmd, damaged(mutate),
           code, fragment, warns=warn)
       for cmd in ("results.load", "study.analyze")
       for what, mutate, code, fragment, warn in [
@@ -350,12 +332,7 @@ ROWS = [
           ("best/summary.yaml unreadable", write("best/summary.yaml", b"{: ["), 2, "summary.yaml: unreadable retrain summary", None),
           ("best/metrics.csv unreadable", write("best/metrics.csv", b""), 2, "metrics.csv: unreadable retrain table", None),
           ("spec.yaml garbage", write("spec.yaml", b"name: [\n"), 2, "spec.yaml: unreadable study spec", None),
-          ("an empty progress.csv", write("ray/trainable_aa001_1_channels=4_2026-01-01/progress.csv", b""), 0, "", "aa001 skipped"),
-          ("a corrupt params.json", write("ray/trainable_aa001_1_channels=4_2026-01-01/params.json", b"{\"chan"), 0, "", "aa001 skipped"),
       ]],
-    Row("19 load: an empty progress.csv, the other trial read", "results.load",
-        damaged(write("ray/trainable_aa001_1_channels=4_2026-01-01/progress.csv", b""), interrupted=True), 0, "",
-        one_trial_left, warns="aa001 skipped"),
     Row("19 analyze: optuna.db garbage", "study.analyze", optuna_db(b"not a database" * 100), 0, "report:", optuna_db_untouched),
     Row("19 analyze: optuna.db empty (not rewritten)", "study.analyze", optuna_db(b""), 0, "report:", optuna_db_untouched),
     Row("19 reproduce: best.yaml a list", "study.reproduce", lambda c: [*damaged(write("best.yaml", b"- 1\n"))(c)], 2,

@@ -93,16 +93,19 @@ def test_the_bench_equivalence_check_catches_a_wrong_neuron():
     assert not wrong["ok"] and wrong["differing_spikes"] == 0 and wrong["grad_rel_err"] > 0.01
 
 
-def test_a_cupy_study_is_refused_without_cupy(tmp_path, capsys):
+def test_a_cupy_study_is_refused_where_it_cannot_run(tmp_path, capsys):
     import importlib.util
 
     import yaml
 
     from study.run import main
 
-    space = yaml.safe_load((ROOT / "search_spaces" / "quick.yaml").read_text())
-    space["train"]["backend"] = "cupy"
-    (tmp_path / "cupy.yaml").write_text(yaml.safe_dump(space))
+    for name in ("quick", "fmnist"):
+        space = yaml.safe_load((ROOT / "search_spaces" / f"{name}.yaml").read_text())
+        space["train"]["backend"] = "cupy"
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(space))
+    assert main([str(tmp_path / "quick.yaml"), "--dry-run"]) == 2  # its trials have no GPU
+    assert "resources.gpus_per_trial: 0 is not allowed with backend cupy" in capsys.readouterr().err
     assert importlib.util.find_spec("cupy") is None  # CI has no CuPy: this is what it checks
-    assert main([str(tmp_path / "cupy.yaml"), "--dry-run"]) == 2
+    assert main([str(tmp_path / "fmnist.yaml"), "--dry-run"]) == 2
     assert "train.backend: backend 'cupy' needs CuPy, which is not installed" in capsys.readouterr().err
