@@ -1,20 +1,41 @@
 # The README's two commands: `make quick` (set up, then the CPU-sized study end to
 # end) and `make test` (the suite; .ci/run calls it too). Debian, Python >= 3.11, as root.
+#
+# Debian's own python3 (and Ubuntu's since 23.04) refuses `pip install` outside a
+# virtual environment (PEP 668), so everything installs into $(VENV), made from
+# $(PYTHON): PYTHON=python3.12 make ... picks another interpreter; VENV= (empty)
+# installs into $(PYTHON) itself, e.g. an environment of your own that is active.
 PYTHON ?= python3
+VENV ?= .venv
+PY := $(if $(VENV),$(VENV)/bin/python,$(PYTHON))
 DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup quick test
+.PHONY: setup venv quick test
 
 # The real Fashion-MNIST from Debian's package (offline), torch pinned to the
 # versions that install from these machines' disk, then the project.
-setup:
+setup: venv
 	test -f $(DATA) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
-	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
 
+# $(VENV) from $(PYTHON), made again if it was made from another Python version;
+# Debian ships venv's pip apart, as python3.X-venv: installed when venv fails.
+venv:
+ifneq ($(VENV),)
+	@want=$$($(PYTHON) -c 'import sys; print(sys.version)') || exit 1; \
+	if [ -x $(PY) ] && [ "$$($(PY) -c 'import sys; print(sys.version)')" != "$$want" ]; then \
+	    echo "$(VENV) was made from another Python; making it again from $(PYTHON)"; rm -rf $(VENV); fi; \
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	    v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	    apt-get update -qq && apt-get install -y -qq python$$v-venv && $(PYTHON) -m venv $(VENV); }
+endif
+
+# The study, then its report (results/quick/report/report.md and the plots).
 quick: setup
-	$(PYTHON) -m study.run search_spaces/quick.yaml
+	$(PY) -m study.run search_spaces/quick.yaml
+	$(PY) -m study.analyze results/quick
 
-# No setup here: the suite runs against whatever is installed (a developer's checkout too).
+# No setup here: the suite runs against whatever $(PY) has (a developer's checkout too).
 test:
-	$(PYTHON) -m pytest -q
+	$(PY) -m pytest -q
