@@ -72,16 +72,18 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir):
 
 
 def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_dir):
-    spec = tiny_spec("resume", search={"num_samples": 4, "max_concurrent": 1}, retrain={"seeds": []})
+    # 4 epochs a trial (about 2 s with Ray's worker reused): Ctrl-C lands while the second trial runs
+    spec = tiny_spec("resume", train={"epochs": 4}, search={"num_samples": 4, "max_concurrent": 1},
+                     retrain={"seeds": []})
     space = write_spec(tmp_path, spec)
     ray_dir = tmp_path / "results" / "resume" / "ray"
     proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     finished = []
-    while time.time() < deadline and not finished:  # wait for a trial to finish both epochs
-        finished = [f for f in ray_dir.glob("*/progress.csv") if len(pd.read_csv(f)) >= 2] if ray_dir.exists() else []
-        time.sleep(0.5)
+    while time.time() < deadline and not finished:  # wait for a trial to finish its epochs
+        finished = [f for f in ray_dir.glob("*/progress.csv") if len(pd.read_csv(f)) >= 4] if ray_dir.exists() else []
+        time.sleep(0.1)
     assert finished, "no trial finished in time"
     before = {f.parent.name: pd.read_csv(f) for f in finished}
     proc.send_signal(signal.SIGINT)  # Ctrl-C
@@ -97,10 +99,10 @@ def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_di
     trials = pd.read_csv(d / "trials.csv")
     assert len(trials) == 4 and trials["trial_id"].is_unique and (trials["status"] == "finished").all()
     history = pd.read_csv(d / "history.csv")
-    assert not history.duplicated(["trial_id", "epoch"]).any() and len(history) == 8
+    assert not history.duplicated(["trial_id", "epoch"]).any() and len(history) == 16
     for name, frame in before.items():  # the trial finished before Ctrl-C was not run again
         after = pd.read_csv(ray_dir / name / "progress.csv")
-        assert len(after) == 2 and after["epoch_s"].tolist() == frame["epoch_s"].tolist()
+        assert len(after) == 4 and after["epoch_s"].tolist() == frame["epoch_s"].tolist()
     study = optuna.load_study(study_name="resume", storage=f"sqlite:///{d / 'optuna.db'}")
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4
 
