@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,18 @@ import yaml
 
 from csnn import data as fmnist
 from csnn.data import write_idx
+
+
+def pytest_configure(config):
+    """Every test, and every process it starts, sees an empty HOME of its own:
+    nothing in the user's ~/.ray (an authentication token that a local Ray reads,
+    or writes when missing), ~/.cache or ~/.config changes what a test does."""
+    config.test_home = tempfile.mkdtemp(prefix="csnn-test-home-")
+    os.environ["HOME"] = config.test_home
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "test_home", ""), ignore_errors=True)
 
 
 def write_dataset(folder: Path, n_train: int = 64, n_test: int = 32, gz: bool = False, seed: int = 0) -> Path:

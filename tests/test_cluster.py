@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -152,18 +153,13 @@ def test_study_on_s3_end_to_end(s3, tmp_path, tiny_data_dir):
     assert "## Best trial" in report and (study / "report" / "curves.png").is_file()
 
 
-DRIVER = """
+WAIT_FOR_NODES = """
 import sys, time, ray
-from study.storage import Location, StorageError, check_nodes_see
 ray.init(address=sys.argv[1])
-deadline = time.time() + 60
-while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
-    time.sleep(1)
-print("shared:", len(check_nodes_see(Location.parse(sys.argv[2]))), "nodes")
-try:
-    check_nodes_see(Location.parse(sys.argv[3]))
-except StorageError as e:
-    print("hidden:", e)
+deadline = time.time() + 120
+while len([n for n in ray.nodes() if n["Alive"]]) < int(sys.argv[2]):
+    assert time.time() < deadline, "the second node did not join"
+    time.sleep(0.5)
 """
 
 
@@ -173,30 +169,72 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_node_storage_check(tmp_path):
-    """A head and a second node on this machine; the second started under
-    `unshare --mount` with a tmpfs over one folder: the check passes the folder
-    both see and names the node that cannot see the other."""
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert proc.poll() is None, f"the Ray head exited ({proc.returncode})"
+        assert time.time() < deadline, f"the Ray head did not listen on {port}"
+        time.sleep(0.2)
+
+
+def test_readme_cluster_recipe_from_empty_homes(tmp_path, tiny_data_dir):
+    """The README's cluster lines as written, on a head, a worker and a driver whose
+    HOMEs start empty (no token from an earlier Ray): the head makes the token and
+    starts with token authentication, the worker and the driver get a copy of it.
+    The worker runs under `unshare --mount` with a tmpfs over one folder. A study
+    on the shared folder runs its trials on both nodes (one CPU each, two at once);
+    one on the hidden folder is refused, naming the node that cannot see it."""
+    readme = (ROOT / "README.md").read_text()
+    for line in ("ray get-auth-token --generate", "export RAY_AUTH_MODE=token", "ray start --head --port=6379",
+                 "mkdir -p ~/.ray && scp HEAD_IP:.ray/auth_token ~/.ray/auth_token",
+                 "ray start --address=HEAD_IP:6379", "--address HEAD_IP:6379 --storage /shared/results"):
+        assert line in readme, f"the README's cluster lines changed: {line!r}; change this test with them"
     shared, hidden = tmp_path / "shared", tmp_path / "hidden"
-    shared.mkdir()
-    hidden.mkdir()
+    homes = {k: tmp_path / "home" / k for k in ("head", "worker", "driver")}
+    for d in (shared, hidden, *homes.values()):
+        d.mkdir(parents=True)
     port = _free_port()
-    e = {**env(), "RAY_AUTH_MODE": "token"}  # Ray 2.60's head turns token auth on: everyone uses it
-    ray_bin = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "1", "--num-gpus", "0"]
-    procs = [subprocess.Popen(ray_bin + ["--head", "--port", str(port), "--include-dashboard", "false"], env=e,
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+    ray_cli = str(Path(sys.executable).with_name("ray"))  # the `ray` command of this environment
+    e = {k: {**env(), "HOME": str(h), "RAY_AUTH_MODE": "token"} for k, h in homes.items()}
+    # on the head: ray get-auth-token --generate; export RAY_AUTH_MODE=token; ray start --head --port=6379
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=e["head"], check=True,
+                   capture_output=True, timeout=60)
+    token = homes["head"] / ".ray" / "auth_token"
+    assert token.is_file()
+    for k in ("worker", "driver"):  # "copy ~/.ray/auth_token to the other machines"
+        (homes[k] / ".ray").mkdir()
+        (homes[k] / ".ray" / "auth_token").write_bytes(token.read_bytes())
+    block = ["--block", "--num-cpus", "1", "--num-gpus", "0"]  # --block: the node's processes end with this one
+    procs = [subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--include-dashboard=false", *block],
+                              env=e["head"], start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)]
     try:
-        time.sleep(8)
-        worker = " ".join(ray_bin + ["--address", f"127.0.0.1:{port}"])
+        _wait_for_port(port, procs[0])
+        worker = " ".join([ray_cli, "start", f"--address=127.0.0.1:{port}", *block])
         procs.append(subprocess.Popen(["unshare", "--mount", "sh", "-c",
-                                       f"mount -t tmpfs tmpfs {hidden} && exec {worker}"], env=e,
+                                       f"mount -t tmpfs tmpfs {hidden} && exec {worker}"], env=e["worker"],
                                       start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
-        # The driver reads RAY_AUTH_MODE when Ray starts in it: its own process.
-        p = subprocess.run([sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", str(shared), str(hidden)], env=e,
-                           capture_output=True, text=True, timeout=180)
+        subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, f"127.0.0.1:{port}", "2"], env=e["driver"],
+                       check=True, capture_output=True, timeout=180)
+        spec = tiny_spec("two", search={"num_samples": 3, "max_concurrent": 2},
+                         retrain={"epochs": 1, "seeds": [0]}, render={"images": 1})
+        space = write_spec(tmp_path, spec)
+        run_on = lambda storage: subprocess.run(  # noqa: E731
+            [sys.executable, "-m", "study.run", str(space), "--address", f"127.0.0.1:{port}", "--storage",
+             str(storage), "--data-dir", str(tiny_data_dir)], env=e["driver"], capture_output=True, text=True,
+            timeout=300)
+        p = run_on(hidden)
+        assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+        assert re.search(r"--storage .*hidden/two: 1 of 2 Ray nodes cannot read.*NFS", p.stderr, re.S), p.stderr
+        p = run_on(shared)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        assert "shared: 2 nodes" in p.stdout, p.stdout
-        assert re.search(r"hidden: --storage .*hidden: 1 of 2 Ray nodes cannot read.*NFS", p.stdout), p.stdout
+        assert "2 Ray node(s)" in p.stdout, p.stdout[-3000:]
+        s = sorted(spans(Location.parse(shared / "two") / "ray"))
+        assert len(s) == 3 and any(s[i + 1][0] < s[i][1] for i in range(2)), s  # two at once: one on each node
+        assert results.load(shared / "two").retrain_summary["seeds"] == [0]
     finally:
         for p in reversed(procs):  # ray start --block ends its node's processes (its session) with it
             os.killpg(p.pid, signal.SIGTERM)
