@@ -1,14 +1,23 @@
 """YAML as users write it: PyYAML's safe loader, but a key given twice is an error
-(PyYAML silently keeps the last one, so `T: 4 ... T: 8` would lose the 4 unseen)."""
+(PyYAML silently keeps the last one, so `T: 4 ... T: 8` would lose the 4 unseen),
+and so is an integer with a leading zero (YAML 1.1 reads `010` as octal 8).
+Merge keys (`<<: *common`) work as YAML defines them: a key written in the mapping
+overrides a merged one."""
 from __future__ import annotations
 
+import re
+
 import yaml
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:  # what << brings in may be overridden; SafeLoader flattens it
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.get(key)
@@ -20,6 +29,18 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     f"{key_node.start_mark.line + 1}; keep one", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        if re.fullmatch(r"[-+]?0[0-9_]+", node.value):
+            digits = node.value.lstrip("+-").lstrip("0_") or "0"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value} has a leading zero, which YAML reads as an octal number "
+                f"({super().construct_yaml_int(node)}); write {node.value[0] if node.value[0] in '+-' else ''}"
+                f"{digits}", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
 
 
 def load(text: str):

@@ -384,6 +384,8 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    if args.retrain and args.no_retrain:
+        raise UsageError("--retrain and --no-retrain contradict each other; give one")
     spec = specs.load(args.space)
     resolved = yaml.safe_dump(spec.to_dict(), sort_keys=False)  # as written to spec.yaml, before any flag
     if args.num_samples is not None and not args.resume:

@@ -227,6 +227,9 @@ def _parameter(where, key, name, p, out, train) -> dict:
             raise _err(where, f"{key}.when", "is empty; name a parameter and its value(s)")
         for dep, values in when.items():
             parent = _categorical_parent(where, f"{key}.when.{dep}", dep, out)
+            if values == []:
+                raise _err(where, f"{key}.when.{dep}", f"[] can never hold: {name} would never be sampled; "
+                                                      f"give one or more of {parent['choices']}")
             for v in values if isinstance(values, list) else [values]:
                 if v not in parent["choices"]:
                     raise _err(where, f"{key}.when.{dep}", f"{dep} cannot take {v!r}; its choices: {parent['choices']}")
@@ -249,7 +252,8 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
             or not name.isprintable()):
         raise _err(where, "name", f"{name!r} is not allowed; must be a folder name (printable, no '/', not starting with '.')")
 
-    train = dict(_mapping(where, "train", raw.get("train") or {}))
+    # Only an absent or empty (`train:`) section means none; [] or false is a mistake, not "no train"
+    train = dict(_mapping(where, "train", {} if raw.get("train") is None else raw["train"]))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for k in train:
         if k not in fields:

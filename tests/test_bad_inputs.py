@@ -361,7 +361,29 @@ ROWS = [
         lambda c: c.cli("-resume", c.ckpt, "-lr", "0.05"), 2, "lr 0.1 in the checkpoint, 0.05 now"),
     Row("msg an unknown field under train:", "study.run", lambda c: c.dry(c.space(train={"epoch": 3})), 2,
         "train.epoch: TrainConfig has no field 'epoch'"),
+    # issue 19, silent or misread
+    Row("19 a YAML merge key (<<) is accepted; a key written beside it overrides", "study.run",
+        lambda c: c.dry(c.space(SPEC_TOP + "space:\n  lr: &r {type: float, low: 0.01, high: 0.1, log: true}\n"
+                                "  momentum: {<<: *r, low: 0.5, high: 0.9, log: false}\n")), 0, "valid",
+        lambda c: merged_momentum(c)),
+    Row("19 num_samples: 010 (YAML 1.1 octal)", "study.run",
+        lambda c: c.dry(c.space(SPEC_TOP + SPACE + "search: {num_samples: 010}\n")), 2,
+        "010 has a leading zero, which YAML reads as an octal number (8); write 10"),
+    Row("19 train: []", "study.run", lambda c: c.dry(c.space(SPEC_TOP + SPACE + "train: []\n")), 2,
+        "train: must be a mapping, got []"),
+    Row("19 train: false", "study.run", lambda c: c.dry(c.space(SPEC_TOP + SPACE + "train: false\n")), 2,
+        "train: must be a mapping, got False"),
+    Row("19 when: {optimizer: []}", "study.run", lambda c: c.dry(c.space(SPEC_TOP + "space:\n  optimizer: {type: categorical, choices: [sgd, adam]}\n"
+                                "  momentum: {type: float, low: 0.8, high: 0.99, when: {optimizer: []}}\n")), 2,
+        "space.momentum.when.optimizer: [] can never hold: momentum would never be sampled"),
+    Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
+        "--retrain and --no-retrain contradict each other"),
 ]
+
+
+def merged_momentum(c: Ctx) -> None:
+    m = specs.load(c.tmp / "space.yaml").space["momentum"]
+    assert (m["type"], m["low"], m["high"], m["log"]) == ("float", 0.5, 0.9, False), m
 
 
 def no_spec(c: Ctx) -> list:
