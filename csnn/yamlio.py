@@ -43,9 +43,23 @@ class UniqueKeyLoader(yaml.SafeLoader):
 UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
 
 
+MAX_VALUES = 100_000  # far beyond any real spec or config
+
+
 def load(text: str):
-    """Parse YAML text; a duplicate key raises yaml.YAMLError naming both lines."""
-    return yaml.load(text, Loader=UniqueKeyLoader)
+    """Parse YAML text; a duplicate key raises yaml.YAMLError naming both lines. Aliases
+    repeated inside aliases (a "billion laughs" document of a few hundred bytes) are
+    refused: every message or dump that writes the value out would never end."""
+    data = yaml.load(text, Loader=UniqueKeyLoader)
+    stack, count = [data], 0
+    while stack:  # the values as written out, aliases expanded, up to MAX_VALUES
+        count += 1
+        if count > MAX_VALUES:
+            raise yaml.YAMLError(f"more than {MAX_VALUES:,} values once its aliases (*name) are expanded; "
+                                 "an alias of an alias of ... is not a spec")
+        x = stack.pop()
+        stack.extend(x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())
+    return data
 
 
 def one_line(e: yaml.YAMLError) -> str:

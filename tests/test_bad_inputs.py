@@ -233,6 +233,9 @@ def with_data_file(c: Ctx, **env) -> None:
 SPEC_TOP = "name: hand\nobjective: {metric: train_loss, mode: min}\n"
 SPACE = "space: {lr: {type: float, low: 0.01, high: 0.1, log: true}}\n"
 NO_GPU = not torch.cuda.is_available()
+# nine lists of nine aliases of the list before: 9**9 strings once written out
+BOMB = "".join(f"{a}: &{a} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+               for p, a in zip(["", *"abcdefgh"], "abcdefghi")) + "search: {seed: *i}\n"
 
 ROWS = [
     # ---- 1-4: data loss
@@ -376,6 +379,8 @@ ROWS = [
     Row("19 when: {optimizer: []}", "study.run", lambda c: c.dry(c.space(SPEC_TOP + "space:\n  optimizer: {type: categorical, choices: [sgd, adam]}\n"
                                 "  momentum: {type: float, low: 0.8, high: 0.99, when: {optimizer: []}}\n")), 2,
         "space.momentum.when.optimizer: [] can never hold: momentum would never be sampled"),
+    Row("19 a YAML alias bomb as a value (415 bytes, 9**9 values)", "study.run", lambda c: c.dry(c.space(SPEC_TOP + SPACE + BOMB)), 2,
+        "more than 100,000 values once its aliases (*name) are expanded"),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
