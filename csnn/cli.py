@@ -63,13 +63,24 @@ def main(argv=None) -> int:
         return 130
 
 
+# TrainConfig's fields as the tutorial's flags name them, for errors that say which flag to change
+FLAGS = {"T": "-T", "channels": "-channels", "batch_size": "-b", "epochs": "-epochs", "optimizer": "-opt",
+         "lr": "-lr", "momentum": "-momentum", "weight_decay": "-weight-decay", "seed": "-seed", "device": "-device",
+         "val_size": "-val-size", "train_size": "-train-size", "test_size": "-test-size", "backend": "-cupy"}
+
+
 def run(args: argparse.Namespace, progress: dict) -> int:
     """Check every input, then train; nothing is written before all the checks pass."""
-    cfg = TrainConfig(T=args.T, channels=args.channels, batch_size=args.b, epochs=args.epochs,
-                      optimizer=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                      amp=args.amp, seed=args.seed, device=args.device, val_size=args.val_size,
-                      train_size=args.train_size, test_size=args.test_size,
-                      backend="cupy" if args.cupy else "auto")
+    try:
+        cfg = TrainConfig(T=args.T, channels=args.channels, batch_size=args.b, epochs=args.epochs,
+                          optimizer=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                          amp=args.amp, seed=args.seed, device=args.device, val_size=args.val_size,
+                          train_size=args.train_size, test_size=args.test_size,
+                          backend="cupy" if args.cupy else "auto")
+    except ValueError as e:
+        field, _, msg = str(e).partition(": ")
+        flag = FLAGS.get(field.removeprefix("TrainConfig."))
+        raise ValueError(f"{flag}: {msg}" if flag else str(e)) from None
     resolve_device(cfg.device)
     check_runnable(cfg.backend)
     set_backend(CSNN(1, 1), cfg.backend)  # fail before loading anything

@@ -39,6 +39,7 @@ METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tes
 # slow or different trial (neuron_impl: the IF kernels that ran in training).
 RUN_INFO = ("run_device", "run_amp", "neuron_impl", "deterministic", "torch_version", "spikingjelly_version",
             "cuda_version")
+FLOAT32_MAX = 3.4028234663852886e38
 COMPILE_AUTO_IMAGES = 50_000  # measured break-even on 2 CPU cores: ~13k images warm, ~80k cold
 
 
@@ -83,11 +84,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"TrainConfig.{name}: {value!r} is not allowed; must be {TYPE_WORDS[FIELD_TYPES[name]]} >= 0")
+        for name in ("seed", "split_seed"):  # stored as int64 (trials.parquet, pandas), taken by torch's generators
+            if getattr(self, name) >= 2**63:
+                raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not allowed; must be < 2**63")
         if not 0 <= self.momentum < 1:  # momentum >= 1 makes SGD's step grow without bound
             raise ValueError(f"TrainConfig.momentum: {self.momentum!r} is not allowed; must be >= 0 and < 1")
-        for name in ("lr", "weight_decay"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not allowed; must be a finite number")
+        for name in ("lr", "weight_decay"):  # the optimizers step float32 weights: the factor must be a float32
+            if not math.isfinite(getattr(self, name)) or abs(getattr(self, name)) > FLOAT32_MAX:
+                raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not allowed; must be a finite number "
+                                 f"<= {FLOAT32_MAX:.4g} (the largest float32)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer: {self.optimizer!r} is not allowed; allowed: {', '.join(OPTIMIZERS)}")
         if self.backend not in BACKENDS:

@@ -273,6 +273,8 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     if search["sampler"] not in SAMPLERS:
         raise _err(where, "search.sampler", f"{search['sampler']!r} is not allowed; allowed: {', '.join(SAMPLERS)}")
     _number(where, "search.seed", search["seed"], integer=True, minimum=0)
+    if search["seed"] >= 2**32:  # Optuna's samplers seed numpy's RandomState
+        raise _err(where, "search.seed", f"{search['seed']} is not allowed; must be < 2**32")
     _number(where, "search.num_samples", search["num_samples"], integer=True, minimum=1)
     _number(where, "search.max_concurrent", search["max_concurrent"], integer=True, minimum=0, auto=True)
     if not isinstance(search["baseline"], bool):
@@ -308,8 +310,10 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
         retrain["epochs"] = TrainConfig.from_dict(train).epochs
     _number(where, "retrain.epochs", retrain["epochs"], integer=True, minimum=0)
     seeds = retrain["seeds"]
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise _err(where, "retrain.seeds", f"{seeds!r} is not allowed; must be a list of integers >= 0 (empty: no retrain)")
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63
+                                              for s in seeds):
+        raise _err(where, "retrain.seeds", f"{seeds!r} is not allowed; must be a list of integers >= 0 and < 2**63 "
+                                           "(empty: no retrain)")
     if len(set(seeds)) < len(seeds):  # one folder per seed, and a spread over distinct runs
         raise _err(where, "retrain.seeds", f"{seeds!r} is not allowed; the seeds must differ")
 

@@ -381,9 +381,25 @@ ROWS = [
         "space.momentum.when.optimizer: [] can never hold: momentum would never be sampled"),
     Row("19 a YAML alias bomb as a value (415 bytes, 9**9 values)", "study.run", lambda c: c.dry(c.space(SPEC_TOP + SPACE + BOMB)), 2,
         "more than 100,000 values once its aliases (*name) are expanded"),
+    Row("19 search.seed 2**32", "study.run", lambda c: c.dry(c.space(search={"seed": 2**32})), 2,
+        "search.seed: 4294967296 is not allowed; must be < 2**32"),
+    Row("19 train.seed 2**63", "study.run", lambda c: c.dry(c.space(train={"seed": 2**63})), 2,
+        "train.seed: 9223372036854775808 is not allowed; must be < 2**63"),
+    Row("19 train.split_seed 2**63", "study.run", lambda c: c.dry(c.space(train={"split_seed": 2**63})), 2,
+        "train.split_seed: 9223372036854775808 is not allowed; must be < 2**63"),
+    Row("19 retrain.seeds [2**64]", "study.run", lambda c: c.dry(c.space(retrain={"seeds": [2**64]})), 2,
+        "retrain.seeds: [18446744073709551616] is not allowed; must be a list of integers >= 0 and < 2**63"),
+    Row("19 -seed 2**64 names the flag, writes nothing", "csnn.train", lambda c: c.cli("-seed", 2**64), 2,
+        "-seed: 18446744073709551616 is not allowed; must be < 2**63", lambda c: nothing_written(c)),
+    Row("19 -lr 1e308 names the flag, writes nothing", "csnn.train", lambda c: c.cli("-lr", "1e308"), 2,
+        "-lr: 1e+308 is not allowed; must be a finite number <= 3.403e+38", lambda c: nothing_written(c)),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
+
+
+def nothing_written(c: Ctx) -> None:
+    assert not (c.tmp / "logs").exists()
 
 
 def merged_momentum(c: Ctx) -> None:
