@@ -374,6 +374,27 @@ class UsageError(Exception):
     """A flag that does not fit the study folder; exit 2 with the message."""
 
 
+def check_address(address: str | None, source: str = "--address", timeout_s: float = 10) -> None:
+    """A Ray address that can work, checked in a bounded time before anything is written:
+    local, auto, HOST:PORT or ray://HOST:PORT with something listening there. Ray itself
+    retries a GCS that is not there for ever (HOST:PORT) or fails after ~36 s with a traceback (ray://)."""
+    import socket
+
+    if not address or address in ("local", "auto"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{source} {address}: not a Ray address; give HOST:PORT (the head's, e.g. 10.0.0.1:6379), "
+                         "ray://HOST:PORT (Ray Client), auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UsageError(f"{source} {address}: nothing answers there ({e.strerror or type(e).__name__}); start the "
+                         "head first (ray start --head --port=6379, see the README's cluster lines) or check the "
+                         "address") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -386,6 +407,10 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     if args.retrain and args.no_retrain:
         raise UsageError("--retrain and --no-retrain contradict each other; give one")
+    if args.address is not None:
+        check_address(args.address)
+    elif os.environ.get("RAY_ADDRESS"):
+        check_address(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
     spec = specs.load(args.space)
     resolved = yaml.safe_dump(spec.to_dict(), sort_keys=False)  # as written to spec.yaml, before any flag
     if args.num_samples is not None and not args.resume:
@@ -459,7 +484,13 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str 
     study = study if isinstance(study, Location) else Location.parse(study)
     if not ray.is_initialized():
         # A bare ray.init() would join any cluster a `ray start` left behind: be explicit.
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+        target = address or os.environ.get("RAY_ADDRESS") or "local"
+        try:
+            ray.init(address=target)
+        except (ConnectionError, RuntimeError) as e:  # something answers there, but not a Ray head
+            print(f"error: --address {target}: Ray could not connect ({str(e).splitlines()[0]}); is it the "
+                  "head's GCS port (ray start --head --port=...)?", file=sys.stderr)
+            return 2
     try:
         res = plan(spec, **cluster(), allow_cpu=allow_cpu, allow_pending_gpus=allow_pending_gpus)
         study.fs.create_dir(study.path, recursive=True)

@@ -393,9 +393,26 @@ ROWS = [
         "-seed: 18446744073709551616 is not allowed; must be < 2**63", lambda c: nothing_written(c)),
     Row("19 -lr 1e308 names the flag, writes nothing", "csnn.train", lambda c: c.cli("-lr", "1e308"), 2,
         "-lr: 1e+308 is not allowed; must be a finite number <= 3.403e+38", lambda c: nothing_written(c)),
+    Row("19 --address 127.0.0.1:abc", "study.run", lambda c: c.dry(c.space(), "--address", "127.0.0.1:abc"), 2,
+        "--address 127.0.0.1:abc: not a Ray address; give HOST:PORT"),
+    Row("19 --address a closed port (Ray would retry for ever)", "study.run",
+        lambda c: c.dry(c.space(), "--address", f"127.0.0.1:{closed_port()}"), 2, "nothing answers there"),
+    Row("19 --address ray:// a closed port", "study.run",
+        lambda c: c.dry(c.space(), "--address", f"ray://127.0.0.1:{closed_port()}"), 2, "nothing answers there"),
+    Row("19 RAY_ADDRESS a closed port", "study.run", lambda c: c.dry(c.space()), 2,
+        "RAY_ADDRESS 127.0.0.1:1: nothing answers there", env={"RAY_ADDRESS": "127.0.0.1:1"}),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def nothing_written(c: Ctx) -> None:
