@@ -47,7 +47,7 @@ class PlanError(ValueError):
 
 
 def plan(spec: specs.StudySpec, gpus: float, cpus: float, node_gpus: float, allow_cpu: bool = False,
-         allow_pending_gpus: bool = False) -> dict:
+         allow_pending_gpus: bool = False, node_cpus: float | None = None) -> dict:
     """Per-trial resources and trials at once, from the spec and the cluster's
     totals (GPUs, CPUs, most GPUs on one node).
 
@@ -58,8 +58,12 @@ def plan(spec: specs.StudySpec, gpus: float, cpus: float, node_gpus: float, allo
     (GPUs x trials_per_gpu), a whole multiple of the GPUs, within the CPUs."""
     want, conc = spec.resources["gpus_per_trial"], spec.search["max_concurrent"]
     cpt, per_gpu_max, n = spec.resources["cpus_per_trial"], spec.resources["trials_per_gpu"], spec.search["num_samples"]
-    cpu_slots = max(1, int(cpus // cpt))
     where = spec.path or spec.name
+    node_cpus = cpus if node_cpus is None else node_cpus
+    if cpt > node_cpus and not allow_pending_gpus:  # Ray would keep the trials pending for ever
+        raise PlanError(f"{where}: resources.cpus_per_trial is {cpt:g} but no Ray node has more than {node_cpus:g} "
+                        "CPUs: no trial could start; ask for at most that")
+    cpu_slots = max(1, int(cpus // cpt))
     if want == "auto" or want > 0:
         if gpus == 0 and allow_pending_gpus:
             # An autoscaler adds GPU nodes as trials ask: a whole GPU per trial spreads them.
@@ -115,7 +119,8 @@ def cluster() -> dict:
     nodes = [n for n in ray.nodes() if n["Alive"]]
     total = ray.cluster_resources()
     return {"gpus": total.get("GPU", 0), "cpus": total.get("CPU", 0),
-            "node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0)}
+            "node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0),
+            "node_cpus": max((n["Resources"].get("CPU", 0) for n in nodes), default=0)}
 
 
 def asha_rungs(spec: specs.StudySpec) -> tuple:

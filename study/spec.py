@@ -300,6 +300,9 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     _number(where, "resources.trials_per_gpu", res["trials_per_gpu"], integer=True, minimum=1)
     _number(where, "resources.checkpoint_every", res["checkpoint_every"], integer=True, minimum=1)
     _number(where, "resources.cpus_per_trial", res["cpus_per_trial"], above=0)
+    if res["cpus_per_trial"] < 1e-4:  # Ray counts resources to 1e-4: less is 0, which it refuses at the first trial
+        raise _err(where, "resources.cpus_per_trial", f"{res['cpus_per_trial']} is not allowed; must be >= 0.0001 "
+                                                      "(Ray counts CPUs to 4 decimals)")
     cupy = train.get("backend") == "cupy" or "cupy" in (space.get("backend") or {}).get("choices", [])
     if cupy and res["gpus_per_trial"] == 0:  # a trial without a GPU runs on the CPU, where cupy cannot
         raise _err(where, "resources.gpus_per_trial", "0 is not allowed with backend cupy, whose kernels run on a "

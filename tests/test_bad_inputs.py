@@ -401,6 +401,8 @@ ROWS = [
         lambda c: c.dry(c.space(), "--address", f"ray://127.0.0.1:{closed_port()}"), 2, "nothing answers there"),
     Row("19 RAY_ADDRESS a closed port", "study.run", lambda c: c.dry(c.space()), 2,
         "RAY_ADDRESS 127.0.0.1:1: nothing answers there", env={"RAY_ADDRESS": "127.0.0.1:1"}),
+    Row("19 cpus_per_trial below Ray's 0.0001", "study.run", lambda c: c.dry(c.space(resources={"cpus_per_trial": 1e-5})),
+        2, "resources.cpus_per_trial: 1e-05 is not allowed; must be >= 0.0001"),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]

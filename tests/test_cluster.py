@@ -43,6 +43,9 @@ def test_plan_spreads_trials_over_every_gpu():
     assert run.plan(spec, gpus=2, cpus=8, node_gpus=2)["gpu"] == 0.5  # two per GPU
     assert run.plan(spec, gpus=3, cpus=8, node_gpus=3)["gpu"] == 0.5  # 2+2 (one GPU idle, said so)
     assert "1 GPUs idle" in run.plan(spec, gpus=3, cpus=8, node_gpus=3)["summary"]
+    hungry = specs.parse(tiny_spec("p", resources={"cpus_per_trial": 100}))  # Ray would leave it pending for ever
+    with pytest.raises(run.PlanError, match="cpus_per_trial is 100 but no Ray node has more than 2 CPUs"):
+        run.plan(hungry, gpus=0, cpus=4, node_gpus=0, node_cpus=2)
     fixed = specs.parse(tiny_spec("p", resources={"gpus_per_trial": 2}))
     with pytest.raises(run.PlanError, match="no Ray node has more than 1 GPUs"):
         run.plan(fixed, gpus=4, cpus=8, node_gpus=1)
