@@ -127,7 +127,7 @@ def asha_rungs(spec: specs.StudySpec) -> tuple:
     """The epochs where ASHA decides (Ray's _Bracket milestones, one bracket)."""
     if spec.scheduler["type"] != "asha":
         return ()
-    epochs = spec.config({}).epochs
+    epochs = spec.max_epochs
     g, rf = min(spec.scheduler["grace_period"], epochs), spec.scheduler["reduction_factor"]
     count = int(math.log(epochs / g) / math.log(rf) + 1)
     return tuple(sorted({math.ceil(g * rf ** k) for k in range(count)}))
@@ -200,7 +200,7 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     searcher = OptunaSearch(space=specs.define_by_run(spec), metric=metrics if spec.multi else metrics[0],
                             mode=modes if spec.multi else modes[0], sampler=sampler, study_name=spec.name,
                             storage=storage)
-    epochs = spec.config({}).epochs
+    epochs = spec.max_epochs
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs,
                                grace_period=min(spec.scheduler["grace_period"], epochs),
                                reduction_factor=spec.scheduler["reduction_factor"])
@@ -323,43 +323,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def values(spec: specs.StudySpec, name: str) -> list:
-    """Every value a TrainConfig field can take in this study: the fixed one, or the
-    searched range's bounds and choices (in every case of a conditional range)."""
-    if name not in spec.space:
-        return [getattr(spec.config({}), name)]
-    p = spec.space[name]
-    out = []
-    for d in p["cases"].values() if "depends_on" in p else [p]:
-        out += d["choices"] if d["type"] == "categorical" else [d["low"], d["high"]]
-    return out
-
-
 def check_machine(spec: specs.StudySpec, data: fmnist.FashionMNIST) -> None:
     """What the file alone cannot tell: that the sizes fit the data and the devices exist here."""
     from csnn.train import resolve_device
 
     where = lambda k: f"{spec.path}: {'space' if k in spec.space else 'train'}.{k}"  # noqa: E731
     n_train, n_test = len(data.train_y), len(data.test_y)
-    val = max(values(spec, "val_size"))
+    val = max(specs.values(spec, "val_size"))
     if val >= n_train:
         raise specs.SpecError(f"{where('val_size')}: {val} must be smaller than the {n_train} training images in {data.source}")
-    train = max(values(spec, "train_size"))
+    train = max(specs.values(spec, "train_size"))
     if train > n_train - val:
         raise specs.SpecError(f"{where('train_size')}: {train} is more than the {n_train - val} training images "
                               f"left after val_size {val} in {data.source}")
-    test = max(values(spec, "test_size"))
+    test = max(specs.values(spec, "test_size"))
     if test > n_test:
         raise specs.SpecError(f"{where('test_size')}: {test} is more than the {n_test} test images in {data.source}")
     if spec.render["images"] > n_test:
         raise specs.SpecError(f"{spec.path}: render.images: {spec.render['images']} is more than the {n_test} "
                               f"test images in {data.source}")
-    for device in values(spec, "device"):
+    for device in specs.values(spec, "device"):
         try:
             dev = resolve_device(device)
         except RuntimeError as e:
             raise specs.SpecError(f"{where('device')}: {e}") from None
-        need = activation_bytes(max(values(spec, "T")), max(values(spec, "channels")), max(values(spec, "batch_size")))
+        need = activation_bytes(max(specs.values(spec, "T")), max(specs.values(spec, "channels")), max(specs.values(spec, "batch_size")))
         have = (torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda"
                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         if need > have:  # a warning: the estimate is rough, and the user may know better

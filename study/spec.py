@@ -58,6 +58,11 @@ class StudySpec:
     path: str = ""
 
     @property
+    def max_epochs(self) -> int:
+        """The most epochs a trial trains: the fixed epochs, or the largest searched (ASHA's max_t)."""
+        return max(values(self, "epochs"))
+
+    @property
     def metric(self) -> str:
         """The first objective's metric: the one ASHA and single-objective studies use."""
         return self.objectives[0]["metric"]
@@ -309,9 +314,9 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
                    "GPU; give each trial a GPU share (or auto), or use backend auto")
 
     retrain = _section(where, raw, "retrain", DEFAULTS["retrain"])
-    if retrain["epochs"] is None:
-        retrain["epochs"] = TrainConfig.from_dict(train).epochs
-    _number(where, "retrain.epochs", retrain["epochs"], integer=True, minimum=0)
+    given = retrain["epochs"] is not None
+    if given:
+        _number(where, "retrain.epochs", retrain["epochs"], integer=True, minimum=0)
     seeds = retrain["seeds"]
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63
                                               for s in seeds):
@@ -327,7 +332,10 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
 
     render = _section(where, raw, "render", DEFAULTS["render"])
     _number(where, "render.images", render["images"], integer=True, minimum=0)
-    return StudySpec(name, objectives, train, space, search, sched, res, retrain, render, path=where)
+    spec = StudySpec(name, objectives, train, space, search, sched, res, retrain, render, path=where)
+    if not given:  # the fixed epochs, or with epochs searched the largest (TrainConfig's default would be a guess)
+        retrain["epochs"] = spec.max_epochs
+    return spec
 
 
 def _objectives(where, raw, train) -> list:
@@ -443,4 +451,16 @@ def baseline_params(spec: StudySpec) -> dict:
     for name, p in spec.space.items():
         if name in BASELINE and active(p, BASELINE) and p.get("depends_on", name) in BASELINE:
             out[optuna_name(name, p, BASELINE)] = BASELINE[name]
+    return out
+
+
+def values(spec: StudySpec, name: str) -> list:
+    """Every value a TrainConfig field can take in this study: the fixed one, or the
+    searched range's bounds and choices (in every case of a conditional range)."""
+    if name not in spec.space:
+        return [getattr(spec.config({}), name)]
+    p = spec.space[name]
+    out = []
+    for d in p["cases"].values() if "depends_on" in p else [p]:
+        out += d["choices"] if d["type"] == "categorical" else [d["low"], d["high"]]
     return out

@@ -146,3 +146,18 @@ def test_parsing_imports_neither_torch_nor_spikingjelly():
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[-1] == "[]", p.stdout
+
+
+def test_searched_epochs_set_the_retrain_and_ashas_horizon():
+    from conftest import tiny_spec
+    from study import run
+
+    raw = tiny_spec("e", space={"epochs": {"type": "int", "low": 2, "high": 9}},
+                    scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3})
+    raw["train"].pop("epochs")
+    raw["retrain"].pop("epochs")
+    spec = specs.parse(raw)
+    assert spec.max_epochs == 9 and spec.retrain["epochs"] == 9  # not TrainConfig's default 16
+    assert run.asha_rungs(spec) == (1, 3, 9)
+    raw["retrain"]["epochs"] = 4
+    assert specs.parse(raw).retrain["epochs"] == 4  # given: kept
