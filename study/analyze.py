@@ -320,7 +320,8 @@ def pareto_lines(study: results.Study) -> list[str]:
     front = results.pareto(study.trials, spec) if spec.multi else study.trials.iloc[0:0]
     if front.empty:
         return []
-    cols = ["trial_id", *spec.space, *(o["metric"] for o in spec.objectives), "spikes_per_image", "synops_per_image"]
+    cols = dict.fromkeys(["trial_id", *spec.space, *(o["metric"] for o in spec.objectives), "spikes_per_image",
+                          "synops_per_image"])  # once each, also when a cost is an objective
     return [f"## Pareto front of {', '.join(o['mode'] + ' ' + o['metric'] for o in spec.objectives)}: "
             f"{len(front)} trials (objectives at each trial's last epoch)", "",
             "```\n" + front[[c for c in cols if c in front]].to_string(index=False, float_format=lambda v: f"{v:.4g}")

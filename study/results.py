@@ -175,6 +175,9 @@ def pick(front: pd.DataFrame, spec: StudySpec) -> pd.Series:
             dist += (gap / span) ** 2 if span > 0 else 0
         return front.iloc[int(np.argmin(dist))]
     index = how if isinstance(how, int) else int(how.split()[1])
+    if index >= len(front):
+        warnings.warn(f"retrain.pick {how!r}: the Pareto front has {len(front)} trial(s); taking its last, "
+                      f"index {len(front) - 1}", stacklevel=2)
     return front.iloc[min(index, len(front) - 1)]
 
 

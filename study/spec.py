@@ -329,6 +329,9 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     if not (pick in ("most_accurate", "knee") or (isinstance(pick, int) and not isinstance(pick, bool) and pick >= 0)
             or (isinstance(pick, str) and pick.startswith("index ") and pick[6:].isdigit())):
         raise _err(where, "retrain.pick", f"{pick!r} is not allowed; allowed: {PICKS}")
+    if pick != "most_accurate" and len(objectives) == 1:  # it would be ignored: one objective has no front
+        raise _err(where, "retrain.pick", f"{pick!r} chooses a point of a Pareto front, and this study has one "
+                                          "objective (its best trial is retrained); remove retrain.pick")
 
     render = _section(where, raw, "render", DEFAULTS["render"])
     _number(where, "render.images", render["images"], integer=True, minimum=0)

@@ -403,6 +403,9 @@ ROWS = [
         "RAY_ADDRESS 127.0.0.1:1: nothing answers there", env={"RAY_ADDRESS": "127.0.0.1:1"}),
     Row("19 cpus_per_trial below Ray's 0.0001", "study.run", lambda c: c.dry(c.space(resources={"cpus_per_trial": 1e-5})),
         2, "resources.cpus_per_trial: 1e-05 is not allowed; must be >= 0.0001"),
+    Row("19 retrain.pick knee with one objective (was ignored)", "study.run",
+        lambda c: c.dry(c.space(retrain={"pick": "knee"})), 2,
+        "retrain.pick: 'knee' chooses a point of a Pareto front, and this study has one objective"),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]

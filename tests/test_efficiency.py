@@ -100,3 +100,26 @@ def test_tiny_multi_objective_study(tmp_path, tiny_data_dir):
     assert img.shape[1] >= 1000 and img.std() > 5
     report = (d / "report" / "report.md").read_text()
     assert f"## Pareto front of max val_acc, min energy_uj: {len(front)} trials" in report and "](pareto.png)" in report
+
+
+def test_a_hand_made_front_its_table_and_an_index_beyond_it():
+    """spikes_per_image as an objective appears once in the Pareto table; retrain.pick
+    index 99 on a one-trial front takes that trial and says so."""
+    from study import analyze, results, spec as specs
+    from study.storage import Location
+
+    spec = specs.parse(tiny_spec("f", objective=[{"metric": "val_acc", "mode": "max"},
+                                                 {"metric": "spikes_per_image", "mode": "min"}],
+                                 retrain={"seeds": [0], "pick": "index 99"}))
+    trials = pd.DataFrame([
+        {"trial_id": "a", "status": "finished", "channels": 4, "lr": 0.01, "val_acc": 0.8, "spikes_per_image": 10.0,
+         "synops_per_image": 5.0},
+        {"trial_id": "b", "status": "finished", "channels": 6, "lr": 0.02, "val_acc": 0.7, "spikes_per_image": 20.0,
+         "synops_per_image": 6.0}])
+    front = results.pareto(trials, spec)
+    assert front["trial_id"].tolist() == ["a"]
+    with pytest.warns(UserWarning, match=r"the Pareto front has 1 trial\(s\); taking its last, index 0"):
+        assert results.pick(front, spec)["trial_id"] == "a"
+    lines = analyze.pareto_lines(results.Study(Location.parse("."), spec, trials, pd.DataFrame(), None, None, None))
+    header = lines[2].splitlines()[1].split()
+    assert header == ["trial_id", "channels", "lr", "val_acc", "spikes_per_image", "synops_per_image"]
