@@ -222,6 +222,9 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     return tuner.fit()
 
 
+RETRAIN_PENDING = "retrain.pending"  # in the study folder while a retrain has not ended
+
+
 def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study: Location, res: dict,
             resume: bool) -> dict:
     """Retrain the best configuration from scratch per seed on train + validation
@@ -230,10 +233,14 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     study's gpus_per_trial), checkpointing into study/retrain/. Then best/ is
     assembled here from what they stored: metrics, checkpoints, placement, and
     the encoder spikes rendered from seed 0's checkpoint on the CPU. --resume
-    continues an interrupted retrain (finished seeds are kept)."""
+    continues an interrupted retrain (finished seeds are kept): RETRAIN_PENDING
+    marks one from its start until best/ is complete, and an earlier best/ stays
+    until then."""
     from ray import tune
 
     from csnn.trainable import trainable
+
+    (study / RETRAIN_PENDING).write_text(f"a retrain started; best/ is replaced when it ends ({time.ctime()})\n")
 
     fixed = {**best["config"], "epochs": spec.retrain["epochs"], "val_size": 0, "train_size": 0, "test_size": 0}
     fixed.pop("seed")
@@ -295,6 +302,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
         final.delete()
         final.upload(work)  # summary.yaml last: best/ counts as complete only with it
         (final / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+    (study / RETRAIN_PENDING).delete()
     return summary
 
 
@@ -438,9 +446,10 @@ def _main(args) -> int:
     if args.retrain and not can_retrain:
         raise UsageError(f"--retrain: {args.space} sets no retrain (retrain.seeds empty or retrain.epochs 0)")
     # A finished study is left alone: its best/ is replaced only on request (--retrain);
-    # --resume finishes only a retrain that was cut short (best/summary.yaml, written last, missing).
-    retrain_now = complete and (args.retrain or (not (study_dir / "best" / "summary.yaml").is_file() and can_retrain
-                                                 and not args.no_retrain))
+    # --resume finishes only a retrain that was cut short (its RETRAIN_PENDING marker is
+    # there), also one of --retrain; not one that never started (--no-retrain).
+    cut_short = (study_dir / RETRAIN_PENDING).is_file()
+    retrain_now = complete and (args.retrain or (args.resume and cut_short and can_retrain and not args.no_retrain))
     if args.resume and complete and not retrain_now and not args.dry_run:
         print(f"study {spec.name} is complete ({study_dir}): nothing to resume. Retrain its best configuration "
               "again with --retrain; read it with python -m study.analyze")

@@ -406,6 +406,9 @@ ROWS = [
     Row("19 retrain.pick knee with one objective (was ignored)", "study.run",
         lambda c: c.dry(c.space(retrain={"pick": "knee"})), 2,
         "retrain.pick: 'knee' chooses a point of a Pareto front, and this study has one objective"),
+    Row("19 --resume of a study ended with --no-retrain leaves it alone", "study.run",
+        lambda c: (finished_study(c, "--resume"), no_best(c))[0], 0, "nothing to resume",
+        lambda c: no_best(c, check=True)),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
@@ -418,6 +421,15 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def no_best(c: Ctx, check: bool = False) -> None:
+    """A study ended with --no-retrain: no best/ (made by c.study(), removed here)."""
+    best = c.tmp / "results" / "hand" / "best"
+    if check:
+        assert not best.exists()
+    elif best.exists():
+        shutil.rmtree(best)
 
 
 def nothing_written(c: Ctx) -> None:
