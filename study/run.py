@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import torch
 import yaml
 
@@ -375,6 +376,65 @@ class UsageError(Exception):
     """A flag that does not fit the study folder; exit 2 with the message."""
 
 
+def check_optuna_storage(url: str, name: str, resume: bool) -> None:
+    """--optuna-storage checked before anything is written (and by --dry-run): a URL
+    SQLAlchemy opens with an installed driver; for SQLite, an existing folder and a
+    file that is a database; and for a new study, no Optuna study of its name there
+    yet (one of another --storage, which OptunaSearch would silently continue)."""
+    import sqlalchemy
+
+    def bad(why):
+        return UsageError(f"--optuna-storage {url}: {why}")
+    try:
+        u = sqlalchemy.engine.make_url(url)
+        engine = sqlalchemy.create_engine(u)  # loads the dialect and its driver; connects to nothing
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
+        raise bad(f"not a database URL Optuna can use ({str(e).splitlines()[0]}); e.g. "
+                  "postgresql://user:password@host/db, mysql+pymysql://..., sqlite:////abs/path/optuna.db") from None
+    except ImportError as e:
+        raise bad(f"its database driver is not installed ({e}); install it (for postgresql:// with SQLAlchemy 2.1: "
+                  "pip install 'psycopg[binary]')") from None
+    if u.get_backend_name() == "sqlite":
+        if not u.database or u.database == ":memory:":
+            raise bad("an in-memory database ends with this process; name a file")
+        db = Path(u.database)
+        if not db.parent.is_dir():
+            raise bad(f"the folder {db.parent} does not exist")
+        if db.is_dir() or (db.exists() and db.open("rb").read(16) != b"SQLite format 3\x00"):
+            raise bad(f"{db} is not a SQLite database")
+        if not db.exists():
+            return  # a new file: nothing in it yet
+    try:
+        with engine.connect() as c:
+            names = (c.execute(sqlalchemy.text("SELECT study_name FROM studies")).scalars().all()
+                     if "studies" in sqlalchemy.inspect(c).get_table_names() else [])
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise bad(f"cannot open it ({str(e).splitlines()[0]})") from None
+    finally:
+        engine.dispose()
+    if name in names and not resume:
+        raise bad(f"already holds an Optuna study named {name!r} (of another --storage?); give the study another "
+                  "name, or another database")
+
+
+LEFTOVERS = ("spec.yaml", "optuna.db", "ray")  # what a run writes before Ray records its first trial
+
+
+def never_started(study_dir: Location) -> bool:
+    """Whether a study folder holds only what a run writes before Ray's first state
+    save (spec.yaml, the Optuna database, a ray/ folder that cannot be restored, a
+    storage-check marker or a half-written .tmp): a failure or Ctrl-C in that
+    moment. Such a folder is started afresh rather than refused."""
+    names = {Path(i.path).name for i in study_dir.fs.get_file_info(pafs.FileSelector(study_dir.path))}
+    if not all(n in LEFTOVERS or n.startswith(".storage-check-") or n.endswith(".tmp") for n in names):
+        return False
+    if "ray" in names:
+        from ray import tune
+
+        return not tune.Tuner.can_restore((study_dir / "ray").path, storage_filesystem=study_dir.fs)
+    return True
+
+
 def check_address(address: str | None, source: str = "--address", timeout_s: float = 10) -> None:
     """A Ray address that can work, checked in a bounded time before anything is written:
     local, auto, HOST:PORT or ray://HOST:PORT with something listening there. Ray itself
@@ -426,7 +486,14 @@ def _main(args) -> int:
         exists = not study_dir.is_empty_dir()
     except (StorageError, OSError) as e:
         raise UsageError(f"--storage {args.storage}: cannot read it ({e})") from None
-    if exists and not (args.resume or args.retrain or args.dry_run):
+    if args.optuna_storage is not None:
+        check_optuna_storage(args.optuna_storage, spec.name, args.resume or args.retrain)
+    unstarted = exists and never_started(study_dir)
+    flag = "--resume" if args.resume else "--retrain" if args.retrain else None
+    if unstarted and flag and not args.dry_run:
+        raise UsageError(f"{flag}: the study in {study_dir} never started (an earlier run stopped before Ray "
+                         f"recorded its first trial); run the same command without {flag} to start it")
+    if exists and not unstarted and not (args.resume or args.retrain or args.dry_run):
         raise UsageError(f"{study_dir} already holds a study; pass --resume to continue it, "
                          "or choose another name or --storage")
     if (args.resume or args.retrain) and not args.dry_run:
@@ -468,6 +535,11 @@ def _main(args) -> int:
         return 0
     if retrain_now and results.load(study_dir).best is None:
         raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain")
+    if unstarted:  # what the stopped run left: the study starts afresh
+        print(f"{study_dir} holds only what an earlier run wrote before its first trial was recorded; "
+              "starting the study afresh", flush=True)
+        for name in LEFTOVERS:
+            (study_dir / name).delete()
     # --retrain, or --resume of a study whose retrain did not finish: the retrain alone
     return run(spec, data, study_dir, resume=args.resume, address=args.address, do_retrain=not args.no_retrain,
                allow_cpu=args.allow_cpu, allow_pending_gpus=args.allow_pending_gpus,
@@ -509,6 +581,8 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str 
         url, db = optuna_url(spec, study, optuna_storage)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
+            if not resume and db.exists():  # a new study: this file (ours) is what a stopped start left
+                db.unlink()
             if resume and not db.exists() and (study / "optuna.db").is_file():
                 db.write_bytes((study / "optuna.db").read_bytes())  # resumed from another driver machine
         try:

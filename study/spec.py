@@ -19,6 +19,7 @@ from csnn.config import METRICS, TUTORIAL, TrainConfig, check_runnable, yaml_num
 TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
             "scheduler": False, "resources": False, "retrain": False, "render": False}
 SAMPLERS = ("tpe", "random", "qmc", "gp", "nsga2")
+NAME_FORBIDDEN = "/\\?#%&*:;\"'<>|` "  # read otherwise by a URL, a shell or a file system
 PICKS = "most_accurate, knee or index N"
 SCHEDULERS = ("asha", "none")
 # What a study can optimise: every reported metric but the epoch counter and the
@@ -253,9 +254,14 @@ def _section(where, raw, name, schema: dict) -> dict:
 def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     _mapping(where, "", raw, TOP_KEYS)
     name = raw["name"]
-    if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".")
-            or not name.isprintable()):
-        raise _err(where, "name", f"{name!r} is not allowed; must be a folder name (printable, no '/', not starting with '.')")
+    # The name is a folder, part of a SQLite URL and of Ray's trial folder names: characters
+    # that a URL or a file system reads otherwise (? # %, quotes, ...) are refused, and so is a
+    # name longer than a file name may be once Ray and Optuna have added to it.
+    if (not isinstance(name, str) or not name or name.startswith(".") or not name.isprintable()
+            or any(ch in NAME_FORBIDDEN for ch in name) or len(name.encode()) > 100):
+        shown = repr(name)[:60] + ("..." if len(repr(name)) > 60 else "")
+        raise _err(where, "name", f"{shown} is not allowed; must be a folder name: printable, at most 100 bytes, "
+                                  f"not starting with '.', no space nor any of {' '.join(NAME_FORBIDDEN.strip())}")
 
     # Only an absent or empty (`train:`) section means none; [] or false is a mistake, not "no train"
     train = dict(_mapping(where, "train", {} if raw.get("train") is None else raw["train"]))

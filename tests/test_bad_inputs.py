@@ -409,6 +409,28 @@ ROWS = [
     Row("19 --resume of a study ended with --no-retrain leaves it alone", "study.run",
         lambda c: (finished_study(c, "--resume"), no_best(c))[0], 0, "nothing to resume",
         lambda c: no_best(c, check=True)),
+    Row("19 --optuna-storage foo://x", "study.run", lambda c: c.dry(c.space(), "--optuna-storage", "foo://x"), 2,
+        "--optuna-storage foo://x: not a database URL Optuna can use"),
+    Row("19 --optuna-storage a driver not installed", "study.run",
+        lambda c: c.dry(c.space(), "--optuna-storage", "postgresql://u:p@127.0.0.1:1/db"), 2,
+        "its database driver is not installed"),
+    Row("19 --optuna-storage a folder that does not exist", "study.run",
+        lambda c: c.dry(c.space(), "--optuna-storage", "sqlite:////nonexistent/optuna.db"), 2,
+        "the folder /nonexistent does not exist"),
+    Row("19 --optuna-storage a file that is not a database", "study.run",
+        lambda c: (with_data_file(c), c.dry(c.space(), "--optuna-storage", f"sqlite:///{c.tmp}/afile"))[1], 2,
+        "afile is not a SQLite database"),
+    Row("19 --optuna-storage already holding a study of that name", "study.run",
+        lambda c: (optuna_db_with(c, "hand"), c.dry(c.space(), "--optuna-storage", f"sqlite:///{c.tmp}/o.db"))[1], 2,
+        "already holds an Optuna study named 'hand'"),
+    Row("19 --resume of a folder holding only spec.yaml (a start that stopped)", "study.run",
+        lambda c: (stuck_folder(c), [str(c.space()), "--storage", str(c.tmp / "results"), "--data-dir", str(c.data),
+                                     "--resume"])[1], 2, "never started (an earlier run stopped before Ray recorded "
+        "its first trial); run the same command without --resume to start it"),
+    Row("19 name with '?'", "study.run", lambda c: c.dry(c.space(named("a?b"))), 2, "name: 'a?b' is not allowed"),
+    Row("19 name with %2F", "study.run", lambda c: c.dry(c.space(named("a%2Fb"))), 2, "name: 'a%2Fb' is not allowed"),
+    Row("19 name longer than a file name may be", "study.run", lambda c: c.dry(c.space(named("n" * 300))), 2,
+        "is not allowed; must be a folder name: printable, at most 100 bytes"),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
@@ -421,6 +443,22 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def named(name: str) -> str:
+    return yaml.safe_dump({**tiny_spec("hand"), "name": name}, sort_keys=False)
+
+
+def optuna_db_with(c: Ctx, name: str) -> None:
+    import optuna
+
+    optuna.create_study(study_name=name, storage=f"sqlite:///{c.tmp}/o.db")
+
+
+def stuck_folder(c: Ctx) -> None:
+    (c.tmp / "results" / "hand").mkdir(parents=True)
+    (c.tmp / "results" / "hand" / "spec.yaml").write_text(
+        yaml.safe_dump(specs.parse(tiny_spec("hand")).to_dict(), sort_keys=False))
 
 
 def no_best(c: Ctx, check: bool = False) -> None:

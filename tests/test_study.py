@@ -124,3 +124,25 @@ def test_errored_trial_is_recorded_and_others_finish(tmp_path, tiny_data_dir):
     assert "errored" in p.stdout
     best = yaml.safe_load((tmp_path / "results" / "errors" / "best.yaml").read_text())
     assert best["config"]["lr"] == 0.01
+
+
+def test_a_start_that_stopped_before_the_first_trial_is_started_afresh(tmp_path, tiny_data_dir):
+    """A bad --optuna-storage used to fail after spec.yaml was written, and a Ctrl-C
+    in that moment left spec.yaml and optuna.db: the folder was then refused both
+    without --resume and with it. Now the URL is checked first, and such a folder starts afresh."""
+    import optuna
+
+    space = write_spec(tmp_path, tiny_spec("stuck", search={"num_samples": 2}, retrain={"seeds": []}))
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--optuna-storage", "sqlite:////nonexistent/o.db"),
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "the folder /nonexistent does not exist" in p.stderr, p.stderr[-3000:]
+    d = tmp_path / "results" / "stuck"
+    assert not d.exists()  # checked before anything was written
+    d.mkdir(parents=True)  # what a Ctrl-C right after the Optuna study was made left
+    (d / "spec.yaml").write_text("name: stuck\n")
+    optuna.create_study(study_name="stuck", storage=f"sqlite:///{d / 'optuna.db'}")
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "starting the study afresh" in p.stdout
+    assert len(pd.read_csv(d / "trials.csv")) == 2
