@@ -27,7 +27,7 @@ from csnn.argtypes import positive_int
 from csnn.config import METRICS, TUTORIAL_ACC, TrainConfig
 from csnn.train import load_model
 from study import analyze, results, spec as specs
-from study.storage import Location, StorageError, check_nodes_see
+from study.storage import Location, StorageError, check_nodes_see, mount_type
 
 
 def make_sampler(spec: specs.StudySpec):
@@ -151,15 +151,8 @@ def optuna_url(spec: specs.StudySpec, study: Location, given: str | None) -> tup
 
 
 def on_network_fs(path: Path) -> bool:
-    """Whether `path` lies on NFS, SMB or a FUSE mount (read from /proc/mounts)."""
-    try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return False
-    path = str(Path(path).resolve())
-    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
-               key=lambda m: len(m[0]), default=[None, ""])
-    return best[1].startswith(("nfs", "cifs", "smb", "fuse", "ceph", "glusterfs", "lustre", "9p"))
+    """Whether `path` lies on NFS, SMB or a FUSE mount."""
+    return mount_type(path).startswith(("nfs", "cifs", "smb", "fuse", "ceph", "glusterfs", "lustre", "9p"))
 
 
 def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, resume: bool, res: dict,
@@ -480,11 +473,14 @@ def _main(args) -> int:
         storage = Location.parse(args.storage)
         if storage.is_file():
             raise UsageError(f"--storage {args.storage}: is a file; name a folder (or a URI) for the results")
+        storage.check_writable()
         study_dir = storage / spec.name
         if study_dir.is_file():
             raise UsageError(f"{study_dir}: is a file, not a study folder; remove it or choose another name or --storage")
         exists = not study_dir.is_empty_dir()
-    except (StorageError, OSError) as e:
+    except StorageError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
         raise UsageError(f"--storage {args.storage}: cannot read it ({e})") from None
     if args.optuna_storage is not None:
         check_optuna_storage(args.optuna_storage, spec.name, args.resume or args.retrain)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +31,46 @@ class Location:
     @classmethod
     def parse(cls, where: str | os.PathLike) -> "Location":
         where = str(where)
+        if not where.strip():
+            raise StorageError("--storage '': empty; name a folder (default: results) or a URI")
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/(?!/)", where):  # file:/x, s3:/bucket: a URI missing a slash
+            scheme, rest = where.split(":/", 1)
+            raise StorageError(f"--storage {where}: a URI with one slash, which would be a local folder named "
+                               f"'{scheme}:'; write {scheme}://{'/' if scheme == 'file' else ''}{rest}")
         if "://" not in where:
+            if "?" in where or "#" in where:  # the Optuna database's SQLite URL would end there
+                raise StorageError(f"--storage {where}: a local folder with '?' or '#' in its name is read otherwise "
+                                   "in the Optuna database's URL; rename it")
             p = Path(where).expanduser().resolve()
             return cls(pafs.LocalFileSystem(), p.as_posix(), str(p))
+        if where.startswith("file://") and "?" in where:  # pyarrow ignores a local URI's query: say so
+            raise StorageError(f"--storage {where}: a file:// URI takes no options (?...); give the folder alone")
         try:
             fs, path = pafs.FileSystem.from_uri(where)
         except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError, ValueError) as e:
             raise StorageError(f"--storage {where}: not a folder or a URI pyarrow can open ({e})") from None
         return cls(fs, path.rstrip("/"), where)
+
+    def check_writable(self) -> None:
+        """That a study could be written here, without writing: a local folder's nearest
+        existing ancestor is a folder we may write on a real file system (not below a
+        file, not /proc); an object store's bucket exists (or may be created)."""
+        if self.local is not None:
+            up = self.local
+            while not up.exists():
+                up = up.parent
+            if not up.is_dir():
+                raise StorageError(f"--storage {self.shown}: {up} is a file, so no folder can be made below it")
+            fstype = mount_type(up)
+            if fstype in ("proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs") or not os.access(up, os.W_OK):
+                raise StorageError(f"--storage {self.shown}: {up} cannot be written ({fstype or 'no write access'}); "
+                                   "name a folder of your own")
+            return
+        bucket = self.path.split("/", 1)[0]
+        if bucket and self.fs.get_file_info(bucket).type == pafs.FileType.NotFound \
+                and "allow_bucket_creation=true" not in self.shown.lower():
+            raise StorageError(f"--storage {self.shown}: the bucket {bucket!r} does not exist; make it first, or add "
+                               "allow_bucket_creation=true to the URI's options")
 
     @property
     def local(self) -> Path | None:
@@ -164,3 +197,15 @@ def _read_marker(fs, path: str) -> str:
             return f.readall().decode()
     except (OSError, pyarrow.ArrowException) as e:
         return f"{type(e).__name__}: {e}"
+
+
+def mount_type(path: Path) -> str:
+    """The file system type of the mount that holds `path` (from /proc/mounts; '' if unknown)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return ""
+    path = str(Path(path).resolve())
+    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=[None, ""])
+    return best[1]

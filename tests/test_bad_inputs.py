@@ -431,6 +431,19 @@ ROWS = [
     Row("19 name with %2F", "study.run", lambda c: c.dry(c.space(named("a%2Fb"))), 2, "name: 'a%2Fb' is not allowed"),
     Row("19 name longer than a file name may be", "study.run", lambda c: c.dry(c.space(named("n" * 300))), 2,
         "is not allowed; must be a folder name: printable, at most 100 bytes"),
+    Row("19 --storage ''", "study.run", lambda c: storage(c, ""), 2, "--storage '': empty"),
+    Row("19 --storage file:/x (one slash)", "study.run", lambda c: storage(c, f"file:{c.tmp}/x"), 2,
+        f"a URI with one slash, which would be a local folder named 'file:'; write file:///"),
+    Row("19 --storage s3:/bucket/x (one slash)", "study.run", lambda c: storage(c, "s3:/bucket/x"), 2,
+        "write s3://bucket/x"),
+    Row("19 --storage a local path with '?'", "study.run", lambda c: storage(c, f"{c.tmp}/r?x"), 2,
+        "a local folder with '?' or '#' in its name is read otherwise in the Optuna database's URL"),
+    Row("19 --storage file:// with options", "study.run", lambda c: storage(c, f"file://{c.tmp}/r?foo=1"), 2,
+        "a file:// URI takes no options"),
+    Row("19 --storage below a file", "study.run", lambda c: (with_data_file(c), storage(c, f"{c.tmp}/afile/sub"))[1], 2,
+        "afile is a file, so no folder can be made below it"),
+    Row("19 --storage under /proc", "study.run", lambda c: storage(c, "/proc/csnn-results"), 2,
+        "--storage /proc/csnn-results: /proc cannot be written (proc)"),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
@@ -443,6 +456,10 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def storage(c: Ctx, where: str) -> list:
+    return [str(c.space()), "--storage", where, "--data-dir", str(c.data), "--dry-run"]
 
 
 def named(name: str) -> str:

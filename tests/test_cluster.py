@@ -136,6 +136,14 @@ def s3(monkeypatch):
     server.stop()
 
 
+def test_a_bucket_that_does_not_exist_is_refused_before_anything_runs(s3, tmp_path, tiny_data_dir):
+    missing = s3.replace("s3://studies/", "s3://no-such-bucket/").replace("&allow_bucket_creation=true", "")
+    p = subprocess.run(study_cmd(write_spec(tmp_path, tiny_spec("nb")), tmp_path, tiny_data_dir)[:-4]
+                       + ["--storage", missing, "--data-dir", str(tiny_data_dir), "--dry-run"],
+                       env=env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 2 and "the bucket 'no-such-bucket' does not exist" in p.stderr, p.stderr[-3000:]
+
+
 def test_study_on_s3_end_to_end(s3, tmp_path, tiny_data_dir):
     spec = tiny_spec("s3", retrain={"epochs": 1, "seeds": [0]})
     p = subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir)[:-4]
