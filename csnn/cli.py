@@ -114,10 +114,15 @@ def run(args: argparse.Namespace, progress: dict) -> int:
             print(f"{args.resume}: the run is already complete ({cfg.epochs} epochs); nothing to resume")
             return 0
     # The folder name does not hold every setting (epochs, seed, ...): never replace another run's checkpoints.
+    # -resume continues the folder's own run only: a checkpoint of another folder (another seed, say)
+    # resumed here would replace this folder's checkpoints.
     existing = [f.name for f in (out_dir / "checkpoint_latest.pth", out_dir / "checkpoint_max.pth") if f.exists()]
-    if existing and ckpt is None and not args.overwrite:
-        raise ValueError(f"{out_dir}: already holds a run ({', '.join(existing)}); continue it with "
-                         f"-resume {out_dir / 'checkpoint_latest.pth'}, replace it with -overwrite, or choose another -out-dir")
+    own = ckpt is not None and Path(args.resume).resolve().parent == out_dir.resolve()
+    if existing and not own and not args.overwrite:
+        hint = (f"{args.resume} is another folder's checkpoint; " if ckpt is not None else
+                f"continue it with -resume {out_dir / 'checkpoint_latest.pth'}, ")
+        raise ValueError(f"{out_dir}: already holds a run ({', '.join(existing)}); {hint}replace it with -overwrite, "
+                         "or choose another -out-dir")
     data = fmnist.load(args.data_dir, download=args.download)
     fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)  # sizes that fit the data
 

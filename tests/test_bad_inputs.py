@@ -444,6 +444,10 @@ ROWS = [
         "afile is a file, so no folder can be made below it"),
     Row("19 --storage under /proc", "study.run", lambda c: storage(c, "/proc/csnn-results"), 2,
         "--storage /proc/csnn-results: /proc cannot be written (proc)"),
+    Row("19 -resume another folder's checkpoint into a folder holding a run", "csnn.train",
+        lambda c: (cli_existing_run(c), c.cli("-resume", half_run(c), "-train-size", 32, "-test-size", 16,
+                                               epochs=2))[1], 2,
+        "already holds a run (checkpoint_latest.pth, checkpoint_max.pth); " , unchanged),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
@@ -456,6 +460,16 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def half_run(c: Ctx) -> Path:
+    """Another folder's checkpoint after epoch 1 of 2, made as csnn.train would (its config)."""
+    from csnn import data as fmnist
+    from csnn.train import fit
+
+    cfg = TrainConfig.from_dict({**read_checkpoint(c.ckpt)["config"], "epochs": 2})
+    fit(cfg, fmnist.load(c.data), c.tmp / "other", stop_after=1)
+    return c.tmp / "other" / "checkpoint_latest.pth"
 
 
 def storage(c: Ctx, where: str) -> list:
