@@ -443,6 +443,10 @@ def main(argv=None) -> int:
         return 2
     print(f"trials read from {study.trials_file or study.path / 'ray'}")
     print(leaderboard(study, args.top))
+    out = study.location / "report"
+    if out.is_file():
+        print(f"error: {out}: is a file, where the report folder goes; move it away", file=sys.stderr)
+        return 2
     path = report(study, args.top)
     print(f"report: {path}")
     return 0

@@ -366,12 +366,22 @@ def load(path: str | Path | Location) -> Study:
         history = _columns(history_file, _read(history_file, _csv, "history table"), ("trial_id", "epoch"))
     else:
         trials, history = frames(loc / "ray", spec, complete=False)
+    missing = [p for p in spec.space if len(trials) and p not in trials]
+    if missing:
+        raise StudyError(f"{spec_file}: searches {', '.join(missing)}, which the trials in "
+                         f"{trials_file or loc / 'ray'} have no column for; was spec.yaml replaced? It is written by "
+                         "study.run and must stay the study's own")
     ids = set(trials["trial_id"]) if len(trials) else set()
     best_file = loc / "best.yaml"
     if best_file.is_file():
         best = _mapping(best_file, _read(best_file, _yaml, "best trial"), ("trial_id", "objective", "params", "config"),
                         "the best trial")
         best["trial_id"] = str(best["trial_id"])
+        recorded = best["objective"] if isinstance(best["objective"], list) else [best["objective"]]
+        if [o.get("metric") if isinstance(o, dict) else o for o in recorded] != [o["metric"] for o in spec.objectives]:
+            raise StudyError(f"{spec_file}: its objectives ({', '.join(o['metric'] for o in spec.objectives)}) are "
+                             f"not those {best_file} was chosen by; was spec.yaml replaced? It is written by study.run "
+                             "and must stay the study's own")
         if best["trial_id"] not in ids:
             raise StudyError(f"{best_file}: trial_id {best['trial_id']!r} is not a trial of this study "
                              f"({trials_file or loc / 'ray'} lists {', '.join(sorted(ids)) or 'none'})")

@@ -448,6 +448,14 @@ ROWS = [
         lambda c: (cli_existing_run(c), c.cli("-resume", half_run(c), "-train-size", 32, "-test-size", 16,
                                                epochs=2))[1], 2,
         "already holds a run (checkpoint_latest.pth, checkpoint_max.pth); " , unchanged),
+    Row("19 analyze: a file named report in the study", "study.analyze",
+        damaged(lambda d: (d / "report").write_text("mine")), 2, "report: is a file, where the report folder goes"),
+    Row("19 analyze: spec.yaml replaced by one of other objectives", "study.analyze",
+        damaged(lambda d: replace_spec(d, objective={"metric": "val_loss", "mode": "min"})), 2,
+        "its objectives (val_loss) are not those"),
+    Row("19 analyze: spec.yaml replaced by one of other parameters", "study.analyze",
+        damaged(lambda d: replace_spec(d, space={"momentum": {"type": "float", "low": 0.5, "high": 0.9}})), 2,
+        "searches momentum, which the trials in"),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
@@ -470,6 +478,10 @@ def half_run(c: Ctx) -> Path:
     cfg = TrainConfig.from_dict({**read_checkpoint(c.ckpt)["config"], "epochs": 2})
     fit(cfg, fmnist.load(c.data), c.tmp / "other", stop_after=1)
     return c.tmp / "other" / "checkpoint_latest.pth"
+
+
+def replace_spec(d: Path, **over) -> None:
+    (d / "spec.yaml").write_text(yaml.safe_dump(specs.parse(tiny_spec("hand", **over)).to_dict(), sort_keys=False))
 
 
 def storage(c: Ctx, where: str) -> list:
