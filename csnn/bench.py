@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -243,6 +244,12 @@ class EquivalenceError(Exception):
     pass
 
 
+# the names in run()'s errors (TrainConfig's fields, the data's subsets) and this command's flags
+FLAGS = {"TrainConfig.T": "-T", "TrainConfig.channels": "--channels", "TrainConfig.batch_size": "--batch-size",
+         "TrainConfig.device": "--device", "TrainConfig.backend": "--backend", "train_size": "--train-images",
+         "test_size": "--eval-images"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m csnn.bench", description=__doc__.split("\n")[0])
     ap.add_argument("-T", type=positive_int, default=TUTORIAL["T"])
@@ -259,13 +266,22 @@ def main(argv=None) -> int:
                     help="our compiled CPU kernels for the IF neurons and max pooling (TrainConfig.compile)")
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args(argv)
+    # The weights (fc1 alone is 784 C^2 floats), with their gradients and momentum, before any batch
+    need, have = 3 * 4 * 794 * args.channels ** 2, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        print(f"error: --channels {args.channels}: the network's weights, gradients and momentum alone take "
+              f"{need / 2**30:,.0f} GiB, more than this machine's {have / 2**30:.0f} GiB", file=sys.stderr)
+        return 2
     try:
         result = run(device=args.device, T=args.T, channels=args.channels, batch_size=args.batch_size,
                      backend=args.backend, amp=not args.no_amp, compile=args.compile == "on",
                      train_images=args.train_images, eval_images=args.eval_images, reps=args.reps,
                      data_dir=args.data_dir, workers=args.workers)
     except (ValueError, RuntimeError) as e:  # a bad input (TrainConfig, device, data): as the other commands
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e)
+        for name, flag in FLAGS.items():  # the flag to change, not the field it fills
+            msg = msg.replace(name, flag)
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     except EquivalenceError as e:
         print(f"error: {e}; no ratio printed", file=sys.stderr)

@@ -126,7 +126,10 @@ def run(args: argparse.Namespace, progress: dict) -> int:
     data = fmnist.load(args.data_dir, download=args.download)
     fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)  # sizes that fit the data
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # below a file, /proc, no permission: the flag to change
+        raise ValueError(f"-out-dir {args.out_dir}: cannot make {out_dir} there ({e.strerror or e})") from None
     write_atomic(out_dir / "args.txt", f"{args}\n{' '.join(sys.argv)}\n{cfg.to_yaml()}")
 
     from torch.utils.tensorboard import SummaryWriter

@@ -456,6 +456,13 @@ ROWS = [
     Row("19 analyze: spec.yaml replaced by one of other parameters", "study.analyze",
         damaged(lambda d: replace_spec(d, space={"momentum": {"type": "float", "low": 0.5, "high": 0.9}})), 2,
         "searches momentum, which the trials in"),
+    Row("19 bench --train-images beyond the data names the flag", "csnn.bench",
+        lambda c: ["--train-images", "999999", "--data-dir", str(c.data)], 2, "--train-images 999999 is more than"),
+    Row("19 bench --channels 100000 names the flag and the memory", "csnn.bench", lambda c: ["--channels", "100000"], 2,
+        "--channels 100000: the network's weights, gradients and momentum alone take 88,736 GiB"),
+    Row("19 csnn.train -out-dir a file", "csnn.train",
+        lambda c: (with_data_file(c), c.cli()[:-2] + ["-out-dir", str(c.tmp / "afile")])[1], 2,
+        "afile: cannot make"),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
