@@ -294,6 +294,12 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
         for k, v in BASELINE.items():
             if k in space and not _admits(space[k], v, BASELINE):
                 raise _err(where, "search.baseline", f"the tutorial's {k} = {v} is outside space.{k}; widen it or set baseline: false")
+        fixed = TrainConfig.from_dict(train)  # what the baseline trial would run with, where the space does not reach
+        other = [f"{k} {getattr(fixed, k)} (the tutorial's {v})" for k, v in BASELINE.items()
+                 if k not in space and getattr(fixed, k) != v and (k != "momentum" or fixed.optimizer == "sgd")]
+        if other:
+            raise _err(where, "search.baseline", "the tutorial's configuration cannot run in this study: train fixes "
+                       + ", ".join(other) + "; search those, or set baseline: false")
 
     sched = _section(where, raw, "scheduler", {"type": 0, "grace_period": 0, "reduction_factor": 0})
     if sched["type"] not in SCHEDULERS:

@@ -463,6 +463,12 @@ ROWS = [
     Row("19 csnn.train -out-dir a file", "csnn.train",
         lambda c: (with_data_file(c), c.cli()[:-2] + ["-out-dir", str(c.tmp / "afile")])[1], 2,
         "afile: cannot make"),
+    Row("19 baseline: true with Adam and T 2 fixed (ran something else as the tutorial's)", "study.run",
+        lambda c: c.dry(c.space(search={"baseline": True}, space={
+            "channels": {"type": "categorical", "choices": [4, 128]},
+            "lr": {"type": "float", "low": 0.003, "high": 0.3, "log": True}})), 2,
+        "search.baseline: the tutorial's configuration cannot run in this study: train fixes T 2 (the tutorial's 4), "
+        "optimizer adam (the tutorial's sgd)"),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
