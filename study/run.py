@@ -11,7 +11,12 @@ import argparse
 import hashlib
 import math
 import os
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below run (seconds): one line, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("interrupted while starting; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
 import tempfile
 import time
 import warnings
@@ -450,12 +455,32 @@ def check_address(address: str | None, source: str = "--address", timeout_s: flo
 
 
 def main(argv=None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
     args = parse_args(argv)
+    args.study_dir = None  # set by _main once known: what a Ctrl-C message advises depends on it
     try:
         return _main(args)
     except (specs.SpecError, fmnist.DataError, results.StudyError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside Ray Tune's own handling (imports, Ray's start, loading, exporting)
+        print(f"interrupted; {next_step(args)}", file=sys.stderr)
+        return 130
+    finally:
+        if "ray" in sys.modules:  # here rather than at exit, where a second Ctrl-C would be a traceback
+            try:
+                sys.modules["ray"].shutdown()
+            except KeyboardInterrupt:
+                pass
+
+
+def next_step(args) -> str:
+    """What to run after an interruption, from what the study folder holds."""
+    d = args.study_dir
+    again = "python -m study.run " + " ".join(a for a in sys.argv[1:] if a != "--resume")
+    if d is None or d.is_empty_dir() or never_started(d):
+        return f"the study had not started; run the same command again ({again})"
+    return f"continue it with --resume ({again} --resume)"
 
 
 def _main(args) -> int:
@@ -477,6 +502,7 @@ def _main(args) -> int:
         study_dir = storage / spec.name
         if study_dir.is_file():
             raise UsageError(f"{study_dir}: is a file, not a study folder; remove it or choose another name or --storage")
+        args.study_dir = study_dir
         exists = not study_dir.is_empty_dir()
     except StorageError as e:
         raise UsageError(str(e)) from None
@@ -591,8 +617,10 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str 
         # in the grid it returns. Export nothing that would look like a finished study.
         ended = sum(t.status in ("TERMINATED", "ERROR") for t, _ in results.trial_results(study / "ray"))
         if len(grid) < spec.search["num_samples"] or ended < len(grid):
-            print(f"study {spec.name} interrupted after {ended} of {spec.search['num_samples']} trials; "
-                  "continue it with --resume", file=sys.stderr)
+            step = ("run the same command again: no trial was recorded" if never_started(study)
+                    else "continue it with --resume")
+            print(f"study {spec.name} interrupted after {ended} of {spec.search['num_samples']} trials; {step}",
+                  file=sys.stderr)
             return 130
         trials, history, best = results.export(spec, study)
         # The top of the report the analysis writes: the same lines, one place.

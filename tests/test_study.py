@@ -146,3 +146,27 @@ def test_a_start_that_stopped_before_the_first_trial_is_started_afresh(tmp_path,
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "starting the study afresh" in p.stdout
     assert len(pd.read_csv(d / "trials.csv")) == 2
+
+
+@pytest.mark.parametrize("phase", ["imports", "first line"])
+def test_ctrl_c_early_prints_one_line_and_its_advice_works(phase, tmp_path, tiny_data_dir):
+    """Ctrl-C while study.run imports, and right after its first line (Ray started, the
+    search about to begin): exit 130, one line and no traceback; the command it advises
+    then runs the study to its end."""
+    space = write_spec(tmp_path, tiny_spec("early", search={"num_samples": 2}, retrain={"seeds": []}))
+    proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if phase == "imports":
+        time.sleep(0.3)  # python is importing torch, pandas, ...: seconds on this machine
+    else:
+        assert proc.stdout.readline().startswith("study early:")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    advice = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(advice) == 1, err[-3000:]
+    resume = ["--resume"] if "--resume" in advice[0] else []
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, *resume), env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, advice[0] + "\n" + p.stdout[-3000:] + p.stderr[-3000:]
+    assert len(pd.read_csv(tmp_path / "results" / "early" / "trials.csv")) == 2
