@@ -11,7 +11,7 @@ from csnn import data as fmnist
 from csnn.config import TUTORIAL, TrainConfig, check_runnable
 from csnn.model import CSNN, set_backend
 from csnn.atomic import write_atomic
-from csnn.train import check_resumable, fit, load_model, read_checkpoint, resolve_device, set_deterministic
+from csnn.train import check_resumable, check_same_data, fit, load_model, read_checkpoint, resolve_device, set_deterministic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,6 +125,8 @@ def run(args: argparse.Namespace, progress: dict) -> int:
                          "or choose another -out-dir")
     data = fmnist.load(args.data_dir, download=args.download)
     fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)  # sizes that fit the data
+    if ckpt is not None:
+        check_same_data(args.resume, ckpt, data)  # before anything is written
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

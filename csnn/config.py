@@ -38,7 +38,7 @@ METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tes
 # study.reproduce reads to choose its tolerance, and what a user needs to find a
 # slow or different trial (neuron_impl: the IF kernels that ran in training).
 RUN_INFO = ("run_device", "run_amp", "neuron_impl", "deterministic", "torch_version", "spikingjelly_version",
-            "cuda_version")
+            "cuda_version", "data_sha")  # data_sha: FashionMNIST.fingerprint, the images trained on
 FLOAT32_MAX = 3.4028234663852886e38
 COMPILE_AUTO_IMAGES = 50_000  # measured break-even on 2 CPU cores: ~13k images warm, ~80k cold
 

@@ -7,6 +7,7 @@ device and batches are index_select's of a seeded permutation.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,10 @@ class FashionMNIST:
     test_x: torch.Tensor
     test_y: torch.Tensor
     source: str = ""
+    # sha256 of the images and labels (not of the files: gzipped or not, the same data), first
+    # 16 hex digits; recorded with every epoch (run info data_sha) so that a resume or a
+    # reproduction on other images is noticed. "" for data made in memory.
+    fingerprint: str = ""
 
 
 def read_idx(path: str | Path, ndim: int) -> np.ndarray:
@@ -150,7 +155,11 @@ def load(data_dir=None, download: bool = False) -> FashionMNIST:
                         f"{arrays['test_x'][1]}: the training split must be the larger (Fashion-MNIST: 60000 "
                         "and 10000); are the train-* and t10k-* files swapped?")
     t = {k: torch.from_numpy(a.copy()) for k, (a, _) in arrays.items()}
-    return FashionMNIST(t["train_x"], t["train_y"].long(), t["test_x"], t["test_y"].long(), str(folder))
+    digest = hashlib.sha256()
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        digest.update(arrays[k][0].tobytes())
+    return FashionMNIST(t["train_x"], t["train_y"].long(), t["test_x"], t["test_y"].long(), str(folder),
+                        digest.hexdigest()[:16])
 
 
 def stratified_subset(y: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:

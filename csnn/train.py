@@ -128,7 +128,7 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     # What a checkpoint saves under these keys (with the RNGs); the next piece of state goes here.
     state = {"net": net, "optimizer": optimizer, "lr_scheduler": scheduler, "scaler": scaler}
     if resume is not None:
-        start_epoch = restore_checkpoint(resume, cfg, state, order_gen, device)
+        start_epoch = restore_checkpoint(resume, cfg, state, order_gen, device, data)
 
     splits = fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)
     splits = {k: tuple(t.to(device) for t in v) for k, v in splits.items()}  # resident on the device
@@ -147,7 +147,7 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
                                                  order_gen, amp_dtype)
         train_s = time.perf_counter() - t0
         if epoch == start_epoch:
-            info = run_info(net, device, use_amp)
+            info = {**run_info(net, device, use_amp), "data_sha": data.fingerprint}
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
@@ -225,11 +225,13 @@ def save_checkpoint(paths: list[Path], cfg: TrainConfig, state: dict, order_gen:
 
 
 def restore_checkpoint(path: str | Path, cfg: TrainConfig, state: dict, order_gen: torch.Generator,
-                       device: torch.device) -> int:
+                       device: torch.device, data: fmnist.FashionMNIST | None = None) -> int:
     """Load a checkpoint written by save_checkpoint into `state` and the RNGs, so that
     the run continues as if never stopped; returns the next epoch."""
     ckpt = read_checkpoint(path)
     check_resumable(path, ckpt, cfg)
+    if data is not None:
+        check_same_data(path, ckpt, data)
     for k, obj in state.items():
         # A CPU run saves an empty GradScaler state, which an enabled (CUDA) scaler refuses.
         if k != "scaler" or ckpt[k]:
@@ -288,6 +290,15 @@ def check_resumable(path, ckpt: dict, cfg: TrainConfig) -> None:
     if diff:
         raise CheckpointError(f"{path}: checkpoint was written for a different configuration: "
                               + ", ".join(f"{k} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items()))
+
+
+def check_same_data(path, ckpt: dict, data: fmnist.FashionMNIST) -> None:
+    """A run continues only on the images it started on (their fingerprint, when both know it)."""
+    was = (ckpt.get("metrics") or {}).get("data_sha") or ""
+    if was and data.fingerprint and was != data.fingerprint:
+        raise CheckpointError(f"{path}: the run was trained on other images (data fingerprint {was}; "
+                              f"{data.source} has {data.fingerprint}); resume it with the data it started on "
+                              "(-data-dir), or start a new run")
 
 
 if __name__ == "__main__":  # the tutorial's command line, kept at its old name

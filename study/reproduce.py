@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -118,24 +119,33 @@ def main(argv=None) -> int:
     out = (study.location.local or Path.cwd()) / "reproduce" / str(trial_id)
     print(f"reproducing trial {trial_id} (recorded on {ran_on or 'an unrecorded device'}) for {epochs} of its "
           f"{len(recorded)} recorded epochs on {device}: {'exact' if exact else 'CUDA tolerances'}", flush=True)
+    was = sorted(set(recorded["data_sha"].dropna().astype(str)) - {""}) if "data_sha" in recorded else []
+    other_data = bool(was and data.fingerprint and data.fingerprint not in was)
+    if other_data:
+        print(f"warning: the trial was trained on other images (data fingerprint {', '.join(was)}; {data.source} "
+              f"has {data.fingerprint}): expect a mismatch; --data-dir names the study's data", file=sys.stderr)
     with tempfile.TemporaryDirectory() as work:
         history = fit(cfg, data, work, lambda m: print(f"  epoch {m['epoch']}: test_acc {m['test_acc']:.4f}", flush=True),
                       stop_after=epochs)
         table = compare(recorded, history, exact)
+        bad = table[~table["ok"]]
+        # A mismatch never replaces an earlier reproduction: it goes beside it, stamped.
+        tag = time.strftime("-%Y%m%d-%H%M%S") if len(bad) and (out / "comparison.csv").exists() else ""
         out.mkdir(parents=True, exist_ok=True)
         from csnn.spikes import render
 
         net, _ = load_model(f"{work}/checkpoint_latest.pth", str(device))
-        render(net, data.test_x[: max(1, study.spec.render["images"])], out / "spikes", overwrite=True)
-        results.write_table(out / "comparison.csv", table)  # last, and whole: it marks a finished reproduction
-    bad = table[~table["ok"]]
+        render(net, data.test_x[: max(1, study.spec.render["images"])], out / f"spikes{tag}", overwrite=True)
+        table_file = out / f"comparison{tag}.csv"
+        results.write_table(table_file, table)  # last, and whole: it marks a finished reproduction
     print(table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
     if len(bad):
         print(f"MISMATCH: {len(bad)} of {len(table)} values differ beyond their tolerance "
-              f"({', '.join(sorted(set(bad['metric'])))}); {out / 'comparison.csv'}")
+              f"({', '.join(sorted(set(bad['metric'])))}); {table_file}"
+              + (" (on other images than the trial's)" if other_data else ""))
         return 1
     print(f"reproduced: all {len(table)} values match ({'exactly' if exact else 'within CUDA tolerances'}); "
-          f"{out / 'comparison.csv'}")
+          f"{table_file}")
     return 0
 
 

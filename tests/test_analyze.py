@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, env
+from conftest import ROOT, env, write_dataset
 from study import analyze, results
 
 
@@ -113,3 +113,14 @@ def test_reproduce_matches_exactly_on_the_cpu_and_catches_a_doctored_record(tiny
     h.to_csv(d / "history.csv", index=False)
     p = run("study.reproduce", d, "--data-dir", tiny_data_dir, "--epochs", 1)
     assert p.returncode == 1 and "MISMATCH" in p.stdout and "val_acc" in p.stdout
+    # a mismatch goes beside the matching reproduction, never over it
+    again = pd.read_csv(d / "reproduce" / best / "comparison.csv")
+    assert again.equals(table)
+    beside = list((d / "reproduce" / best).glob("comparison-*.csv"))
+    assert len(beside) == 1 and not pd.read_csv(beside[0])["ok"].all()
+
+    other = write_dataset(tmp_path / "other", 600, 200, seed=1)  # other images, the same sizes
+    p = run("study.reproduce", d, "--data-dir", other, "--epochs", 1)
+    assert p.returncode == 1 and "the trial was trained on other images (data fingerprint" in p.stderr, p.stderr[-2000:]
+    assert "(on other images than the trial's)" in p.stdout
+    assert pd.read_csv(d / "reproduce" / best / "comparison.csv").equals(table)

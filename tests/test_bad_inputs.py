@@ -469,6 +469,10 @@ ROWS = [
             "lr": {"type": "float", "low": 0.003, "high": 0.3, "log": True}})), 2,
         "search.baseline: the tutorial's configuration cannot run in this study: train fixes T 2 (the tutorial's 4), "
         "optimizer adam (the tutorial's sgd)"),
+    Row("19 -resume on other images", "csnn.train",
+        lambda c: c.cli("-resume", half_run(c, own=True), "-train-size", 32, "-test-size", 16, epochs=2,
+                        data=write_dataset(c.tmp / "other", 300, 100, seed=1)), 2,
+        "the run was trained on other images (data fingerprint", lambda c: nothing_new(c)),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
@@ -483,14 +487,23 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def half_run(c: Ctx) -> Path:
-    """Another folder's checkpoint after epoch 1 of 2, made as csnn.train would (its config)."""
+def half_run(c: Ctx, own: bool = False) -> Path:
+    """A checkpoint after epoch 1 of 2, made as csnn.train would (its config): in another
+    folder, or (own) in the run's own folder."""
     from csnn import data as fmnist
     from csnn.train import fit
 
     cfg = TrainConfig.from_dict({**read_checkpoint(c.ckpt)["config"], "epochs": 2})
-    fit(cfg, fmnist.load(c.data), c.tmp / "other", stop_after=1)
-    return c.tmp / "other" / "checkpoint_latest.pth"
+    folder = c.run_dir if own else c.tmp / "elsewhere"
+    fit(cfg, fmnist.load(c.data), folder, stop_after=1)
+    if own:
+        c.before = snapshot(*folder.iterdir())
+    return folder / "checkpoint_latest.pth"
+
+
+def nothing_new(c: Ctx) -> None:
+    """The folder holds exactly what it held: no args.txt, no event file, the checkpoint untouched."""
+    assert snapshot(*c.run_dir.iterdir()) == c.before
 
 
 def replace_spec(d: Path, **over) -> None:

@@ -110,3 +110,10 @@ def test_batches_cover_once():
     assert [len(i) for i in b] == [128, 128]
     allb = torch.cat(fmnist.batches(300, 128))
     assert sorted(allb.tolist()) == list(range(300))
+
+
+def test_the_fingerprint_is_of_the_data_not_the_files(tmp_path):
+    a = fmnist.load(write_dataset(tmp_path / "a", 64, 32, gz=False))
+    b = fmnist.load(write_dataset(tmp_path / "b", 64, 32, gz=True))  # the same images, gzipped
+    c = fmnist.load(write_dataset(tmp_path / "c", 64, 32, seed=1))
+    assert len(a.fingerprint) == 16 and a.fingerprint == b.fingerprint != c.fingerprint
