@@ -314,6 +314,10 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
 
     res = _section(where, raw, "resources", DEFAULTS["resources"])
     _number(where, "resources.gpus_per_trial", res["gpus_per_trial"], minimum=0, auto=True)
+    g = res["gpus_per_trial"]
+    if g != "auto" and g > 1 and g != int(g):  # Ray shares a GPU, but gives more than one only whole
+        raise _err(where, "resources.gpus_per_trial", f"{g} is not allowed; above 1 Ray grants whole GPUs only "
+                                                      f"(no node can ever hold {g}): give {int(g)} or {int(g) + 1}")
     _number(where, "resources.trials_per_gpu", res["trials_per_gpu"], integer=True, minimum=1)
     _number(where, "resources.checkpoint_every", res["checkpoint_every"], integer=True, minimum=1)
     _number(where, "resources.cpus_per_trial", res["cpus_per_trial"], above=0)

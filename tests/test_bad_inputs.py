@@ -473,6 +473,9 @@ ROWS = [
         lambda c: c.cli("-resume", half_run(c, own=True), "-train-size", 32, "-test-size", 16, epochs=2,
                         data=write_dataset(c.tmp / "other", 300, 100, seed=1)), 2,
         "the run was trained on other images (data fingerprint", lambda c: nothing_new(c)),
+    Row("19 gpus_per_trial 1.5 (pended for ever, also with --allow-pending-gpus)", "study.run",
+        lambda c: c.dry(c.space(resources={"gpus_per_trial": 1.5}), "--allow-pending-gpus"), 2,
+        "resources.gpus_per_trial: 1.5 is not allowed; above 1 Ray grants whole GPUs only"),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
 ]
