@@ -229,7 +229,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     """Retrain the best configuration from scratch per seed on train + validation
     (all 60k training images) and test on the full test set: one Ray Tune trial
     per seed, all at once, each with a trial's CPUs and a whole GPU (or the
-    study's gpus_per_trial), checkpointing into study/retrain/. Then best/ is
+    study's gpus_per_trial), checkpointing into study/retrain/ (retrain-next/ for a --retrain). Then best/ is
     assembled here from what they stored: metrics, checkpoints, placement, and
     the encoder spikes rendered from seed 0's checkpoint on the CPU. --resume
     continues an interrupted retrain (finished seeds are kept): RETRAIN_PENDING
@@ -239,7 +239,15 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
 
     from csnn.trainable import trainable
 
-    (study / RETRAIN_PENDING).write_text(f"a retrain started; best/ is replaced when it ends ({time.ctime()})\n")
+    # A --retrain of a study that has one trains into retrain-next/: the earlier retrain/
+    # and best/ stay until the new one is complete, then it takes retrain/'s place. The
+    # marker's first line names the folder, for --resume.
+    pending = study / RETRAIN_PENDING
+    if resume and pending.is_file() and pending.read_text().split("\n")[0] in ("retrain", "retrain-next"):
+        name = pending.read_text().split("\n")[0]
+    else:
+        name = "retrain-next" if (study / "retrain").exists() else "retrain"
+    pending.write_text(f"{name}\n# a retrain into {name}/ started {time.ctime()}; best/ is replaced when it ends\n")
 
     fixed = {**best["config"], "epochs": spec.retrain["epochs"], "val_size": 0, "train_size": 0, "test_size": 0}
     fixed.pop("seed")
@@ -247,7 +255,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     fn = tune.with_resources(tune.with_parameters(trainable, data=data, fixed=fixed,
                                                   checkpoint_every=spec.resources["checkpoint_every"]),
                              {"cpu": res["cpu"], "gpu": res["retrain_gpu"]})
-    where = study / "retrain"
+    where = study / name
     print(f"retraining the best configuration with seeds {seeds} at once ({fixed['epochs']} epochs, "
           f"{len(data.train_y)} training images, {res['retrain_gpu']:g} GPU each)", flush=True)
     if resume and tune.Tuner.can_restore(where.path, storage_filesystem=where.fs):
@@ -257,7 +265,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
         where.delete()
         grid = tune.Tuner(fn, param_space={"seed": tune.grid_search(seeds)},
                           tune_config=tune.TuneConfig(max_concurrent_trials=len(seeds)),
-                          run_config=tune.RunConfig(name="retrain", storage_path=study.path,
+                          run_config=tune.RunConfig(name=name, storage_path=study.path,
                                                     storage_filesystem=study.fs,
                                                     failure_config=tune.FailureConfig(max_failures=1),
                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1))).fit()
@@ -301,7 +309,10 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
         final.delete()
         final.upload(work)  # summary.yaml last: best/ counts as complete only with it
         (final / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
-    (study / RETRAIN_PENDING).delete()
+    if name == "retrain-next":
+        (study / "retrain").delete()
+        where.move_to(study / "retrain")
+    pending.delete()
     return summary
 
 

@@ -136,6 +136,14 @@ class Location:
                         destination_filesystem=pafs.LocalFileSystem())
         return local_dir
 
+    def move_to(self, dest: "Location") -> None:
+        """Rename a folder (same file system); an object store has no rename: copy, then delete."""
+        if self.local is not None:
+            self.fs.move(self.path, dest.path)
+        else:
+            pafs.copy_files(self.path, dest.path, source_filesystem=self.fs, destination_filesystem=dest.fs)
+            self.fs.delete_dir(self.path)
+
     def delete(self) -> None:
         kind = self.kind()
         if kind == pafs.FileType.Directory:

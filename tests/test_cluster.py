@@ -285,3 +285,25 @@ def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_
     assert done[0].read_text() == before  # the finished seed was not trained again
     summary = results.load(tmp_path / "results" / "reretrain").retrain_summary
     assert set(summary["test_acc"]) == {0, 1}
+
+    # Ctrl-C during --retrain: the earlier retrain/ and best/ survive, --resume finishes the new one
+    d = tmp_path / "results" / "reretrain"
+    old = {p.relative_to(d): p.read_bytes() for p in [*d.glob("retrain/*/result.json"), d / "best" / "summary.yaml"]}
+    proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir, "--retrain"), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline, started = time.time() + 300, []
+    while time.time() < deadline and not started:
+        started = [f for f in d.glob("retrain-next/*/result.json") if f.read_text().strip()]
+        time.sleep(0.2)
+    assert started, "the new retrain reported nothing in time"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "continue it with --resume" in out, out[-3000:]
+    assert {p: (d / p).read_bytes() for p in old} == old  # nothing of the earlier retrain lost
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--resume"), env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0 and "retrained best" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    assert not (d / "retrain-next").exists() and not (d / "retrain.pending").exists()
+    assert (d / "best" / "summary.yaml").read_bytes() != old[Path("best/summary.yaml")]
+    assert len(list(d.glob("retrain/*/result.json"))) == 2 and not any(
+        (d / p).exists() and (d / p).read_bytes() == b for p, b in old.items() if p.parts[0] == "retrain")
