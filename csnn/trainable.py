@@ -50,11 +50,26 @@ def placement() -> dict:
     return {"gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())}
 
 
+def silent_layers(metrics: dict, below: float) -> set[str]:
+    """The spiking layers (fr_<i>) whose firing rate this epoch is below `below`."""
+    return {k for k, v in metrics.items() if k.startswith("fr_") and v < below}
+
+
+class _Silent(Exception):
+    """Ends a silent trial's training loop after its last report."""
+
+
 def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None, checkpoint_every: int = 1,
-              rungs: tuple = ()) -> None:
+              rungs: tuple = (), silent_rate: float = 0.0) -> None:
     """Train TrainConfig(**fixed, **config). `data` arrives through Ray's object
     store (tune.with_parameters), so no trial reads files. A restarted trial
-    (FailureConfig retry, or a resumed study) continues from its last checkpoint."""
+    (FailureConfig retry, or a resumed study) continues from its last checkpoint.
+
+    A silent network (a spiking layer whose firing rate stays below `silent_rate`,
+    0: never) learns nothing: the trial ends when a layer was silent at the end of
+    two epochs in a row, its last report saying `silent: fr_<i>`. Not after the
+    first epoch alone: measured on 600 images, SGD lr 2 and 10 left a layer at 0.0
+    after epoch 1 that fired again after epoch 2."""
     cfg = TrainConfig.from_dict({**(fixed or {}), **trial_fields(config)})
     import torch
 
@@ -73,10 +88,20 @@ def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None, check
             resume = Path(checkpoint.to_directory(str(Path(work) / "restored"))) / "checkpoint_latest.pth"
         out = Path(work) / "ckpt"
 
+        quiet = set()  # the layers silent at the previous epoch
+
         def report(metrics: dict) -> None:
+            nonlocal quiet
+            silent = sorted(quiet & silent_layers(metrics, silent_rate))
+            quiet = silent_layers(metrics, silent_rate)
             # Ray copies the checkpoint folder into the trial's storage before returning.
             saved = metrics["epoch"] + 1 in save_at
-            tune.report({**metrics, **where},
+            tune.report({**metrics, **where, **({"silent": ",".join(silent)} if silent else {})},
                         checkpoint=tune.Checkpoint.from_directory(str(out)) if saved else None)
+            if silent:
+                raise _Silent
 
-        fit(cfg, data, out, report, resume=resume, save_when=lambda epoch: epoch + 1 in save_at)
+        try:
+            fit(cfg, data, out, report, resume=resume, save_when=lambda epoch: epoch + 1 in save_at)
+        except _Silent:
+            pass

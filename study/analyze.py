@@ -312,6 +312,34 @@ def header(study: results.Study) -> list[str]:
              + f". Training time summed over trials: {wall:.1f} min."
              + ("" if study.complete else " **The study has not ended.**")]
     lines += [f"- errored trial {r['trial_id']}: {r['error']}" for _, r in study.errored().iterrows()]
+    return lines + [""] + silent_lines(study)
+
+
+def silent_lines(study: results.Study) -> list[str]:
+    """Where in the space the silent networks were: per searched parameter, the share
+    of silent trials at each choice, or the range of silent values against the others."""
+    t = study.trials
+    silent = t[t["status"] == "silent"] if len(t) else t
+    if silent.empty:
+        return []
+    planned = sum(study.spec.config({k: r[k] for k in study.spec.space if not results.missing(r[k])}).epochs
+                  for _, r in silent.iterrows())
+    lines = [f"## Silent networks: {len(silent)} of {len(t)} trials", "",
+             f"A spiking layer stopped firing (below {study.spec.scheduler['silent_rate']:g}, two epochs in a row): "
+             f"those trials ended after {int(silent['epochs_run'].sum())} epochs of the {planned} they were planned "
+             "(at most that many saved; the scheduler might have stopped them too). Layers: "
+             + ", ".join(f"{k} {n}" for k, n in silent["silent"].value_counts().items()) + ".", ""]
+    for name in study.spec.space:
+        col, others = silent[name].dropna(), t.loc[t["status"] != "silent", name].dropna()
+        if col.empty:
+            continue
+        if pd.api.types.is_numeric_dtype(t[name]) and t[name].nunique() > 6:
+            lines.append(f"- `{name}`: silent at {col.min():.4g} to {col.max():.4g} (median {col.median():.4g}); "
+                         + (f"the others {others.min():.4g} to {others.max():.4g}" if len(others) else "no other trial"))
+        else:
+            counts = t[name].value_counts(dropna=True)
+            lines.append(f"- `{name}`: " + ", ".join(f"{_fmt(v)} {int((col == v).sum())}/{n} silent"
+                                                     for v, n in counts.sort_index().items()))
     return lines + [""]
 
 

@@ -29,7 +29,9 @@ from study import storage
 from study.spec import StudySpec
 from study.storage import Location, read_table
 
-STATUSES = ("finished", "stopped", "errored", "unfinished")
+# silent: ended by the trainable as a silent network (a spiking layer stopped firing)
+STATUSES = ("finished", "stopped", "silent", "errored", "unfinished")
+NOT_CANDIDATES = ("errored", "silent")  # never the best trial nor on the Pareto front
 
 
 def write_table(path: Path, frame: pd.DataFrame) -> None:
@@ -109,7 +111,7 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
             h = h.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a retried epoch counts once
         error = error_text(str(result.error)) if result.error else None
         ran = len(h)
-        status = ("errored" if error else "finished" if ran >= cfg.epochs
+        status = ("errored" if error else "silent" if _text(last.get("silent")) else "finished" if ran >= cfg.epochs
                   else "stopped" if complete else "unfinished")
         row = {"trial_id": trial_id, "number": number, "status": status}
         row.update({k: params.get(k) for k in spec.space})
@@ -124,6 +126,7 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
         row["time_s"] = float(h["epoch_s"].sum()) if "epoch_s" in h else 0.0
         row.update({k: _text(last.get(k)) for k in PLACEMENT})
         row["error"] = error
+        row["silent"] = _text(last.get("silent"))  # the layers that stopped firing, e.g. fr_12
         row["config"] = yaml.safe_dump(cfg.to_dict(), default_flow_style=True, width=10_000).strip()
         rows.append(row)
         if len(h):
@@ -151,7 +154,7 @@ def pareto(trials: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     names = [o["metric"] for o in spec.objectives]
     if trials.empty or not set(names) <= set(trials.columns):
         return trials.iloc[0:0]
-    ok = trials[trials["status"] != "errored"].dropna(subset=names)
+    ok = trials[~trials["status"].isin(NOT_CANDIDATES)].dropna(subset=names)
     costs = np.stack([ok[o["metric"]].to_numpy(float) * (1 if o["mode"] == "min" else -1) for o in spec.objectives], 1)
     dominated = [((costs <= c).all(1) & (costs < c).any(1)).any() for c in costs]
     front = ok[~np.array(dominated, dtype=bool)]
@@ -187,7 +190,7 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
         front = pareto(trials, spec)
         return None if front.empty else pick(front, spec)
     key = best_column(spec.metric)
-    ok = trials[trials["status"] != "errored"] if len(trials) else trials
+    ok = trials[~trials["status"].isin(NOT_CANDIDATES)] if len(trials) else trials
     if key not in ok or ok[key].dropna().empty:
         return None
     return ok.loc[ok[key].idxmax() if spec.mode == "max" else ok[key].idxmin()]

@@ -166,14 +166,15 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from csnn.trainable import trainable
+    from study.stopping import MultiObjectiveASHA, SilentAwareOptunaSearch
 
     ray_dir = study / "ray"
     trial_fn = tune.with_resources(
         tune.with_parameters(trainable, data=data, fixed=spec.train,
-                             checkpoint_every=spec.resources["checkpoint_every"], rungs=asha_rungs(spec)),
+                             checkpoint_every=spec.resources["checkpoint_every"], rungs=asha_rungs(spec),
+                             silent_rate=spec.scheduler["silent_rate"]),
         {"cpu": res["cpu"], "gpu": res["gpu"]})
     if resume:
         return tune.Tuner.restore(ray_dir.path, trainable=trial_fn, resume_unfinished=True, resume_errored=False,
@@ -196,14 +197,15 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     # Several objectives: Optuna's multi-objective search on each trial's last
     # report; Ray's own metric (progress table, ASHA when single) is the first.
     modes = [o["mode"] for o in spec.objectives]
-    searcher = OptunaSearch(space=specs.define_by_run(spec), metric=metrics if spec.multi else metrics[0],
-                            mode=modes if spec.multi else modes[0], sampler=sampler, study_name=spec.name,
-                            storage=storage)
+    searcher = SilentAwareOptunaSearch(space=specs.define_by_run(spec), metric=metrics if spec.multi else metrics[0],
+                                       mode=modes if spec.multi else modes[0], sampler=sampler,
+                                       study_name=spec.name, storage=storage)
     epochs = spec.max_epochs
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs,
-                               grace_period=min(spec.scheduler["grace_period"], epochs),
-                               reduction_factor=spec.scheduler["reduction_factor"])
-                 if spec.scheduler["type"] == "asha" else FIFOScheduler())
+    rungs = dict(max_t=epochs, grace_period=min(spec.scheduler["grace_period"], epochs),
+                 reduction_factor=spec.scheduler["reduction_factor"])
+    scheduler = (FIFOScheduler() if spec.scheduler["type"] != "asha"
+                 else MultiObjectiveASHA(metrics, modes, **rungs) if spec.multi
+                 else ASHAScheduler(time_attr="training_iteration", **rungs))
     tuner = tune.Tuner(
         trial_fn,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,

@@ -30,7 +30,8 @@ DIST_TYPES = ("int", "float", "categorical")
 BASELINE = {k: TUTORIAL[k] for k in ("T", "channels", "optimizer", "lr", "momentum")}
 DEFAULTS = {
     "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False},
-    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3},
+    # silent_rate: a trial ends as silent when a spiking layer fires below it two epochs in a row (0: never)
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3, "silent_rate": 0.0001},
     # gpus_per_trial auto: an equal share per trial that spreads the concurrent
     # trials over every GPU of the cluster, at most trials_per_gpu on one GPU
     # (Ray packs fractional requests onto as few GPUs as it can). checkpoint_every:
@@ -301,16 +302,16 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
             raise _err(where, "search.baseline", "the tutorial's configuration cannot run in this study: train fixes "
                        + ", ".join(other) + "; search those, or set baseline: false")
 
-    sched = _section(where, raw, "scheduler", {"type": 0, "grace_period": 0, "reduction_factor": 0})
+    # With several objectives asha is successive halving on Pareto fronts (study.moasha).
+    sched = _section(where, raw, "scheduler", DEFAULTS["scheduler"])
     if sched["type"] not in SCHEDULERS:
         raise _err(where, "scheduler.type", f"{sched['type']!r} is not allowed; allowed: {', '.join(SCHEDULERS)}")
-    if len(objectives) > 1 and sched["type"] != "none":
-        if raw.get("scheduler") is not None:
-            raise _err(where, "scheduler.type", "asha is not allowed with several objectives: it would stop trials "
-                       "on the first objective alone and cut the cheap end of the Pareto front; use none")
-        sched["type"] = "none"
     _number(where, "scheduler.grace_period", sched["grace_period"], integer=True, minimum=1)
     _number(where, "scheduler.reduction_factor", sched["reduction_factor"], above=1)
+    _number(where, "scheduler.silent_rate", sched["silent_rate"], minimum=0)
+    if sched["silent_rate"] >= 1:
+        raise _err(where, "scheduler.silent_rate", f"{sched['silent_rate']!r} is not allowed; a firing rate is below "
+                   "1: give a small one (e.g. 0.0001), or 0 to never stop a silent trial")
 
     res = _section(where, raw, "resources", DEFAULTS["resources"])
     _number(where, "resources.gpus_per_trial", res["gpus_per_trial"], minimum=0, auto=True)

@@ -1,0 +1,130 @@
+"""Early stopping that understands spiking networks and several objectives.
+
+SilentAwareOptunaSearch: Ray's OptunaSearch, telling Optuna which trials were
+silent networks (csnn.trainable ends them).
+
+MultiObjectiveASHA: asynchronous successive halving for several objectives, Ray
+Tune's ASHA with Pareto fronts in place of one metric's quantile.
+
+Ray's ASHA (and Optuna's pruners) rank trials by one metric, so on an accuracy
+against energy study they stop the cheap, less accurate trials that make one end
+of the front. Here, when a trial reaches a rung (grace_period x reduction_factor^k
+epochs), it and every trial recorded at that rung before it are sorted by
+non-dominated front, then by crowding distance within a front (NSGA-II's order);
+the trial goes on if it is among the first ceil(n / reduction_factor) of those n.
+As in Ray's ASHA, the first trial at a rung always goes on, a tie goes on, and a
+decision is never revisited.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+
+class SilentAwareOptunaSearch(OptunaSearch):
+    """A silent trial (its last report has `silent`) is told to Optuna as infeasible:
+    a constraint, which TPE, NSGA-II and GP rank behind every feasible trial, so the
+    sampler learns the region, and a user attribute naming the layer. Not as failed:
+    Optuna's samplers leave failed trials out of what they learn from. Its values are
+    told too (a silent network's accuracy is chance; its near-zero energy would make
+    it look good on a cost objective, were it not infeasible)."""
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and result.get("silent") and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            ot_trial = self._ot_trials[trial_id]  # OptunaSearch's own record of its Optuna trials
+            ot_trial.set_user_attr("silent", result["silent"])
+            ot_trial.set_constraint("silent", 1.0)
+        super().on_trial_complete(trial_id, result, error)
+
+
+def fronts(costs: np.ndarray) -> list[list[int]]:
+    """Non-dominated sorting of rows to minimise: the indices of each front, best first."""
+    n = len(costs)
+    beats = [[j for j in range(n) if (costs[i] <= costs[j]).all() and (costs[i] < costs[j]).any()] for i in range(n)]
+    beaten = [sum(i in beats[j] for j in range(n)) for i in range(n)]
+    out, front = [], [i for i in range(n) if beaten[i] == 0]
+    while front:
+        out.append(front)
+        nxt = []
+        for i in front:
+            for j in beats[i]:
+                beaten[j] -= 1
+                if beaten[j] == 0:
+                    nxt.append(j)
+        front = sorted(nxt)
+    return out
+
+
+def crowding(costs: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of each row within one front (its ends: infinite)."""
+    n, dist = len(costs), np.zeros(len(costs))
+    for k in range(costs.shape[1]):
+        order = np.argsort(costs[:, k], kind="stable")
+        span = costs[order[-1], k] - costs[order[0], k]
+        dist[order[0]] = dist[order[-1]] = math.inf
+        if span > 0:
+            for a in range(1, n - 1):
+                dist[order[a]] += (costs[order[a + 1], k] - costs[order[a - 1], k]) / span
+    return dist
+
+
+def keeps(recorded: list, new, reduction_factor: float) -> bool:
+    """Whether the trial whose objective vector (to minimise) is `new` goes on past a
+    rung where `recorded` were recorded before it. A vector with a missing (None or
+    NaN) value cannot be compared: it ranks behind every complete one."""
+    points = [*recorded, new]
+    complete = [i for i, p in enumerate(points) if p is not None and not np.isnan(np.asarray(p, float)).any()]
+    costs = np.asarray([points[i] for i in complete], float)
+    order = []  # (front, -crowding, the new trial first on a tie), as positions in `points`
+    for rank, front in enumerate(fronts(costs) if complete else []):
+        dist = crowding(costs[front])
+        order += [(rank, -d, complete[i] != len(points) - 1, complete[i]) for i, d in zip(front, dist)]
+    ranked = [i for *_, i in sorted(order)] + [i for i in range(len(points)) if i not in complete]
+    return ranked.index(len(points) - 1) < math.ceil(len(points) / reduction_factor)
+
+
+class MultiObjectiveASHA(FIFOScheduler):
+    """Ray Tune TrialScheduler: one ASHA bracket whose rungs rank by Pareto front."""
+
+    def __init__(self, metrics: list[str], modes: list[str], max_t: int, grace_period: int = 1,
+                 reduction_factor: float = 3, time_attr: str = "training_iteration"):
+        super().__init__()
+        self.metrics, self.signs = metrics, [1.0 if m == "min" else -1.0 for m in modes]
+        self.max_t, self.rf, self.time_attr = max_t, reduction_factor, time_attr
+        count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+        self.rungs = {grace_period * reduction_factor ** k: {} for k in range(count)}  # milestone -> {trial: costs}
+        self.num_stopped = 0
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True  # the objectives are its own; Tune's single metric/mode are for its tables
+
+    def costs(self, result: dict):
+        values = [result.get(m) for m in self.metrics]
+        if any(v is None for v in values):
+            return None
+        return [s * float(v) for s, v in zip(self.signs, values)]
+
+    def decide(self, trial_id: str, result: dict) -> str:
+        t = result.get(self.time_attr)
+        if t is None:
+            return TrialScheduler.CONTINUE
+        action = TrialScheduler.STOP if t >= self.max_t else TrialScheduler.CONTINUE
+        reached = [m for m in self.rungs if m <= t]
+        recorded = self.rungs[max(reached)] if reached and action == TrialScheduler.CONTINUE else None
+        if recorded is not None and trial_id not in recorded:  # the highest rung reached, decided once
+            new = self.costs(result)
+            if not keeps(list(recorded.values()), new, self.rf):
+                action = TrialScheduler.STOP
+            recorded[trial_id] = new
+        self.num_stopped += action == TrialScheduler.STOP
+        return action
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self.decide(trial.trial_id, result)
+
+    def debug_string(self) -> str:
+        return f"MultiObjectiveASHA on {', '.join(self.metrics)}: {self.num_stopped} stopped, rungs " + ", ".join(
+            f"{m:g}: {len(r)}" for m, r in sorted(self.rungs.items()))

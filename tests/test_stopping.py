@@ -1,0 +1,155 @@
+"""Early stopping for spiking networks and several objectives (study.stopping), on
+hand-made trial results, and in real Ray Tune studies on tiny real data."""
+import math
+import subprocess
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from ray.tune.schedulers import TrialScheduler
+
+from conftest import env, study_cmd, tiny_spec, write_spec
+from study import analyze, results
+from study.stopping import MultiObjectiveASHA, crowding, fronts, keeps
+
+STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
+
+
+def test_fronts_sort_by_domination():
+    # to minimise: (1,4) (2,2) (4,1) trade off; (3,3) is beaten by (2,2); (5,5) by all
+    costs = np.array([[3, 3], [1, 4], [5, 5], [2, 2], [4, 1]], float)
+    assert fronts(costs) == [[1, 3, 4], [0], [2]]
+    assert fronts(np.array([[1, 1], [1, 1]], float)) == [[0, 1]]  # equal points beat neither
+
+
+def test_crowding_distance_ends_infinite_middle_by_neighbours():
+    d = crowding(np.array([[0, 4], [1, 2], [4, 0], [3, 1]], float))
+    assert math.isinf(d[0]) and math.isinf(d[2])
+    assert d[1] == pytest.approx((3 - 0) / 4 + (4 - 1) / 4) and d[3] == pytest.approx((4 - 1) / 4 + (2 - 0) / 4)
+
+
+def test_keeps_the_best_fronts_and_breaks_ties_by_crowding():
+    assert keeps([], [1.0, 1.0], 3)  # the first at a rung goes on
+    # on the front of three, rf 3 keeps one of four: the new point must lead
+    recorded = [[0.0, 4.0], [4.0, 0.0], [5.0, 5.0]]
+    assert not keeps(recorded, [2.0, 2.0], 3)  # on the front, but the ends' crowding is infinite
+    assert keeps(recorded[:2], [-1.0, -1.0], 3)  # beats both: alone on the first front
+    assert not keeps(recorded, [6.0, 6.0], 2)  # dominated by all
+    # rf 2 keeps two of four: the two front ends (infinite crowding) before the middle point
+    assert keeps([[0.0, 4.0], [5.0, 5.0], [1.0, 3.5]], [4.0, 0.0], 2)
+    assert not keeps([[0.0, 4.0], [4.0, 0.0], [5.0, 5.0]], [1.0, 3.5], 2)
+    # the cheap end of an accuracy-energy front survives a single-metric cut
+    assert keeps([[-0.9, 10.0], [-0.85, 9.0], [-0.8, 8.0]], [-0.3, 0.5], 2)
+
+
+def test_keeps_an_exact_tie_and_ranks_a_missing_metric_last():
+    assert keeps([[1.0, 1.0]], [1.0, 1.0], 2)  # a tie goes on, as in Ray's ASHA
+    assert not keeps([[1.0, 1.0]], None, 2)  # cannot be compared: behind every complete point
+    assert not keeps([[1.0, 1.0]], [math.nan, 0.0], 2)
+    assert keeps([None], [9.0, 9.0], 2)  # a complete point before one that is not
+    assert keeps([], None, 2)  # alone at the rung: nothing to compare with
+
+
+def test_scheduler_decides_once_per_rung_in_arrival_order():
+    s = MultiObjectiveASHA(["val_acc", "energy_uj"], ["max", "min"], max_t=8, grace_period=1, reduction_factor=2)
+    assert sorted(s.rungs) == [1, 2, 4, 8]
+    r = lambda t, acc, e: {"training_iteration": t, "val_acc": acc, "energy_uj": e}  # noqa: E731
+    assert s.decide("a", r(1, 0.8, 5.0)) == GO  # first at rung 1
+    assert s.decide("b", r(1, 0.7, 6.0)) == STOP  # dominated by a
+    assert s.decide("c", r(1, 0.5, 1.0)) == GO  # the cheap end: a front of a and c, c's crowding infinite
+    assert s.decide("a", r(1, 0.1, 99.0)) == GO  # a was decided at rung 1 already
+    assert s.decide("a", r(2, 0.85, 5.0)) == GO  # first at rung 2
+    assert s.decide("c", r(3, 0.55, 1.0)) == GO  # still rung 2 (3 < 4): on the front with a
+    assert s.decide("c", r(3, 0.0, 9.0)) == GO  # decided at rung 2 already
+    assert s.decide("d", r(2, 0.7, 7.0)) == STOP  # dominated by a and c at rung 2
+    assert s.decide("e", {"training_iteration": 2, "val_acc": 0.9}) == STOP  # no energy_uj: ranked last
+    assert s.decide("a", r(8, 0.9, 5.0)) == STOP  # max_t
+    assert s.decide("f", {"val_acc": 0.9}) == GO  # no time attribute: nothing to decide
+    assert s.num_stopped == 4
+
+
+SILENT = {  # measured: on these 600 images SGD lr 1000 leaves a layer of 4 channels silent from the first epoch on
+    "channels": {"type": "categorical", "choices": [4]},
+    "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+    "lr": {"depends_on": "optimizer", "cases": {"adam": {"type": "categorical", "choices": [0.01]},
+                                                "sgd": {"type": "categorical", "choices": [1000.0]}}},
+}
+
+
+def test_silent_networks_stop_after_two_silent_epochs_and_are_told_as_infeasible(tmp_path, tiny_data_dir):
+    spec = tiny_spec("silent", train={"epochs": 4, "T": 2}, space=SILENT,
+                     search={"sampler": "random", "seed": 0, "num_samples": 4, "max_concurrent": 2},  # sgd, adam, sgd, sgd
+                     retrain={"seeds": []})
+    del spec["train"]["optimizer"]  # searched
+    p = subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir), env=env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = tmp_path / "results" / "silent"
+    trials = pd.read_csv(d / "trials.csv")
+    sgd, adam = trials[trials["optimizer"] == "sgd"], trials[trials["optimizer"] == "adam"]
+    assert len(sgd) and len(adam), trials[["optimizer", "status"]]
+    assert (sgd["status"] == "silent").all() and (sgd["epochs_run"] == 2).all() and (sgd["val_acc"] == 0.1).all()
+    assert sgd["silent"].str.fullmatch(r"fr_\d+(,fr_\d+)*").all()  # the layers that stopped firing
+    assert (adam["status"] == "finished").all() and (adam["epochs_run"] == 4).all() and adam["silent"].isna().all()
+    best = yaml.safe_load((d / "best.yaml").read_text())
+    assert best["params"]["optimizer"] == "adam"
+
+    # what the samplers read: a violated constraint on the silent trials only
+    study = optuna.load_study(study_name="silent", storage=f"sqlite:///{d / 'optuna.db'}")
+    told = {t.params["optimizer"]: t for t in study.trials}
+    assert told["sgd"].constraints == {"silent": 1.0} and told["sgd"].user_attrs["silent"] in set(sgd["silent"])
+    assert told["adam"].constraints == {} and told["adam"].state.name == "COMPLETE"
+
+    s = results.load(d)
+    lines = "\n".join(analyze.summary(s))
+    assert f"Silent networks: {len(sgd)} of 4 trials" in lines, lines
+    assert f"ended after {2 * len(sgd)} epochs of the {4 * len(sgd)}" in lines
+    assert f"adam 0/{len(adam)} silent, sgd {len(sgd)}/{len(sgd)} silent" in lines
+    assert f"{len(sgd)} silent" in p.stdout  # the status counts study.run prints
+
+    # silent_rate 0: the same network runs all its epochs
+    off = tiny_spec("loud", train={"epochs": 3, "T": 2, "optimizer": "sgd"}, search={"num_samples": 1},
+                    scheduler={"silent_rate": 0}, retrain={"seeds": []})
+    off["space"] = {"channels": SILENT["channels"], "lr": SILENT["lr"]["cases"]["sgd"]}
+    p = subprocess.run(study_cmd(write_spec(tmp_path, off), tmp_path, tiny_data_dir), env=env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    loud = pd.read_csv(tmp_path / "results" / "loud" / "trials.csv")
+    assert loud["status"].tolist() == ["finished"] and loud["epochs_run"].tolist() == [3]
+    h = pd.read_csv(tmp_path / "results" / "loud" / "history.csv")
+    assert (h.filter(like="fr_").min(axis=1) == 0).all()  # silent all along, and not stopped
+
+
+def test_multi_objective_asha_in_a_real_study_stops_what_the_fronts_say(tmp_path, tiny_data_dir):
+    """One trial at a time, so trials reach each rung in their order: replaying the
+    rung decisions from history.csv with keeps() gives exactly the trials Ray stopped."""
+    spec = tiny_spec("moasha", objective=[{"metric": "val_acc", "mode": "max"},
+                                          {"metric": "spikes_per_image", "mode": "min"}],
+                     train={"epochs": 4}, search={"sampler": "random", "num_samples": 6, "max_concurrent": 1},
+                     scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}, retrain={"seeds": []})
+    p = subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir), env=env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = tmp_path / "results" / "moasha"
+    trials = pd.read_csv(d / "trials.csv").sort_values("number")
+    history = pd.read_csv(d / "history.csv")
+    recorded = {1: [], 2: []}
+    expected_stop = {}
+    for tid in trials["trial_id"]:
+        h = history[history["trial_id"] == tid].set_index("epoch")
+        for rung in (1, 2):
+            if rung - 1 not in h.index:
+                break
+            costs = [-h.loc[rung - 1, "val_acc"], h.loc[rung - 1, "spikes_per_image"]]
+            go = keeps(recorded[rung], costs, 2)
+            recorded[rung].append(costs)
+            if not go:
+                expected_stop[tid] = rung
+                break
+    ran = dict(zip(trials["trial_id"], trials["epochs_run"]))
+    assert {t: ran[t] for t in expected_stop} == expected_stop  # stopped right at the rung that said so
+    assert all(ran[t] == 4 for t in ran if t not in expected_stop)
+    assert expected_stop and len(expected_stop) < len(ran), ran  # something was stopped, not everything
+    assert set(trials.loc[trials["trial_id"].isin(expected_stop), "status"]) == {"stopped"}
