@@ -312,7 +312,24 @@ def header(study: results.Study) -> list[str]:
              + f". Training time summed over trials: {wall:.1f} min."
              + ("" if study.complete else " **The study has not ended.**")]
     lines += [f"- errored trial {r['trial_id']}: {r['error']}" for _, r in study.errored().iterrows()]
-    return lines + [""] + silent_lines(study)
+    return lines + [""] + silent_lines(study) + warm_lines(study)
+
+
+def warm_lines(study: results.Study) -> list[str]:
+    """Which trials came from where: told to the sampler, and run first, per earlier study."""
+    if not study.warm_start:
+        return []
+    t = study.trials
+    lines = ["## Warm start", ""]
+    for src in study.warm_start["sources"]:
+        skipped = "; ".join(f"{n} × {why}" for why, n in src["skipped"].items())
+        lines.append(f"- from `{src['source']}`: {src['told']} trials told to the sampler before the first trial"
+                     + (f" (skipped: {skipped})" if skipped else ""))
+        for e in src["enqueued"]:
+            ran = t[t["warm_start"] == e["origin"]] if "warm_start" in t else t.iloc[0:0]
+            lines.append(f"  - the configuration of {e['origin']} ran first here as "
+                         + (f"trial {ran['trial_id'].iloc[0]}" if len(ran) else "a trial not found in this study"))
+    return lines + [""]
 
 
 def silent_lines(study: results.Study) -> list[str]:

@@ -200,6 +200,8 @@ def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataF
     """Write trials.csv/.parquet, history.csv and best.yaml of an ended study,
     read from Ray Tune's record in study_dir/ray; return (trials, history, best)."""
     trials, history = frames(study_dir / "ray", spec, complete=True)
+    if (study_dir / "warm_start.yaml").is_file() and len(trials):
+        trials["warm_start"] = warm_origins(trials, yamlio.load((study_dir / "warm_start.yaml").read_text()))
     storage.write_table(study_dir / "history.csv", history)
     storage.write_table(study_dir / "trials.parquet", trials)
     storage.write_table(study_dir / "trials.csv", trials)
@@ -212,6 +214,21 @@ def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataF
             best["pareto"] = [_best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
         (study_dir / "best.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
     return trials, history, best
+
+
+def warm_origins(trials: pd.DataFrame, record: dict) -> list[str]:
+    """Per trial, the earlier study's trial whose configuration was enqueued for it
+    ('' for the sampler's own): the first trial with those parameters."""
+    origins = [""] * len(trials)
+    for e in (e for src in record["sources"] for e in src["enqueued"]):
+        want = {k.split("[")[0]: v for k, v in e["params"].items()}
+        for i, (_, row) in enumerate(trials.iterrows()):
+            same = all(not missing(row.get(k)) and (row[k] == v or (isinstance(v, float) and math.isclose(row[k], v)))
+                       for k, v in want.items())
+            if same and not origins[i]:
+                origins[i] = e["origin"]
+                break
+    return origins
 
 
 def _best_entry(row: pd.Series, spec: StudySpec) -> dict:
@@ -253,6 +270,7 @@ class Study:
     retrain: pd.DataFrame | None  # best/metrics.csv: one row per seed and epoch
     retrain_summary: dict | None  # best/summary.yaml: test_acc per seed, mean, std, placement
     trials_file: Location | None = None  # the table trials was read from; None: from Ray's record
+    warm_start: dict | None = None  # warm_start.yaml: per earlier study, trials told, skipped (why), enqueued
 
     @property
     def path(self) -> Path | str:
@@ -399,4 +417,6 @@ def load(path: str | Path | Location) -> Study:
                            ("trial_id", "epochs", "seeds", "test_acc_mean", "test_acc_std", "epoch_s_mean"),
                            "the retrain summary")
         retrain = _columns(metrics_file, _read(metrics_file, read_table, "retrain table"), ("seed", "epoch", "test_acc"))
-    return Study(loc, spec, trials, history, best, retrain, summary, trials_file)
+    warm_file = loc / "warm_start.yaml"
+    warm = _read(warm_file, _yaml, "warm-start record") if warm_file.is_file() else None
+    return Study(loc, spec, trials, history, best, retrain, summary, trials_file, warm)

@@ -31,7 +31,7 @@ from csnn import data as fmnist
 from csnn.argtypes import positive_int
 from csnn.config import METRICS, TUTORIAL_ACC, TrainConfig
 from csnn.train import load_model
-from study import analyze, results, spec as specs
+from study import analyze, results, spec as specs, warmstart
 from study.storage import Location, StorageError, check_nodes_see, mount_type
 
 
@@ -161,7 +161,7 @@ def on_network_fs(path: Path) -> bool:
 
 
 def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, resume: bool, res: dict,
-           optuna_storage: str):
+           optuna_storage: str, warm: list = ()):
     """Run (or continue) the Ray Tune + Optuna search; return its ResultGrid."""
     import optuna
     from ray import tune
@@ -192,6 +192,8 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what optuna-dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna_study.set_metric_names(metrics)
+    if warm:  # told and enqueued before the first trial; the record for the report
+        (study / "warm_start.yaml").write_text(yaml.safe_dump(warmstart.apply(optuna_study, warm), sort_keys=False))
     if spec.search["baseline"]:
         optuna_study.enqueue_trial(specs.baseline_params(spec))
     # Several objectives: Optuna's multi-objective search on each trial's last
@@ -337,6 +339,9 @@ def parse_args(argv=None):
                    help="keep the GPU requests on a cluster with no GPU yet (an autoscaler adds GPU nodes)")
     p.add_argument("--num-samples", type=positive_int, default=None, help="override search.num_samples")
     p.add_argument("--no-retrain", action="store_true", help="skip retraining the best configuration")
+    p.add_argument("--warm-start", action="append", default=[], metavar="STUDY_DIR",
+                   help="start from an earlier study (repeatable): its ended trials that fit this space and its fixed "
+                        "settings are told to the sampler, its best configuration runs first")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved study; start nothing")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $CSNN_DATA, then Debian's)")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if not found")
@@ -562,6 +567,18 @@ def _main(args) -> int:
         if not tune.Tuner.can_restore((study_dir / "ray").path, storage_filesystem=study_dir.fs):
             raise UsageError(f"--resume: no study to continue in {study_dir}")
 
+    if args.warm_start and (args.resume or args.retrain):
+        raise UsageError(f"--warm-start with {flag}: a study is warm-started when it begins, and this one has; "
+                         "leave --warm-start out")
+    try:
+        if any(Location.parse(w).shown == study_dir.shown for w in args.warm_start):
+            raise UsageError(f"--warm-start {study_dir}: that is this study's own folder; name an earlier study")
+        warm = warmstart.plan(spec, args.warm_start)
+    except (warmstart.WarmStartError, StorageError) as e:
+        raise UsageError(str(e)) from None
+    for line in warmstart.lines(warm):
+        print(line, flush=True)
+
     data = fmnist.load(args.data_dir, download=args.download)
     check_machine(spec, data)
     if args.dry_run:
@@ -578,13 +595,13 @@ def _main(args) -> int:
     # --retrain, or --resume of a study whose retrain did not finish: the retrain alone
     return run(spec, data, study_dir, resume=args.resume, address=args.address, do_retrain=not args.no_retrain,
                allow_cpu=args.allow_cpu, allow_pending_gpus=args.allow_pending_gpus,
-               optuna_storage=args.optuna_storage, retrain_only=retrain_now, fresh_retrain=args.retrain)
+               optuna_storage=args.optuna_storage, retrain_only=retrain_now, fresh_retrain=args.retrain, warm=warm)
 
 
 def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str | Path, resume: bool = False,
         address: str | None = None, do_retrain: bool = True, allow_cpu: bool = False,
         allow_pending_gpus: bool = False, optuna_storage: str | None = None, retrain_only: bool = False,
-        fresh_retrain: bool = False) -> int:
+        fresh_retrain: bool = False, warm: list | None = None) -> int:
     """Search, then retrain the best configuration; with `retrain_only` (an ended study)
     only the retrain, continued (`resume`) or from scratch (`fresh_retrain`)."""
     import ray
@@ -621,7 +638,7 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str 
             if resume and not db.exists() and (study / "optuna.db").is_file():
                 db.write_bytes((study / "optuna.db").read_bytes())  # resumed from another driver machine
         try:
-            grid = search(spec, data, study, resume, res, url)
+            grid = search(spec, data, study, resume, res, url, warm or [])
         finally:
             if db is not None and db.exists() and db != (study.local or Path()) / "optuna.db":
                 (study / "optuna.db").write_bytes(db.read_bytes())

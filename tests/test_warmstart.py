@@ -1,0 +1,64 @@
+"""--warm-start: a real tiny study, then studies that start from it."""
+import subprocess
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import env, study_cmd, tiny_spec, write_spec
+from study import analyze, results
+
+
+def test_a_warm_started_study_runs_the_earlier_best_first_and_its_sampler_saw_the_earlier_trials(
+        tiny_study, tiny_data_dir, tmp_path):
+    e2e, _ = tiny_study
+    first = pd.read_csv(e2e / "trials.csv")
+    best = yaml.safe_load((e2e / "best.yaml").read_text())
+    space = write_spec(tmp_path, tiny_spec("warm", search={"num_samples": 2, "max_concurrent": 1}, retrain={"seeds": []}))
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--warm-start", str(e2e)), env=env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"warm start from {e2e}: 3 trials told to the sampler, 1 best configuration(s) run first" in p.stdout
+
+    d = tmp_path / "results" / "warm"
+    study = optuna.load_study(study_name="warm", storage=f"sqlite:///{d / 'optuna.db'}")
+    told = [t for t in study.trials if "e2e" in t.user_attrs.get("warm_start", "") and t.number < 3]
+    assert len(told) == 3 and all(t.state.name == "COMPLETE" for t in told)
+    by_id = first.set_index("trial_id")
+    for t in told:  # each earlier trial's last value, as OptunaSearch told it there
+        tid = t.user_attrs["warm_start"].rsplit(" ", 1)[1]
+        assert t.value == pytest.approx(by_id.loc[tid, "val_acc"]) and t.params["lr"] == pytest.approx(by_id.loc[tid, "lr"])
+    ran = [t for t in study.trials if t.number >= 3]
+    assert len(ran) == 2 and ran[0].params == {"channels": best["params"]["channels"], "lr": best["params"]["lr"]}
+
+    trials = pd.read_csv(d / "trials.csv").sort_values("number")
+    assert trials["warm_start"].iloc[0] == f"{e2e} trial {best['trial_id']}"
+    assert trials["lr"].iloc[0] == best["params"]["lr"] and trials["warm_start"].iloc[1:].isna().all()
+    lines = "\n".join(analyze.summary(results.load(d)))
+    assert "## Warm start" in lines and f"from `{e2e}`: 3 trials told" in lines
+    assert f"ran first here as trial {trials['trial_id'].iloc[0]}" in lines
+
+
+def test_warm_start_skips_other_settings_and_refuses_what_cannot_work(tiny_study, tiny_data_dir, tmp_path):
+    e2e, _ = tiny_study
+
+    def dry(spec, *extra):
+        return subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir, "--dry-run",
+                                        "--warm-start", str(e2e), *extra),
+                              env=env(), capture_output=True, text=True, timeout=300)
+
+    p = dry(tiny_spec("longer", train={"epochs": 3}))  # trained for 2 epochs there
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "0 trials told to the sampler, 0 best configuration(s) run first; skipped 3 × epochs 2 there, 3 here" in p.stdout
+    assert "best trial" in p.stdout and "not enqueued: epochs 2 there, 3 here" in p.stdout
+    p = dry(tiny_spec("narrow", space={"lr": {"type": "float", "low": 0.001, "high": 0.002}}))
+    assert p.returncode == 0 and "outside this space" in p.stdout, p.stdout + p.stderr
+    p = dry(tiny_spec("energy", objective=[{"metric": "val_acc", "mode": "max"},
+                                           {"metric": "energy_uj", "mode": "min"}]))
+    assert p.returncode == 2 and "it optimised max val_acc, this study max val_acc, min energy_uj" in p.stderr
+    p = subprocess.run(study_cmd(write_spec(tmp_path, tiny_spec("nowhere")), tmp_path, tiny_data_dir, "--dry-run",
+                                 "--warm-start", str(tmp_path / "missing")), env=env(), capture_output=True, text=True)
+    assert p.returncode == 2 and "--warm-start" in p.stderr and "not a study folder" in p.stderr
+    p = dry(tiny_spec("e2e"), "--resume", "--storage", str(e2e.parent))
+    assert p.returncode == 2 and "a study is warm-started when it begins" in p.stderr, p.stderr
