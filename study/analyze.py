@@ -342,9 +342,9 @@ def silent_lines(study: results.Study) -> list[str]:
     planned = sum(study.spec.config({k: r[k] for k in study.spec.space if not results.missing(r[k])}).epochs
                   for _, r in silent.iterrows())
     lines = [f"## Silent networks: {len(silent)} of {len(t)} trials", "",
-             f"A spiking layer stopped firing (below {study.spec.scheduler['silent_rate']:g}, two epochs in a row): "
-             f"those trials ended after {int(silent['epochs_run'].sum())} epochs of the {planned} they were planned "
-             "(at most that many saved; the scheduler might have stopped them too). Layers: "
+             f"A spiking layer fired below {study.spec.scheduler['silent_rate']:g} at the trial's last epoch (the "
+             "trial ended after two such epochs, or the scheduler stopped it, or it finished so): they ran "
+             f"{int(silent['epochs_run'].sum())} epochs of the {planned} planned. Layers: "
              + ", ".join(f"{k} {n}" for k, n in silent["silent"].value_counts().items()) + ".", ""]
     for name in study.spec.space:
         col, others = silent[name].dropna(), t.loc[t["status"] != "silent", name].dropna()
@@ -476,13 +476,38 @@ def _describe(p: dict) -> str:
     return f"{p['type']} [{p['low']}, {p['high']}]" + (" log" if p.get("log") else "")
 
 
+def compare(a: results.Study, b: results.Study) -> list[str]:
+    """Two studies of the same objectives: what their fronts cover and what they cost."""
+    if a.spec.objectives != b.spec.objectives:
+        raise results.StudyError(f"{b.path}: optimises {', '.join(o['metric'] for o in b.spec.objectives)}, "
+                                 f"{a.path} {', '.join(o['metric'] for o in a.spec.objectives)}: not comparable")
+    epochs = [int(s.trials["epochs_run"].sum()) if len(s.trials) else 0 for s in (a, b)]
+    out = [f"trial-epochs: {a.spec.name} {epochs[0]}, {b.spec.name} {epochs[1]} "
+           f"(ratio {epochs[0] / max(epochs[1], 1):.3f})"]
+    if a.spec.multi:
+        hv = results.hypervolumes([a, b], a.spec)
+        out.append(f"hypervolume of the Pareto front: {a.spec.name} {hv[0]:.4f}, {b.spec.name} {hv[1]:.4f} "
+                   f"(ratio {hv[0] / hv[1] if hv[1] else float('nan'):.4f}; each objective scaled to [0, 1] between the "
+                   "best and worst values on the two fronts, reference point 1.1)")
+    else:
+        vals = [s.best["objective"]["value"] if s.best else float("nan") for s in (a, b)]
+        out.append(f"best {a.spec.metric}: {a.spec.name} {vals[0]:.4f}, {b.spec.name} {vals[1]:.4f}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m study.analyze", description=__doc__.split("\n")[0])
     ap.add_argument("study", help="the study folder, results/<name>")
     ap.add_argument("--top", type=positive_int, default=5, help="trials in the leaderboard and the learning curves")
+    ap.add_argument("--against", metavar="STUDY_DIR", default=None,
+                    help="compare with another study of the same objectives (e.g. the same space without early "
+                         "stopping): hypervolume of the fronts and trial-epochs each used; writes no report")
     args = ap.parse_args(argv)
     try:
         study = results.load(args.study)
+        if args.against:
+            print("\n".join(compare(study, results.load(args.against))))
+            return 0
     except results.StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

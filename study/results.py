@@ -111,8 +111,13 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
             h = h.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a retried epoch counts once
         error = error_text(str(result.error)) if result.error else None
         ran = len(h)
-        status = ("errored" if error else "silent" if _text(last.get("silent")) else "finished" if ran >= cfg.epochs
-                  else "stopped" if complete else "unfinished")
+        # silent: the trainable ended it as silent, or it ended (stopped by the scheduler
+        # before that rule could act, or finished) with a layer silent: at chance accuracy,
+        # and it would otherwise sit on the cheap end of a Pareto front.
+        quiet = _text(last.get("silent")) or ",".join(
+            k for k in h.columns if k.startswith("fr_") and len(h) and h[k].iloc[-1] < spec.scheduler["silent_rate"])
+        status = ("errored" if error else "silent" if quiet and (complete or _text(last.get("silent")))
+                  else "finished" if ran >= cfg.epochs else "stopped" if complete else "unfinished")
         row = {"trial_id": trial_id, "number": number, "status": status}
         row.update({k: params.get(k) for k in spec.space})
         for m in (*METRICS, *RUN_INFO):
@@ -126,7 +131,7 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
         row["time_s"] = float(h["epoch_s"].sum()) if "epoch_s" in h else 0.0
         row.update({k: _text(last.get(k)) for k in PLACEMENT})
         row["error"] = error
-        row["silent"] = _text(last.get("silent"))  # the layers that stopped firing, e.g. fr_12
+        row["silent"] = quiet if status == "silent" else ""  # the layers that stopped firing, e.g. fr_12
         row["config"] = yaml.safe_dump(cfg.to_dict(), default_flow_style=True, width=10_000).strip()
         rows.append(row)
         if len(h):
@@ -159,6 +164,22 @@ def pareto(trials: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     dominated = [((costs <= c).all(1) & (costs < c).any(1)).any() for c in costs]
     front = ok[~np.array(dominated, dtype=bool)]
     return front.sort_values(spec.metric, ascending=spec.mode == "min")
+
+
+def hypervolumes(studies: list, spec: StudySpec) -> list[float]:
+    """The hypervolume of each study's Pareto front, comparable across the studies:
+    every objective scaled to [0, 1] between the best and the worst value on the
+    studies' fronts together (their ideal and nadir points), the reference point
+    1.1 on each (as Optuna's TPE takes it). A reference at the worst trial would
+    make every front's hypervolume close to the whole box, and differences vanish."""
+    from optuna._hypervolume import compute_hypervolume  # Optuna's own (WFG), for any number of objectives
+
+    names, sign = [o["metric"] for o in spec.objectives], np.array([1 if o["mode"] == "min" else -1 for o in spec.objectives])
+    fronts = [pareto(s.trials, spec)[names].to_numpy(float) * sign for s in studies]
+    every = np.concatenate(fronts)
+    lo, hi = every.min(0), every.max(0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return [float(compute_hypervolume((f - lo) / span, np.full(len(names), 1.1))) if len(f) else 0.0 for f in fronts]
 
 
 def pick(front: pd.DataFrame, spec: StudySpec) -> pd.Series:

@@ -31,7 +31,7 @@ BASELINE = {k: TUTORIAL[k] for k in ("T", "channels", "optimizer", "lr", "moment
 DEFAULTS = {
     "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False},
     # silent_rate: a trial ends as silent when a spiking layer fires below it two epochs in a row (0: never)
-    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3, "silent_rate": 0.0001},
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3, "silent_rate": 0.001},
     # gpus_per_trial auto: an equal share per trial that spreads the concurrent
     # trials over every GPU of the cluster, at most trials_per_gpu on one GPU
     # (Ray packs fractional requests onto as few GPUs as it can). checkpoint_every:
@@ -311,7 +311,7 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     _number(where, "scheduler.silent_rate", sched["silent_rate"], minimum=0)
     if sched["silent_rate"] >= 1:
         raise _err(where, "scheduler.silent_rate", f"{sched['silent_rate']!r} is not allowed; a firing rate is below "
-                   "1: give a small one (e.g. 0.0001), or 0 to never stop a silent trial")
+                   "1: give a small one (e.g. 0.001), or 0 to never stop a silent trial")
 
     res = _section(where, raw, "resources", DEFAULTS["resources"])
     _number(where, "resources.gpus_per_trial", res["gpus_per_trial"], minimum=0, auto=True)

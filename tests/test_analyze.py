@@ -41,7 +41,10 @@ def test_load_reads_an_unfinished_study_from_ray_folders(tiny_study, tmp_path):
     assert not s.complete and len(s.trials) == 3
     full = results.load(d)
     assert set(s.trials["trial_id"]) == set(full.trials["trial_id"])
-    assert set(s.trials["status"]) <= {"finished", "unfinished"}
+    # silent only where the trainable ended the trial as silent (it said so): that holds mid-study too
+    assert set(s.trials["status"]) <= {"finished", "unfinished", "silent"}
+    said = s.trials.get("silent", pd.Series([""] * len(s.trials))).fillna("") != ""
+    assert ((s.trials["status"] == "silent") == said).all()
     assert s.best["trial_id"] == full.best["trial_id"] and s.retrain is None
 
 

@@ -153,7 +153,7 @@ def test_study_on_s3_end_to_end(s3, tmp_path, tiny_data_dir):
     assert not any(tmp_path.glob("s3:*"))  # nothing written to a local folder named after the URI
     study = Location.parse(s3) / "s3"
     s = results.load(study.shown)
-    assert len(s.trials) == 3 and set(s.trials["status"]) <= {"finished", "stopped"}
+    assert len(s.trials) == 3 and set(s.trials["status"]) <= {"finished", "stopped", "silent"}
     assert len(s.history) == s.trials["epochs_run"].sum() and s.best is not None
     assert s.retrain_summary["seeds"] == [0] and len(s.retrain) == 1
     for name in ("spec.yaml", "trials.csv", "history.csv", "best.yaml", "optuna.db", "best/seed0/config.yaml",

@@ -105,7 +105,7 @@ def test_silent_networks_stop_after_two_silent_epochs_and_are_told_as_infeasible
     s = results.load(d)
     lines = "\n".join(analyze.summary(s))
     assert f"Silent networks: {len(sgd)} of 4 trials" in lines, lines
-    assert f"ended after {2 * len(sgd)} epochs of the {4 * len(sgd)}" in lines
+    assert f"they ran {2 * len(sgd)} epochs of the {4 * len(sgd)} planned" in lines
     assert f"adam 0/{len(adam)} silent, sgd {len(sgd)}/{len(sgd)} silent" in lines
     assert f"{len(sgd)} silent" in p.stdout  # the status counts study.run prints
 
@@ -152,4 +152,23 @@ def test_multi_objective_asha_in_a_real_study_stops_what_the_fronts_say(tmp_path
     assert {t: ran[t] for t in expected_stop} == expected_stop  # stopped right at the rung that said so
     assert all(ran[t] == 4 for t in ran if t not in expected_stop)
     assert expected_stop and len(expected_stop) < len(ran), ran  # something was stopped, not everything
-    assert set(trials.loc[trials["trial_id"].isin(expected_stop), "status"]) == {"stopped"}
+    cut = trials[trials["trial_id"].isin(expected_stop)]
+    assert set(cut["status"]) <= {"stopped", "silent"}  # silent: a layer silent at the epoch it was stopped
+    assert (cut["silent"].notna() == (cut["status"] == "silent")).all() and (cut.filter(like="fr_").min(axis=1)[
+        cut["status"] == "silent"] < 1e-3).all()
+
+
+def test_hypervolume_scales_to_the_fronts_and_leaves_silent_trials_out():
+    from study.spec import parse
+
+    spec = parse(tiny_spec("hv", objective=[{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "min"}]))
+    rows = lambda *r: pd.DataFrame(r, columns=["trial_id", "status", "val_acc", "energy_uj", "epochs_run"])  # noqa: E731
+    a = rows(("a1", "finished", 0.9, 10.0, 4), ("a2", "stopped", 0.5, 1.0, 1), ("a3", "finished", 0.4, 5.0, 4),
+             ("a4", "silent", 0.1, 0.0, 2))  # a silent network: cheapest of all, on no front
+    b = rows(("b1", "finished", 0.9, 10.0, 4))
+    study = lambda t: results.Study(None, spec, t, pd.DataFrame(), None, None, None)  # noqa: E731
+    # scaled: a1 (0, 1), a2 (1, 0); reference (1.1, 1.1): two 1.1 x 0.1 strips overlapping by 0.1 x 0.1
+    assert results.hypervolumes([study(a), study(b)], spec) == pytest.approx([0.21, 0.11])
+    lines = analyze.compare(study(a), study(b))
+    assert lines[0] == "trial-epochs: hv 11, hv 4 (ratio 2.750)"
+    assert lines[1].startswith("hypervolume of the Pareto front: hv 0.2100, hv 0.1100 (ratio 1.9091;")

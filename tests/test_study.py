@@ -26,7 +26,8 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir):
     assert len(trials) == 3 and trials["trial_id"].is_unique
     assert {"trial_id", "status", "channels", "lr", "val_acc", "best_val_acc", "test_acc", "epochs_run",
             "time_s", "error", "config"} <= set(trials.columns)
-    assert set(trials["status"]) <= {"finished", "stopped"} and (trials["status"] == "finished").any()
+    # silent: stopped at a rung while a layer was still silent (a tiny network after one epoch)
+    assert set(trials["status"]) <= {"finished", "stopped", "silent"} and (trials["status"] == "finished").any()
     assert trials["lr"].between(0.003, 0.03).all() and set(trials["channels"]) <= {4, 6}
     # all empty (no error; no GPU id on the CPU): '' or None in parquet, NaN in csv
     cols = [c for c in trials.columns if c not in ("error", "gpu_ids")]
