@@ -31,7 +31,7 @@ from study.storage import Location, read_table
 
 # silent: ended by the trainable as a silent network (a spiking layer stopped firing)
 STATUSES = ("finished", "stopped", "silent", "errored", "unfinished")
-NOT_CANDIDATES = ("errored", "silent")  # never the best trial nor on the Pareto front
+NOT_CANDIDATES = ("errored", "silent")  # never on a Pareto front
 
 
 def write_table(path: Path, frame: pd.DataFrame) -> None:
@@ -211,7 +211,9 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
         front = pareto(trials, spec)
         return None if front.empty else pick(front, spec)
     key = best_column(spec.metric)
-    ok = trials[~trials["status"].isin(NOT_CANDIDATES)] if len(trials) else trials
+    # Silent trials stay candidates: at chance accuracy they are the best only when no trial
+    # learnt (and their configuration may, given the retrain's epochs).
+    ok = trials[trials["status"] != "errored"] if len(trials) else trials
     if key not in ok or ok[key].dropna().empty:
         return None
     return ok.loc[ok[key].idxmax() if spec.mode == "max" else ok[key].idxmin()]
