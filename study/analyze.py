@@ -336,18 +336,19 @@ def silent_lines(study: results.Study) -> list[str]:
     """Where in the space the silent networks were: per searched parameter, the share
     of silent trials at each choice, or the range of silent values against the others."""
     t = study.trials
-    silent = t[t["status"] == "silent"] if len(t) else t
+    quiet = t["silent"].fillna("").astype(str) != "" if "silent" in t else pd.Series(False, index=t.index)
+    silent, stopped = t[quiet], t[t["status"] == "silent"] if len(t) else t
     if silent.empty:
         return []
     planned = sum(study.spec.config({k: r[k] for k in study.spec.space if not results.missing(r[k])}).epochs
-                  for _, r in silent.iterrows())
+                  for _, r in stopped.iterrows())
     lines = [f"## Silent networks: {len(silent)} of {len(t)} trials", "",
-             f"A spiking layer fired below {study.spec.scheduler['silent_rate']:g} at the trial's last epoch (the "
-             "trial ended after two such epochs, or the scheduler stopped it, or it finished so): they ran "
-             f"{int(silent['epochs_run'].sum())} epochs of the {planned} planned. Layers: "
+             f"A spiking layer fired below {study.spec.scheduler['silent_rate']:g} at the trial's last epoch: "
+             f"{len(stopped)} were ended so by the silent stop (they ran {int(stopped['epochs_run'].sum())} epochs of "
+             f"the {planned} planned), the others stopped or finished so. Layers: "
              + ", ".join(f"{k} {n}" for k, n in silent["silent"].value_counts().items()) + ".", ""]
     for name in study.spec.space:
-        col, others = silent[name].dropna(), t.loc[t["status"] != "silent", name].dropna()
+        col, others = silent[name].dropna(), t.loc[~quiet, name].dropna()
         if col.empty:
             continue
         if pd.api.types.is_numeric_dtype(t[name]) and t[name].nunique() > 6:
@@ -478,12 +479,13 @@ def _describe(p: dict) -> str:
 
 def compare(a: results.Study, b: results.Study) -> list[str]:
     """Two studies of the same objectives: what their fronts cover and what they cost."""
+    show = lambda s: ", ".join(f"{o['mode']} {o['metric']}" for o in s.spec.objectives)  # noqa: E731
     if a.spec.objectives != b.spec.objectives:
-        raise results.StudyError(f"{b.path}: optimises {', '.join(o['metric'] for o in b.spec.objectives)}, "
-                                 f"{a.path} {', '.join(o['metric'] for o in a.spec.objectives)}: not comparable")
+        raise results.StudyError(f"{b.path}: optimises {show(b)}, {a.path} {show(a)}: not comparable")
     epochs = [int(s.trials["epochs_run"].sum()) if len(s.trials) else 0 for s in (a, b)]
-    out = [f"trial-epochs: {a.spec.name} {epochs[0]}, {b.spec.name} {epochs[1]} "
-           f"(ratio {epochs[0] / max(epochs[1], 1):.3f})"]
+    out = [f"note: {s.path} has not ended: its figures are of the trials so far" for s in (a, b) if not s.complete]
+    out.append(f"trial-epochs: {a.spec.name} {epochs[0]}, {b.spec.name} {epochs[1]}"
+               + (f" (ratio {epochs[0] / epochs[1]:.3f})" if epochs[1] else ""))
     if a.spec.multi:
         hv = results.hypervolumes([a, b], a.spec)
         out.append(f"hypervolume of the Pareto front: {a.spec.name} {hv[0]:.4f}, {b.spec.name} {hv[1]:.4f} "

@@ -31,7 +31,12 @@ from study.storage import Location, read_table
 
 # silent: ended by the trainable as a silent network (a spiking layer stopped firing)
 STATUSES = ("finished", "stopped", "silent", "errored", "unfinished")
-NOT_CANDIDATES = ("errored", "silent")  # never on a Pareto front
+
+
+def silent_layers(metrics, spec: StudySpec) -> list[str]:
+    """The spiking layers (fr_<i>) of one epoch's metrics that fired below scheduler.silent_rate."""
+    rate = spec.scheduler["silent_rate"]
+    return [k for k in metrics.keys() if k.startswith("fr_") and not missing(metrics[k]) and metrics[k] < rate]
 
 
 def write_table(path: Path, frame: pd.DataFrame) -> None:
@@ -111,13 +116,11 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
             h = h.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a retried epoch counts once
         error = error_text(str(result.error)) if result.error else None
         ran = len(h)
-        # silent: the trainable ended it as silent, or it ended (stopped by the scheduler
-        # before that rule could act, or finished) with a layer silent: at chance accuracy,
-        # and it would otherwise sit on the cheap end of a Pareto front.
-        quiet = _text(last.get("silent")) or ",".join(
-            k for k in h.columns if k.startswith("fr_") and len(h) and h[k].iloc[-1] < spec.scheduler["silent_rate"])
-        status = ("errored" if error else "silent" if quiet and (complete or _text(last.get("silent")))
-                  else "finished" if ran >= cfg.epochs else "stopped" if complete else "unfinished")
+        # status silent: the trainable ended it so. The silent column: the layers silent at
+        # its last epoch, for whatever reason it ended (then it is off the Pareto front).
+        quiet = _text(last.get("silent")) or ",".join(silent_layers(h.iloc[-1], spec) if len(h) else [])
+        status = ("errored" if error else "silent" if _text(last.get("silent")) else "finished" if ran >= cfg.epochs
+                  else "stopped" if complete else "unfinished")
         row = {"trial_id": trial_id, "number": number, "status": status}
         row.update({k: params.get(k) for k in spec.space})
         for m in (*METRICS, *RUN_INFO):
@@ -131,7 +134,7 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
         row["time_s"] = float(h["epoch_s"].sum()) if "epoch_s" in h else 0.0
         row.update({k: _text(last.get(k)) for k in PLACEMENT})
         row["error"] = error
-        row["silent"] = quiet if status == "silent" else ""  # the layers that stopped firing, e.g. fr_12
+        row["silent"] = quiet  # the layers that fired below scheduler.silent_rate at the last epoch, e.g. fr_12
         row["config"] = yaml.safe_dump(cfg.to_dict(), default_flow_style=True, width=10_000).strip()
         rows.append(row)
         if len(h):
@@ -159,7 +162,10 @@ def pareto(trials: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     names = [o["metric"] for o in spec.objectives]
     if trials.empty or not set(names) <= set(trials.columns):
         return trials.iloc[0:0]
-    ok = trials[~trials["status"].isin(NOT_CANDIDATES)].dropna(subset=names)
+    # Nor a network silent at its last epoch: its output no longer depends on its input, and
+    # its near-zero energy would take the cheap end of the front.
+    quiet = trials["silent"].fillna("").astype(str) != "" if "silent" in trials else False
+    ok = trials[(trials["status"] != "errored") & ~quiet].dropna(subset=names)
     costs = np.stack([ok[o["metric"]].to_numpy(float) * (1 if o["mode"] == "min" else -1) for o in spec.objectives], 1)
     dominated = [((costs <= c).all(1) & (costs < c).any(1)).any() for c in costs]
     front = ok[~np.array(dominated, dtype=bool)]
@@ -175,8 +181,11 @@ def hypervolumes(studies: list, spec: StudySpec) -> list[float]:
     from optuna._hypervolume import compute_hypervolume  # Optuna's own (WFG), for any number of objectives
 
     names, sign = [o["metric"] for o in spec.objectives], np.array([1 if o["mode"] == "min" else -1 for o in spec.objectives])
-    fronts = [pareto(s.trials, spec)[names].to_numpy(float) * sign for s in studies]
+    fronts = [pareto(s.trials, spec) for s in studies]
+    fronts = [f[names].to_numpy(float) * sign if len(f) else np.zeros((0, len(names))) for f in fronts]
     every = np.concatenate(fronts)
+    if not len(every):
+        return [0.0] * len(studies)
     lo, hi = every.min(0), every.max(0)
     span = np.where(hi > lo, hi - lo, 1.0)
     return [float(compute_hypervolume((f - lo) / span, np.full(len(names), 1.1))) if len(f) else 0.0 for f in fronts]

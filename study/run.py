@@ -201,7 +201,8 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     modes = [o["mode"] for o in spec.objectives]
     searcher = SilentAwareOptunaSearch(space=specs.define_by_run(spec), metric=metrics if spec.multi else metrics[0],
                                        mode=modes if spec.multi else modes[0], sampler=sampler,
-                                       study_name=spec.name, storage=storage)
+                                       study_name=spec.name, storage=storage,
+                                       silent_rate=spec.scheduler["silent_rate"])
     epochs = spec.max_epochs
     rungs = dict(max_t=epochs, grace_period=min(spec.scheduler["grace_period"], epochs),
                  reduction_factor=spec.scheduler["reduction_factor"])
@@ -530,6 +531,20 @@ def _main(args) -> int:
         check_optuna_storage(args.optuna_storage, spec.name, args.resume or args.retrain)
     unstarted = exists and never_started(study_dir)
     flag = "--resume" if args.resume else "--retrain" if args.retrain else None
+    if args.warm_start and flag:
+        raise UsageError(f"--warm-start with {flag}: a study is warm-started when it begins, and this one has; "
+                         "leave --warm-start out")
+    if "" in args.warm_start:
+        raise UsageError("--warm-start '': name the folder of an earlier study (results/<name>)")
+    try:
+        sources = [Location.parse(w) for w in args.warm_start]
+    except StorageError as e:
+        raise UsageError(f"--warm-start: {e}") from None
+    for w, loc in zip(args.warm_start, sources):
+        if loc.shown == study_dir.shown:
+            raise UsageError(f"--warm-start {w}: that is this study's own folder; name an earlier study")
+        if [x.shown for x in sources].count(loc.shown) > 1:
+            raise UsageError(f"--warm-start {w}: given twice; its trials would be told twice")
     if unstarted and flag and not args.dry_run:
         raise UsageError(f"{flag}: the study in {study_dir} never started (an earlier run stopped before Ray "
                          f"recorded its first trial); run the same command without {flag} to start it")
@@ -567,20 +582,14 @@ def _main(args) -> int:
         if not tune.Tuner.can_restore((study_dir / "ray").path, storage_filesystem=study_dir.fs):
             raise UsageError(f"--resume: no study to continue in {study_dir}")
 
-    if args.warm_start and (args.resume or args.retrain):
-        raise UsageError(f"--warm-start with {flag}: a study is warm-started when it begins, and this one has; "
-                         "leave --warm-start out")
+    data = fmnist.load(args.data_dir, download=args.download)
+    check_machine(spec, data)
     try:
-        if any(Location.parse(w).shown == study_dir.shown for w in args.warm_start):
-            raise UsageError(f"--warm-start {study_dir}: that is this study's own folder; name an earlier study")
-        warm = warmstart.plan(spec, args.warm_start)
-    except (warmstart.WarmStartError, StorageError) as e:
+        warm = warmstart.plan(spec, args.warm_start, data.fingerprint)
+    except warmstart.WarmStartError as e:
         raise UsageError(str(e)) from None
     for line in warmstart.lines(warm):
         print(line, flush=True)
-
-    data = fmnist.load(args.data_dir, download=args.download)
-    check_machine(spec, data)
     if args.dry_run:
         print(f"# {args.space}: valid; data {data.source} ({len(data.train_y)} training, {len(data.test_y)} test "
               f"images); results would go to {study_dir}\n{resolved}", end="")
@@ -654,8 +663,10 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str 
             return 130
         trials, history, best = results.export(spec, study)
         # The top of the report the analysis writes: the same lines, one place.
-        print("\n".join(analyze.summary(results.Study(study, spec, trials, history, best, None, None,
-                                                      trials_file=study / "trials.parquet"))), flush=True)
+        warm_file = study / "warm_start.yaml"
+        print("\n".join(analyze.summary(results.Study(
+            study, spec, trials, history, best, None, None, trials_file=study / "trials.parquet",
+            warm_start=yaml.safe_load(warm_file.read_text()) if warm_file.is_file() else None))), flush=True)
         if len(trials) and "gpu_ids" in trials:  # where the trials ran
             where = trials["node_ip"] + " GPU " + trials["gpu_ids"].replace("", "-")
             print("trials per node and GPU: " + ", ".join(f"{w}: {n}" for w, n in where.value_counts().sort_index().items()),

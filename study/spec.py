@@ -302,7 +302,7 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
             raise _err(where, "search.baseline", "the tutorial's configuration cannot run in this study: train fixes "
                        + ", ".join(other) + "; search those, or set baseline: false")
 
-    # With several objectives asha is successive halving on Pareto fronts (study.moasha).
+    # With several objectives asha is successive halving on Pareto fronts (study/stopping.py).
     sched = _section(where, raw, "scheduler", DEFAULTS["scheduler"])
     if sched["type"] not in SCHEDULERS:
         raise _err(where, "scheduler.type", f"{sched['type']!r} is not allowed; allowed: {', '.join(SCHEDULERS)}")

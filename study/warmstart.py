@@ -69,7 +69,7 @@ class _Given:
 def _fit(spec: StudySpec, values: dict, config: dict | None) -> tuple[_Given | None, str]:
     """(the values under Optuna's names, '') when a trial of another study can stand
     for one of this study, else (None, why not)."""
-    given = _Given(values)
+    given = _Given({**(config or {}), **values})  # a field fixed there may be searched here
     try:
         fields = _define(spec, given)
     except ValueError as e:
@@ -81,10 +81,11 @@ def _fit(spec: StudySpec, values: dict, config: dict | None) -> tuple[_Given | N
     return given, ""
 
 
-def plan(spec: StudySpec, sources: list[str]) -> list[dict]:
+def plan(spec: StudySpec, sources: list[str], data_sha: str = "") -> list[dict]:
     """What each earlier study gives this one: {source, told: [FrozenTrial], skipped:
     {reason: count}, enqueue: [{params, origin}]}. Raises WarmStartError for a folder
-    that is not an ended study, or one optimised for other objectives."""
+    that is not an ended study, or one optimised for other objectives. Trials trained
+    on other images than `data_sha` (the data's fingerprint) are skipped."""
     import optuna
 
     out = []
@@ -106,6 +107,10 @@ def plan(spec: StudySpec, sources: list[str]) -> list[dict]:
             if row["status"] not in TOLD or any(results.missing(row.get(m)) for m in metrics):
                 skipped[f"{row['status']}: no objective values"] += 1
                 continue
+            was = row.get("data_sha")
+            if data_sha and isinstance(was, str) and was and was != data_sha:
+                skipped["trained on other images (data fingerprint)"] += 1
+                continue
             given, why = _fit(spec, row.to_dict(), yaml.safe_load(row["config"]))
             if given is None:
                 skipped[why] += 1
@@ -117,8 +122,11 @@ def plan(spec: StudySpec, sources: list[str]) -> list[dict]:
                 constraints={"silent": 1.0} if row["status"] == "silent" else None))
         best = (other.best or {}).get("pareto") or ([other.best] if other.best else [])
         enqueue = []
+        shas = dict(zip(other.trials["trial_id"], other.trials.get("data_sha", [""] * len(other.trials))))
         for b in best[: max(1, spec.search["num_samples"] // 2)]:  # the search still explores
             given, why = _fit(spec, b["params"], b.get("config"))
+            if data_sha and isinstance(shas.get(b["trial_id"]), str) and shas[b["trial_id"]] not in ("", data_sha):
+                given, why = None, "trained on other images (data fingerprint)"
             if given is not None:
                 enqueue.append({"params": given.params, "origin": f"{other.path} trial {b['trial_id']}"})
             else:

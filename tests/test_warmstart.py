@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import env, study_cmd, tiny_spec, write_spec
+from conftest import env, study_cmd, tiny_spec, write_dataset, write_spec
 from study import analyze, results
 
 
@@ -60,5 +60,20 @@ def test_warm_start_skips_other_settings_and_refuses_what_cannot_work(tiny_study
     p = subprocess.run(study_cmd(write_spec(tmp_path, tiny_spec("nowhere")), tmp_path, tiny_data_dir, "--dry-run",
                                  "--warm-start", str(tmp_path / "missing")), env=env(), capture_output=True, text=True)
     assert p.returncode == 2 and "--warm-start" in p.stderr and "not a study folder" in p.stderr
-    p = dry(tiny_spec("e2e"), "--resume", "--storage", str(e2e.parent))
-    assert p.returncode == 2 and "a study is warm-started when it begins" in p.stderr, p.stderr
+    searched = tiny_spec("searched_T", space={"T": {"type": "int", "low": 1, "high": 4}})
+    del searched["train"]["T"]
+    p = dry(searched)
+    assert p.returncode == 0 and "3 trials told" in p.stdout, p.stdout + p.stderr  # T fixed at 2 there: inside
+    p = dry(tiny_spec("twice"), "--warm-start", str(e2e) + "/")
+    assert p.returncode == 2 and "given twice" in p.stderr
+    p = dry(tiny_spec("empty"), "--warm-start", "")
+    assert p.returncode == 2 and "--warm-start '': name the folder of an earlier study" in p.stderr
+    other = write_dataset(tmp_path / "other-data", n_train=700, n_test=200)
+    p = subprocess.run(study_cmd(write_spec(tmp_path, tiny_spec("otherdata")), tmp_path, other, "--dry-run",
+                                 "--warm-start", str(e2e)), env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "skipped 3 × trained on other images (data fingerprint)" in p.stdout, p.stdout
+    for dry_run in (["--dry-run"], []):  # refused alike, also where --resume alone would say "nothing to resume"
+        p = subprocess.run(study_cmd(write_spec(tmp_path, tiny_spec("e2e")), e2e.parent.parent, tiny_data_dir,
+                                     "--resume", "--warm-start", str(tmp_path), *dry_run),
+                           env=env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and "a study is warm-started when it begins" in p.stderr, p.stdout + p.stderr
