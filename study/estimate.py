@@ -379,4 +379,4 @@ def report_lines(location) -> list[str]:
 
 
 def _s(v) -> str:
-    return "" if v is None else f"{v:.0f}"
+    return "" if v is None else f"{v:.1f}" if v < 10 else f"{v:.0f}"

@@ -53,9 +53,12 @@ class Progress(tune.Callback):
             self.best = (value, trial.trial_id)
             self.say(trials)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def _kind(self, trial) -> str:
         ran = (trial.last_result or {}).get("training_iteration", 0)
-        self.ended[trial.trial_id] = "finished" if ran >= self._epochs(trial) else "stopped"
+        return "finished" if ran >= self._epochs(trial) else "stopped"
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = self._kind(trial)
         self.say(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -64,13 +67,20 @@ class Progress(tune.Callback):
 
     def say(self, trials, extra: str = "") -> None:
         total = self.spec.search["num_samples"]
-        kinds = list(self.ended.values())
-        running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
+        # Ray has not yet updated the status of the trial that just ended; those that ended before
+        # a --resume are only in `trials` (this object was pickled with the Tuner at the start).
+        ended = dict(self.ended)
+        for t in trials:
+            if t.trial_id not in ended and t.status in ("TERMINATED", "ERROR"):
+                ended[t.trial_id] = "errored" if t.status == "ERROR" else self._kind(t)
+        kinds = list(ended.values())
+        running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
         elapsed = time.time() - self.start
         # The model's remaining work: the trials not ended, those running counted half done.
         left = max(0.0, total - len(kinds) - running / 2) * self.trial_s / self.running + self.after_s
+        remaining = f", ~{clock(left)} left" if self.trial_s else ""
         best = (f"; best {self.spec.metric} {self.best[0]:.4g} (trial {self.best[1]})" if self.best else "")
-        print(f"[{clock(elapsed)}, ~{clock(left)} left] trials {len(kinds)}/{total}: "
+        print(f"[{clock(elapsed)}{remaining}] trials {len(kinds)}/{total}: "
               + ", ".join(f"{kinds.count(k)} {k}" for k in ("finished", "stopped")) + f", {running} running, "
               f"{kinds.count('errored')} errored{best}{extra}", flush=True)
 

@@ -642,6 +642,8 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str 
             do_retrain=do_retrain)
         (study / "estimate.yaml").write_text(yaml.safe_dump(timing.estimate, sort_keys=False))
         print(estimate.line(timing.estimate), flush=True)
+    elif (study / "estimate.yaml").is_file():  # a --resume: the remaining time from the study's own prediction
+        timing.estimate = yaml.safe_load((study / "estimate.yaml").read_text())
     timing.lap("ray_start")
     if retrain_only:
         best = results.load(study).best
