@@ -44,7 +44,7 @@ COMPILE_SPEEDUP = {"train": 2.6, "eval": 2.6}
 COMPILE_S = {"warm": 6.0, "cold": 40.0}  # torch.compile per process, with and without inductor's cache
 COUNT_PER_EVAL = 6.0  # the cost counting (reference formulas, float32) per image, in plain evaluations
 COST_IMAGES = 128  # csnn.train.COST_IMAGES: the images counted after every epoch
-STARTUP_S = 4.0  # python -m study.run's imports, loading Fashion-MNIST, the checks
+STARTUP_S = 4.0  # python -m study.run's imports, loading Fashion-MNIST, the checks (barely slower on a busy CPU)
 RAY_START_S = 3.5  # ray.init of a local Ray on the 2-core machine, and the storage check
 CALIBRATE_S = 1.5  # calibrate() itself
 WORKER_START_S = 3.0  # a new Ray worker: process start, imports of torch and SpikingJelly
@@ -53,6 +53,9 @@ EPOCH_OVERHEAD_S = 0.3  # tune.report, a checkpoint where one is due, Tune's boo
 TUNER_S = {"search": 2.0, "retrain": 1.5}  # a Tuner's start and end (Optuna's study, experiment state)
 EXPORT_S = 0.5  # trials.csv/.parquet, history.csv, best.yaml and the summary
 RENDER_S = 0.2  # one test image's encoder spikes at one time step (three formats)
+# A pure-Python loop (what process starts and imports mostly are) on the idle 2-core machine: the
+# fixed costs above are scaled by how much slower it runs at calibration (a busier or slower CPU).
+BUSY_REF_S = 0.0047
 SAMPLES = 300  # configurations drawn from the space for its mean cost
 CALIBRATION = ((2, 8), (1, 64))  # (T, channels) timed on a CPU: a small and a larger network, about 2 s in all
 
@@ -113,7 +116,28 @@ def calibrate(threads: int, batch_size: int = 128) -> dict:
             points["eval"].append((T, C, (time.perf_counter() - t0) / len(y)))
     finally:
         torch.set_num_threads(before)
-    return {"threads": max(1, threads), **{k: _fit(v) for k, v in points.items()}}
+    return {"threads": max(1, threads), "busy": busy(), **{k: _fit(v) for k, v in points.items()}}
+
+
+def busy(rounds: int = 5) -> float:
+    """How much slower than on the idle 2-core machine (BUSY_REF_S) this CPU runs a short Python
+    loop now, the median of a few rounds: 1 there when idle, 2 when another process takes half a core
+    from each round. Within [0.5, 8]."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        sum(i * i for i in range(200_000))
+        times.append(time.perf_counter() - t0)
+    return min(8.0, max(0.5, float(np.median(times)) / BUSY_REF_S))
+
+
+def crowding(threads: float, cpus: float, f: float) -> float:
+    """How much slower `threads` busy threads run than the calibration's one, on `cpus` cores that
+    others keep busy (f = busy() > 1: about f x cpus - 1 cores' worth of other work)."""
+    other = max(0.0, f * cpus - 1) if f > 1 else 0.0
+    at_calibration = min(1.0, cpus / (1 + other))
+    now = min(1.0, cpus / (threads + other))
+    return at_calibration / now
 
 
 def _fit(points) -> list:
@@ -236,8 +260,9 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
     running = max(1, min(res["max_concurrent"] or 1, n, int(cpus // res["cpu"]) or 1,
                          int(gpus // res["gpu"]) if on_gpu else n))
     share = max(1, math.ceil(running * res["gpu"] / max(gpus, 1) - 1e-9)) if on_gpu else 1
-    # CPU trials slow each other once their threads outnumber the cores.
-    crowd = 1.0 if on_gpu else max(1.0, running * max(1, int(res["cpu"])) / max(cpus, 1))
+    # CPU trials slow each other once their threads (and others' work) outnumber the cores.
+    f = cpu["busy"] if cpu else 1.0
+    crowd = 1.0 if on_gpu else crowding(running * max(1, int(res["cpu"])), max(cpus, 1), f)
     configs = sample(spec)
     warm = inductor_cache_warm()
     fractions = epoch_fractions(spec, spec.max_epochs)
@@ -245,11 +270,11 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
     for cfg in configs:
         e = epoch_s(cfg, device, cpu, n_train, n_test, share) * crowd
         compile_s = COMPILE_S["warm" if warm else "cold"] if device == "cpu" and compiles(cfg, n_train) else 0
-        trial_s.append(TRIAL_START_S + compile_s + e * sum(fractions[: cfg.epochs]))
+        trial_s.append(f * (TRIAL_START_S + compile_s) + e * sum(fractions[: cfg.epochs]))
         storage.append(checkpoint_bytes(cfg.channels, cfg.optimizer))
     mean_trial = float(np.mean(trial_s))
     # Workers start `running` at once and share the cores while they import.
-    search_s = TUNER_S["search"] + WORKER_START_S * (1 if on_gpu else max(1.0, running / max(cpus, 1))) \
+    search_s = f * (TUNER_S["search"] + WORKER_START_S * (1 if on_gpu else max(1.0, running / max(cpus, 1)))) \
         + n * mean_trial / running
 
     seeds = spec.retrain["seeds"] if spec.retrain["epochs"] and do_retrain else []
@@ -260,7 +285,7 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
         slots = int(gpus // rgpu) if rgpu > 0 else int(cpus // res["cpu"]) or 1
         waves = math.ceil(len(seeds) / max(1, slots))
         at_once = min(len(seeds), max(1, slots))
-        r_crowd = 1.0 if rgpu > 0 else max(1.0, at_once * max(1, int(res["cpu"])) / max(cpus, 1))
+        r_crowd = 1.0 if rgpu > 0 else crowding(at_once * max(1, int(res["cpu"])), max(cpus, 1), f)
         r_share = max(1, math.ceil(at_once * rgpu / max(gpus, 1) - 1e-9)) if rgpu > 0 else 1
         r_device = "gpu" if rgpu > 0 else "cpu"
         per_config, sizes = [], []
@@ -268,13 +293,14 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
             r = TrainConfig.from_dict({**cfg.to_dict(), "epochs": spec.retrain["epochs"], "val_size": 0,
                                        "train_size": 0, "test_size": 0})
             compile_s = COMPILE_S["warm" if warm else "cold"] if r_device == "cpu" and compiles(r, n_train) else 0
-            per_config.append(compile_s + r.epochs * epoch_s(r, r_device, cpu, n_train, n_test, r_share) * r_crowd)
+            per_config.append(f * compile_s + r.epochs * epoch_s(r, r_device, cpu, n_train, n_test, r_share) * r_crowd)
             sizes.append(checkpoint_bytes(cfg.channels, cfg.optimizer))
-        retrain_s = TUNER_S["retrain"] + WORKER_START_S + TRIAL_START_S + waves * float(np.mean(per_config))
+        retrain_s = f * (TUNER_S["retrain"] + WORKER_START_S + TRIAL_START_S) + waves * float(np.mean(per_config))
         retrain_bytes = len(seeds) * float(np.mean(sizes))
         T = float(np.mean([c.T for c in configs]))
-        render_s = spec.render["images"] * T * RENDER_S
-    phases = {"startup": STARTUP_S, "ray_start": RAY_START_S + (CALIBRATE_S if cpu else 0), "search": search_s, "export": EXPORT_S, "retrain": retrain_s,
+        render_s = f * spec.render["images"] * T * RENDER_S
+    phases = {"startup": STARTUP_S, "ray_start": f * RAY_START_S + (CALIBRATE_S if cpu else 0), "search": search_s,
+              "export": f * EXPORT_S, "retrain": retrain_s,
               "spikes": render_s}
     wall = sum(phases.values())
     gpu_s = (share_gpus(running, res["gpu"], gpus) * search_s
@@ -288,7 +314,9 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
         "trials": n, "running": running, "trial_s": round(mean_trial, 1),
         "nodes": nodes, "cpus": cpus, "gpus": gpus, "device": device,
         "speeds": "H200 figures (docs/gpucheck-h200.json) scaled by MACs" if on_gpu
-                  else f"this CPU, calibrated with {cpu['threads'] if cpu else '?'} thread(s) a trial",
+                  else f"this CPU, calibrated with {cpu['threads'] if cpu else '?'} thread(s) a trial, "
+                       f"{f:.1f}x as busy as the idle 2-core machine",
+        "cpu_fit": cpu,
         "note": note,
     }
 
