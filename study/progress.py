@@ -66,6 +66,12 @@ class Progress(tune.Callback):
         self.say(trials, f" (trial {trial.trial_id} errored: {_error(trial)})")
 
     def say(self, trials, extra: str = "") -> None:
+        try:
+            self._say(trials, extra)
+        except Exception as e:  # noqa: BLE001 - a progress line must never stop the study (Ray would)
+            print(f"(progress line failed: {type(e).__name__}: {e})", flush=True)
+
+    def _say(self, trials, extra: str) -> None:
         total = self.spec.search["num_samples"]
         # Ray has not yet updated the status of the trial that just ended; those that ended before
         # a --resume are only in `trials` (this object was pickled with the Tuner at the start).
