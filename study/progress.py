@@ -2,7 +2,7 @@
 
 By default one line whenever a trial ends or the best value improves, e.g.
 
-  [1:23, ~2:10 left] trials 5/16: 2 finished, 3 stopped, 2 running, 0 errored; best val_acc 0.7995 (trial a1b2c_00003)
+  [0:56, ~0:56 left] trials 14/16: 6 finished, 8 stopped, 1 running, 0 errored; best val_acc 0.781 (trial 194e64a2)
 
 the remaining time from study.estimate's model; Ray Tune's own status tables only with --verbose.
 """
@@ -108,6 +108,23 @@ def process_start() -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return time.time()
+
+
+@contextlib.contextmanager
+def ray_output(verbose: bool):
+    """Ray Tune's output engine while a study runs: without --verbose the legacy one, which prints
+    nothing at RunConfig(verbose=0); Ray 2.60's new one prints its experiment table even then. Read
+    by Ray at each fit, from the environment: set for the study's run alone, then put back."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 class Timing:

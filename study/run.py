@@ -599,10 +599,18 @@ def _main(args) -> int:
                verbose=args.verbose)
 
 
-def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str | Path, resume: bool = False,
-        address: str | None = None, do_retrain: bool = True, allow_cpu: bool = False,
-        allow_pending_gpus: bool = False, optuna_storage: str | None = None, retrain_only: bool = False,
-        fresh_retrain: bool = False, verbose: bool = False) -> int:
+def run(*args, verbose: bool = False, **kwargs) -> int:
+    """_run with Ray's output engine chosen for this call only (progress.ray_output: its tables with --verbose)."""
+    from study.progress import ray_output
+
+    with ray_output(verbose):
+        return _run(*args, verbose=verbose, **kwargs)
+
+
+def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str | Path, resume: bool = False,
+         address: str | None = None, do_retrain: bool = True, allow_cpu: bool = False,
+         allow_pending_gpus: bool = False, optuna_storage: str | None = None, retrain_only: bool = False,
+         fresh_retrain: bool = False, verbose: bool = False) -> int:
     """Search, then retrain the best configuration; with `retrain_only` (an ended study)
     only the retrain, continued (`resume`) or from scratch (`fresh_retrain`)."""
     import ray
@@ -615,8 +623,6 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str 
     fresh = not resume and not retrain_only
     # A CPU's speed is measured here, before Ray's processes start and share its cores.
     cpu_fit = estimate.cpu_speeds(spec) if fresh and estimate.may_need_cpu(spec) else None
-    if not verbose:  # Ray 2.60's new output engine prints its experiment tables even at verbose 0; the legacy one does not
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if not ray.is_initialized():
         # A bare ray.init() would join any cluster a `ray start` left behind: be explicit.
         target = address or os.environ.get("RAY_ADDRESS") or "local"
