@@ -57,7 +57,7 @@ RENDER_S = 0.2  # one test image's encoder spikes at one time step (three format
 # fixed costs above are scaled by how much slower it runs at calibration (a busier or slower CPU).
 BUSY_REF_S = 0.0047
 SAMPLES = 300  # configurations drawn from the space for its mean cost
-CALIBRATION = ((2, 8), (1, 64))  # (T, channels) timed on a CPU: a small and a larger network, about 2 s in all
+CALIBRATION = ((2, 8), (2, 24), (1, 64))  # (T, channels) timed on a CPU: small to larger networks, ~2 s in all
 
 
 # ------------------------------------------------------------ the network's size
@@ -86,8 +86,10 @@ def checkpoint_bytes(channels: int, optimizer: str) -> int:
 
 def calibrate(threads: int, batch_size: int = 128) -> dict:
     """On this CPU, with `threads` torch threads (what Ray gives a trial: its cpus_per_trial), the
-    seconds per image and time step of training and evaluation, fitted as a C + b C^2 from a few
-    batches at the CALIBRATION sizes (plain kernels; compiled ones are COMPILE_SPEEDUP faster)."""
+    seconds per image and time step of training and evaluation, fitted as a C + b C^2 to a few
+    batches at each CALIBRATION size (plain kernels; compiled ones are COMPILE_SPEEDUP faster). Each
+    size is timed twice after a first batch that allocates, and the faster kept: a moment's load from
+    elsewhere is not the machine's speed (busy() measures that)."""
     import torch
 
     from csnn.model import CSNN
@@ -97,9 +99,18 @@ def calibrate(threads: int, batch_size: int = 128) -> dict:
     torch.set_num_threads(max(1, threads))
     b = max(8, min(batch_size, 128))
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (4 * b, 28, 28), dtype=torch.uint8, generator=gen)
-    y = torch.randint(0, 10, (4 * b,), generator=gen)
+    x = torch.randint(0, 256, (2 * b, 28, 28), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (2 * b,), generator=gen)
     points = {"train": [], "eval": []}
+
+    def fastest(fn, images: int) -> float:
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) / images
+
     try:
         for T, C in CALIBRATION:
             torch.manual_seed(0)
@@ -108,15 +119,22 @@ def calibrate(threads: int, batch_size: int = 128) -> dict:
             opt = make_optimizer(TrainConfig(T=T, channels=C), net.parameters())
             scaler = torch.amp.GradScaler("cuda", enabled=False)
             train_epoch(net, opt, scaler, x[:b], y[:b], b, gen)  # the first batch allocates: not timed
-            t0 = time.perf_counter()
-            train_epoch(net, opt, scaler, x[: 2 * b], y[: 2 * b], b, gen)
-            points["train"].append((T, C, (time.perf_counter() - t0) / (2 * b)))
-            t0 = time.perf_counter()
-            evaluate(net, x, y, b)
-            points["eval"].append((T, C, (time.perf_counter() - t0) / len(y)))
+            points["train"].append((T, C, fastest(lambda: train_epoch(net, opt, scaler, x[:b], y[:b], b, gen), b)))
+            points["eval"].append((T, C, fastest(lambda: evaluate(net, x, y, b), len(y))))
     finally:
         torch.set_num_threads(before)
     return {"threads": max(1, threads), "busy": busy(), **{k: _fit(v) for k, v in points.items()}}
+
+
+def _fit(points) -> list:
+    """[a, b] >= 0 with seconds per image = T (a C + b C^2), least squares in relative error over the
+    measured points; with b < 0 (a loaded moment can make a larger size look cheap) a alone."""
+    u = np.array([s / t for t, _, s in points])
+    c = np.array([float(ch) for _, ch, _ in points])
+    (a, b), *_ = np.linalg.lstsq(np.stack([c / u, c * c / u], 1), np.ones(len(u)), rcond=None)
+    if b < 0 or a < 0:
+        return [float(np.mean(u / c)), 0.0]
+    return [float(a), float(b)]
 
 
 def busy(rounds: int = 5) -> float:
@@ -133,23 +151,12 @@ def busy(rounds: int = 5) -> float:
 
 def crowding(threads: float, cpus: float, f: float) -> float:
     """How much slower `threads` busy threads run than the calibration's one, on `cpus` cores that
-    others keep busy (f = busy() > 1: about f x cpus - 1 cores' worth of other work)."""
-    other = max(0.0, f * cpus - 1) if f > 1 else 0.0
+    others keep busy: (f - 1) x cpus cores' worth of other work, f = busy() (a rough reading: near 1,
+    within its noise, it adds little)."""
+    other = max(0.0, (f - 1) * cpus)
     at_calibration = min(1.0, cpus / (1 + other))
     now = min(1.0, cpus / (threads + other))
     return at_calibration / now
-
-
-def _fit(points) -> list:
-    """[a, b] with seconds per image = T (a C + b C^2) through two measured points; b >= 0 (a loaded
-    machine can make the larger size look cheap), then a alone through both."""
-    (t1, c1, s1), (t2, c2, s2) = points
-    u1, u2 = s1 / t1, s2 / t2
-    b = (u2 / c2 - u1 / c1) / (c2 - c1)
-    a = u1 / c1 - b * c1
-    if b < 0 or a < 0:
-        return [(u1 / c1 + u2 / c2) / 2, 0.0]
-    return [a, b]
 
 
 def per_image_s(cfg: TrainConfig, device: str, cpu: dict | None, share: int = 1) -> tuple[float, float]:

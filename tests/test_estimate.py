@@ -119,6 +119,6 @@ def test_verbose_prints_rays_tables(tmp_path, tiny_data_dir):
 
 def test_cpu_trials_crowd_each_other_and_a_busy_machine():
     assert estimate.crowding(2, 2, 1.0) == 1 and estimate.crowding(4, 2, 1.0) == 2  # idle: threads over cores
-    # another process's core on a 2-core machine (busy 1.5): two trials share what is left
-    assert estimate.crowding(1, 2, 1.5) == pytest.approx(1) and estimate.crowding(2, 2, 1.5) == pytest.approx(4 / 3)
+    # another process's core on a 2-core machine (busy 1.5): one trial has a core, two share what is left
+    assert estimate.crowding(1, 2, 1.5) == pytest.approx(1) and estimate.crowding(2, 2, 1.5) == pytest.approx(1.5)
     assert 0.5 <= estimate.busy() <= 8
