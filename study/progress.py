@@ -29,8 +29,9 @@ class Progress(tune.Callback):
     its callbacks with the Tuner: plain attributes only, and the clock restarts in setup() (a
     --resume)."""
 
-    def __init__(self, spec, trial_s: float, running: int, after_s: float):
+    def __init__(self, spec, trial_s: float, running: int, after_s: float, fixed_s: float = 0.0):
         self.spec, self.trial_s, self.running, self.after_s = spec, trial_s, max(1, running), after_s
+        self.fixed_s = fixed_s  # the search's own start (Tuner, Ray workers), before any trial's work
         self.start = time.time()
         self.ended: dict = {}  # trial_id -> finished | stopped | errored
         self.best = None  # (value, trial_id)
@@ -82,8 +83,11 @@ class Progress(tune.Callback):
         kinds = list(ended.values())
         running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
         elapsed = time.time() - self.start
-        # The model's remaining work: the trials not ended, those running counted half done.
-        left = max(0.0, total - len(kinds) - running / 2) * self.trial_s / self.running + self.after_s
+        # The model's remaining work (the trials not ended, those running counted half done), scaled
+        # by how the model has done so far: a machine that others load runs slower than predicted.
+        done = (len(kinds) + running / 2) * self.trial_s / self.running
+        pace = min(5.0, max(0.5, (elapsed - self.fixed_s) / done)) if len(kinds) >= 2 and done > 0 else 1.0
+        left = pace * (max(0.0, total - len(kinds) - running / 2) * self.trial_s / self.running + self.after_s)
         remaining = f", ~{clock(left)} left" if self.trial_s else ""
         best = (f"; best {self.spec.metric} {self.best[0]:.4g} (trial {self.best[1]})" if self.best else "")
         print(f"[{clock(elapsed)}{remaining}] trials {len(kinds)}/{total}: "
@@ -165,7 +169,9 @@ class Timing:
         est = self.estimate or {}
         p = est.get("phases_s", {})
         after = sum(p.get(k, 0) for k in ("export", "retrain", "spikes"))
-        cb = Progress(spec, est.get("trial_s", 0.0), est.get("running", 1), after)
+        trial_s, running = est.get("trial_s", 0.0), max(1, est.get("running", 1))
+        fixed = max(0.0, p.get("search", 0) - est.get("trials", 0) * trial_s / running)
+        cb = Progress(spec, trial_s, running, after, fixed)
         return {"callbacks": [cb], **({} if self.verbose else {"verbose": 0})}
 
     def quiet(self) -> dict:
