@@ -6,8 +6,10 @@ The model, in seconds:
              on a GPU the H200 figures of docs/gpucheck-h200.json (GPU_REF) scaled by the image's cost
              (T x the network's multiply-accumulates, which grow with channels squared), never below the
              host-bound step of the reference; on a CPU measured here at start (calibrate: a few training
-             and evaluation batches at two small sizes, with the threads a trial gets), fitted as
+             and evaluation batches at the CALIBRATION sizes, with the threads a trial gets), fitted as
              T x (a C + b C^2) and divided by COMPILE_SPEEDUP where the trial compiles its kernels
+  busy CPU   busy(): a short Python loop against the idle 2-core machine; it scales the fixed costs
+             (the *_S constants, measured there) and how much CPU trials crowd each other (crowding)
   per epoch  training images / training speed + (validation + test images) / evaluation speed
              + the cost counting (COST_IMAGES images) + EPOCH_OVERHEAD_S (report, checkpoint)
   per trial  TRIAL_START_S + the expected epochs: with ASHA a trial passes each rung with
