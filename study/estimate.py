@@ -350,15 +350,14 @@ def may_need_cpu(spec) -> bool:
     return spec.resources["gpus_per_trial"] == 0 or not torch.cuda.is_available()
 
 
-def here(spec, n_train: int, n_test: int, allow_cpu: bool = False, allow_pending_gpus: bool = False) -> dict:
+def here(spec, n_train: int, n_test: int, plan, allow_cpu: bool = False, allow_pending_gpus: bool = False) -> dict:
     """predict() for this machine as a one-node cluster (--dry-run starts no Ray): its CPUs
-    (os.cpu_count) and CUDA GPUs. A study that asks for GPUs on a machine without any is
-    estimated on its CPUs, saying that it would need --allow-cpu."""
+    (os.cpu_count) and CUDA GPUs, with study.run.plan's resources (`plan`: passed in, so that its
+    PlanError is the caller's, also where study.run runs as __main__). A study that asks for GPUs on
+    a machine without any is estimated on its CPUs, saying that it would need --allow-cpu."""
     import warnings
 
     import torch
-
-    from study.run import plan
 
     cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
     note = ""

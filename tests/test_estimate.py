@@ -1,5 +1,6 @@
 """study.estimate: the cost of a study before it runs, checked against real studies on tiny real data;
 the progress lines study.run prints instead of Ray Tune's tables; timing.yaml and the report."""
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -122,3 +123,14 @@ def test_cpu_trials_crowd_each_other_and_a_busy_machine():
     # another process's core on a 2-core machine (busy 1.5): one trial has a core, two share what is left
     assert estimate.crowding(1, 2, 1.5) == pytest.approx(1) and estimate.crowding(2, 2, 1.5) == pytest.approx(1.5)
     assert 0.5 <= estimate.busy() <= 8
+
+
+def test_a_study_this_machine_cannot_run_is_still_valid_without_an_estimate(tmp_path, tiny_data_dir):
+    """--dry-run validates the file (for a cluster, maybe): a trial wanting more CPUs than this
+    machine has is no error, only no estimate."""
+    space = write_spec(tmp_path, tiny_spec("fat", resources={"cpus_per_trial": (os.cpu_count() or 1) + 1}))
+    p = subprocess.run([*study_cmd(space, tmp_path, tiny_data_dir), "--dry-run"], env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "warning: no estimate for this machine" in p.stderr and "cpus_per_trial" in p.stderr
+    assert not ESTIMATE.findall(p.stdout)
