@@ -439,7 +439,7 @@ def check_optuna_storage(url: str, name: str, resume: bool) -> None:
                   "name, or another database")
 
 
-LEFTOVERS = ("spec.yaml", "optuna.db", "ray")  # what a run writes before Ray records its first trial
+LEFTOVERS = ("spec.yaml", "optuna.db", "ray", "estimate.yaml")  # what a run writes before Ray records its first trial
 
 
 def never_started(study_dir: Location) -> bool:
