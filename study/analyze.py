@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 
 from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
-from study import results  # noqa: E402
+from study import estimate, results  # noqa: E402
 from csnn.argtypes import positive_int  # noqa: E402
 from study.spec import BASELINE, distribution  # noqa: E402
 
@@ -459,7 +459,7 @@ def report(study: results.Study, top: int) -> Path | str:
 def _report(study: results.Study, top: int, out: Path) -> Path:
     plots, notes = draw(study, top, out)
     lines = (summary(study) + retrain_lines(study) + baseline_lines(study) + edge_lines(study)
-             + top_lines(study, top) + plot_lines(plots, notes))
+             + estimate.report_lines(study.location) + top_lines(study, top) + plot_lines(plots, notes))
     path = out / "report.md"
     write_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -31,7 +32,7 @@ from csnn import data as fmnist
 from csnn.argtypes import positive_int
 from csnn.config import METRICS, TUTORIAL_ACC, TrainConfig
 from csnn.train import load_model
-from study import analyze, results, spec as specs, warmstart
+from study import analyze, estimate, results, spec as specs, warmstart
 from study.storage import Location, StorageError, check_nodes_see, mount_type
 
 
@@ -161,7 +162,7 @@ def on_network_fs(path: Path) -> bool:
 
 
 def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, resume: bool, res: dict,
-           optuna_storage: str, warm: list = ()):
+           optuna_storage: str, warm: list = (), timing=None):
     """Run (or continue) the Ray Tune + Optuna search; return its ResultGrid."""
     import optuna
     from ray import tune
@@ -221,6 +222,7 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
             name="ray", storage_path=study.path, storage_filesystem=study.fs,
             failure_config=tune.FailureConfig(max_failures=1),  # one retry from the last checkpoint
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            **(timing.run_config(spec) if timing else {}),  # our progress lines; Ray's tables with --verbose
         ),
     )
     return tuner.fit()
@@ -230,7 +232,7 @@ RETRAIN_PENDING = "retrain.pending"  # in the study folder while a retrain has n
 
 
 def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study: Location, res: dict,
-            resume: bool) -> dict:
+            resume: bool, timing=None) -> dict:
     """Retrain the best configuration from scratch per seed on train + validation
     (all 60k training images) and test on the full test set: one Ray Tune trial
     per seed, all at once, each with a trial's CPUs and a whole GPU (or the
@@ -261,8 +263,11 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
                                                   checkpoint_every=spec.resources["checkpoint_every"]),
                              {"cpu": res["cpu"], "gpu": res["retrain_gpu"]})
     where = study / name
+    about = timing.predicted("retrain") if timing else None
     print(f"retraining the best configuration with seeds {seeds} at once ({fixed['epochs']} epochs, "
-          f"{len(data.train_y)} training images, {res['retrain_gpu']:g} GPU each)", flush=True)
+          f"{len(data.train_y)} training images, {res['retrain_gpu']:g} GPU each)"
+          + (f", about {about / 60:.1f} min" if about else ""), flush=True)
+    quiet = timing.quiet() if timing else {}
     if resume and tune.Tuner.can_restore(where.path, storage_filesystem=where.fs):
         grid = tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
                                   storage_filesystem=where.fs).fit()
@@ -273,7 +278,8 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
                           run_config=tune.RunConfig(name=name, storage_path=study.path,
                                                     storage_filesystem=study.fs,
                                                     failure_config=tune.FailureConfig(max_failures=1),
-                                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1))).fit()
+                                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                                    **quiet)).fit()
     # A seed is done when it reported its last epoch: after Ctrl-C, Ray may
     # list a seed that never started as terminated, without metrics.
     failed = [f"{r.path}: {results.error_text(str(r.error))}" for r in grid if r.error]
@@ -309,7 +315,11 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
             from csnn.spikes import render
 
             net, _ = load_model(work / f"seed{seeds[0]}" / "checkpoint_latest.pth")
-            render(net, data.test_x[: spec.render["images"]], work / "spikes")
+            about = timing.predicted("spikes") if timing else None
+            print(f"rendering the encoder spikes of {spec.render['images']} test images at {net.T} time steps"
+                  + (f", about {about:.0f} s" if about else ""), flush=True)
+            with timing.phase("spikes") if timing else contextlib.nullcontext():
+                render(net, data.test_x[: spec.render["images"]], work / "spikes")
         final = study / "best"
         final.delete()
         final.upload(work)  # summary.yaml last: best/ counts as complete only with it
@@ -343,7 +353,10 @@ def parse_args(argv=None):
     p.add_argument("--warm-start", action="append", default=[], metavar="STUDY_DIR",
                    help="start from an earlier study (repeatable): its ended trials that fit this space and its fixed "
                         "settings are told to the sampler, its best configuration runs first")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved study; start nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the resolved study and its estimated cost (estimate: ...); start nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Ray Tune's status tables too (default: one line per change of the search)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $CSNN_DATA, then Debian's)")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if not found")
     return p.parse_args(argv)
@@ -434,7 +447,7 @@ def check_optuna_storage(url: str, name: str, resume: bool) -> None:
                   "name, or another database")
 
 
-LEFTOVERS = ("spec.yaml", "optuna.db", "ray")  # what a run writes before Ray records its first trial
+LEFTOVERS = ("spec.yaml", "optuna.db", "ray", "estimate.yaml")  # what a run writes before Ray records its first trial
 
 
 def never_started(study_dir: Location) -> bool:
@@ -593,6 +606,11 @@ def _main(args) -> int:
     if args.dry_run:
         print(f"# {args.space}: valid; data {data.source} ({len(data.train_y)} training, {len(data.test_y)} test "
               f"images); results would go to {study_dir}\n{resolved}", end="")
+        try:
+            print(estimate.line(estimate.here(spec, len(data.train_y), len(data.test_y), plan, args.allow_cpu,
+                                              args.allow_pending_gpus)), flush=True)
+        except PlanError as e:  # this machine could not run it (too few CPUs a trial): the file is still valid
+            print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0
     if retrain_now and results.load(study_dir).best is None:
         raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain")
@@ -604,24 +622,39 @@ def _main(args) -> int:
     # --retrain, or --resume of a study whose retrain did not finish: the retrain alone
     return run(spec, data, study_dir, resume=args.resume, address=args.address, do_retrain=not args.no_retrain,
                allow_cpu=args.allow_cpu, allow_pending_gpus=args.allow_pending_gpus,
-               optuna_storage=args.optuna_storage, retrain_only=retrain_now, fresh_retrain=args.retrain, warm=warm)
+               optuna_storage=args.optuna_storage, retrain_only=retrain_now, fresh_retrain=args.retrain,
+               verbose=args.verbose, warm=warm)
 
 
-def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str | Path, resume: bool = False,
-        address: str | None = None, do_retrain: bool = True, allow_cpu: bool = False,
-        allow_pending_gpus: bool = False, optuna_storage: str | None = None, retrain_only: bool = False,
-        fresh_retrain: bool = False, warm: list | None = None) -> int:
+def run(*args, verbose: bool = False, **kwargs) -> int:
+    """_run with Ray's output engine chosen for this call only (progress.ray_output: its tables with --verbose)."""
+    from study.progress import ray_output
+
+    with ray_output(verbose):
+        return _run(*args, verbose=verbose, **kwargs)
+
+
+def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str | Path, resume: bool = False,
+         address: str | None = None, do_retrain: bool = True, allow_cpu: bool = False,
+         allow_pending_gpus: bool = False, optuna_storage: str | None = None, retrain_only: bool = False,
+         fresh_retrain: bool = False, verbose: bool = False, warm: list | None = None) -> int:
     """Search, then retrain the best configuration; with `retrain_only` (an ended study)
     only the retrain, continued (`resume`) or from scratch (`fresh_retrain`)."""
     import ray
 
+    from study.progress import Timing
+
     start = time.time()
     study = study if isinstance(study, Location) else Location.parse(study)
+    timing = Timing(verbose)
+    fresh = not resume and not retrain_only
+    # A CPU's speed is measured here, before Ray's processes start and share its cores.
+    cpu_fit = estimate.cpu_speeds(spec) if fresh and estimate.may_need_cpu(spec) else None
     if not ray.is_initialized():
         # A bare ray.init() would join any cluster a `ray start` left behind: be explicit.
         target = address or os.environ.get("RAY_ADDRESS") or "local"
         try:
-            ray.init(address=target)
+            ray.init(address=target, log_to_driver=verbose)  # the trials' own output only with --verbose
         except (ConnectionError, RuntimeError) as e:  # something answers there, but not a Ray head
             print(f"error: --address {target}: Ray could not connect ({str(e).splitlines()[0]}); is it the "
                   "head's GCS port (ray start --head --port=...)?", file=sys.stderr)
@@ -634,6 +667,17 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str 
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"study {spec.name}: {res['summary']}; {len(nodes)} Ray node(s); results in {study}", flush=True)
+    if fresh:  # the prediction, kept beside what each phase then took (timing.yaml)
+        total = cluster()
+        timing.estimate = estimate.predict(
+            spec, res, total["cpus"], total["gpus"], len(nodes), len(data.train_y), len(data.test_y),
+            cpu_fit or (estimate.cpu_speeds(spec) if res["gpu"] == 0 or res["retrain_gpu"] == 0 else None),
+            do_retrain=do_retrain)
+        (study / "estimate.yaml").write_text(yaml.safe_dump(timing.estimate, sort_keys=False))
+        print(estimate.line(timing.estimate), flush=True)
+    elif (study / "estimate.yaml").is_file():  # a --resume: the remaining time from the study's own prediction
+        timing.estimate = yaml.safe_load((study / "estimate.yaml").read_text())
+    timing.lap("ray_start")
     if retrain_only:
         best = results.load(study).best
     else:
@@ -647,10 +691,11 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str 
             if resume and not db.exists() and (study / "optuna.db").is_file():
                 db.write_bytes((study / "optuna.db").read_bytes())  # resumed from another driver machine
         try:
-            grid = search(spec, data, study, resume, res, url, warm or [])
+            grid = search(spec, data, study, resume, res, url, warm or [], timing)
         finally:
             if db is not None and db.exists() and db != (study.local or Path()) / "optuna.db":
                 (study / "optuna.db").write_bytes(db.read_bytes())
+        timing.lap("search")
         # Ctrl-C: Ray saved its state and returned early. Read that state: a trial
         # that was running is RUNNING there, while Ray's cleanup marks it TERMINATED
         # in the grid it returns. Export nothing that would look like a finished study.
@@ -671,14 +716,17 @@ def run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str 
             where = trials["node_ip"] + " GPU " + trials["gpu_ids"].replace("", "-")
             print("trials per node and GPU: " + ", ".join(f"{w}: {n}" for w, n in where.value_counts().sort_index().items()),
                   flush=True)
+        timing.lap("export")
     if best and (do_retrain or retrain_only) and spec.retrain["seeds"] and spec.retrain["epochs"] > 0:
         try:
-            s = retrain(spec, best, data, study, res, resume and not fresh_retrain)
+            s = retrain(spec, best, data, study, res, resume and not fresh_retrain, timing)
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
               f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study / 'best'}", flush=True)
+        timing.lap("retrain")
+    (study / "timing.yaml").write_text(yaml.safe_dump(timing.record(resumed=not fresh), sort_keys=False))
     print(f"results in {study}; wall time {(time.time() - start) / 60:.1f} min")
     return 0 if best else 1
 

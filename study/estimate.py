@@ -1,0 +1,418 @@
+"""A study's cost before it runs: wall time, GPU-hours and storage, from a throughput model of the CSNN.
+
+The model, in seconds:
+
+  per image  training and evaluation seconds per image as a function of T, channels and the device:
+             on a GPU the H200 figures of docs/gpucheck-h200.json (GPU_REF) scaled by the image's cost
+             (T x the network's multiply-accumulates, which grow with channels squared), never below the
+             host-bound step of the reference; on a CPU measured here at start (calibrate: a few training
+             and evaluation batches at the CALIBRATION sizes, with the threads a trial gets), fitted as
+             T x (a C + b C^2) and divided by COMPILE_SPEEDUP where the trial compiles its kernels
+  busy CPU   busy(): a short Python loop against the idle 2-core machine; it scales the fixed costs
+             (the *_S constants, measured there) and how much CPU trials crowd each other (crowding)
+  per epoch  training images / training speed + (validation + test images) / evaluation speed
+             + the cost counting (COST_IMAGES images) + EPOCH_OVERHEAD_S (report, checkpoint)
+  per trial  TRIAL_START_S + the expected epochs: with ASHA a trial passes each rung with
+             probability 1 / reduction_factor
+  search     the trials' sum over the trials running at once (study.run.plan), the first start of each
+             Ray worker, and the mean over the search space (SAMPLES configurations drawn from its
+             distributions, the tutorial's first when search.baseline)
+  retrain    the seeds at once, retrain.epochs on all training images and the whole test set, compiled on
+             a CPU (COMPILE_S), a fresh Ray worker each
+  storage    one checkpoint per trial and per retrain seed: parameters + optimizer state, float32
+
+Everything here is a plain function of the spec and the cluster's totals; study.run writes what
+`predict` returns to estimate.yaml, and study.analyze's report sets it against timing.yaml.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import types
+
+import numpy as np
+
+from csnn.config import COMPILE_AUTO_IMAGES, TUTORIAL, TrainConfig
+
+# docs/gpucheck-h200.json: one NVIDIA H200, T 4, 128 channels, batch 128, AMP; one full epoch of
+# training ("epoch"), evaluation (bench "auto"), 1/2/4/8 trainers at once ("concurrency").
+GPU_REF = {"T": 4, "channels": 128, "batch_size": 128, "train_img_s": 18331.0, "eval_img_s": 74390.0,
+           "total_img_s": {1: 18618.0, 2: 27819.0, 4: 33467.0, 8: 33736.0}, "count_s": 0.13}
+# Our compiled IF and pooling kernels against the plain ones, one thread on the 2-core machine at
+# T 2-4, channels 8-32: training 1.9-3.2x, evaluation 2.1-2.9x (study.estimate was fitted there).
+COMPILE_SPEEDUP = {"train": 2.6, "eval": 2.6}
+COMPILE_S = {"warm": 6.0, "cold": 40.0}  # torch.compile per process, with and without inductor's cache
+COUNT_PER_EVAL = 6.0  # the cost counting (reference formulas, float32) per image, in plain evaluations
+COST_IMAGES = 128  # csnn.train.COST_IMAGES: the images counted after every epoch
+STARTUP_S = 4.0  # python -m study.run's imports, loading Fashion-MNIST, the checks (barely slower on a busy CPU)
+RAY_START_S = 3.5  # ray.init of a local Ray on the 2-core machine, and the storage check
+CALIBRATE_S = 1.5  # calibrate() itself
+WORKER_START_S = 3.0  # a new Ray worker: process start, imports of torch and SpikingJelly
+TRIAL_START_S = 0.3  # a trial on a reused worker: the data from the object store, split, network built
+EPOCH_OVERHEAD_S = 0.3  # tune.report, a checkpoint where one is due, Tune's bookkeeping
+TUNER_S = {"search": 2.0, "retrain": 1.5}  # a Tuner's start and end (Optuna's study, experiment state)
+EXPORT_S = 0.5  # trials.csv/.parquet, history.csv, best.yaml and the summary
+RENDER_S = 0.2  # one test image's encoder spikes at one time step (three formats)
+# A pure-Python loop (what process starts and imports mostly are) on the idle 2-core machine: the
+# fixed costs above are scaled by how much slower it runs at calibration (a busier or slower CPU).
+BUSY_REF_S = 0.0047
+SAMPLES = 300  # configurations drawn from the space for its mean cost
+CALIBRATION = ((2, 8), (2, 24), (1, 64))  # (T, channels) timed on a CPU: small to larger networks, ~2 s in all
+
+
+# ------------------------------------------------------------ the network's size
+
+def macs(T: int, channels: int) -> float:
+    """Multiply-accumulates of one image's forward pass: the first conv once per image (our model
+    computes it once), then per time step the second 3x3 conv at 14x14 and the two linear layers."""
+    C = channels
+    return 9 * C * 784 + T * (9 * C * C * 196 + C * 49 * C * 16 + C * 16 * 10)
+
+
+def parameters(channels: int) -> int:
+    """Parameters (and BatchNorm buffers) of the CSNN: two 3x3 convs, two BatchNorms, two linear layers."""
+    C = channels
+    return 9 * C + 9 * C * C + 2 * 4 * C + C * 49 * C * 16 + C * 16 * 10
+
+
+def checkpoint_bytes(channels: int, optimizer: str) -> int:
+    """A checkpoint's size: the float32 weights and the optimizer's state (SGD's momentum: one copy;
+    Adam's two moments: two), as csnn.train saves it (README: 104 MB at 128 channels with SGD)."""
+    copies = {"sgd": 2, "adam": 3, "adamw": 3}[optimizer]
+    return 4 * parameters(channels) * copies
+
+
+# ------------------------------------------------------------ speeds
+
+def calibrate(threads: int, batch_size: int = 128) -> dict:
+    """On this CPU, with `threads` torch threads (what Ray gives a trial: its cpus_per_trial), the
+    seconds per image and time step of training and evaluation, fitted as a C + b C^2 to a few
+    batches at each CALIBRATION size (plain kernels; compiled ones are COMPILE_SPEEDUP faster). Each
+    size is timed twice after a first batch that allocates, and the faster kept: a moment's load from
+    elsewhere is not the machine's speed (busy() measures that)."""
+    import torch
+
+    from csnn.model import CSNN
+    from csnn.train import evaluate, make_optimizer, train_epoch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    b = max(8, min(batch_size, 128))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2 * b, 28, 28), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (2 * b,), generator=gen)
+    points = {"train": [], "eval": []}
+
+    def fastest(fn, images: int) -> float:
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) / images
+
+    try:
+        for T, C in CALIBRATION:
+            torch.manual_seed(0)
+            net = CSNN(T, C)
+            net.fuse(False)
+            opt = make_optimizer(TrainConfig(T=T, channels=C), net.parameters())
+            scaler = torch.amp.GradScaler("cuda", enabled=False)
+            train_epoch(net, opt, scaler, x[:b], y[:b], b, gen)  # the first batch allocates: not timed
+            points["train"].append((T, C, fastest(lambda: train_epoch(net, opt, scaler, x[:b], y[:b], b, gen), b)))
+            points["eval"].append((T, C, fastest(lambda: evaluate(net, x, y, b), len(y))))
+    finally:
+        torch.set_num_threads(before)
+    return {"threads": max(1, threads), "busy": busy(), **{k: _fit(v) for k, v in points.items()}}
+
+
+def _fit(points) -> list:
+    """[a, b] >= 0 with seconds per image = T (a C + b C^2), least squares in relative error over the
+    measured points; with b < 0 (a loaded moment can make a larger size look cheap) a alone."""
+    u = np.array([s / t for t, _, s in points])
+    c = np.array([float(ch) for _, ch, _ in points])
+    (a, b), *_ = np.linalg.lstsq(np.stack([c / u, c * c / u], 1), np.ones(len(u)), rcond=None)
+    if b < 0 or a < 0:
+        return [float(np.mean(u / c)), 0.0]
+    return [float(a), float(b)]
+
+
+def busy(rounds: int = 5) -> float:
+    """How much slower than on the idle 2-core machine (BUSY_REF_S) this CPU runs a short Python
+    loop now, the median of a few rounds: 1 there when idle, 2 when another process takes half a core
+    from each round. Within [0.5, 8]."""
+    times = []
+    for _ in range(rounds + 1):  # the first round wakes an idle CPU's clock: not counted
+        t0 = time.perf_counter()
+        sum(i * i for i in range(200_000))
+        times.append(time.perf_counter() - t0)
+    return min(8.0, max(0.5, float(np.median(times[1:])) / BUSY_REF_S))
+
+
+def crowding(threads: float, cpus: float, f: float) -> float:
+    """How much slower `threads` busy threads run than the calibration's one, on `cpus` cores that
+    others keep busy: (f - 1) x cpus cores' worth of other work, f = busy() (a rough reading: near 1,
+    within its noise, it adds little)."""
+    other = max(0.0, (f - 1) * cpus)
+    at_calibration = min(1.0, cpus / (1 + other))
+    now = min(1.0, cpus / (threads + other))
+    return at_calibration / now
+
+
+def per_image_s(cfg: TrainConfig, device: str, cpu: dict | None, share: int = 1) -> tuple[float, float]:
+    """(training, evaluation) seconds per image of one trial of cfg. On a GPU, `share` trials run on
+    one GPU at once (their total throughput from GPU_REF); on a CPU, `cpu` is calibrate()'s fit."""
+    if device == "gpu":
+        ref = GPU_REF
+        scale = macs(cfg.T, cfg.channels) / macs(ref["T"], ref["channels"])
+        # The reference step is host-bound (DESIGN.md): a smaller network is no faster per batch.
+        floor = ref["batch_size"] / cfg.batch_size
+        slow = _interp(ref["total_img_s"], share) / ref["total_img_s"][1] / share
+        return (max(scale, floor) / ref["train_img_s"] / slow, max(scale, floor) / ref["eval_img_s"] / slow)
+    compiled = compiles(cfg)
+    (ta, tb), (ea, eb) = cpu["train"], cpu["eval"]
+    C = cfg.channels
+    train = cfg.T * (ta * C + tb * C * C) / (COMPILE_SPEEDUP["train"] if compiled else 1)
+    evaluation = cfg.T * (ea * C + eb * C * C) / (COMPILE_SPEEDUP["eval"] if compiled else 1)
+    return train, evaluation
+
+
+def _interp(table: dict, k: float) -> float:
+    keys = sorted(table)
+    if k <= keys[0]:
+        return table[keys[0]]
+    for lo, hi in zip(keys, keys[1:]):
+        if k <= hi:
+            return table[lo] + (table[hi] - table[lo]) * (k - lo) / (hi - lo)
+    return table[keys[-1]]
+
+
+def compiles(cfg: TrainConfig, n_train: int = 60_000) -> bool:
+    """Whether a CPU run compiles its kernels (csnn.train.fit's rule for compile: auto)."""
+    n = cfg.train_size or n_train - cfg.val_size
+    return cfg.compile is True or (cfg.compile == "auto" and cfg.epochs * n >= COMPILE_AUTO_IMAGES)
+
+
+def inductor_cache_warm() -> bool:
+    """Whether torch.compile will find inductor's cache here (else the first compile takes ~40 s)."""
+    import getpass
+
+    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(),
+                                                                    f"torchinductor_{getpass.getuser()}")
+    return os.path.isdir(d) and bool(os.listdir(d))
+
+
+# ------------------------------------------------------------ one trial, the space, the study
+
+def epoch_s(cfg: TrainConfig, device: str, cpu: dict | None, n_train: int, n_test: int, share: int = 1) -> float:
+    """One epoch of cfg: training (the last partial batch dropped), validation and test evaluation,
+    the cost counting, the report."""
+    train_s, eval_s = per_image_s(cfg, device, cpu, share)
+    images = cfg.train_size or n_train - cfg.val_size
+    images -= images % cfg.batch_size if images >= cfg.batch_size else 0
+    evaluated = cfg.val_size + (cfg.test_size or n_test)
+    if device == "gpu":
+        count = GPU_REF["count_s"]
+    else:  # the counting runs the plain reference formulas, compiled or not
+        plain = per_image_s(TrainConfig.from_dict({**cfg.to_dict(), "compile": False}), device, cpu)[1]
+        count = COUNT_PER_EVAL * plain * min(COST_IMAGES, cfg.val_size or cfg.test_size or n_test)
+    return images * train_s + evaluated * eval_s + count + EPOCH_OVERHEAD_S
+
+
+def epoch_fractions(spec, epochs: int) -> list[float]:
+    """The expected share of trials that train each epoch: with ASHA, 1 / reduction_factor of them
+    pass each rung (study.run.asha_rungs) that lies before that epoch."""
+    from study.run import asha_rungs
+
+    rungs = [r for r in asha_rungs(spec) if r < spec.max_epochs]
+    rf = spec.scheduler.get("reduction_factor", 1)
+    return [(1 / rf) ** sum(r < e for r in rungs) for e in range(1, epochs + 1)]
+
+
+def sample(spec, n: int = SAMPLES, seed: int = 0) -> list[TrainConfig]:
+    """n configurations drawn from the space's distributions (uniform, log-uniform where log: true),
+    through the define-by-run function the search itself samples with; the tutorial's first with
+    search.baseline (as the study enqueues it)."""
+    from study.spec import BASELINE, _define
+
+    rng = np.random.default_rng(seed)
+
+    def number(low, high, step=None, log=False, integer=False):
+        if log:
+            v = math.exp(rng.uniform(math.log(low), math.log(high)))
+        else:
+            v = rng.uniform(low, high)
+        if step:
+            v = low + round((v - low) / step) * step
+        return int(round(v)) if integer else float(v)
+
+    trial = types.SimpleNamespace(
+        suggest_categorical=lambda name, choices: choices[rng.integers(len(choices))],
+        suggest_int=lambda name, low, high, step=1, log=False: number(low, high, step, log, True),
+        suggest_float=lambda name, low, high, step=None, log=False: number(low, high, step, log))
+    out = [spec.config(_define(spec, trial)) for _ in range(n)]
+    if spec.search.get("baseline"):
+        out[0] = spec.config({k: v for k, v in BASELINE.items() if k in spec.space})
+    return out
+
+
+def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: int = 60_000,
+            n_test: int = 10_000, cpu: dict | None = None, note: str = "", do_retrain: bool = True) -> dict:
+    """The study's predicted seconds per phase, GPU-hours and storage, on a cluster of `cpus` CPUs and
+    `gpus` GPUs with study.run.plan's resources `res`; `cpu`: calibrate()'s fit (needed when trials or
+    the retrain run on CPUs)."""
+    n = spec.search["num_samples"]
+    on_gpu = res["gpu"] > 0
+    device = "gpu" if on_gpu else "cpu"
+    running = max(1, min(res["max_concurrent"] or 1, n, int(cpus // res["cpu"]) or 1,
+                         int(gpus // res["gpu"]) if on_gpu else n))
+    share = max(1, math.ceil(running * res["gpu"] / max(gpus, 1) - 1e-9)) if on_gpu else 1
+    # CPU trials slow each other once their threads (and others' work) outnumber the cores.
+    f = cpu["busy"] if cpu else 1.0
+    crowd = 1.0 if on_gpu else crowding(running * max(1, int(res["cpu"])), max(cpus, 1), f)
+    configs = sample(spec)
+    warm = inductor_cache_warm()
+    fractions = epoch_fractions(spec, spec.max_epochs)
+    trial_s, storage = [], []
+    for cfg in configs:
+        e = epoch_s(cfg, device, cpu, n_train, n_test, share) * crowd
+        compile_s = COMPILE_S["warm" if warm else "cold"] if device == "cpu" and compiles(cfg, n_train) else 0
+        trial_s.append(f * (TRIAL_START_S + compile_s) + e * sum(fractions[: cfg.epochs]))
+        storage.append(checkpoint_bytes(cfg.channels, cfg.optimizer))
+    mean_trial = float(np.mean(trial_s))
+    # Workers start `running` at once and share the cores while they import.
+    search_s = f * (TUNER_S["search"] + WORKER_START_S * (1 if on_gpu else max(1.0, running / max(cpus, 1)))) \
+        + n * mean_trial / running
+
+    seeds = spec.retrain["seeds"] if spec.retrain["epochs"] and do_retrain else []
+    retrain_s = render_s = 0.0
+    retrain_bytes = 0.0
+    if seeds:
+        rgpu = res["retrain_gpu"]
+        slots = int(gpus // rgpu) if rgpu > 0 else int(cpus // res["cpu"]) or 1
+        waves = math.ceil(len(seeds) / max(1, slots))
+        at_once = min(len(seeds), max(1, slots))
+        r_crowd = 1.0 if rgpu > 0 else crowding(at_once * max(1, int(res["cpu"])), max(cpus, 1), f)
+        r_share = max(1, math.ceil(at_once * rgpu / max(gpus, 1) - 1e-9)) if rgpu > 0 else 1
+        r_device = "gpu" if rgpu > 0 else "cpu"
+        per_config, sizes = [], []
+        for cfg in configs:
+            r = TrainConfig.from_dict({**cfg.to_dict(), "epochs": spec.retrain["epochs"], "val_size": 0,
+                                       "train_size": 0, "test_size": 0})
+            compile_s = COMPILE_S["warm" if warm else "cold"] if r_device == "cpu" and compiles(r, n_train) else 0
+            per_config.append(f * compile_s + r.epochs * epoch_s(r, r_device, cpu, n_train, n_test, r_share) * r_crowd)
+            sizes.append(checkpoint_bytes(cfg.channels, cfg.optimizer))
+        retrain_s = f * (TUNER_S["retrain"] + WORKER_START_S + TRIAL_START_S) + waves * float(np.mean(per_config))
+        retrain_bytes = len(seeds) * float(np.mean(sizes))
+        T = float(np.mean([c.T for c in configs]))
+        render_s = f * spec.render["images"] * T * RENDER_S
+    phases = {"startup": STARTUP_S, "ray_start": f * RAY_START_S + (CALIBRATE_S if cpu else 0), "search": search_s,
+              "export": f * EXPORT_S, "retrain": retrain_s,
+              "spikes": render_s}
+    wall = sum(phases.values())
+    gpu_s = (share_gpus(running, res["gpu"], gpus) * search_s
+             + (min(len(seeds), int(gpus // res["retrain_gpu"]) or 1) * res["retrain_gpu"] * retrain_s
+                if seeds and res["retrain_gpu"] > 0 else 0))
+    return {
+        "wall_s": round(wall, 1),
+        "phases_s": {k: round(v, 1) for k, v in phases.items()},
+        "gpu_hours": round(gpu_s / 3600, 3),
+        "storage_bytes": int(n * float(np.mean(storage)) + retrain_bytes),
+        "trials": n, "running": running, "trial_s": round(mean_trial, 1),
+        "nodes": nodes, "cpus": cpus, "gpus": gpus, "device": device,
+        "speeds": "H200 figures (docs/gpucheck-h200.json) scaled by MACs" if on_gpu
+                  else f"this CPU, calibrated with {cpu['threads'] if cpu else '?'} thread(s) a trial, "
+                       f"{f:.1f}x as busy as the idle 2-core machine",
+        "cpu_fit": cpu,
+        "note": note,
+    }
+
+
+def share_gpus(running: int, gpu: float, gpus: float) -> float:
+    """GPUs the search holds while it runs: the shares of the trials at once, at most the cluster's."""
+    return min(gpus, math.ceil(running * gpu - 1e-9)) if gpu > 0 else 0.0
+
+
+def cpu_speeds(spec) -> dict:
+    """calibrate() with the threads and batch size a trial of this study gets."""
+    from study.spec import values
+
+    batch = int(np.median(values(spec, "batch_size")))
+    return calibrate(max(1, int(spec.resources["cpus_per_trial"])), batch)
+
+
+def may_need_cpu(spec) -> bool:
+    """Whether trials may run on CPUs: none asks for a GPU, or this machine has none."""
+    import torch
+
+    return spec.resources["gpus_per_trial"] == 0 or not torch.cuda.is_available()
+
+
+def here(spec, n_train: int, n_test: int, plan, allow_cpu: bool = False, allow_pending_gpus: bool = False) -> dict:
+    """predict() for this machine as a one-node cluster (--dry-run starts no Ray): its CPUs
+    (os.cpu_count) and CUDA GPUs, with study.run.plan's resources (`plan`: passed in, so that its
+    PlanError is the caller's, also where study.run runs as __main__). A study that asks for GPUs on
+    a machine without any is estimated on its CPUs, saying that it would need --allow-cpu."""
+    import warnings
+
+    import torch
+
+    cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+    note = ""
+    wants_gpu = spec.resources["gpus_per_trial"] == "auto" or spec.resources["gpus_per_trial"] > 0
+    if wants_gpu and gpus == 0 and not allow_cpu:
+        note, allow_cpu = "(the study would need --allow-cpu: no GPU here)", True
+    with warnings.catch_warnings():  # plan's warning that the trials run on CPUs: the note says it
+        warnings.simplefilter("ignore")
+        res = plan(spec, gpus, cpus, gpus, allow_cpu=allow_cpu, allow_pending_gpus=allow_pending_gpus,
+                   node_cpus=cpus)
+    cpu = cpu_speeds(spec) if res["gpu"] == 0 or res["retrain_gpu"] == 0 else None
+    return predict(spec, res, cpus, gpus, 1, n_train, n_test, cpu, note)
+
+
+# ------------------------------------------------------------ words
+
+def line(est: dict) -> str:
+    """The one line scripts read: `estimate: wall <minutes> min, ...`."""
+    gb = est["storage_bytes"] / 1e9
+    storage = f"{gb:.1f} GB" if gb >= 1 else f"{est['storage_bytes'] / 1e6:.0f} MB"
+    p = est["phases_s"]
+    where = (f"on {est['nodes']} node{'s' if est['nodes'] != 1 else ''} with {est['cpus']:g} CPUs and "
+             f"{est['gpus']:g} GPU{'s' if est['gpus'] != 1 else ''}")
+    return (f"estimate: wall {est['wall_s'] / 60:.1f} min, {est['gpu_hours']:.2f} GPU-hours, storage {storage} "
+            f"{where}{' ' + est['note'] if est['note'] else ''} (search {p['search'] / 60:.1f} min: "
+            f"{est['trials']} trials, {est['running']} at once, {est['trial_s']:.0f} s each; retrain "
+            f"{p['retrain'] / 60:.1f} min; speeds from {est['speeds']})")
+
+
+def report_lines(location) -> list[str]:
+    """study.analyze's report: the prediction made at the study's start (estimate.yaml) against the
+    seconds each phase took (timing.yaml), when the study folder holds them."""
+    import yaml
+
+    files = {k: location / f"{k}.yaml" for k in ("estimate", "timing")}
+    if not all(f.is_file() for f in files.values()):
+        return []
+    try:
+        est, act = (yaml.safe_load(f.read_bytes().decode()) or {} for f in files.values())
+        predicted, actual = est["phases_s"], act["phases_s"]
+    except (KeyError, TypeError, yaml.YAMLError) as e:
+        return [f"Predicted against actual time: {files['estimate']} or {files['timing']} unreadable "
+                f"({type(e).__name__}: {e}).", ""]
+    rows = ["| phase | predicted s | actual s | actual / predicted |", "|---|---|---|---|"]
+    for k in dict.fromkeys([*predicted, *actual]):
+        p, a = predicted.get(k), actual.get(k)
+        ratio = f"{a / p:.2f}" if p and a is not None else ""
+        rows.append(f"| {k.replace('_', ' ')} | {_s(p)} | {_s(a)} | {ratio} |")
+    p, a = est.get("wall_s"), act.get("wall_s")
+    rows.append(f"| **wall** | {_s(p)} | {_s(a)} | {a / p:.2f} |" if p and a else f"| **wall** | {_s(p)} | {_s(a)} | |")
+    head = ("## Predicted against actual time", "",
+            f"Predicted at the start ({est.get('speeds', '')}), {est.get('running', '?')} trials at once"
+            + (" (resumed: the actual seconds are the last run's)" if act.get("resumed") else "") + ":", "")
+    return [*head, *rows, ""]
+
+
+def _s(v) -> str:
+    return "" if v is None else f"{v:.1f}" if v < 10 else f"{v:.0f}"

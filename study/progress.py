@@ -1,0 +1,189 @@
+"""What study.run prints while it runs, and the seconds each phase took (timing.yaml).
+
+By default one line whenever a trial ends or the best value improves, e.g.
+
+  [0:56, ~0:56 left] trials 14/16: 6 finished, 8 stopped, 1 running, 0 errored; best val_acc 0.781 (trial 194e64a2)
+
+the remaining time from study.estimate's model; Ray Tune's own status tables only with --verbose.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+from ray import tune
+
+from csnn.config import trial_fields
+
+
+def clock(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
+    s = int(max(0, round(seconds)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress(tune.Callback):
+    """One line per change of the search: trials ended by kind out of the total, the running ones,
+    the best value so far and its trial, elapsed and (from the estimate) remaining time. Ray pickles
+    its callbacks with the Tuner: plain attributes only, and the clock restarts in setup() (a
+    --resume)."""
+
+    def __init__(self, spec, trial_s: float, running: int, after_s: float, fixed_s: float = 0.0):
+        self.spec, self.trial_s, self.running, self.after_s = spec, trial_s, max(1, running), after_s
+        self.fixed_s = fixed_s  # the search's own start (Tuner, Ray workers), before any trial's work
+        self.start = time.time()
+        self.ended: dict = {}  # trial_id -> finished | stopped | silent | errored
+        self.best = None  # (value, trial_id)
+
+    def setup(self, **info):
+        self.start = time.time()
+
+    def _epochs(self, trial) -> int:
+        try:
+            return self.spec.config(trial_fields(trial.config)).epochs
+        except (ValueError, TypeError):
+            return self.spec.max_epochs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.spec.metric)
+        if value is None:
+            return
+        better = self.best is None or (value > self.best[0] if self.spec.mode == "max" else value < self.best[0])
+        if better:
+            self.best = (value, trial.trial_id)
+            self.say(trials)
+
+    def _kind(self, trial) -> str:
+        last = trial.last_result or {}
+        if last.get("silent"):  # ended by the silent stop (csnn.trainable)
+            return "silent"
+        return "finished" if last.get("training_iteration", 0) >= self._epochs(trial) else "stopped"
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = self._kind(trial)
+        self.say(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = "errored"
+        self.say(trials, f" (trial {trial.trial_id} errored: {_error(trial)})")
+
+    def say(self, trials, extra: str = "") -> None:
+        try:
+            self._say(trials, extra)
+        except Exception as e:  # noqa: BLE001 - a progress line must never stop the study (Ray would)
+            print(f"(progress line failed: {type(e).__name__}: {e})", flush=True)
+
+    def _say(self, trials, extra: str) -> None:
+        total = self.spec.search["num_samples"]
+        # Ray has not yet updated the status of the trial that just ended; those that ended before
+        # a --resume are only in `trials` (this object was pickled with the Tuner at the start).
+        ended = dict(self.ended)
+        for t in trials:
+            if t.trial_id not in ended and t.status in ("TERMINATED", "ERROR"):
+                ended[t.trial_id] = "errored" if t.status == "ERROR" else self._kind(t)
+        kinds = list(ended.values())
+        running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
+        elapsed = time.time() - self.start
+        # The model's remaining work (the trials not ended, those running counted half done), scaled
+        # by how the model has done so far: a machine that others load runs slower than predicted.
+        done = (len(kinds) + running / 2) * self.trial_s / self.running
+        pace = min(5.0, max(0.5, (elapsed - self.fixed_s) / done)) if len(kinds) >= 2 and done > 0 else 1.0
+        left = pace * (max(0.0, total - len(kinds) - running / 2) * self.trial_s / self.running + self.after_s)
+        remaining = f", ~{clock(left)} left" if self.trial_s else ""
+        best = (f"; best {self.spec.metric} {self.best[0]:.4g} (trial {self.best[1]})" if self.best else "")
+        print(f"[{clock(elapsed)}{remaining}] trials {len(kinds)}/{total}: "
+              + ", ".join(f"{kinds.count(k)} {k}" for k in ("finished", "stopped", "silent") if k != "silent"
+                          or k in kinds) + f", {running} running, "
+              f"{kinds.count('errored')} errored{best}{extra}", flush=True)
+
+
+def _error(trial) -> str:
+    from study.results import error_text
+
+    try:
+        return error_text(open(trial.error_file).read()) if trial.error_file else "see its error.txt"
+    except OSError:
+        return "see its error.txt"
+
+
+def process_start() -> float:
+    """When this process started (Linux: /proc, to the second of the boot time); else now."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+@contextlib.contextmanager
+def ray_output(verbose: bool):
+    """Ray Tune's output engine while a study runs: without --verbose the legacy one, which prints
+    nothing at RunConfig(verbose=0); Ray 2.60's new one prints its experiment table even then. Read
+    by Ray at each fit, from the environment: set for the study's run alone, then put back."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
+class Timing:
+    """The study's clock: the seconds of each phase (ray start, search, export, retrain, spikes),
+    the prediction made at the start, and whether Ray's own output is wanted (--verbose)."""
+
+    def __init__(self, verbose: bool = False, estimate: dict | None = None):
+        self.start = self.last = time.time()
+        self.verbose, self.estimate = verbose, estimate
+        # The process's own start: the imports, loading the data and the checks before run().
+        self.born = min(process_start(), self.start)
+        self.phases: dict = {"startup": self.start - self.born}
+        self.inner = 0.0  # seconds of phase() blocks since the last lap(), which lap() leaves to them
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """A phase nested in another (the spikes in the retrain): its seconds are its own."""
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.time() - t0
+            self.inner += time.time() - t0
+
+    def lap(self, name: str) -> None:
+        """The seconds since the last lap (or the start) are phase `name`'s."""
+        now = time.time()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.last - self.inner
+        self.last, self.inner = now, 0.0
+
+    def predicted(self, name: str) -> float | None:
+        return (self.estimate or {}).get("phases_s", {}).get(name)
+
+    def run_config(self, spec) -> dict:
+        """RunConfig's output settings for the search: silent Ray (verbose 0: in Ray 2.60's output
+        engine no status tables, no per-trial results) and our Progress callback; with --verbose
+        Ray's default tables as well."""
+        est = self.estimate or {}
+        p = est.get("phases_s", {})
+        after = sum(p.get(k, 0) for k in ("export", "retrain", "spikes"))
+        trial_s, running = est.get("trial_s", 0.0), max(1, est.get("running", 1))
+        fixed = max(0.0, p.get("search", 0) - est.get("trials", 0) * trial_s / running)
+        cb = Progress(spec, trial_s, running, after, fixed)
+        return {"callbacks": [cb], **({} if self.verbose else {"verbose": 0})}
+
+    def quiet(self) -> dict:
+        """RunConfig's output settings for the retrain: Ray's tables only with --verbose."""
+        return {} if self.verbose else {"verbose": 0}
+
+    def record(self, resumed: bool = False) -> dict:
+        out = {"wall_s": round(time.time() - self.born, 1),
+               "phases_s": {k: round(v, 1) for k, v in self.phases.items()}}
+        if resumed:
+            out["resumed"] = True
+        return out
