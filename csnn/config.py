@@ -40,6 +40,11 @@ METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tes
 RUN_INFO = ("run_device", "run_amp", "neuron_impl", "deterministic", "torch_version", "spikingjelly_version",
             "cuda_version", "data_sha")  # data_sha: FashionMNIST.fingerprint, the images trained on
 FLOAT32_MAX = 3.4028234663852886e38
+
+
+def silent_layers(metrics, below: float) -> list[str]:
+    """The spiking layers (fr_<i>) of one epoch's metrics (a dict or a row) that fired below `below`."""
+    return [k for k in metrics.keys() if k.startswith("fr_") and metrics[k] == metrics[k] and metrics[k] < below]  # NaN: not reported
 COMPILE_AUTO_IMAGES = 50_000  # measured break-even on 2 CPU cores: ~13k images warm, ~80k cold
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from csnn.config import TrainConfig, trial_fields
+from csnn.config import TrainConfig, silent_layers, trial_fields
 from csnn.data import FashionMNIST
 from csnn.train import fit
 
@@ -57,11 +57,6 @@ def placement() -> dict:
 SILENT_MIN_IMAGES = 5_000
 
 
-def silent_layers(metrics: dict, below: float) -> set[str]:
-    """The spiking layers (fr_<i>) whose firing rate this epoch is below `below`."""
-    return {k for k, v in metrics.items() if k.startswith("fr_") and v < below}
-
-
 class _Silent(Exception):
     """Ends a silent trial's training loop after its last report."""
 
@@ -100,8 +95,8 @@ def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None, check
         def report(metrics: dict) -> None:
             nonlocal quiet
             seen = (metrics["epoch"] + 1) * n_train
-            silent = sorted(quiet & silent_layers(metrics, silent_rate)) if seen >= SILENT_MIN_IMAGES else []
-            quiet = silent_layers(metrics, silent_rate)
+            silent = sorted(quiet & set(silent_layers(metrics, silent_rate))) if seen >= SILENT_MIN_IMAGES else []
+            quiet = set(silent_layers(metrics, silent_rate))
             # Ray copies the checkpoint folder into the trial's storage before returning.
             saved = metrics["epoch"] + 1 in save_at
             tune.report({**metrics, **where, **({"silent": ",".join(silent)} if silent else {})},

@@ -24,7 +24,7 @@ import yaml
 
 from csnn import yamlio
 from csnn.atomic import write_atomic
-from csnn.config import METRICS, RUN_INFO, trial_fields
+from csnn.config import METRICS, RUN_INFO, silent_layers, trial_fields
 from study import storage
 from study.spec import StudySpec
 from study.storage import Location, read_table
@@ -32,11 +32,6 @@ from study.storage import Location, read_table
 # silent: ended by the trainable as a silent network (a spiking layer stopped firing)
 STATUSES = ("finished", "stopped", "silent", "errored", "unfinished")
 
-
-def silent_layers(metrics, spec: StudySpec) -> list[str]:
-    """The spiking layers (fr_<i>) of one epoch's metrics that fired below scheduler.silent_rate."""
-    rate = spec.scheduler["silent_rate"]
-    return [k for k in metrics.keys() if k.startswith("fr_") and not missing(metrics[k]) and metrics[k] < rate]
 
 
 def write_table(path: Path, frame: pd.DataFrame) -> None:
@@ -118,7 +113,8 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
         ran = len(h)
         # status silent: the trainable ended it so. The silent column: the layers silent at
         # its last epoch, for whatever reason it ended (then it is off the Pareto front).
-        quiet = _text(last.get("silent")) or ",".join(silent_layers(h.iloc[-1], spec) if len(h) else [])
+        quiet = _text(last.get("silent")) or ",".join(
+            silent_layers(h.iloc[-1], spec.scheduler["silent_rate"]) if len(h) else [])
         status = ("errored" if error else "silent" if _text(last.get("silent")) else "finished" if ran >= cfg.epochs
                   else "stopped" if complete else "unfinished")
         row = {"trial_id": trial_id, "number": number, "status": status}

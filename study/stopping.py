@@ -23,11 +23,13 @@ import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from csnn.config import silent_layers
+
 
 def silent(result: dict, rate: float) -> str:
     """The layers silent in a trial's report: those the trainable named, else the
     fr_<i> below `rate` (0: none), e.g. 'fr_10,fr_12'; '' when every layer fires."""
-    return result.get("silent") or ",".join(k for k, v in result.items() if k.startswith("fr_") and v < rate)
+    return result.get("silent") or ",".join(silent_layers(result, rate))
 
 
 class SilentAwareOptunaSearch(OptunaSearch):
