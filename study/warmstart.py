@@ -119,7 +119,8 @@ def plan(spec: StudySpec, sources: list[str], data_sha: str = "") -> list[dict]:
                 params=given.params, distributions=given.distributions,
                 values=[float(row[m]) for m in metrics],  # each trial's last report, as OptunaSearch tells it
                 user_attrs={"warm_start": f"{other.path} trial {row['trial_id']}"},
-                constraints={"silent": 1.0} if row["status"] == "silent" else None))
+                # infeasible as there: a layer silent at its last epoch (the silent column)
+                constraints={"silent": 1.0} if results._text(row.get("silent")) else None))
         best = (other.best or {}).get("pareto") or ([other.best] if other.best else [])
         enqueue = []
         shas = dict(zip(other.trials["trial_id"], other.trials.get("data_sha", [""] * len(other.trials))))
