@@ -332,19 +332,36 @@ def warm_lines(study: results.Study) -> list[str]:
     return lines + [""]
 
 
+def warm_lines(study: results.Study) -> list[str]:
+    """Which trials came from where: told to the sampler, and run first, per earlier study."""
+    if not study.warm_start:
+        return []
+    t = study.trials
+    lines = ["## Warm start", ""]
+    for src in study.warm_start["sources"]:
+        skipped = "; ".join(f"{n} × {why}" for why, n in src["skipped"].items())
+        lines.append(f"- from `{src['source']}`: {src['told']} trials told to the sampler before the first trial"
+                     + (f" (skipped: {skipped})" if skipped else ""))
+        for e in src["enqueued"]:
+            ran = t[t["warm_start"] == e["origin"]] if "warm_start" in t else t.iloc[0:0]
+            lines.append(f"  - the configuration of {e['origin']} ran first here as "
+                         + (f"trial {ran['trial_id'].iloc[0]}" if len(ran) else "a trial not found in this study"))
+    return lines + [""]
+
+
 def silent_lines(study: results.Study) -> list[str]:
     """Where in the space the silent networks were: per searched parameter, the share
     of silent trials at each choice, or the range of silent values against the others."""
     t = study.trials
     quiet = t["silent"].fillna("").astype(str) != "" if "silent" in t else pd.Series(False, index=t.index)
-    silent, stopped = t[quiet], t[t["status"] == "silent"] if len(t) else t
+    silent, ended = t[quiet], t[t["status"] == "silent"] if len(t) else t
     if silent.empty:
         return []
     planned = sum(study.spec.config({k: r[k] for k in study.spec.space if not results.missing(r[k])}).epochs
-                  for _, r in stopped.iterrows())
+                  for _, r in ended.iterrows())
     lines = [f"## Silent networks: {len(silent)} of {len(t)} trials", "",
              f"A spiking layer fired below {study.spec.scheduler['silent_rate']:g} at the trial's last epoch: "
-             f"{len(stopped)} were ended so by the silent stop (they ran {int(stopped['epochs_run'].sum())} epochs of "
+             f"{len(ended)} were ended so by the silent stop (they ran {int(ended['epochs_run'].sum())} epochs of "
              f"the {planned} planned), the others stopped or finished so. Layers: "
              + ", ".join(f"{k} {n}" for k, n in silent["silent"].value_counts().items()) + ".", ""]
     for name in study.spec.space:

@@ -16,7 +16,7 @@ import yaml
 
 from csnn.config import TrainConfig
 from study import results
-from study.spec import StudySpec, _define
+from study.spec import StudySpec, define_by_run
 
 TOLD = ("finished", "stopped", "silent")  # trials that reported their objectives; errored/unfinished are skipped
 
@@ -26,7 +26,7 @@ class WarmStartError(ValueError):
 
 
 class _Given:
-    """An Optuna trial for spec._define that answers with given values: it walks the
+    """An Optuna trial for the spec's define-by-run function that answers with given values: it walks the
     space in its dependency order and records Optuna's names and distributions, or
     raises ValueError when a value is missing or outside the space."""
 
@@ -38,7 +38,7 @@ class _Given:
         v = self.values.get(name)
         if results.missing(v):
             raise ValueError(f"no {name}")
-        v = results._plain(v)
+        v = v.item() if hasattr(v, "item") else v  # numpy scalars from the trials table
         if isinstance(v, float) and v.is_integer() and type(dist).__name__ == "IntDistribution":
             v = int(v)  # a csv column with empty cells reads integers as floats
         try:
@@ -71,7 +71,7 @@ def _fit(spec: StudySpec, values: dict, config: dict | None) -> tuple[_Given | N
     for one of this study, else (None, why not)."""
     given = _Given({**(config or {}), **values})  # a field fixed there may be searched here
     try:
-        fields = _define(spec, given)
+        fields = define_by_run(spec)(given)
     except ValueError as e:
         return None, str(e)
     if config is not None:
@@ -79,6 +79,17 @@ def _fit(spec: StudySpec, values: dict, config: dict | None) -> tuple[_Given | N
         if diff:
             return None, ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in sorted(diff.items()))
     return given, ""
+
+
+def _usable(spec: StudySpec, row, metrics: list[str], data_sha: str) -> tuple[_Given | None, str]:
+    """(_fit's answer) for one trial of an earlier study: (None, why) when it reported no
+    objective, trained on other images than `data_sha`, or does not fit this study."""
+    if row["status"] not in TOLD or any(results.missing(row.get(m)) for m in metrics):
+        return None, f"{row['status']}: no objective values"
+    was = row.get("data_sha")
+    if data_sha and isinstance(was, str) and was and was != data_sha:
+        return None, "trained on other images (data fingerprint)"
+    return _fit(spec, row.to_dict(), yaml.safe_load(row["config"]))
 
 
 def plan(spec: StudySpec, sources: list[str], data_sha: str = "") -> list[dict]:
@@ -102,32 +113,21 @@ def plan(spec: StudySpec, sources: list[str], data_sha: str = "") -> list[dict]:
             raise WarmStartError(f"--warm-start {src}: it optimised {show(other.spec)}, this study {show(spec)}; its "
                                  "values mean something else here (and its scheduler stopped trials by them)")
         metrics = [o["metric"] for o in spec.objectives]
-        told, skipped = [], Counter()
+        fits = {row["trial_id"]: _usable(spec, row, metrics, data_sha) for _, row in other.trials.iterrows()}
+        told, skipped = [], Counter(why for given, why in fits.values() if given is None)
         for _, row in other.trials.iterrows():
-            if row["status"] not in TOLD or any(results.missing(row.get(m)) for m in metrics):
-                skipped[f"{row['status']}: no objective values"] += 1
-                continue
-            was = row.get("data_sha")
-            if data_sha and isinstance(was, str) and was and was != data_sha:
-                skipped["trained on other images (data fingerprint)"] += 1
-                continue
-            given, why = _fit(spec, row.to_dict(), yaml.safe_load(row["config"]))
-            if given is None:
-                skipped[why] += 1
-                continue
-            told.append(optuna.trial.create_trial(
-                params=given.params, distributions=given.distributions,
-                values=[float(row[m]) for m in metrics],  # each trial's last report, as OptunaSearch tells it
-                user_attrs={"warm_start": f"{other.path} trial {row['trial_id']}"},
-                # infeasible as there: a layer silent at its last epoch (the silent column)
-                constraints={"silent": 1.0} if results._text(row.get("silent")) else None))
+            given = fits[row["trial_id"]][0]
+            if given is not None:
+                told.append(optuna.trial.create_trial(
+                    params=given.params, distributions=given.distributions,
+                    values=[float(row[m]) for m in metrics],  # each trial's last report, as OptunaSearch tells it
+                    user_attrs={"warm_start": f"{other.path} trial {row['trial_id']}"},
+                    # infeasible as there: a layer silent at its last epoch (the silent column)
+                    constraints={"silent": 1.0} if isinstance(row.get("silent"), str) and row["silent"] else None))
         best = (other.best or {}).get("pareto") or ([other.best] if other.best else [])
         enqueue = []
-        shas = dict(zip(other.trials["trial_id"], other.trials.get("data_sha", [""] * len(other.trials))))
         for b in best[: max(1, spec.search["num_samples"] // 2)]:  # the search still explores
-            given, why = _fit(spec, b["params"], b.get("config"))
-            if data_sha and isinstance(shas.get(b["trial_id"]), str) and shas[b["trial_id"]] not in ("", data_sha):
-                given, why = None, "trained on other images (data fingerprint)"
+            given, why = fits[b["trial_id"]]
             if given is not None:
                 enqueue.append({"params": given.params, "origin": f"{other.path} trial {b['trial_id']}"})
             else:
