@@ -332,23 +332,6 @@ def warm_lines(study: results.Study) -> list[str]:
     return lines + [""]
 
 
-def warm_lines(study: results.Study) -> list[str]:
-    """Which trials came from where: told to the sampler, and run first, per earlier study."""
-    if not study.warm_start:
-        return []
-    t = study.trials
-    lines = ["## Warm start", ""]
-    for src in study.warm_start["sources"]:
-        skipped = "; ".join(f"{n} × {why}" for why, n in src["skipped"].items())
-        lines.append(f"- from `{src['source']}`: {src['told']} trials told to the sampler before the first trial"
-                     + (f" (skipped: {skipped})" if skipped else ""))
-        for e in src["enqueued"]:
-            ran = t[t["warm_start"] == e["origin"]] if "warm_start" in t else t.iloc[0:0]
-            lines.append(f"  - the configuration of {e['origin']} ran first here as "
-                         + (f"trial {ran['trial_id'].iloc[0]}" if len(ran) else "a trial not found in this study"))
-    return lines + [""]
-
-
 def silent_lines(study: results.Study) -> list[str]:
     """Where in the space the silent networks were: per searched parameter, the share
     of silent trials at each choice, or the range of silent values against the others."""
