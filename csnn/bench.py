@@ -15,6 +15,7 @@ firing rates (see check_equivalence).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -30,9 +31,9 @@ from spikingjelly.activation_based import functional
 from csnn import data as fmnist
 from csnn.argtypes import positive_int
 from csnn.model import CSNN
-from csnn.config import TUTORIAL, TrainConfig
+from csnn.config import SPIKING_LAYERS, TUTORIAL, TrainConfig
 from csnn.data import to_input
-from csnn.train import evaluate, make_optimizer, resolve_device, train_epoch
+from csnn.train import evaluate, make_optimizer, make_trainer, resolve_device
 
 
 def reference_loaders(train, test, batch_size: int, root: Path, workers: int):
@@ -47,9 +48,11 @@ def reference_loaders(train, test, batch_size: int, root: Path, workers: int):
     tf = torchvision.transforms.ToTensor()
     train_set = torchvision.datasets.FashionMNIST(root=str(root), train=True, transform=tf, download=False)
     test_set = torchvision.datasets.FashionMNIST(root=str(root), train=False, transform=tf, download=False)
-    loader = torch.utils.data.DataLoader
-    return (loader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers, pin_memory=True),
-            loader(test_set, batch_size=batch_size, shuffle=True, drop_last=False, num_workers=workers, pin_memory=True))
+    # persistent workers: the example starts its workers once per 60,000-image epoch; a timed
+    # pass here is a fraction of one, and starting them again for each would time the start
+    loader = functools.partial(torch.utils.data.DataLoader, batch_size=batch_size, shuffle=True, num_workers=workers,
+                               pin_memory=True, persistent_workers=workers > 0)
+    return loader(train_set, drop_last=True), loader(test_set, drop_last=False)
 
 
 def reference_train(net, optimizer, scaler, loader, device) -> int:
@@ -118,21 +121,30 @@ def watch_reference(net) -> dict:
     return seen
 
 
-def check_equivalence(ref_cls, cfg: TrainConfig, x: torch.Tensor, device, compiled: bool) -> dict:
+MIN_RATE = 0.001  # each spiking layer must fire at least this often on the check's inputs
+
+
+def check_equivalence(ref_cls, cfg: TrainConfig, x: torch.Tensor, device, compiled: bool, amp: bool = False) -> dict:
     """Our model (with cfg.backend's kernels) against the reference with the same weights
-    on the same batch, in float32 (no TF32): the spikes of every spiking layer, in
-    training mode (batch statistics) and in eval mode, and the gradients of training.
-    The images are scaled x3 so that every layer spikes (real images leave a fresh
-    network's deeper layers almost silent, where any model agrees). On the CPU, where
-    both sum in the same order, no spike may differ and gradients agree to float
-    rounding; on CUDA, where cuDNN picks its algorithms by shape, rounding may flip a
-    spike near the threshold: at most 1 in 1,000 may differ, gradients within 5%.
-    A wrong threshold, reset or surrogate differs in far more."""
-    from csnn.config import SPIKING_LAYERS
+    on the same batch: the spikes of every spiking layer, in training mode (batch
+    statistics) and in eval mode, and the gradients of training; in float32 (no TF32),
+    or with `amp` both under float16 autocast, as they are timed on CUDA. The images
+    and the linear layers' weights are scaled x3 and every layer must fire (MIN_RATE) in
+    both modes: a silent layer agrees with any model. On the CPU, where both sum in the same order, no spike may differ and
+    gradients agree to float rounding; on CUDA, where cuDNN picks its algorithms by
+    shape, rounding may flip a spike near the threshold: at most 1 in 1,000 may differ,
+    gradients within 1e-4 (1e-6 was observed on an H200). Under AMP the reference keeps
+    a float16 membrane potential (SpikingJelly's IFNode does) and ours a float32 one:
+    1% of spikes, gradients within 10% (not yet measured on a GPU). A wrong threshold,
+    reset or surrogate differs in far more."""
     from csnn.model import set_backend
 
     torch.manual_seed(cfg.seed)
     ref = ref_cls(T=cfg.T, channels=cfg.channels).to(device)
+    with torch.no_grad():  # fc1 and fc2 x3 too, or a fresh network's output layer hardly fires
+        for m in ref.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(3)
     ours = CSNN(cfg.T, cfg.channels).to(device)
     ours.load_state_dict(ref.state_dict())
     set_backend(ours, cfg.backend)
@@ -143,8 +155,9 @@ def check_equivalence(ref_cls, cfg: TrainConfig, x: torch.Tensor, device, compil
     for name, net in (("ref", ref), ("ours", ours)):
         for i in SPIKING_LAYERS:
             net.conv_fc[i].register_forward_hook(lambda m, a, out, name=name: seen[name].append(out.detach()))
-    spike_diff, grad_err, silent = 0.0, 0.0, 1.0
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    spike_diff, grad_err, rates = 0.0, 0.0, [1.0] * len(SPIKING_LAYERS)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), \
+            torch.autocast(device.type, dtype=torch.float16, enabled=amp):
         for train_mode in (True, False):
             for net in (ref, ours):
                 net.train(train_mode)
@@ -152,19 +165,20 @@ def check_equivalence(ref_cls, cfg: TrainConfig, x: torch.Tensor, device, compil
                 with torch.set_grad_enabled(train_mode):
                     out = net(x)
                     if train_mode:
-                        F.mse_loss(out, target).backward()
+                        F.mse_loss(out.float(), target).backward()
                 functional.reset_net(net)
-            for a, b in zip(seen["ref"], seen["ours"]):
+            for k, (a, b) in enumerate(zip(seen["ref"], seen["ours"], strict=True)):
                 spike_diff = max(spike_diff, (a != b).float().mean().item())
-                silent = min(silent, 1 - a.float().mean().item())
+                rates[k] = min(rates[k], a.float().mean().item())
             seen["ref"].clear(), seen["ours"].clear()
             if train_mode:
                 for (name, pa), pb in zip(ref.named_parameters(), ours.parameters()):
                     grad_err = max(grad_err, ((pa.grad - pb.grad).norm() / pa.grad.norm().clamp_min(1e-12)).item())
-    allowed = (0.0, 1e-3) if device.type == "cpu" else (1e-3, 0.05)
-    return {"differing_spikes": spike_diff, "allowed_differing_spikes": allowed[0], "grad_rel_err": grad_err,
-            "allowed_grad_rel_err": allowed[1], "most_silent_layer": round(silent, 4),
-            "ok": spike_diff <= allowed[0] and grad_err <= allowed[1]}
+    allowed = (0.0, 1e-3) if device.type == "cpu" else (0.01, 0.1) if amp else (1e-3, 1e-4)
+    return {"amp": amp, "differing_spikes": spike_diff, "allowed_differing_spikes": allowed[0],
+            "grad_rel_err": grad_err, "allowed_grad_rel_err": allowed[1],
+            "lowest_firing_rates": [round(r, 4) for r in rates], "min_firing_rate": MIN_RATE,
+            "ok": spike_diff <= allowed[0] and grad_err <= allowed[1] and min(rates) >= MIN_RATE}
 
 
 def sync(device):
@@ -191,20 +205,27 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
     s = fmnist.split(fmnist.load(data_dir), train_size=train_images, test_size=eval_images)
     x_eq = to_input(s["test"][0][: cfg.batch_size]).to(dev)
     eq = check_equivalence(RefCSNN, cfg, x_eq, dev, compile and not cuda)
-    if not eq["ok"]:
-        raise EquivalenceError(f"our model does not compute the reference's function: {eq}")
+    eq_amp = check_equivalence(RefCSNN, cfg, x_eq, dev, False, amp=True) if amp else None
+    for e in filter(None, (eq, eq_amp)):
+        if not e["ok"]:
+            raise EquivalenceError(f"our model does not compute the reference's function: {e}")
 
     torch.manual_seed(0)
     ours = CSNN(cfg.T, cfg.channels).to(dev)
     set_backend(ours, cfg.backend)
     ours.fuse(compile and not cuda)
     ref = RefCSNN(T=cfg.T, channels=cfg.channels).to(dev)
-    ours_opt, ref_opt = make_optimizer(cfg, ours.parameters()), make_optimizer(cfg, ref.parameters())
+    # the reference's optimizer as the example makes it; ours as the trainer does (fused on CUDA)
+    ours_opt = make_optimizer(cfg, ours.parameters())
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     ours_scaler, ref_scaler = (torch.amp.GradScaler("cuda", enabled=amp) for _ in range(2))
     amp_dtype = torch.float16 if amp else None
     train_x, train_y = (t.to(dev) for t in s["train"])
     test_x, test_y = (t.to(dev) for t in s["test"])
     gen = torch.Generator().manual_seed(0)
+    # ours as fit runs it: on CUDA with CUDA graphs (cuda_graphs: auto)
+    ours_train = make_trainer(ours, ours_opt, ours_scaler, train_x, train_y, cfg.batch_size, amp_dtype, graphs=cuda)
+    eval_graphs = {} if cuda else None
     times: dict[str, list] = {k: [] for k in ("ours_train", "ref_train", "ours_eval", "ref_eval")}
     impls, ref_seen = {}, watch_reference(ref)
     with tempfile.TemporaryDirectory() as root:
@@ -218,18 +239,19 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
             times[key].append(n / (time.perf_counter() - t0))
 
         for rep in range(reps + 1):  # rep 0 is the warm-up
-            timed("ours_train", lambda: train_epoch(ours, ours_opt, ours_scaler, train_x, train_y, cfg.batch_size, gen,
-                                                    amp_dtype)[2])
+            timed("ours_train", lambda: ours_train(gen)[2])
             impls["ours_train"] = ",".join(sorted(set(ours.neuron_implementations().values())))
             timed("ref_train", lambda: reference_train(ref, ref_opt, ref_scaler, ref_train_loader, dev))
             impls["ref_train"] = ",".join(sorted(set(ref_seen.values())))
-            timed("ours_eval", lambda: (evaluate(ours, test_x, test_y, cfg.batch_size), len(test_y))[1])
+            timed("ours_eval", lambda: (evaluate(ours, test_x, test_y, cfg.batch_size, eval_graphs), len(test_y))[1])
             impls["ours_eval"] = ",".join(sorted(set(ours.neuron_implementations().values())))
             timed("ref_eval", lambda: reference_eval(ref, ref_test_loader, dev))
             impls["ref_eval"] = ",".join(sorted(set(ref_seen.values())))
             if rep == 0:
                 for v in times.values():
                     v.clear()
+    if cuda:  # which IF kernels ran, as the profiler saw them (one step of each, after the timing)
+        impls = observed_implementations(ours, ref, train_x[:cfg.batch_size], amp_dtype, len(SPIKING_LAYERS))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "backend": cfg.backend, "amp": amp,
             "compile": compile and not cuda, "loader_workers": workers, "T": cfg.T, "channels": cfg.channels,
@@ -237,7 +259,34 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
             "ours_train_img_s": round(med["ours_train"], 1), "ref_train_img_s": round(med["ref_train"], 1),
             "train_ratio": round(med["ours_train"] / med["ref_train"], 3),
             "ours_eval_img_s": round(med["ours_eval"], 1), "ref_eval_img_s": round(med["ref_eval"], 1),
-            "eval_ratio": round(med["ours_eval"] / med["ref_eval"], 3), "implementations": impls, "equivalence": eq}
+            "eval_ratio": round(med["ours_eval"] / med["ref_eval"], 3), "implementations": impls, "equivalence": eq,
+            "equivalence_amp": eq_amp}
+
+
+def observed_implementations(ours, ref, images: torch.Tensor, amp_dtype, layers: int) -> dict:
+    """observe_if_kernels of a training step (forward and backward, under AMP as timed) and
+    of a float32 evaluation forward, for ours and the reference."""
+    from csnn.model import observe_if_kernels
+
+    x = to_input(images)
+    out = {}
+    for name, net in (("ours", ours), ("ref", ref)):
+        def train():
+            net.train()
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+                net(x).float().sum().backward()
+            functional.reset_net(net)
+
+        def evaluate_():
+            net.eval()
+            with torch.no_grad():
+                net(x)
+            functional.reset_net(net)
+
+        for mode, fn in (("train", train), ("eval", evaluate_)):
+            out[f"{name}_{mode}"] = ",".join(observe_if_kernels(fn, layers)["implementations"]) or "unobserved"
+        net.zero_grad(set_to_none=False)
+    return out
 
 
 class EquivalenceError(Exception):
@@ -286,9 +335,11 @@ def main(argv=None) -> int:
     except EquivalenceError as e:
         print(f"error: {e}; no ratio printed", file=sys.stderr)
         return 1
-    eq = result["equivalence"]
-    print(f"equivalence: {eq['differing_spikes']:.3%} of spikes differ (allowed {eq['allowed_differing_spikes']:.1%}), "
-          f"gradients within {eq['grad_rel_err']:.2g} (allowed {eq['allowed_grad_rel_err']:g})")
+    for eq in filter(None, (result["equivalence"], result["equivalence_amp"])):
+        print(f"equivalence{' under AMP' if eq['amp'] else ''}: {eq['differing_spikes']:.3%} of spikes differ "
+              f"(allowed {eq['allowed_differing_spikes']:.1%}), gradients within {eq['grad_rel_err']:.2g} "
+              f"(allowed {eq['allowed_grad_rel_err']:g}), every layer fired (lowest rate "
+              f"{min(eq['lowest_firing_rates']):.3f})")
     print(f"{'':10}{'ours img/s':>12}{'reference':>12}{'ratio':>8}   IF kernels (ours / reference)")
     for k in ("train", "eval"):
         print(f"{k:10}{result[f'ours_{k}_img_s']:12.1f}{result[f'ref_{k}_img_s']:12.1f}{result[f'{k}_ratio']:8.2f}"

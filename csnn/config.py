@@ -37,7 +37,7 @@ METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tes
 # Where and how each epoch ran, reported with the metrics (not objectives): what
 # study.reproduce reads to choose its tolerance, and what a user needs to find a
 # slow or different trial (neuron_impl: the IF kernels that ran in training).
-RUN_INFO = ("run_device", "run_amp", "neuron_impl", "deterministic", "torch_version", "spikingjelly_version",
+RUN_INFO = ("run_device", "run_amp", "run_cuda_graphs", "neuron_impl", "deterministic", "torch_version", "spikingjelly_version",
             "cuda_version", "data_sha")  # data_sha: FashionMNIST.fingerprint, the images trained on
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -72,6 +72,9 @@ class TrainConfig:
     # (on when the run trains >= COMPILE_AUTO_IMAGES images; compiling costs
     # about 6 s per process with a warm inductor cache, 40 s cold).
     compile: bool | str = "auto"
+    # The whole training step (and evaluation) as CUDA graphs, replayed per batch: true,
+    # false, or auto (on whenever the run trains on CUDA). Ignored on the CPU under auto.
+    cuda_graphs: bool | str = "auto"
 
     def __post_init__(self):
         # Types first, for every field, so that a wrong type (device: 0) is named
@@ -105,8 +108,11 @@ class TrainConfig:
         if self.backend == "cupy" and self.device == "cpu":
             raise ValueError("TrainConfig.backend: 'cupy' runs on a CUDA GPU, and device is 'cpu'; "
                              "use backend 'auto' on the CPU (our compiled CPU kernels)")
-        if self.compile not in (True, False, "auto"):
-            raise ValueError(f"TrainConfig.compile: {self.compile!r} is not allowed; allowed: true, false, auto")
+        for name in ("compile", "cuda_graphs"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not allowed; allowed: true, false, auto")
+        if self.cuda_graphs is True and self.device == "cpu":
+            raise ValueError("TrainConfig.cuda_graphs: true needs a CUDA GPU, and device is 'cpu'; use auto or false")
         # The device is checked as a name here; whether it exists is train.resolve_device's (torch's) job.
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"TrainConfig.device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
@@ -159,7 +165,7 @@ FIELD_TYPES = {f: (int,) for f in ("T", "channels", "batch_size", "epochs", "see
                                    "val_size", "train_size", "test_size")}
 FIELD_TYPES.update({f: (int, float) for f in ("lr", "momentum", "weight_decay")})
 FIELD_TYPES.update({f: (str,) for f in ("optimizer", "device", "backend")})
-FIELD_TYPES.update(amp=(bool,), compile=(bool, str))
+FIELD_TYPES.update(amp=(bool,), compile=(bool, str), cuda_graphs=(bool, str))
 TYPE_WORDS = {(int,): "an integer", (int, float): "a number", (str,): "a string", (bool,): "true or false",
               (bool, str): "true, false or auto"}
 

@@ -12,7 +12,9 @@ One thread per neuron walks the T steps. Inputs and spikes are float32 or
 float16 (AMP); the membrane potential and the saved H are float32. The kernels
 are compiled by CuPy's NVRTC on first use, for whatever CuPy build is installed
 (cupy-cuda12x, cupy-cuda13x): the code only says `import cupy`. They run on
-PyTorch's current stream, so no synchronisation is needed.
+PyTorch's current stream and take its tensors by address, so no synchronisation is
+needed and they can be captured in a CUDA graph. The first layer's input, one image
+repeated at every step, is read once per neuron, not copied T times.
 """
 from __future__ import annotations
 
@@ -31,14 +33,16 @@ __device__ __forceinline__ void store(float* p, const float v) { *p = v; }
 __device__ __forceinline__ void store(half_bits* p, const float v) {
     half_bits h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); *p = h; }
 
-extern "C" __global__ void if_forward_SUFFIX(const SCALAR* __restrict__ x, SCALAR* __restrict__ s,
-        float* __restrict__ h_seq, float* __restrict__ v_last, const int T, const long long M) {
+// x_step: 0 when x is one input repeated at every step (the first layer's, CSNN.forward),
+// else M; sum_over_t: grad_x is then that one input's gradient, summed over the steps.
+extern "C" __global__ void csnn_if_forward_SUFFIX(const SCALAR* __restrict__ x, SCALAR* __restrict__ s,
+        float* __restrict__ h_seq, float* __restrict__ v_last, const int T, const long long M, const long long x_step) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= M) return;
     float v = 0.0f;
     for (int t = 0; t < T; ++t) {
         const long long k = (long long)t * M + i;
-        const float h = v + load(x[k]);
+        const float h = v + load(x[t * x_step + i]);
         const float spike = h >= 1.0f ? 1.0f : 0.0f;
         store(s + k, spike);
         if (h_seq) h_seq[k] = h;
@@ -47,12 +51,12 @@ extern "C" __global__ void if_forward_SUFFIX(const SCALAR* __restrict__ x, SCALA
     v_last[i] = v;
 }
 
-extern "C" __global__ void if_backward_SUFFIX(const SCALAR* __restrict__ grad_s, const float* __restrict__ h_seq,
-        SCALAR* __restrict__ grad_x, const float alpha, const int T, const long long M) {
+extern "C" __global__ void csnn_if_backward_SUFFIX(const SCALAR* __restrict__ grad_s, const float* __restrict__ h_seq,
+        SCALAR* __restrict__ grad_x, const float alpha, const int T, const long long M, const int sum_over_t) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= M) return;
     const float half_pi_alpha = 1.5707963267948966f * alpha;
-    float carry = 0.0f;
+    float carry = 0.0f, total = 0.0f;
     for (int t = T - 1; t >= 0; --t) {
         const long long k = (long long)t * M + i;
         const float h = h_seq[k];
@@ -60,9 +64,10 @@ extern "C" __global__ void if_backward_SUFFIX(const SCALAR* __restrict__ grad_s,
         const float sg = 0.5f * alpha / (1.0f + z * z);
         const float spike = h >= 1.0f ? 1.0f : 0.0f;
         const float g = load(grad_s[k]) * sg + carry * ((1.0f - spike) - h * sg);
-        store(grad_x + k, g);
+        if (sum_over_t) total += g; else store(grad_x + k, g);
         carry = g;
     }
+    if (sum_over_t) store(grad_x + i, total);
 }
 """
 
@@ -85,18 +90,23 @@ def _kernels(dtype: torch.dtype):
     import cupy
 
     scalar, suffix = _TYPES[dtype]
+    # --fmad=false: no contraction to FMA, as SpikingJelly's Triton kernel (enable_fp_fusion=False),
+    # so both round alike
     module = cupy.RawModule(code=_SOURCE.replace("SCALAR", scalar).replace("SUFFIX", suffix),
-                            options=("-std=c++14",))
-    return module.get_function(f"if_forward_{suffix}"), module.get_function(f"if_backward_{suffix}")
+                            options=("-std=c++14", "--fmad=false"))
+    return module.get_function(f"csnn_if_forward_{suffix}"), module.get_function(f"csnn_if_backward_{suffix}")
 
 
-def _cp(t: torch.Tensor):
+def _ptr(t: torch.Tensor | None):
+    """A tensor as the kernel's pointer argument: its address, no DLPack exchange (which
+    would make CuPy's default stream wait on torch's, and cannot be captured in a CUDA graph)."""
     import cupy
 
-    return cupy.from_dlpack(t.detach())
+    return cupy.uint64(0 if t is None else t.data_ptr())
 
 
 def _launch(kernel, device: torch.device, m: int, args) -> None:
+    """On torch's current stream (the capturing one, inside a CUDA graph capture)."""
     import cupy
 
     if m == 0:  # an empty grid is a launch error
@@ -105,44 +115,47 @@ def _launch(kernel, device: torch.device, m: int, args) -> None:
         kernel(((m + THREADS - 1) // THREADS,), (THREADS,), args)
 
 
-def forward(x_seq: torch.Tensor, keep_h: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """x_seq [T, M] (float32/float16, contiguous, CUDA) -> spikes (x's dtype), H [T, M] float32 or None,
-    final V [M] float32."""
+def forward(x: torch.Tensor, T: int, keep_h: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """x [T, M], or [1, M] for one input repeated at each of the T steps (float32/float16,
+    contiguous, CUDA) -> spikes [T, M] (x's dtype), H [T, M] float32 or None, final V [M] float32."""
     import cupy
 
-    T, m = x_seq.shape
-    spikes = torch.empty_like(x_seq)
-    h = torch.empty(x_seq.shape, dtype=torch.float32, device=x_seq.device) if keep_h else None
-    v = torch.empty(m, dtype=torch.float32, device=x_seq.device)
-    fwd, _ = _kernels(x_seq.dtype)
-    _launch(fwd, x_seq.device, m, (_cp(x_seq), _cp(spikes), _cp(h) if keep_h else cupy.uint64(0), _cp(v),
-                                   cupy.int32(T), cupy.int64(m)))
+    m = x.shape[1]
+    assert x.is_contiguous() and x.shape[0] in (1, T), x.shape
+    spikes = torch.empty((T, m), dtype=x.dtype, device=x.device)
+    h = torch.empty((T, m), dtype=torch.float32, device=x.device) if keep_h else None
+    v = torch.empty(m, dtype=torch.float32, device=x.device)
+    fwd, _ = _kernels(x.dtype)
+    _launch(fwd, x.device, m, (_ptr(x), _ptr(spikes), _ptr(h), _ptr(v), cupy.int32(T), cupy.int64(m),
+                               cupy.int64(0 if x.shape[0] == 1 < T else m)))
     return spikes, h, v
 
 
-def backward(grad_s: torch.Tensor, h: torch.Tensor, alpha: float) -> torch.Tensor:
+def backward(grad_s: torch.Tensor, h: torch.Tensor, alpha: float, repeated: bool) -> torch.Tensor:
+    """dL/dX from dL/dS [T, M] and H: [T, M], or [1, M] summed over the steps when `repeated`."""
     import cupy
 
     T, m = h.shape
-    grad_x = torch.empty_like(grad_s)
+    grad_x = torch.empty((1 if repeated else T, m), dtype=grad_s.dtype, device=h.device)
     _, bwd = _kernels(grad_s.dtype)
-    _launch(bwd, h.device, m, (_cp(grad_s), _cp(h), _cp(grad_x), cupy.float32(alpha), cupy.int32(T), cupy.int64(m)))
+    _launch(bwd, h.device, m, (_ptr(grad_s), _ptr(h), _ptr(grad_x), cupy.float32(alpha), cupy.int32(T),
+                               cupy.int64(m), cupy.int32(repeated)))
     return grad_x
 
 
 class CupyIF(torch.autograd.Function):
-    """Multi-step IF over x_seq [T, M]; returns (spikes, final V). Gradient flows to x_seq only."""
+    """Multi-step IF over x [T, M] (or [1, M] repeated T times); returns (spikes [T, M], final V).
+    Gradient flows to x only."""
 
     @staticmethod
-    def forward(ctx, x_seq: torch.Tensor, alpha: float):
-        spikes, h, v = forward(x_seq, keep_h=True)
+    def forward(ctx, x: torch.Tensor, T: int, alpha: float):
+        spikes, h, v = forward(x, T, keep_h=True)
         ctx.save_for_backward(h)
-        ctx.alpha = alpha
+        ctx.alpha, ctx.repeated = alpha, x.shape[0] == 1 < T
         ctx.mark_non_differentiable(v)
         return spikes, v
 
     @staticmethod
     def backward(ctx, grad_s, grad_v):
         (h,) = ctx.saved_tensors
-        return backward(grad_s.contiguous(), h, ctx.alpha), None
-
+        return backward(grad_s.contiguous(), h, ctx.alpha, ctx.repeated), None, None

@@ -203,13 +203,15 @@ def split(data: FashionMNIST, val_size: int = 0, train_size: int = 0, test_size:
     return out
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False,
-            device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """Index tensors (on `device`) of successive batches; shuffled by the CPU `generator` when given."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    order = order.to(device)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+def batch_order(n: int, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The indices of one training epoch as [batches, batch_size], on `device`, shuffled by the CPU
+    `generator` (kept in checkpoints); the last partial batch is dropped as the tutorial's DataLoader
+    does, unless it is the only one. Copied to a GPU without a host sync (pinned, non-blocking)."""
+    size = min(batch_size, n) or 1
+    order = torch.randperm(n, generator=generator)[: n - n % size]
+    if torch.device(device).type == "cuda":
+        order = order.pin_memory().to(device, non_blocking=True)
+    return order.view(-1, size)
 
 
 def to_input(x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -165,8 +166,15 @@ class IFNode(neuron.IFNode):
         elif fresh and self.kernel == "cupy" and device == "cuda" and dtype in (torch.float32, torch.float16):
             from csnn import cupy_if
 
-            flat = flat.contiguous()
-            spikes, v = cupy_if.CupyIF.apply(flat, ALPHA) if grad else cupy_if.forward(flat, False)[::2]
+            T, base = x_seq.shape[0], x_seq._base
+            if (T > 1 and x_seq.stride(0) == 0 and base is not None and base.is_contiguous()
+                    and base.data_ptr() == x_seq.data_ptr() and base.numel() == x_seq[0].numel()):
+                # one input repeated T times (CSNN.forward's expand): the kernels read it once, and
+                # the gradient goes to it directly, summed over the steps, not through T copies
+                flat = base.view(1, -1)
+            else:
+                flat = flat.contiguous()
+            spikes, v = cupy_if.CupyIF.apply(flat, T, ALPHA) if grad else cupy_if.forward(flat, T, False)[::2]
             self.implementation = "cupy"
         elif fresh and self.kernel == "reference":
             from spikingjelly._ops.if_.reference import _forward_impl
@@ -188,15 +196,51 @@ class IFNode(neuron.IFNode):
 
 def spikingjelly_implementation(x_seq: torch.Tensor, surrogate_function) -> str:
     """Which of SpikingJelly 2's IF implementations its multi-step IFNode runs for
-    this input, given a float32 state: the conditions of its
-    functional.if_multi_step (its own logger, which says so, is off by default)."""
+    this input, given a float32 state: the conditions of its functional.if_multi_step.
+    On CUDA it is not derived but observed (observe_if_kernels): "spikingjelly" here."""
     if _surrogate_spec(surrogate_function) is None or x_seq.dtype not in FUSED_DTYPES:
         return "spikingjelly-reference"
-    if x_seq.device.type != "cuda":
-        return "spikingjelly-cpu"
-    from spikingjelly._ops.if_ import _selection
+    return "spikingjelly-cpu" if x_seq.device.type != "cuda" else "spikingjelly"
 
-    return "spikingjelly-" + _selection.diagnostics(x_seq.device)["implementation"]
+
+def if_kernel(name: str) -> tuple[str, str] | None:
+    """(implementation, "forward" or "backward") of a GPU kernel that runs IF neurons, from
+    its name in a profiler trace; None for any other kernel. SpikingJelly's reference loop
+    runs as plain elementwise kernels: it has none."""
+    m = re.fullmatch(r"csnn_if_(forward|backward)_f(16|32)", name)  # ours (csnn.cupy_if)
+    if m:
+        return "cupy", m[1]
+    m = re.match(r"_(forward|backward)_kernel\b", name)  # SpikingJelly's Triton kernels (_ops/if_/triton.py)
+    if m:
+        return "spikingjelly-triton", m[1]
+    m = re.search(r"\bif_(forward|backward)\b", name)  # SpikingJelly's CUDA C++ kernels (_ops/if_/kernels.cuh)
+    return ("spikingjelly-cuda", m[1]) if m else None
+
+
+def observe_if_kernels(fn, layers: int) -> dict:
+    """Run fn() (a forward, or a training step) under torch.profiler and count, per
+    direction, the IF kernels that ran on the GPU, by implementation. `implementations`
+    names them, "spikingjelly-reference" included when fewer kernels than `layers` ran in
+    a direction that ran any IF work; `kernels` counts every GPU activity seen (0: the
+    profiler could not see the GPU, and nothing was observed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict = {"kernels": 0, "forward": {}, "backward": {}}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        out["kernels"] += 1
+        hit = if_kernel(e.name)
+        if hit:
+            out[hit[1]][hit[0]] = out[hit[1]].get(hit[0], 0) + 1
+    impls = set(out["forward"]) | set(out["backward"])
+    if sum(out["forward"].values()) < layers or out["backward"] and sum(out["backward"].values()) < layers:
+        impls.add("spikingjelly-reference")
+    out["implementations"] = sorted(impls) if out["kernels"] else []
+    return out
 
 
 class CSNN(nn.Module):

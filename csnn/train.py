@@ -6,6 +6,7 @@ trainable, the study's retrain and reproduce) calls `fit(config, data, ...)`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -23,7 +24,7 @@ from csnn import efficiency
 from csnn.atomic import write_atomic
 from csnn.config import COMPILE_AUTO_IMAGES, TrainConfig
 from csnn.data import to_input
-from csnn.model import CSNN, set_backend
+from csnn.model import CSNN, observe_if_kernels, set_backend
 
 COST_IMAGES = 128  # the first validation (else test) images, counted each epoch (~8 ms an image on 2 cores)
 
@@ -41,61 +42,160 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """cfg's optimizer. On CUDA the fused one (one kernel for all parameters), which also
+    lets GradScaler unscale and skip an inf step on the device: with the others its step()
+    reads found_inf with .item(), a host sync per batch."""
+    params = list(params)
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
-def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
+WARMUP_STEPS = 3  # eager calls before capture: Triton compiles, cuDNN autotunes, the optimizer makes its state
+
+
+def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS,
+               capturing: Callable = contextlib.nullcontext) -> Callable:
+    """`run(*inputs)`: copies `inputs` into the `static` tensors, then calls `fn(*static)`:
+    eagerly on a side stream for the first `warmup` calls, then captures it once as a CUDA
+    graph (inside `capturing()`) and from then on replays it. Capture records without
+    running, so the capturing call replays once: every call does the work exactly once.
+    `fn` must keep all its state in tensors (a Python value it reads is frozen at capture)."""
+    device = static[0].device
+    side = torch.cuda.Stream(device)
+    graph, calls = None, 0
+
+    def run(*inputs):
+        nonlocal graph, calls
+        for dst, src in zip(static, inputs):
+            dst.copy_(src)
+        if graph is None:
+            calls += 1
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                if calls <= warmup:
+                    fn(*static)
+                else:
+                    g = torch.cuda.CUDAGraph()
+                    with capturing(), torch.cuda.graph(g, stream=side, capture_error_mode="thread_local"):
+                        fn(*static)
+            torch.cuda.current_stream(device).wait_stream(side)
+            if calls <= warmup:
+                return
+            graph = g
+        graph.replay()
+
+    return run
+
+
+@contextlib.contextmanager
+def _lr_from(optimizer: torch.optim.Optimizer, lr: torch.Tensor):
+    """While a step is captured, the optimizer reads its lr from the tensor `lr` (which the
+    training loop fills with the scheduler's value before each epoch) and says it is capturable
+    (Adam refuses capture otherwise); outside, its groups stay as they are (floats, as in a checkpoint)."""
+    saved = [{k: g[k] for k in ("lr", "capturable") if k in g} for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+        if "capturable" in g:
+            g["capturable"] = True
+    try:
+        yield
+    finally:
+        for g, old in zip(optimizer.param_groups, saved):
+            g.update(old)
+
+
+def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int, graphs: dict | None = None) -> dict:
     """Loss, accuracy and per-layer firing rates over a whole split (one host sync).
     Always in float32, as the tutorial measured its 0.9263, even inside an autocast
-    region: AMP is for training."""
+    region: AMP is for training. With `graphs` (a dict kept across calls, on CUDA) full
+    batches replay one CUDA graph; a last partial batch runs eagerly."""
     net.eval()
-    loss = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device)
-    rates = torch.zeros(len(net.spiking_layers), device=x.device)
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        for idx in fmnist.batches(len(y), batch_size, device=x.device):
-            label = y[idx]
-            batch_rates: list = []
-            fr = net(to_input(x[idx]), batch_rates)
-            loss += F.mse_loss(fr, F.one_hot(label, 10).float(), reduction="sum") / 10
-            correct += (fr.argmax(1) == label).sum()
-            rates += torch.stack(batch_rates) * len(idx)
-            functional.reset_net(net)
-    n = max(len(y), 1)
-    out = {"loss": loss.item() / n, "acc": correct.item() / n}
-    out.update({f"fr_{i}": r / n for i, r in zip(net.spiking_layers, rates.tolist())})
+    n, device = len(y), x.device
+    if graphs is not None and "sums" in graphs:
+        sums = graphs["sums"].zero_()
+    else:  # loss, correct, then the firing rate of each spiking layer, summed over images
+        sums = torch.zeros(2 + len(net.spiking_layers), device=device)
+
+    def step(xb, yb):
+        rates: list = []
+        fr = net(to_input(xb), rates)
+        loss = F.mse_loss(fr, F.one_hot(yb, 10).float(), reduction="sum") / 10
+        sums.add_(torch.cat([loss.view(1), (fr.argmax(1) == yb).sum().view(1), torch.stack(rates) * len(yb)]))
+        functional.reset_net(net)
+
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        for i in range(0, n, batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            if graphs is None or len(yb) < batch_size:
+                step(xb, yb)
+                continue
+            if "run" not in graphs:
+                graphs.update(sums=sums, run=cuda_graph(step, torch.empty_like(xb), torch.empty_like(yb), warmup=2))
+            graphs["run"](xb, yb)
+    total = sums.tolist()
+    out = {"loss": total[0] / max(n, 1), "acc": total[1] / max(n, 1)}
+    out.update({f"fr_{i}": r / max(n, 1) for i, r in zip(net.spiking_layers, total[2:])})
     return out
 
 
-def train_epoch(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                order_gen: torch.Generator, amp_dtype=None) -> tuple[float, float, int]:
-    """One pass over (x, y) in the order drawn from order_gen, dropping the last
-    partial batch as the tutorial. Returns (loss sum, correct, images); the
-    only host syncs are at the end (and on CUDA)."""
-    net.train()
+def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 amp_dtype=None, graphs: bool = False, observe: dict | None = None) -> Callable:
+    """`train_epoch(order_gen)`: one pass over (x, y) in the order drawn from order_gen,
+    dropping the last partial batch as the tutorial. Returns (loss sum, correct) as
+    tensors on the device and the number of images: nothing in it waits for the GPU.
+    With `graphs` (CUDA), the whole step (forward, loss, scaled backward, optimizer step,
+    scaler update, metric sums) is one CUDA graph after WARMUP_STEPS eager steps, captured
+    in the first epoch of this trainer (so after any checkpoint was restored into it).
+    `observe` (a dict, CUDA) receives observe_if_kernels of the first step."""
     device = x.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    idxs = fmnist.batches(len(y), batch_size, order_gen, drop_last=True, device=device)
-    for idx in idxs:
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    lr = torch.zeros((), device=device)  # what a captured optimizer step reads (_lr_from)
+
+    def step(idx):
         label = y[idx]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        # cache_enabled=False: autocast's cache of float16 weights would be frozen into a graph
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
             fr = net(to_input(x[idx]))
             loss = F.mse_loss(fr.float(), F.one_hot(label, 10).float())
+        # Captured with no .grad, backward writes fresh gradients at every replay: no zeroing between them.
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         functional.reset_net(net)  # the one place membrane potentials are cleared
-        loss_sum += loss.detach() * len(idx)
-        correct += (fr.argmax(1) == label).sum()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return loss_sum.item(), correct.item(), sum(len(i) for i in idxs)
+        loss_sum.add_(loss.detach() * len(idx))
+        correct.add_((fr.argmax(1) == label).sum())
+
+    def first_observed(idx):
+        if "kernels" in observe:
+            return step(idx)
+        observe.update(observe_if_kernels(lambda: step(idx), len(net.spiking_layers)))
+
+    fn = first_observed if observe is not None else step
+    run = cuda_graph(fn, torch.zeros(min(batch_size, len(y)), dtype=torch.long, device=device),
+                     capturing=lambda: _lr_from(optimizer, lr)) if graphs else fn
+
+    def train_epoch(order_gen: torch.Generator):
+        net.train()
+        loss_sum.zero_(), correct.zero_()
+        lr.fill_(optimizer.param_groups[0]["lr"])
+        order = fmnist.batch_order(len(y), batch_size, order_gen, device)
+        for idx in order:
+            run(idx)
+        return loss_sum, correct, order.numel()
+
+    return train_epoch
+
+
+def use_cuda_graphs(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.cuda_graphs is True and device.type != "cuda":
+        raise RuntimeError(f"cuda_graphs: true needs a CUDA device, and this run trains on {device}; "
+                           "use cuda_graphs: auto (graphs on CUDA only)")
+    return device.type == "cuda" and cfg.cuda_graphs is not False
 
 
 def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None = None,
@@ -135,6 +235,12 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     train_x, train_y = splits["train"]
     if device.type == "cpu":  # on CUDA SpikingJelly's own kernels run
         net.fuse(cfg.compile if cfg.compile != "auto" else cfg.epochs * len(train_y) >= COMPILE_AUTO_IMAGES)
+    else:  # cuDNN picks its fastest algorithms by timing them, unless runs must repeat exactly
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+    graphs = use_cuda_graphs(cfg, device)
+    observed = {} if device.type == "cuda" else None  # the IF kernels of the first step, seen by the profiler
+    train_epoch = make_trainer(net, optimizer, scaler, train_x, train_y, cfg.batch_size, amp_dtype, graphs, observed)
+    eval_graphs = {} if graphs else None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
 
@@ -143,11 +249,11 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         if stop_after is not None and epoch - start_epoch >= stop_after:
             break
         t0 = time.perf_counter()
-        loss_sum, correct, n_train = train_epoch(net, optimizer, scaler, train_x, train_y, cfg.batch_size,
-                                                 order_gen, amp_dtype)
+        loss_sum, correct, n_train = train_epoch(order_gen)
+        loss_sum, correct = loss_sum.item(), correct.item()  # the epoch's one wait for the GPU
         train_s = time.perf_counter() - t0
         if epoch == start_epoch:
-            info = {**run_info(net, device, use_amp), "data_sha": data.fingerprint}
+            info = {**run_info(net, device, use_amp, graphs, observed), "data_sha": data.fingerprint}
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
@@ -158,9 +264,9 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
             raise FloatingPointError(f"epoch {epoch}: diverged (train_loss {m['train_loss']}, "
                                      f"{'finite' if finite else 'non-finite'} weights); try an lr below {cfg.lr}")
         if "val" in splits:
-            v = evaluate(net, *splits["val"], cfg.batch_size)
+            v = evaluate(net, *splits["val"], cfg.batch_size, eval_graphs)
             m.update(val_loss=v["loss"], val_acc=v["acc"])
-        t = evaluate(net, *splits["test"], cfg.batch_size)
+        t = evaluate(net, *splits["test"], cfg.batch_size, eval_graphs)
         m.update(test_loss=t["loss"], test_acc=t["acc"], train_img_s=n_train / train_s)
         # Firing rates and costs may be objectives: count them where selection looks,
         # the validation split, or the test set when there is none (the tutorial's command line).
@@ -181,19 +287,26 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     return history
 
 
-def run_info(net: CSNN, device: torch.device, amp: bool) -> dict:
+def run_info(net: CSNN, device: torch.device, amp: bool, graphs: bool, observed: dict | None) -> dict:
     """Where and how this run trains (config.RUN_INFO), read after its first training
-    epoch; says once which IF kernels ran, and warns when CUDA fell back to
-    SpikingJelly's slow reference loop."""
+    epoch; says once which IF kernels ran (on CUDA the kernels the profiler saw in the
+    first step, `observed`), and warns when CUDA fell back to SpikingJelly's slow reference loop."""
     from importlib.metadata import version
 
-    impls = sorted({i or "none" for i in net.neuron_implementations().values()})
+    if observed is None:  # the CPU: which of our code paths ran
+        impls = sorted({i or "none" for i in net.neuron_implementations().values()})
+    else:
+        impls = observed.get("implementations") or ["unobserved"]
     name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-    print(f"csnn: training on {name}, AMP {'on' if amp else 'off'}, IF kernels: {', '.join(impls)}", flush=True)
+    print(f"csnn: training on {name}, AMP {'on' if amp else 'off'}, CUDA graphs {'on' if graphs else 'off'}, "
+          f"IF kernels: {', '.join(impls)}", flush=True)
     if device.type == "cuda" and any(i.endswith("reference") for i in impls):
         warnings.warn(f"SpikingJelly's fused IF kernel did not run on {name} ({', '.join(impls)}): training is slow",
                       stacklevel=3)
-    return {"run_device": name, "run_amp": amp, "neuron_impl": ",".join(impls),
+    if impls == ["unobserved"]:
+        warnings.warn(f"torch.profiler saw no GPU kernel on {name} (CUPTI unavailable?): which IF kernels ran is "
+                      "not known", stacklevel=3)
+    return {"run_device": name, "run_amp": amp, "run_cuda_graphs": graphs, "neuron_impl": ",".join(impls),
             "deterministic": torch.are_deterministic_algorithms_enabled(), "torch_version": torch.__version__,
             "spikingjelly_version": version("spikingjelly"), "cuda_version": torch.version.cuda or ""}
 

@@ -95,7 +95,7 @@ def calibrate(threads: int, batch_size: int = 128) -> dict:
     import torch
 
     from csnn.model import CSNN
-    from csnn.train import evaluate, make_optimizer, train_epoch
+    from csnn.train import evaluate, make_optimizer, make_trainer
 
     # This VM's CPU runs now and then at half speed for a second or so (busy() read 1.1 or 2.0 on the
     # idle machine, a process at a time): the lower of a reading before and one after the calibration.
@@ -123,8 +123,9 @@ def calibrate(threads: int, batch_size: int = 128) -> dict:
             net.fuse(False)
             opt = make_optimizer(TrainConfig(T=T, channels=C), net.parameters())
             scaler = torch.amp.GradScaler("cuda", enabled=False)
-            train_epoch(net, opt, scaler, x[:b], y[:b], b, gen)  # the first batch allocates: not timed
-            points["train"].append((T, C, fastest(lambda: train_epoch(net, opt, scaler, x[:b], y[:b], b, gen), b)))
+            train_epoch = make_trainer(net, opt, scaler, x[:b], y[:b], b)
+            train_epoch(gen)  # the first batch allocates: not timed
+            points["train"].append((T, C, fastest(lambda: train_epoch(gen), b)))
             points["eval"].append((T, C, fastest(lambda: evaluate(net, x, y, b), len(y))))
     finally:
         torch.set_num_threads(before)

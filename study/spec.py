@@ -329,6 +329,10 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     if cupy and res["gpus_per_trial"] == 0:  # a trial without a GPU runs on the CPU, where cupy cannot
         raise _err(where, "resources.gpus_per_trial", "0 is not allowed with backend cupy, whose kernels run on a "
                    "GPU; give each trial a GPU share (or auto), or use backend auto")
+    graphs = train.get("cuda_graphs") is True or True in (space.get("cuda_graphs") or {}).get("choices", [])
+    if graphs and res["gpus_per_trial"] == 0:
+        raise _err(where, "resources.gpus_per_trial", "0 is not allowed with cuda_graphs: true, which needs a GPU; "
+                   "give each trial a GPU share (or auto), or use cuda_graphs: auto (graphs wherever a trial has a GPU)")
 
     retrain = _section(where, raw, "retrain", DEFAULTS["retrain"])
     given = retrain["epochs"] is not None

@@ -105,11 +105,12 @@ def test_real_debian_data_known_figures(real_data):
     assert real_data.train_y.bincount().tolist() == [6000] * 10
 
 
-def test_batches_cover_once():
-    b = fmnist.batches(300, 128, torch.Generator().manual_seed(0), drop_last=True)
-    assert [len(i) for i in b] == [128, 128]
-    allb = torch.cat(fmnist.batches(300, 128))
-    assert sorted(allb.tolist()) == list(range(300))
+def test_batch_order_covers_each_image_once_and_drops_the_last_partial_batch():
+    b = fmnist.batch_order(300, 128, torch.Generator().manual_seed(0))
+    assert b.shape == (2, 128) and len(set(b.flatten().tolist())) == 256 and b.max() < 300
+    assert not torch.equal(b.flatten(), torch.arange(256))  # shuffled
+    assert torch.equal(b, fmnist.batch_order(300, 128, torch.Generator().manual_seed(0)))
+    assert sorted(fmnist.batch_order(50, 128, torch.Generator()).flatten().tolist()) == list(range(50))  # the only batch
 
 
 def test_the_fingerprint_is_of_the_data_not_the_files(tmp_path):

@@ -5,18 +5,129 @@ import torch
 from conftest import write_dataset
 from csnn import data as fmnist
 from csnn import efficiency
-from csnn.model import ALPHA, CSNN, set_backend
+from csnn.config import TrainConfig
+from csnn.model import ALPHA, CSNN, observe_if_kernels, set_backend
+from csnn.train import fit, make_optimizer, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run python -m csnn.gpucheck on one)")
 
 
-def test_amp_keeps_the_fused_kernel_and_a_float32_state():
-    net = CSNN(4, 16).cuda()
+def amp_step(net, x):
     with torch.autocast("cuda", dtype=torch.float16):
-        net(torch.rand(8, 1, 28, 28, device="cuda")).float().sum().backward()
-    impls = net.neuron_implementations()
-    assert set(impls.values()) <= {"spikingjelly-triton", "spikingjelly-cuda"}, impls
+        net(x).float().sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["auto", "cupy"])
+def test_the_profiler_sees_a_fused_if_kernel_per_layer_forward_and_backward(backend):
+    net = CSNN(4, 16).cuda()
+    set_backend(net, backend)
+    x = torch.rand(8, 1, 28, 28, device="cuda")
+    seen = observe_if_kernels(lambda: amp_step(net, x), 4)
+    want = "cupy" if backend == "cupy" else {"spikingjelly-triton", "spikingjelly-cuda"}
+    assert len(seen["implementations"]) == 1 and seen["implementations"][0] in want, seen
+    assert sum(seen["forward"].values()) == 4 and sum(seen["backward"].values()) == 4, seen
     assert all(net.conv_fc[i].v.dtype == torch.float32 for i in net.spiking_layers)
+
+
+def test_the_profiler_sees_the_reference_loop_as_no_fused_kernel():
+    net = CSNN(4, 16).cuda()
+    for i in net.spiking_layers:
+        net.conv_fc[i].kernel = "reference"
+    seen = observe_if_kernels(lambda: amp_step(net, torch.rand(8, 1, 28, 28, device="cuda")), 4)
+    assert seen["kernels"] > 0 and seen["implementations"] == ["spikingjelly-reference"], seen
+
+
+def trainer(graphs: bool, backend: str = "auto", optimizer: str = "sgd", images: int = 30 * 32, seed: int = 0):
+    """A small CSNN's make_trainer (batch 32) on real images, with its net, optimizer and scaler."""
+    cfg = TrainConfig(T=4, channels=16, batch_size=32, optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 1e-3,
+                      device="cuda", backend=backend)
+    x, y = (t.cuda() for t in fmnist.split(fmnist.load(None), train_size=images)["train"])
+    torch.manual_seed(seed)
+    net = CSNN(cfg.T, cfg.channels).cuda()
+    set_backend(net, backend)
+    opt = make_optimizer(cfg, net.parameters())
+    scaler = torch.amp.GradScaler("cuda")
+    return make_trainer(net, opt, scaler, x, y, cfg.batch_size, torch.float16, graphs), net, opt, scaler
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_an_epoch_waits_for_the_gpu_nowhere(graphs):
+    train_epoch, *_ = trainer(graphs)
+    gen = torch.Generator().manual_seed(0)
+    train_epoch(gen)  # warm-up, capture (which synchronizes once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, correct, n = train_epoch(gen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert n == 30 * 32 and loss.item() > 0 and 0 <= correct.item() <= n
+
+
+def state_of(net, opt, scaler) -> dict:
+    out = {f"p.{k}": v.detach().clone() for k, v in net.state_dict().items()}  # weights, BatchNorm statistics
+    out.update({f"opt.{i}.{k}": v.clone() for i, s in opt.state.items() for k, v in s.items() if torch.is_tensor(v)})
+    out.update(scale=scaler._scale.clone(), growth=scaler._growth_tracker.clone())
+    return out
+
+
+@pytest.mark.parametrize("backend,optimizer", [("auto", "sgd"), ("auto", "adam"), ("cupy", "sgd")])
+def test_the_graphed_step_computes_what_the_eager_one_does(backend, optimizer):
+    """30 batches from one seed (so 27 of them replayed): loss and accuracy sums, weights,
+    BatchNorm statistics, optimizer state and the scaler's, and the spikes of a forward after."""
+    runs = []
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        for graphs in (False, True):
+            train_epoch, net, opt, scaler = trainer(graphs, backend, optimizer)
+            loss, correct, _ = train_epoch(torch.Generator().manual_seed(0))
+            x = torch.rand(16, 1, 28, 28, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+            with torch.no_grad():
+                net.eval()
+                spikes = net(x)
+            runs.append({"loss": loss.clone(), "correct": correct.clone(), "out": spikes, **state_of(net, opt, scaler)})
+    eager, graphed = runs
+    assert eager.keys() == graphed.keys()
+    for k in eager:
+        torch.testing.assert_close(graphed[k].float(), eager[k].float(), rtol=1e-6, atol=1e-6, msg=k)
+    assert eager["p.conv_fc.1.num_batches_tracked"] == 30
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_an_inf_gradient_skips_the_step_and_halves_the_scale(graphs):
+    train_epoch, net, opt, scaler = trainer(graphs, images=5 * 32)
+    train_epoch(torch.Generator().manual_seed(0))  # warm-up and capture
+    before = {k: v.clone() for k, v in net.state_dict().items() if "conv_fc.0" in k or "conv_fc.9" in k}
+    scaler._scale.fill_(2.0 ** 120)  # the float16 backward overflows: every batch's gradient is inf
+    train_epoch(torch.Generator().manual_seed(1))
+    assert scaler.get_scale() == 2.0 ** 115  # five skipped steps, each halving it
+    for k, v in before.items():
+        assert torch.equal(net.state_dict()[k], v), k
+
+
+def test_the_graphed_step_reads_the_learning_rate_of_the_scheduler():
+    train_epoch, net, opt, scaler = trainer(True, images=5 * 32)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1)  # lr 0.1, then 0 after one step
+    gen = torch.Generator().manual_seed(0)
+    weights = lambda: torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    w0 = weights()
+    train_epoch(gen)
+    w1 = weights()
+    assert not torch.equal(w0, w1)
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0 and isinstance(opt.param_groups[0]["lr"], float)
+    train_epoch(gen)  # replays only: with lr 0 the SGD step changes no weight
+    assert torch.equal(weights(), w1)
+
+
+def test_fit_trains_with_cuda_graphs_and_records_it(tmp_path):
+    data = fmnist.load(write_dataset(tmp_path / "data", n_train=640, n_test=100))
+    cfg = dict(T=2, channels=8, batch_size=32, epochs=2)
+    graphed = fit(TrainConfig(**cfg, device="cuda"), data, tmp_path / "g", stop_after=1)
+    eager = fit(TrainConfig(**cfg, device="cuda", cuda_graphs=False), data)
+    assert graphed[0]["run_cuda_graphs"] is True and eager[0]["run_cuda_graphs"] is False
+    assert graphed[0]["neuron_impl"] in ("spikingjelly-triton", "spikingjelly-cuda")
+    resumed = fit(TrainConfig(**cfg, device="cuda"), data, tmp_path / "g", resume=tmp_path / "g" / "checkpoint_latest.pth")
+    assert [m["epoch"] for m in resumed] == [1] and resumed[0]["train_loss"] == pytest.approx(eager[1]["train_loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -32,7 +143,7 @@ def test_cupy_kernels_match_spikingjellys_reference_loop(dtype):
     xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
     sr, vr, _ = multi_step(xr, torch.zeros(3000, device="cuda"), 1.0, 0.0, surrogate.ATan(alpha=ALPHA), False)
     sr.backward(g.to(sr.dtype))
-    sc, vc = CupyIF.apply(xc, ALPHA)
+    sc, vc = CupyIF.apply(xc, 5, ALPHA)
     sc.backward(g)
     assert sc.dtype == dtype and vc.dtype == torch.float32
     assert 0.05 < sr.float().mean() < 0.95  # both spiking and silent neurons are exercised
@@ -46,11 +157,40 @@ def test_cupy_forward_without_autograd_is_the_same():
     from csnn import cupy_if
 
     x = torch.randn(4, 5000, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)) + 0.5
-    spikes, h, v = cupy_if.forward(x, keep_h=False)
+    spikes, h, v = cupy_if.forward(x, 4, keep_h=False)
     assert h is None
-    s2, v2 = cupy_if.CupyIF.apply(x.clone().requires_grad_(), ALPHA)
+    s2, v2 = cupy_if.CupyIF.apply(x.clone().requires_grad_(), 4, ALPHA)
     assert torch.equal(spikes, s2.detach()) and torch.equal(v, v2)
-    assert cupy_if.forward(x[:, :0].contiguous(), keep_h=False)[0].shape == (4, 0)  # no launch for no neurons
+    assert cupy_if.forward(x[:, :0].contiguous(), 4, keep_h=False)[0].shape == (4, 0)  # no launch for no neurons
+
+
+def test_cupy_reads_a_repeated_input_once_with_the_summed_gradient():
+    from csnn.cupy_if import CupyIF
+
+    x = torch.randn(1, 5000, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3)) + 0.5
+    g = torch.randn(4, 5000, device="cuda", generator=torch.Generator(device="cuda").manual_seed(4))
+    xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    sr, vr = CupyIF.apply(xr.expand(4, -1).contiguous(), 4, ALPHA)  # T copies, as before
+    sr.backward(g)
+    sc, vc = CupyIF.apply(xc, 4, ALPHA)
+    sc.backward(g)
+    assert torch.equal(sc, sr) and torch.equal(vc, vr) and xc.grad.shape == (1, 5000)
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cupy_first_layer_takes_the_repeated_input_without_a_copy():
+    """CSNN.forward repeats the first layer's input T times as a view: the kernels read that view's base."""
+    net = CSNN(4, 8).cuda()
+    set_backend(net, "cupy")
+    seen = {}
+    net.conv_fc[2].register_forward_pre_hook(lambda m, a: seen.update(stride=a[0].stride(0)))
+    x = torch.rand(8, 1, 28, 28, device="cuda")
+    out = net(x)
+    ref = CSNN(4, 8).cuda()
+    ref.load_state_dict(net.state_dict())
+    for i in ref.spiking_layers:
+        ref.conv_fc[i].kernel = "reference"
+    assert seen["stride"] == 0 and torch.equal(out, ref(x))
 
 
 def test_cupy_backend_runs_in_the_network():
@@ -74,9 +214,6 @@ def test_cost_counts_do_not_depend_on_the_device():
 
 
 def test_a_cpu_checkpoint_resumes_on_the_gpu(tmp_path):
-    from csnn.config import TrainConfig
-    from csnn.train import fit
-
     data = fmnist.load(write_dataset(tmp_path / "data", n_train=200, n_test=50))
     cfg = dict(T=2, channels=4, batch_size=50, epochs=2, amp=True)
     fit(TrainConfig(**cfg, device="cpu"), data, tmp_path / "run", stop_after=1)
@@ -96,4 +233,4 @@ def test_evaluation_runs_in_float32_inside_an_amp_region():
     plain = evaluate(net, x, y, 32)
     with torch.autocast("cuda", dtype=torch.float16):
         assert evaluate(net, x, y, 32) == plain
-    assert set(net.neuron_implementations().values()) <= {"spikingjelly-triton", "spikingjelly-cuda"}
+    assert set(net.neuron_implementations().values()) == {"spikingjelly"}  # which one: observe_if_kernels
