@@ -1,7 +1,8 @@
 """python -m csnn.gpucheck: what only a GPU can show about the GPU path, in about 3 minutes, on one GPU.
 
-Needs neither Ray nor Optuna. In order, each check recording its figures or
-its error (a failed check does not stop the others):
+Needs neither Ray nor Optuna. In order, each check recording its figures and,
+if it failed, its error (a failed check does not stop the others; the GPU tests
+and the trainer processes have time limits, so a hang there fails its check):
 
   tests        the GPU-only tests (tests/test_gpu.py), when run from a checkout:
                fails when any was skipped or none ran
@@ -17,7 +18,7 @@ its error (a failed check does not stop the others):
   speed        train and eval images/s at the tutorial's setting (T 4, 128
                channels, batch 128, AMP): backend auto, backend cupy, and
                SpikingJelly's example as the tutorial runs it (python -m csnn.bench);
-               fails when ours is slower than the example
+               fails when ours is slower than the example or computes another function
   epoch        one full epoch at that setting on the real data: images/s, test
                accuracy (fails under 0.80)
   concurrency  1, 2, 4 and 8 such trainers at once on the GPU (plain processes,
@@ -36,8 +37,10 @@ import contextlib
 import json
 import os
 import re
+import select
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -49,6 +52,19 @@ from csnn.config import TUTORIAL as CONFIG
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = {**{k: v for k, v in CONFIG.items() if k != "epochs"}, "amp": True}
 FUSED = ("spikingjelly-triton", "spikingjelly-cuda")
+
+
+class CheckFailed(AssertionError):
+    """A failed check that keeps what it measured: its figures go into the JSON beside the error."""
+
+    def __init__(self, message: str, figures: dict):
+        super().__init__(message)
+        self.figures = figures
+
+
+def require(ok, message: str, figures: dict) -> None:
+    if not ok:
+        raise CheckFailed(message, figures)
 
 
 def versions() -> dict:
@@ -68,12 +84,15 @@ def versions() -> dict:
     return out
 
 
-def check_tests() -> dict:
-    tests = ROOT / "tests" / "test_gpu.py"
+TESTS_LIMIT_S = 300  # the GPU tests took about a minute when planned: a hang fails the check, not the whole run
+
+
+def check_tests(data_dir=None, tests: Path = ROOT / "tests" / "test_gpu.py") -> dict:
     if not tests.exists():
         return {"skipped": f"{tests} not found (run from a checkout)"}
+    env = {**os.environ, **({"CSNN_DATA": str(data_dir)} if data_dir else {})}  # the tests' real data: --data-dir's
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tests)],
-                       cwd=ROOT, capture_output=True, text=True)
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=TESTS_LIMIT_S)
     last = (p.stdout.strip().splitlines() or [""])[-1]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", last)}
     assert p.returncode == 0, f"GPU tests failed: {last}\n{p.stdout[-3000:]}{p.stderr[-2000:]}"
@@ -116,12 +135,12 @@ def check_kernels() -> dict:
     for backend, modes in out.items():
         want = FUSED if backend == "auto" else ("cupy",)
         for mode, seen in modes.items():
-            assert seen["kernels"] > 0, f"{backend} {mode}: the profiler saw no GPU kernel at all: {seen}"
+            require(seen["kernels"] > 0, f"{backend} {mode}: the profiler saw no GPU kernel at all: {seen}", out)
             directions = ("forward", "backward") if mode == "train_amp" else ("forward",)
             for d in directions:
                 fused = sum(n for impl, n in seen[d].items() if impl in want)
-                assert fused == 4 and seen["implementations"] == [impl for impl in want if impl in seen[d]], \
-                    f"{backend} {mode}: {fused} of 4 IF layers ran a fused {d} kernel ({', '.join(want)}): {seen}"
+                require(fused == 4 and seen["implementations"] == [impl for impl in want if impl in seen[d]],
+                        f"{backend} {mode}: {fused} of 4 IF layers ran a fused {d} kernel ({', '.join(want)})", out)
     return out
 
 
@@ -154,7 +173,7 @@ def check_cupy() -> dict:
             out[key] = {"spikes_equal": spikes_equal, "spike_rate": round(sr.float().mean().item(), 4),
                         "grad_max_abs_err": grad_err.max().item(), "grad_within_tolerance": bool((grad_err <= bound).all()),
                         "rtol": rtol, "atol": atol}
-            assert spikes_equal and (grad_err <= bound).all(), f"cupy {key}: {out[key]}"
+            require(spikes_equal and (grad_err <= bound).all(), f"cupy {key}: {out[key]}", out)
     return out
 
 
@@ -173,7 +192,8 @@ def check_counts() -> dict:
     seconds = time.perf_counter() - t0
     rel = {k: abs(cuda[k] - cpu[k]) / max(abs(cpu[k]), 1e-12) for k in cpu}
     out = {"cpu": cpu, "cuda": cuda, "relative_difference": rel, "cuda_count_s_per_epoch": round(seconds, 3)}
-    assert cuda["macs_per_image"] == cpu["macs_per_image"] and max(rel.values()) <= 1e-3, out
+    require(cuda["macs_per_image"] == cpu["macs_per_image"] and max(rel.values()) <= 1e-3,
+            "the CPU and CUDA counts differ", out)
     return out
 
 
@@ -211,7 +231,7 @@ def check_speed(data_dir) -> dict:
                                  train_images=12800, eval_images=10000, reps=2, data_dir=data_dir, workers=4)
     slower = {f"{b} {k}": r[f"{k}_ratio"] for b, r in out.items() if "skipped" not in r for k in ("train", "eval")
               if r[f"{k}_ratio"] < 1}
-    assert not slower, f"ours is slower than SpikingJelly's example (ratios {slower}): {out}"
+    require(not slower, f"ours is slower than SpikingJelly's example (ratios {slower})", out)
     return out
 
 
@@ -229,7 +249,7 @@ def check_epoch(data_dir) -> dict:
         m = fit(TrainConfig(**TUTORIAL, epochs=1, device="cuda"), data)[-1]
     keys = ("train_img_s", "epoch_s", "test_acc", "train_acc", "energy_uj", "neuron_impl", "run_cuda_graphs")
     out = {**{k: m[k] for k in keys if k in m}, "wall_s": round(time.perf_counter() - t0, 1)}
-    assert m["test_acc"] >= MIN_EPOCH_ACC, f"one epoch reached test accuracy {m['test_acc']}, under {MIN_EPOCH_ACC}"
+    require(m["test_acc"] >= MIN_EPOCH_ACC, f"one epoch reached test accuracy {m['test_acc']}, under {MIN_EPOCH_ACC}", out)
     return out
 
 
@@ -269,17 +289,45 @@ def worker(data_dir, deterministic: bool) -> None:
         print(json.dumps({"img_s": images / (time.perf_counter() - t0), "images": images}), flush=True)
 
 
+WORKER_LIMIT_S = 180  # for a trainer to start (imports, data, Triton, capture) or to answer: a hang fails the check
+
+
 def start_workers(n: int, data_dir, deterministic: bool = False) -> list:
     cmd = [sys.executable, "-m", "csnn.gpucheck", "--worker"] + (["--deterministic"] if deterministic else [])
     cmd += ["--data-dir", str(data_dir)] if data_dir else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(n)]
-    for p in procs:
-        if p.stdout.readline().strip() != "ready":
-            stop_workers(procs)
-            raise AssertionError(f"a trainer did not start: {p.stderr.read()[-1500:]}")
+    procs = []
+    try:
+        for _ in range(n):
+            procs.append(spawn(cmd, env))
+        for p in procs:
+            if read_line(p, WORKER_LIMIT_S).strip() != "ready":
+                raise AssertionError(f"a trainer did not start: {stderr_of(p)}")
+    except BaseException:
+        stop_workers(procs)
+        raise
     return procs
+
+
+def spawn(cmd: list, env: dict) -> subprocess.Popen:
+    """A worker with pipes for its stdin and stdout; its stderr goes to a file (a pipe nobody reads
+    can fill and stop it), kept as p.stderr for stderr_of."""
+    err = tempfile.TemporaryFile("w+")
+    p = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    p.stderr = err
+    return p
+
+
+def read_line(p: subprocess.Popen, limit: float) -> str:
+    """The next line a worker prints, waiting at most `limit` seconds (one line per request: none is buffered)."""
+    if not select.select([p.stdout], [], [], limit)[0]:
+        raise TimeoutError(f"a trainer printed nothing in {limit:.0f} s: {stderr_of(p)}")
+    return p.stdout.readline()
+
+
+def stderr_of(p: subprocess.Popen) -> str:
+    p.stderr.seek(0)
+    return p.stderr.read()[-1500:]
 
 
 def stop_workers(procs) -> None:
@@ -293,7 +341,7 @@ def timed_together(procs, seconds: float) -> dict:
     for p in procs:
         p.stdin.write(f"go {seconds}\n")
         p.stdin.flush()
-    rates = [json.loads(p.stdout.readline())["img_s"] for p in procs]
+    rates = [json.loads(read_line(p, seconds + WORKER_LIMIT_S) or "{}").get("img_s", 0) for p in procs]
     assert all(r > 0 for r in rates), f"a trainer trained nothing in its {seconds} s window: {rates}"
     return {"total_img_s": round(sum(rates), 1), "per_trainer_img_s": [round(r, 1) for r in rates]}
 
@@ -326,7 +374,7 @@ def repeat(deterministic: bool, data_dir) -> None:
 def run_repeat(deterministic: bool, data_dir) -> dict:
     cmd = [sys.executable, "-m", "csnn.gpucheck", "--repeat"] + (["--deterministic"] if deterministic else [])
     cmd += ["--data-dir", str(data_dir)] if data_dir else []
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=WORKER_LIMIT_S)
     assert p.returncode == 0, p.stderr[-1500:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -339,7 +387,7 @@ def check_deterministic(data_dir, seconds: float, plain: float | None) -> dict:
         stop_workers(procs)
     out = {"deterministic_img_s": det, "plain_img_s": plain, "slowdown": round(plain / det, 3) if plain and det else None,
            "repeat_deterministic": run_repeat(True, data_dir), "repeat_plain": run_repeat(False, data_dir)}
-    assert out["repeat_deterministic"]["equal"], f"-deterministic training did not repeat exactly: {out}"
+    require(out["repeat_deterministic"]["equal"], "-deterministic training did not repeat exactly", out)
     return out
 
 
@@ -362,6 +410,33 @@ def missing_figures(name: str, result: dict) -> list[str]:
         if node is None:
             missing.append(path)
     return missing
+
+
+def run_check(result: dict, name: str, fn, *a, out=None) -> None:
+    """result[name] = fn(*a), or its error (and name in result["failed"]); a result that lacks one of
+    its FIGURES fails too. --out is written before (naming the running check: a run killed at its
+    time limit says where it was) and after."""
+    def write():
+        if out:
+            Path(out).write_text(json.dumps(result, indent=1, default=str))
+
+    t0 = time.perf_counter()
+    print(f"gpucheck: {name} ...", file=sys.stderr, flush=True)
+    result["running"] = name
+    write()
+    try:
+        result[name] = fn(*a)
+        missing = missing_figures(name, result[name])
+        assert not missing, f"{name} left no {', '.join(missing)}"
+    except Exception as e:  # noqa: BLE001 - every check reports, the run goes on
+        result[name] = {**getattr(e, "figures", {}), "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc()[-2500:]}
+        result["failed"].append(name)
+    del result["running"]
+    result[name]["check_s"] = round(time.perf_counter() - t0, 1)
+    print(f"gpucheck: {name} {'FAILED' if name in result['failed'] else 'ok'} "
+          f"({result[name]['check_s']} s)", file=sys.stderr, flush=True)
+    write()
 
 
 def main(argv=None) -> int:
@@ -389,26 +464,11 @@ def main(argv=None) -> int:
     result: dict = {"versions": versions(), "failed": [], "skipped": sorted(skip)}
 
     def check(name, fn, *a):
-        if name in skip:
-            return
-        t0 = time.perf_counter()
-        print(f"gpucheck: {name} ...", file=sys.stderr, flush=True)
-        try:
-            result[name] = fn(*a)
-            missing = missing_figures(name, result[name])
-            assert not missing, f"{name} left no {', '.join(missing)}"
-        except Exception as e:  # noqa: BLE001 - every check reports, the run goes on
-            result[name] = {**result.get(name, {}), "error": f"{type(e).__name__}: {e}",
-                            "traceback": traceback.format_exc()[-2500:]}
-            result["failed"].append(name)
-        result[name]["check_s"] = round(time.perf_counter() - t0, 1)
-        print(f"gpucheck: {name} {'FAILED' if name in result['failed'] else 'ok'} "
-              f"({result[name]['check_s']} s)", file=sys.stderr, flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+        if name not in skip:
+            run_check(result, name, fn, *a, out=args.out)
 
     t0 = time.perf_counter()
-    check("tests", check_tests)
+    check("tests", check_tests, args.data_dir)
     check("kernels", check_kernels)
     check("cupy", check_cupy)
     check("counts", check_counts)
