@@ -217,20 +217,34 @@ def if_kernel(name: str) -> tuple[str, str] | None:
     return ("spikingjelly-cuda", m[1]) if m else None
 
 
+_sessions = 0  # observe_if_kernels' profiler sessions in this process
+
+
 def observe_if_kernels(fn, layers: int) -> dict:
     """Run fn() (a forward, or a training step) under torch.profiler and count, per
     direction, the IF kernels that ran on the GPU, by implementation. `implementations`
     names them, "spikingjelly-reference" included when fewer kernels than `layers` ran in
     a direction that ran any IF work; `kernels` counts every GPU activity seen (0: the
-    profiler could not see the GPU, and nothing was observed)."""
+    profiler could not see the GPU, and nothing was observed).
+
+    CUPTI has been seen to lose the first kernel records of a profiling session, one more
+    with each session in the process (pytorch/pytorch#192021): so many do-nothing kernels
+    (`padding`, of which `padding_seen` reached the trace) go first, and fn's come after."""
     from torch.profiler import ProfilerActivity, profile
 
+    global _sessions
+    _sessions += 1
+    out: dict = {"kernels": 0, "forward": {}, "backward": {}, "padding": 16 + _sessions, "padding_seen": 0}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(out["padding"]):
+            torch.cuda._sleep(1)  # ATen's spin_kernel
         fn()
         torch.cuda.synchronize()
-    out: dict = {"kernels": 0, "forward": {}, "backward": {}}
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if e.name.startswith("spin_kernel"):
+            out["padding_seen"] += 1
             continue
         out["kernels"] += 1
         hit = if_kernel(e.name)

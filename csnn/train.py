@@ -7,6 +7,7 @@ trainable, the study's retrain and reproduce) calls `fit(config, data, ...)`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -48,7 +49,14 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     params = list(params)
     fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+        if fused and cfg.momentum:
+            # Fused SGD makes its momentum buffers with empty_like in its first step and fills them in the
+            # kernel, which returns early on an inf step: a skipped first step would leave them garbage (NaN
+            # under -deterministic). Zeros give the same first update (momentum * 0 + g = g).
+            for p in params:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
@@ -57,11 +65,10 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 WARMUP_STEPS = 3  # eager calls before capture: Triton compiles, cuDNN autotunes, the optimizer makes its state
 
 
-def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS,
-               capturing: Callable = contextlib.nullcontext) -> Callable:
+def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS) -> Callable:
     """`run(*inputs)`: copies `inputs` into the `static` tensors, then calls `fn(*static)`:
     eagerly on a side stream for the first `warmup` calls, then captures it once as a CUDA
-    graph (inside `capturing()`) and from then on replays it. Capture records without
+    graph and from then on replays it. Capture records without
     running, so the capturing call replays once: every call does the work exactly once.
     `fn` must keep all its state in tensors (a Python value it reads is frozen at capture)."""
     device = static[0].device
@@ -80,8 +87,13 @@ def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS,
                     fn(*static)
                 else:
                     g = torch.cuda.CUDAGraph()
-                    with capturing(), torch.cuda.graph(g, stream=side, capture_error_mode="thread_local"):
-                        fn(*static)
+                    try:
+                        with torch.cuda.graph(g, stream=side, capture_error_mode="thread_local"):
+                            fn(*static)
+                    except RuntimeError as e:  # what a user can do about it
+                        raise RuntimeError(f"capturing a step as a CUDA graph failed ({e}); "
+                                           "train without CUDA graphs: cuda_graphs: false in the config, "
+                                           "-no-cuda-graphs in python -m csnn.train") from e
             torch.cuda.current_stream(device).wait_stream(side)
             if calls <= warmup:
                 return
@@ -93,9 +105,11 @@ def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS,
 
 @contextlib.contextmanager
 def _lr_from(optimizer: torch.optim.Optimizer, lr: torch.Tensor):
-    """While a step is captured, the optimizer reads its lr from the tensor `lr` (which the
-    training loop fills with the scheduler's value before each epoch) and says it is capturable
-    (Adam refuses capture otherwise); outside, its groups stay as they are (floats, as in a checkpoint)."""
+    """Within, the optimizer reads its lr from the tensor `lr` (which the training loop fills with
+    the scheduler's value before each epoch: a captured step replays what it read) and says it is
+    capturable (Adam refuses capture otherwise); outside, its groups stay as they are (floats, as
+    in a checkpoint). Every CUDA step runs within, eager ones too: the fused kernels read a tensor
+    lr in float32 and a float one in float64, and graphed and eager steps must compute alike."""
     saved = [{k: g[k] for k in ("lr", "capturable") if k in g} for g in optimizer.param_groups]
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -153,7 +167,8 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
     `observe` (a dict, CUDA) receives observe_if_kernels of the first step."""
     device = x.device
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    lr = torch.zeros((), device=device)  # what a captured optimizer step reads (_lr_from)
+    lr = torch.zeros((), device=device)  # what a CUDA optimizer step reads (_lr_from)
+    lr_tensor = functools.partial(_lr_from, optimizer, lr) if device.type == "cuda" else contextlib.nullcontext
 
     def step(idx):
         label = y[idx]
@@ -164,7 +179,8 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
         # Captured with no .grad, backward writes fresh gradients at every replay: no zeroing between them.
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        with lr_tensor():
+            scaler.step(optimizer)
         scaler.update()
         functional.reset_net(net)  # the one place membrane potentials are cleared
         loss_sum.add_(loss.detach() * len(idx))
@@ -176,8 +192,7 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
         observe.update(observe_if_kernels(lambda: step(idx), len(net.spiking_layers)))
 
     fn = first_observed if observe is not None else step
-    run = cuda_graph(fn, torch.zeros(min(batch_size, len(y)), dtype=torch.long, device=device),
-                     capturing=lambda: _lr_from(optimizer, lr)) if graphs else fn
+    run = cuda_graph(fn, torch.zeros(min(batch_size, len(y)), dtype=torch.long, device=device)) if graphs else fn
 
     def train_epoch(order_gen: torch.Generator):
         net.train()
@@ -349,6 +364,16 @@ def restore_checkpoint(path: str | Path, cfg: TrainConfig, state: dict, order_ge
         # A CPU run saves an empty GradScaler state, which an enabled (CUDA) scaler refuses.
         if k != "scaler" or ckpt[k]:
             obj.load_state_dict(ckpt[k])
+    opt = state.get("optimizer")
+    if opt is not None:
+        # load_state_dict takes fused/foreach from the saved groups and leaves Adam's step where it was saved:
+        # a CPU checkpoint would put a CUDA run on the unfused step, which GradScaler then hands its device-side
+        # skip and fails. Both as make_optimizer chose for this device.
+        for g in opt.param_groups:
+            g.update({k: opt.defaults[k] for k in ("fused", "foreach") if k in opt.defaults})
+        for p, s in opt.state.items():
+            if torch.is_tensor(s.get("step")):
+                s["step"] = s["step"].to(p.device, torch.float32)
     order_gen.set_state(ckpt["rng"]["order"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:

@@ -66,7 +66,8 @@ def test_an_epoch_waits_for_the_gpu_nowhere(graphs):
 
 def state_of(net, opt, scaler) -> dict:
     out = {f"p.{k}": v.detach().clone() for k, v in net.state_dict().items()}  # weights, BatchNorm statistics
-    out.update({f"opt.{i}.{k}": v.clone() for i, s in opt.state.items() for k, v in s.items() if torch.is_tensor(v)})
+    out.update({f"opt.{i}.{k}": v.clone() for i, s in opt.state_dict()["state"].items()  # by parameter index
+                for k, v in s.items() if torch.is_tensor(v)})
     out.update(scale=scaler._scale.clone(), growth=scaler._growth_tracker.clone())
     return out
 
@@ -122,11 +123,18 @@ def test_the_graphed_step_reads_the_learning_rate_of_the_scheduler():
 def test_fit_trains_with_cuda_graphs_and_records_it(tmp_path):
     data = fmnist.load(write_dataset(tmp_path / "data", n_train=640, n_test=100))
     cfg = dict(T=2, channels=8, batch_size=32, epochs=2)
-    graphed = fit(TrainConfig(**cfg, device="cuda"), data, tmp_path / "g", stop_after=1)
-    eager = fit(TrainConfig(**cfg, device="cuda", cuda_graphs=False), data)
+    # deterministic algorithms: fit then leaves cuDNN's benchmark off, so both runs use the same convolutions
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        graphed = fit(TrainConfig(**cfg, device="cuda"), data, tmp_path / "g", stop_after=1)
+        eager = fit(TrainConfig(**cfg, device="cuda", cuda_graphs=False), data)
+        resumed = fit(TrainConfig(**cfg, device="cuda"), data, tmp_path / "g",
+                      resume=tmp_path / "g" / "checkpoint_latest.pth")
+    finally:
+        torch.use_deterministic_algorithms(False)
     assert graphed[0]["run_cuda_graphs"] is True and eager[0]["run_cuda_graphs"] is False
     assert graphed[0]["neuron_impl"] in ("spikingjelly-triton", "spikingjelly-cuda")
-    resumed = fit(TrainConfig(**cfg, device="cuda"), data, tmp_path / "g", resume=tmp_path / "g" / "checkpoint_latest.pth")
+    assert graphed[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-3)
     assert [m["epoch"] for m in resumed] == [1] and resumed[0]["train_loss"] == pytest.approx(eager[1]["train_loss"], rel=1e-3)
 
 
@@ -234,3 +242,25 @@ def test_evaluation_runs_in_float32_inside_an_amp_region():
     with torch.autocast("cuda", dtype=torch.float16):
         assert evaluate(net, x, y, 32) == plain
     assert set(net.neuron_implementations().values()) == {"spikingjelly"}  # which one: observe_if_kernels
+
+
+def test_a_skipped_first_step_leaves_the_momentum_at_zero():
+    """Fused SGD fills its momentum buffers in the kernel, which returns early on an inf step: a skipped
+    first step left them as torch.empty_like made them (NaN with deterministic algorithms on)."""
+    cfg = TrainConfig(T=4, channels=16, batch_size=32, device="cuda")
+    x, y = (t.cuda() for t in fmnist.split(fmnist.load(None), train_size=32)["train"])
+    torch.manual_seed(0)
+    net = CSNN(cfg.T, cfg.channels).cuda()
+    opt = make_optimizer(cfg, net.parameters())
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 120)  # the float16 backward overflows
+    train_epoch = make_trainer(net, opt, scaler, x, y, cfg.batch_size, torch.float16)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # empty memory filled with NaN
+    try:
+        train_epoch(torch.Generator().manual_seed(0))  # one batch: skipped
+        assert scaler.get_scale() == 2.0 ** 119
+        assert all(torch.count_nonzero(opt.state[p]["momentum_buffer"]) == 0 for p in net.parameters())
+        scaler.update(2.0 ** 10)
+        train_epoch(torch.Generator().manual_seed(0))  # the same batch, stepped
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(p.isfinite().all() and opt.state[p]["momentum_buffer"].isfinite().all() for p in net.parameters())

@@ -1,5 +1,6 @@
 """The parts of the GPU path that a CPU can check: float32 evaluation, the scaler of a
 CPU checkpoint, the recorded run, reproduce's tolerance, and gpucheck's refusal."""
+import json
 import subprocess
 import sys
 
@@ -111,3 +112,81 @@ def test_a_cupy_study_is_refused_where_it_cannot_run(tmp_path, capsys):
     assert importlib.util.find_spec("cupy") is None  # CI has no CuPy: this is what it checks
     assert main([str(tmp_path / "fmnist.yaml"), "--dry-run"]) == 2
     assert "train.backend: backend 'cupy' needs CuPy, which is not installed" in capsys.readouterr().err
+
+
+def test_gpucheck_fails_its_tests_check_when_the_gpu_tests_skip(tmp_path):
+    """pytest exits 0 when every test skipped (as tests/test_gpu.py does here): the check must not pass."""
+    from csnn import gpucheck
+
+    result = {"failed": []}
+    gpucheck.run_check(result, "tests", gpucheck.check_tests)
+    assert result["failed"] == ["tests"] and "GPU tests did not all run" in result["tests"]["error"]
+    assert "skipped" in result["tests"]["error"]
+    # the tests read the data named by --data-dir
+    (tmp_path / "test_env.py").write_text(
+        f"import os\ndef test_data():\n    assert os.environ['CSNN_DATA'] == {str(tmp_path / 'd')!r}\n")
+    assert gpucheck.check_tests(tmp_path / "d", tmp_path / "test_env.py")["passed"] == 1
+
+
+def test_a_hanging_gpu_test_fails_the_check_in_its_time_limit(tmp_path, monkeypatch):
+    from csnn import gpucheck
+
+    (tmp_path / "test_hang.py").write_text("import time\ndef test_hang():\n    time.sleep(600)\n")
+    monkeypatch.setattr(gpucheck, "TESTS_LIMIT_S", 3)
+    result = {"failed": []}
+    gpucheck.run_check(result, "tests", gpucheck.check_tests, None, tmp_path / "test_hang.py")
+    assert result["failed"] == ["tests"] and "TimeoutExpired" in result["tests"]["error"]
+    assert result["tests"]["check_s"] < 60
+
+
+def test_a_silent_trainer_fails_in_its_time_limit():
+    from csnn import gpucheck
+
+    p = gpucheck.spawn([sys.executable, "-c", "import sys, time; print('started', file=sys.stderr, flush=True); "
+                        "time.sleep(600)"], env())
+    try:
+        with pytest.raises(TimeoutError, match="printed nothing in 1 s: started"):
+            gpucheck.read_line(p, 1.0)
+    finally:
+        gpucheck.stop_workers([p])
+
+
+def test_a_gpucheck_check_keeps_its_figures_when_it_fails_and_says_what_is_running(tmp_path):
+    from csnn import gpucheck
+
+    out = tmp_path / "gpucheck.json"
+    result = {"failed": []}
+
+    def epoch():  # what the JSON says while a check runs (and so after a kill at the time limit)
+        assert json.loads(out.read_text())["running"] == "epoch"
+        gpucheck.require(False, "one epoch reached test accuracy 0.5, under 0.8", {"train_img_s": 9.0, "test_acc": 0.5})
+
+    gpucheck.run_check(result, "epoch", epoch, out=out)
+    written = json.loads(out.read_text())
+    assert written["failed"] == ["epoch"] and "running" not in written
+    assert written["epoch"]["test_acc"] == 0.5 and "under 0.8" in written["epoch"]["error"]
+    # a check that passes its asserts but leaves out one of its FIGURES fails too
+    gpucheck.run_check(result, "busy", lambda: {"eager": {"busy_share": 0.4}, "graphs": {}}, out=out)
+    assert result["failed"] == ["epoch", "busy"] and "busy left no graphs.busy_share" in result["busy"]["error"]
+    gpucheck.run_check(result, "counts", lambda: {"cuda": {"synops_per_image": 1.0}})
+    assert result["failed"] == ["epoch", "busy"] and "error" not in result["counts"]
+
+
+def test_a_restored_optimizer_keeps_the_fused_step_of_this_device(tmp_path):
+    """load_state_dict takes fused/foreach from the checkpoint's groups: a CPU run's checkpoint resumed on a
+    GPU left the fused optimizer unfused, and GradScaler, which hands a fused step its device-side inf skip,
+    then failed. The CPU's own fused SGD and scaler show the same."""
+    data = fmnist.load(write_dataset(tmp_path / "data", n_train=100, n_test=20))
+    cfg = TrainConfig(T=2, channels=2, batch_size=50, epochs=2, device="cpu", compile=False)
+    fit(cfg, data, tmp_path / "run", stop_after=1)  # the plain SGD of a CPU run
+    net = CSNN(cfg.T, cfg.channels)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    restore_checkpoint(tmp_path / "run" / "checkpoint_latest.pth", cfg, {"net": net, "optimizer": opt},
+                       torch.Generator(), torch.device("cpu"))
+    assert opt.param_groups[0]["fused"] is True and opt.param_groups[0]["lr"] == pytest.approx(cfg.lr / 2)
+    before = [p.detach().clone() for p in net.parameters()]
+    scaler.scale(net(torch.rand(4, 1, 28, 28)).sum() + sum(p.sum() for p in net.parameters())).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))

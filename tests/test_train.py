@@ -120,7 +120,7 @@ def test_cuda_graphs_are_for_cuda_and_the_optimizers_fused_only_there():
     for name in ("sgd", "adam", "adamw"):  # the CPU keeps the plain (foreach) optimizers: its results stay as they were
         opt = make_optimizer(TrainConfig(optimizer=name), CSNN(2, 2).parameters())
         assert not opt.defaults.get("fused")
-        # while a step is captured it reads its lr from a tensor (and says so to Adam); after, floats again
+        # while a CUDA step runs it reads its lr from a tensor (and says it is capturable to Adam); after, floats again
         lr = torch.tensor(0.5)
         with _lr_from(opt, lr):
             assert all(g["lr"] is lr and g.get("capturable", True) for g in opt.param_groups)
