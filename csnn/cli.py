@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-cupy", action="store_true", help="IF neurons on our CuPy kernels (CUDA; pip install -e '.[cupy]')")
     p.add_argument("-deterministic", action="store_true",
                    help="bit-reproducible CUDA training (cuDNN deterministic, no autotuning), at a cost in speed")
+    p.add_argument("-no-cuda-graphs", action="store_true",
+                   help="run each CUDA training step eagerly instead of replaying it as a CUDA graph (slower)")
     p.add_argument("-opt", type=str, default=TUTORIAL["optimizer"], help="optimizer: sgd, adam or adamw")
     p.add_argument("-momentum", default=TUTORIAL["momentum"], type=float, help="momentum for SGD")
     p.add_argument("-lr", default=TUTORIAL["lr"], type=float, help="learning rate")
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
 # TrainConfig's fields as the tutorial's flags name them, for errors that say which flag to change
 FLAGS = {"T": "-T", "channels": "-channels", "batch_size": "-b", "epochs": "-epochs", "optimizer": "-opt",
          "lr": "-lr", "momentum": "-momentum", "weight_decay": "-weight-decay", "seed": "-seed", "device": "-device",
-         "val_size": "-val-size", "train_size": "-train-size", "test_size": "-test-size", "backend": "-cupy"}
+         "val_size": "-val-size", "train_size": "-train-size", "test_size": "-test-size", "backend": "-cupy",
+         "cuda_graphs": "-no-cuda-graphs"}
 
 
 def run(args: argparse.Namespace, progress: dict) -> int:
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace, progress: dict) -> int:
                           optimizer=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                           amp=args.amp, seed=args.seed, device=args.device, val_size=args.val_size,
                           train_size=args.train_size, test_size=args.test_size,
-                          backend="cupy" if args.cupy else "auto")
+                          backend="cupy" if args.cupy else "auto", cuda_graphs=False if args.no_cuda_graphs else "auto")
     except ValueError as e:
         field, _, msg = str(e).partition(": ")
         flag = FLAGS.get(field.removeprefix("TrainConfig."))

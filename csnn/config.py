@@ -117,8 +117,9 @@ class TrainConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"TrainConfig.device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
 
-    def differences(self, other: "TrainConfig", ignore=("device",)) -> dict:
-        """{field: (self's value, other's value)} for the fields that differ."""
+    def differences(self, other: "TrainConfig", ignore=("device", "cuda_graphs")) -> dict:
+        """{field: (self's value, other's value)} for the fields that differ, but for where and how the
+        same computation runs (a GPU graph replays exactly the eager step: tests/test_gpu.py)."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
 

@@ -61,3 +61,19 @@ def test_cli_clear_errors(tmp_path):
 
 def test_grid_is_exact():
     assert grid(128) == (16, 8) and grid(16) == (2, 8) and grid(12) == (2, 6) and grid(5) == (1, 5)
+
+
+def test_cli_turns_cuda_graphs_off_and_a_run_resumes_either_way(tmp_path):
+    """-no-cuda-graphs is how the step runs, not what it computes: a run resumes with or without it."""
+    args = ("-T", "2", "-device", "cpu", "-b", "64", "-epochs", "2", "-channels", "4", "-train-size", "320",
+            "-test-size", "128", "-out-dir", str(tmp_path / "logs"))
+    p = run(*args, "-no-cuda-graphs", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "logs" / "T2_b64_sgd_lr0.1_c4"
+    ckpt = torch.load(out / "checkpoint_latest.pth", weights_only=False)
+    assert ckpt["config"]["cuda_graphs"] is False and ckpt["metrics"]["run_cuda_graphs"] is False
+    ckpt["epoch"] = 0  # as if stopped after its first epoch
+    torch.save(ckpt, out / "checkpoint_latest.pth")
+    p = run(*args, "-resume", str(out / "checkpoint_latest.pth"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "epoch = 1," in p.stdout and "epoch = 0," not in p.stdout
