@@ -188,10 +188,11 @@ def sync(device):
 
 def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_size: int = TUTORIAL["batch_size"],
         backend: str = "auto", amp: bool = True, compile: bool = True, train_images: int = 2560,
-        eval_images: int = 5120, reps: int = 5, data_dir=None, workers: int = 4) -> dict:
+        eval_images: int = 5120, reps: int = 5, data_dir=None, workers: int = 4, time_anyway: bool = False) -> dict:
     """Time ours and the reference; on CUDA with AMP (`amp`) and `workers` loader
     workers for the reference, on the CPU with neither (as the tutorial and ours run
-    there). Raises EquivalenceError, after the timing, when our model does not compute the reference's."""
+    there). Raises EquivalenceError when our model does not compute the reference's: at once, or with
+    `time_anyway` after the timing, with its figures (a GPU check shows both from one run)."""
     from spikingjelly.activation_based.examples.conv_fashion_mnist import CSNN as RefCSNN
 
     from csnn.model import set_backend
@@ -206,6 +207,8 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
     x_eq = to_input(s["test"][0][: cfg.batch_size]).to(dev)
     eq = check_equivalence(RefCSNN, cfg, x_eq, dev, compile and not cuda)
     eq_amp = check_equivalence(RefCSNN, cfg, x_eq, dev, False, amp=True) if amp else None
+    if not time_anyway:
+        equivalent(eq, eq_amp, None)
 
     torch.manual_seed(0)
     ours = CSNN(cfg.T, cfg.channels).to(dev)
@@ -258,10 +261,21 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
             "ours_eval_img_s": round(med["ours_eval"], 1), "ref_eval_img_s": round(med["ref_eval"], 1),
             "eval_ratio": round(med["ours_eval"] / med["ref_eval"], 3), "implementations": impls, "equivalence": eq,
             "equivalence_amp": eq_amp}
-    for e in filter(None, (eq, eq_amp)):  # timed all the same: one GPU run shows both
-        if not e["ok"]:
-            raise EquivalenceError(f"our model does not compute the reference's function: {e}", result)
+    equivalent(eq, eq_amp, result)
     return result
+
+
+def equivalent(eq: dict, eq_amp: dict | None, result: dict | None) -> None:
+    """Raises EquivalenceError, saying why, unless check_equivalence passed (in float32 and under AMP)."""
+    for e in filter(None, (eq, eq_amp)):
+        if e["ok"]:
+            continue
+        where = " under AMP" if e["amp"] else ""
+        if min(e["lowest_firing_rates"]) < e["min_firing_rate"]:
+            raise EquivalenceError(f"a spiking layer fired at {min(e['lowest_firing_rates'])} on the equivalence "
+                                   f"check's inputs{where}, under {e['min_firing_rate']}: too silent to compare "
+                                   f"(more --channels fire more): {e}", result)
+        raise EquivalenceError(f"our model does not compute the reference's function{where}: {e}", result)
 
 
 def observed_implementations(ours, ref, images: torch.Tensor, amp_dtype, layers: int) -> dict:

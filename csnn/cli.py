@@ -68,8 +68,7 @@ def main(argv=None) -> int:
 # TrainConfig's fields as the tutorial's flags name them, for errors that say which flag to change
 FLAGS = {"T": "-T", "channels": "-channels", "batch_size": "-b", "epochs": "-epochs", "optimizer": "-opt",
          "lr": "-lr", "momentum": "-momentum", "weight_decay": "-weight-decay", "seed": "-seed", "device": "-device",
-         "val_size": "-val-size", "train_size": "-train-size", "test_size": "-test-size", "backend": "-cupy",
-         "cuda_graphs": "-no-cuda-graphs"}
+         "val_size": "-val-size", "train_size": "-train-size", "test_size": "-test-size", "backend": "-cupy"}
 
 
 def run(args: argparse.Namespace, progress: dict) -> int:

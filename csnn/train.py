@@ -90,10 +90,12 @@ def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS) 
                     try:
                         with torch.cuda.graph(g, stream=side, capture_error_mode="thread_local"):
                             fn(*static)
+                    except torch.OutOfMemoryError:
+                        raise
                     except RuntimeError as e:  # what a user can do about it
-                        raise RuntimeError(f"capturing a step as a CUDA graph failed ({e}); "
-                                           "train without CUDA graphs: cuda_graphs: false in the config, "
-                                           "-no-cuda-graphs in python -m csnn.train") from e
+                        raise RuntimeError(f"capturing a step as a CUDA graph failed ({e}); train without "
+                                           "CUDA graphs: -no-cuda-graphs (python -m csnn.train), cuda_graphs: "
+                                           "false (TrainConfig; a study's train: section)") from e
             torch.cuda.current_stream(device).wait_stream(side)
             if calls <= warmup:
                 return
@@ -423,7 +425,8 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def check_resumable(path, ckpt: dict, cfg: TrainConfig) -> None:
-    """A run continues only with the configuration it was started with (the device may change)."""
+    """A run continues only with the configuration it was started with (the device, and whether
+    CUDA graphs replay the step, may change)."""
     diff = TrainConfig.from_dict(ckpt["config"]).differences(cfg)
     if diff:
         raise CheckpointError(f"{path}: checkpoint was written for a different configuration: "

@@ -96,9 +96,10 @@ def main(argv=None) -> int:
             raise results.StudyError(f"{study.trials_file}: trial {trial_id}: unreadable config ({e})") from None
         recorded_device = cfg.device
         if args.device:
-            # our CuPy kernels and the CPU's compute the same formulas: a cupy trial reproduces on the CPU
-            backend = "auto" if args.device == "cpu" else cfg.backend
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": args.device, "backend": backend})
+            # our CuPy kernels and the CPU's compute the same formulas, and CUDA graphs replay the eager
+            # step: a cupy or graphed trial reproduces on the CPU
+            cpu = {"backend": "auto", "cuda_graphs": "auto"} if args.device == "cpu" else {}
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": args.device, **cpu})
         recorded = study.history[study.history["trial_id"].astype(str) == str(trial_id)].sort_values("epoch")
         if recorded.empty:
             raise results.StudyError(f"{args.study}: trial {trial_id} recorded no epoch")

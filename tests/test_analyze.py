@@ -127,3 +127,12 @@ def test_reproduce_matches_exactly_on_the_cpu_and_catches_a_doctored_record(tiny
     assert p.returncode == 1 and "the trial was trained on other images (data fingerprint" in p.stderr, p.stderr[-2000:]
     assert "(on other images than the trial's)" in p.stdout
     assert pd.read_csv(d / "reproduce" / best / "comparison.csv").equals(table)
+
+    # a trial recorded with cuda_graphs: true reproduces with --device cpu (the graphs replay the eager step)
+    shutil.copytree(tiny_study[0], d := tmp_path / "graphed")
+    t = pd.read_parquet(d / "trials.parquet")
+    row = t["trial_id"].astype(str) == str(best)
+    t.loc[row, "config"] = yaml.safe_dump({**yaml.safe_load(t.loc[row, "config"].iloc[0]), "cuda_graphs": True})
+    t.to_parquet(d / "trials.parquet", index=False)
+    p = run("study.reproduce", d, "--data-dir", tiny_data_dir, "--epochs", 1, "--device", "cpu")
+    assert p.returncode == 0 and "reproduced: all" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]

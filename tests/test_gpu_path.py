@@ -67,10 +67,15 @@ def test_reproduce_chooses_its_tolerance_from_the_recorded_run():
 
 def test_gpucheck_says_there_is_no_cuda_device():
     # CUDA hidden, so that this runs the same on a GPU machine
-    p = subprocess.run([sys.executable, "-m", "csnn.gpucheck"], cwd=ROOT, env={**env(), "CUDA_VISIBLE_DEVICES": ""},
-                       capture_output=True, text=True, timeout=120)
+    def gpucheck(*args):
+        return subprocess.run([sys.executable, "-m", "csnn.gpucheck", *args], cwd=ROOT,
+                              env={**env(), "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120)
+
+    p = gpucheck()
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "error: no CUDA device" in p.stderr
+    p = gpucheck("--skip", "speed,concurency")  # a misspelt check would have run, and been listed as skipped
+    assert p.returncode == 2 and "--skip speed,concurency: no check concurency; checks: tests, kernels," in p.stderr
 
 
 def test_the_bench_equivalence_check_catches_a_wrong_neuron():
@@ -190,3 +195,18 @@ def test_a_restored_optimizer_keeps_the_fused_step_of_this_device(tmp_path):
     scaler.step(opt)
     scaler.update()
     assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_bench_times_a_model_that_fails_the_equivalence_check_only_when_asked():
+    """A GPU check (time_anyway) keeps both the timing and the failure; the command line fails at once.
+    At 4 channels a deeper layer hardly fires on the check's inputs: too silent to compare, and said so."""
+    from csnn import bench
+
+    small = dict(device="cpu", channels=4, train_images=256, eval_images=256, reps=1, compile=False)
+    with pytest.raises(bench.EquivalenceError, match="too silent to compare") as failed:
+        bench.run(**small)
+    assert failed.value.result is None
+    with pytest.raises(bench.EquivalenceError, match="too silent to compare") as failed:
+        bench.run(**small, time_anyway=True)
+    assert failed.value.result["ours_train_img_s"] > 0 and failed.value.result["ref_eval_img_s"] > 0
+    assert not failed.value.result["equivalence"]["ok"]
