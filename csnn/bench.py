@@ -49,9 +49,10 @@ def reference_loaders(train, test, batch_size: int, root: Path, workers: int):
     train_set = torchvision.datasets.FashionMNIST(root=str(root), train=True, transform=tf, download=False)
     test_set = torchvision.datasets.FashionMNIST(root=str(root), train=False, transform=tf, download=False)
     # persistent workers: the example starts its workers once per 60,000-image epoch; a timed
-    # pass here is a fraction of one, and starting them again for each would time the start
+    # pass here is a fraction of one, and starting them again for each would time the start.
+    # Workers and pinned memory as the example on CUDA; on the CPU neither (no accelerator to pin for)
     loader = functools.partial(torch.utils.data.DataLoader, batch_size=batch_size, shuffle=True, num_workers=workers,
-                               pin_memory=True, persistent_workers=workers > 0)
+                               pin_memory=workers > 0, persistent_workers=workers > 0)
     return loader(train_set, drop_last=True), loader(test_set, drop_last=False)
 
 
