@@ -459,10 +459,27 @@ def report(study: results.Study, top: int) -> Path | str:
 def _report(study: results.Study, top: int, out: Path) -> Path:
     plots, notes = draw(study, top, out)
     lines = (summary(study) + retrain_lines(study) + baseline_lines(study) + edge_lines(study)
-             + estimate.report_lines(study.location) + top_lines(study, top) + plot_lines(plots, notes))
+             + estimate.report_lines(study.location) + top_lines(study, top) + plot_lines(plots, notes)
+             + environment_lines(study))
     path = out / "report.md"
     write_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+def environment_lines(study: results.Study) -> list[str]:
+    """What the study ran on (environment.yaml), on one line per part."""
+    env = study.environment
+    if not env:
+        return []
+    commit = env.get("git_commit")
+    gpus = env.get("gpus") or []
+    return ["## Environment", "",
+            f"- Python {env.get('python')}; " + ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items()),
+            f"- torch's CUDA build {env.get('torch_cuda') or 'none (CPU)'}, cuDNN {env.get('cudnn') or '-'}, "
+            f"NVIDIA driver {env.get('nvidia_driver') or '-'}",
+            f"- {env.get('cpus')} CPUs, GPUs: {', '.join(gpus) if gpus else 'none'}; {env.get('platform')}",
+            f"- code: git {commit[:12]}{' with uncommitted changes' if env.get('git_dirty') else ''}" if commit
+            else "- code: not a git checkout", ""]
 
 
 def _fmt(v) -> str:

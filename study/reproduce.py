@@ -24,7 +24,7 @@ import yaml
 from csnn import data as fmnist
 from csnn.config import RUN_INFO, TIMING_METRICS, TrainConfig
 from csnn.train import fit, load_model, resolve_device, set_deterministic
-from study import results
+from study import environment, results
 from csnn.argtypes import positive_int
 
 # When CUDA ran, per metric: (absolute, relative) tolerance, a difference passing
@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     if other_data:
         print(f"warning: the trial was trained on other images (data fingerprint {', '.join(was)}; {data.source} "
               f"has {data.fingerprint}): expect a mismatch; --data-dir names the study's data", file=sys.stderr)
+    env = environment.collect()
+    changed = environment.warn_differences(study.location, "this reproduction", env)
     with tempfile.TemporaryDirectory() as work:
         history = fit(cfg, data, work, lambda m: print(f"  epoch {m['epoch']}: test_acc {m['test_acc']:.4f}", flush=True),
                       stop_after=epochs)
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
         net, _ = load_model(f"{work}/checkpoint_latest.pth", str(device))
         render(net, data.test_x[: max(1, study.spec.render["images"])], out / f"spikes{tag}", overwrite=True)
         table_file = out / f"comparison{tag}.csv"
+        environment.write(out, env, f"environment{tag}.yaml")
+        table["environment_differs"] = "; ".join(changed)  # what this reproduction ran on, against the study
         results.write_table(table_file, table)  # last, and whole: it marks a finished reproduction
     print(table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
     if len(bad):

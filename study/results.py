@@ -299,6 +299,7 @@ class Study:
     retrain_summary: dict | None  # best/summary.yaml: test_acc per seed, mean, std, placement
     trials_file: Location | None = None  # the table trials was read from; None: from Ray's record
     warm_start: dict | None = None  # warm_start.yaml: per earlier study, trials told, skipped (why), enqueued
+    environment: dict | None = None  # environment.yaml: Python, packages, git commit, CUDA, machine it started on
 
     @property
     def path(self) -> Path | str:
@@ -447,4 +448,6 @@ def load(path: str | Path | Location) -> Study:
         retrain = _columns(metrics_file, _read(metrics_file, read_table, "retrain table"), ("seed", "epoch", "test_acc"))
     warm_file = loc / "warm_start.yaml"
     warm = _read(warm_file, _yaml, "warm-start record") if warm_file.is_file() else None
-    return Study(loc, spec, trials, history, best, retrain, summary, trials_file, warm)
+    from study import environment
+
+    return Study(loc, spec, trials, history, best, retrain, summary, trials_file, warm, environment.read(loc))

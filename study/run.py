@@ -32,21 +32,8 @@ from csnn import data as fmnist
 from csnn.argtypes import positive_int
 from csnn.config import METRICS, TUTORIAL_ACC, TrainConfig
 from csnn.train import load_model
-from study import analyze, estimate, results, spec as specs, warmstart
+from study import analyze, environment, estimate, results, spec as specs, warmstart
 from study.storage import Location, StorageError, check_nodes_see, mount_type
-
-
-def make_sampler(spec: specs.StudySpec):
-    import optuna
-
-    seed = spec.search["seed"]
-    return {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-    }[spec.search["sampler"]]()
 
 
 class PlanError(ValueError):
@@ -169,6 +156,7 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from csnn.trainable import trainable
+    from study.samplers import make_sampler
     from study.stopping import MultiObjectiveASHA, SilentAwareOptunaSearch
 
     ray_dir = study / "ray"
@@ -182,7 +170,7 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
                                   storage_filesystem=ray_dir.fs).fit()
 
     storage = optuna.storages.RDBStorage(optuna_storage)
-    sampler = make_sampler(spec)
+    sampler = make_sampler(spec.search["sampler"], spec.search["seed"])
     # The Optuna study is made here and OptunaSearch loads it (same storage and name):
     # so that optuna-dashboard names the objectives (not "Objective 0"), and so that
     # the baseline can be enqueued (Ray ignores points_to_evaluate with a define-by-run space).
@@ -447,7 +435,7 @@ def check_optuna_storage(url: str, name: str, resume: bool) -> None:
                   "name, or another database")
 
 
-LEFTOVERS = ("spec.yaml", "optuna.db", "ray", "estimate.yaml")  # what a run writes before Ray records its first trial
+LEFTOVERS = ("spec.yaml", "environment.yaml", "optuna.db", "ray", "estimate.yaml")  # what a run writes before Ray records its first trial
 
 
 def never_started(study_dir: Location) -> bool:
@@ -667,6 +655,10 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"study {spec.name}: {res['summary']}; {len(nodes)} Ray node(s); results in {study}", flush=True)
+    if fresh:  # what it runs on, beside spec.yaml; a later run on other versions says so
+        environment.write(study)
+    else:
+        environment.warn_differences(study, "--retrain" if fresh_retrain else "--resume")
     if fresh:  # the prediction, kept beside what each phase then took (timing.yaml)
         total = cluster()
         timing.estimate = estimate.predict(

@@ -1,0 +1,110 @@
+"""Every sampler a search space may name, end to end on the Optuna a user gets.
+
+Optuna 5.1.0's NSGAIISampler holds a threading.Lock, which Ray Tune could not pickle
+with the experiment: every nsga2 study failed at Tuner(...). These studies run the
+real thing small (two trials of one epoch, one Ray runtime for the module) and are
+the newest-versions smoke set of .ci/run (marker `smoke`)."""
+import pickle
+import signal
+import subprocess
+import time
+
+import optuna
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+from conftest import env, study_cmd, tiny_spec, write_spec
+from csnn import data as fmnist
+from study import analyze, environment, results, run, spec as specs
+from study.samplers import SAMPLERS, make_sampler
+
+pytestmark = pytest.mark.smoke
+
+TWO = [{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "min"}]
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_pickles_and_keeps_working(name):
+    """What Ray Tune does to the searcher: pickle it into the experiment, load it on --resume."""
+    s = pickle.loads(pickle.dumps(make_sampler(name, 3)))
+    assert isinstance(s, optuna.samplers.BaseSampler)
+    study = optuna.create_study(sampler=s, directions=["maximize", "minimize"] if name != "gp" else ["maximize"])
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0)[:len(study.directions)], n_trials=3)
+    assert len(study.trials) == 3
+    pickle.loads(pickle.dumps(s))  # a sampler that has sampled (its caches filled) pickles too
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("name,objectives", [(n, o) for n in SAMPLERS for o in (1, 2)])
+def test_a_two_trial_study_with_every_sampler(name, objectives, local_ray, tiny_data_dir, tmp_path):
+    over = {"objective": TWO if objectives == 2 else TWO[0],
+            "train": {"epochs": 1, "train_size": 200},
+            "search": {"sampler": name, "seed": 0, "num_samples": 2, "max_concurrent": 2},
+            "retrain": {"seeds": []},
+            "scheduler": {"type": "none", "silent_rate": 0}}  # 4 steps: often silent, and then on no front
+    if objectives == 2:
+        over["retrain"] = {"seeds": [], "pick": "knee"}
+    spec = specs.parse(tiny_spec(f"s_{name}_{objectives}", **over), "test.yaml")
+    d = tmp_path / spec.name
+    assert run.run(spec, fmnist.load(tiny_data_dir), d, do_retrain=False) == 0
+    s = results.load(d)
+    assert len(s.trials) == 2 and set(s.trials["status"]) <= {"finished", "silent"}
+    db = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{d / 'optuna.db'}")
+    assert [t.state.name for t in db.trials] == ["COMPLETE", "COMPLETE"] and len(db.directions) == objectives
+    assert s.environment["packages"]["optuna"] == optuna.__version__
+    assert analyze.main([str(d)]) == 0
+    report = (d / "report" / "report.md").read_text()
+    assert f"Sampler {name} (seed 0)" in report and f"optuna {optuna.__version__}" in report
+
+
+def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny_data_dir):
+    """Ctrl-C, then --resume: Ray unpickles the searcher (a fresh lock) and the study ends with every
+    trial; environment.yaml, edited to say another Optuna ran it, gives one warning line."""
+    spec = tiny_spec("nsga2", objective=TWO, train={"epochs": 3}, retrain={"seeds": [], "pick": "knee"},
+                     search={"sampler": "nsga2", "num_samples": 3, "max_concurrent": 1})
+    space = write_spec(tmp_path, spec)
+    d = tmp_path / "results" / "nsga2"
+    proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # the first trial's epochs are recorded
+        if any(len(pd.read_csv(f)) >= 3 for f in d.glob("ray/*/progress.csv")):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "continue it with --resume" in out, out[-3000:]
+    recorded = yaml.safe_load((d / "environment.yaml").read_text())
+    assert recorded["packages"]["optuna"] == optuna.__version__ and recorded["cpus"] >= 1
+    recorded["packages"]["optuna"] = "5.0.0"
+    (d / "environment.yaml").write_text(yaml.safe_dump(recorded))
+
+    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--resume"), env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    warnings = [line for line in p.stderr.splitlines() if "another environment" in line]
+    assert warnings == [f"warning: --resume runs on another environment than {d / 'environment.yaml'} records: "
+                        f"optuna: 5.0.0 then, {optuna.__version__} now"], p.stderr[-3000:]
+    assert len(pd.read_csv(d / "trials.csv")) == 3
+    db = optuna.load_study(study_name="nsga2", storage=f"sqlite:///{d / 'optuna.db'}")
+    assert [t.state.name for t in db.trials] == ["COMPLETE"] * 3
+    # NSGA-II's generation is kept in the Optuna storage: the resumed trials continue the first population
+    assert [t.system_attrs.get("NSGAIISampler:generation") for t in db.trials] == [0, 0, 0]
+
+
+def test_environment_differences_are_one_line_each():
+    now = environment.collect()
+    then = {**now, "packages": {**now["packages"], "ray": "2.59.0"}, "cpus": now["cpus"] + 1}
+    del then["packages"]["torch"]
+    assert environment.differences(then, now) == [
+        f"torch: none then, {now['packages']['torch']} now", f"ray: 2.59.0 then, {now['packages']['ray']} now",
+        f"cpus: {now['cpus'] + 1} then, {now['cpus']} now"]
+    assert environment.differences(now, now) == []
