@@ -10,14 +10,26 @@ VENV ?= .venv
 PY := $(if $(VENV),$(VENV)/bin/python,$(PYTHON))
 DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup venv quick test
+.PHONY: setup venv quick test newest
 
-# The real Fashion-MNIST from Debian's package (offline), torch pinned to the
-# versions that install from these machines' disk, then the project.
+# The real Fashion-MNIST from Debian's package (offline), then the project with the
+# versions the suite last passed with (constraints.txt; torch 2.14.1 installs from
+# these machines' disk).
 setup: venv
 	test -f $(DATA) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+
+# Drift, seen before users see it: the newest versions pyproject.toml allows (torch
+# still pinned), in an environment of their own ($(NEWEST), hard links to $(VENV)'s
+# files, so that only what changed is downloaded), on the smoke set (pytest -m smoke).
+NEWEST ?= .venv-newest
+newest: setup
+	rm -rf $(NEWEST) && cp -al $(VENV) $(NEWEST)
+	$(NEWEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' torch==2.14.1 torchvision==0.29.1
+	@$(NEWEST)/bin/python -c 'from study import environment; e = environment.collect(); \
+	    print("newest allowed versions:", ", ".join(f"{k} {v}" for k, v in e["packages"].items()))'
+	$(NEWEST)/bin/python -m pytest -q -m smoke -p no:cacheprovider
 
 # $(VENV) from $(PYTHON), made again if it was made from another Python version;
 # Debian ships venv's pip apart, as python3.X-venv: installed when venv fails.
