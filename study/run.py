@@ -32,7 +32,8 @@ from csnn import data as fmnist
 from csnn.argtypes import positive_int
 from csnn.config import METRICS, TUTORIAL_ACC, TrainConfig
 from csnn.train import load_model
-from study import analyze, environment, estimate, results, spec as specs, warmstart
+from study import analyze, environment, estimate, lifecycle, results, spec as specs, warmstart
+from study.lifecycle import RETRAIN_PENDING
 from study.storage import Location, StorageError, check_nodes_see, mount_type
 
 
@@ -216,7 +217,6 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     return tuner.fit()
 
 
-RETRAIN_PENDING = "retrain.pending"  # in the study folder while a retrain has not ended
 
 
 def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study: Location, res: dict,
@@ -435,24 +435,6 @@ def check_optuna_storage(url: str, name: str, resume: bool) -> None:
                   "name, or another database")
 
 
-LEFTOVERS = ("spec.yaml", "environment.yaml", "optuna.db", "ray", "estimate.yaml")  # what a run writes before Ray records its first trial
-
-
-def never_started(study_dir: Location) -> bool:
-    """Whether a study folder holds only what a run writes before Ray's first state
-    save (spec.yaml, the Optuna database, a ray/ folder that cannot be restored, a
-    storage-check marker or a half-written .tmp): a failure or Ctrl-C in that
-    moment. Such a folder is started afresh rather than refused."""
-    names = {Path(i.path).name for i in study_dir.fs.get_file_info(pafs.FileSelector(study_dir.path))}
-    if not all(n in LEFTOVERS or n.startswith(".storage-check-") or n.endswith(".tmp") for n in names):
-        return False
-    if "ray" in names:
-        from ray import tune
-
-        return not tune.Tuner.can_restore((study_dir / "ray").path, storage_filesystem=study_dir.fs)
-    return True
-
-
 def check_address(address: str | None, source: str = "--address", timeout_s: float = 10) -> None:
     """A Ray address that can work, checked in a bounded time before anything is written:
     local, auto, HOST:PORT or ray://HOST:PORT with something listening there. Ray itself
@@ -478,6 +460,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
     args = parse_args(argv)
     args.study_dir = None  # set by _main once known: what a Ctrl-C message advises depends on it
+    args.can_retrain = True
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what the advice repeats
     try:
         return _main(args)
     except (specs.SpecError, fmnist.DataError, results.StudyError, UsageError) as e:
@@ -495,17 +479,11 @@ def main(argv=None) -> int:
 
 
 def next_step(args) -> str:
-    """What to run after an interruption, from what the study folder holds."""
-    d = args.study_dir
-    again = "python -m study.run " + " ".join(a for a in sys.argv[1:] if a != "--resume")
-    if d is None or d.is_empty_dir() or never_started(d):
-        return f"the study had not started; run the same command again ({again})"
-    return f"continue it with --resume ({again} --resume)"
+    """What to run after an interruption, from what the study folder holds (lifecycle's table)."""
+    return lifecycle.next_step(args.study_dir, args.argv, args.can_retrain)
 
 
 def _main(args) -> int:
-    if args.retrain and args.no_retrain:
-        raise UsageError("--retrain and --no-retrain contradict each other; give one")
     if args.address is not None:
         check_address(args.address)
     elif os.environ.get("RAY_ADDRESS"):
@@ -523,18 +501,12 @@ def _main(args) -> int:
         if study_dir.is_file():
             raise UsageError(f"{study_dir}: is a file, not a study folder; remove it or choose another name or --storage")
         args.study_dir = study_dir
-        exists = not study_dir.is_empty_dir()
     except StorageError as e:
         raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"--storage {args.storage}: cannot read it ({e})") from None
     if args.optuna_storage is not None:
         check_optuna_storage(args.optuna_storage, spec.name, args.resume or args.retrain)
-    unstarted = exists and never_started(study_dir)
-    flag = "--resume" if args.resume else "--retrain" if args.retrain else None
-    if args.warm_start and flag:
-        raise UsageError(f"--warm-start with {flag}: a study is warm-started when it begins, and this one has; "
-                         "leave --warm-start out")
     if "" in args.warm_start:
         raise UsageError("--warm-start '': name the folder of an earlier study (results/<name>)")
     try:
@@ -546,15 +518,16 @@ def _main(args) -> int:
             raise UsageError(f"--warm-start {w}: that is this study's own folder; name an earlier study")
         if [x.shown for x in sources].count(loc.shown) > 1:
             raise UsageError(f"--warm-start {w}: given twice; its trials would be told twice")
-    if unstarted and flag and not args.dry_run:
-        raise UsageError(f"{flag}: the study in {study_dir} never started (an earlier run stopped before Ray "
-                         f"recorded its first trial); run the same command without {flag} to start it")
-    if exists and not unstarted and not (args.resume or args.retrain or args.dry_run):
-        raise UsageError(f"{study_dir} already holds a study; pass --resume to continue it, "
-                         "or choose another name or --storage")
-    if (args.resume or args.retrain) and not args.dry_run:
-        if not (study_dir / "spec.yaml").is_file():
-            raise UsageError(f"--{'resume' if args.resume else 'retrain'}: no study in {study_dir} (no spec.yaml)")
+    # What the folder holds, and what this command may do there: lifecycle's table.
+    state = lifecycle.read(study_dir)
+    decision = lifecycle.decide(state, lifecycle.command(args))
+    args.can_retrain = bool(spec.retrain["seeds"]) and spec.retrain["epochs"] > 0
+    if decision.action == "retrain" and not args.can_retrain:
+        decision = lifecycle.Decision("refuse", f"holds {lifecycle.STATES[state]}, but {args.space} sets no retrain "
+                                      "(retrain.seeds empty or retrain.epochs 0); read it", lifecycle.ANALYZE)
+    if decision.action == "refuse":  # --dry-run too: it says what the command would do
+        raise UsageError(lifecycle.refusal(decision, args.argv, study_dir))
+    if decision.action in ("search", "retrain", "finish_retrain", "nothing") and state != "absent":
         stored = (study_dir / "spec.yaml").read_text()
         if stored != resolved:
             raise UsageError(f"--{'resume' if args.resume else 'retrain'}: {args.space} differs from the study stored in {study_dir / 'spec.yaml'}; "
@@ -562,26 +535,9 @@ def _main(args) -> int:
         if args.num_samples is not None and args.num_samples != spec.search["num_samples"]:
             raise UsageError(f"--num-samples {args.num_samples}: a study keeps the number of trials it started with "
                              f"({spec.search['num_samples']}; Ray Tune cannot change it on --resume); leave the flag out")
-    complete = (study_dir / "trials.csv").is_file() or (study_dir / "trials.parquet").is_file()
-    if args.retrain and not complete and not args.dry_run:
-        raise UsageError(f"--retrain: the study in {study_dir} has not ended; continue it with --resume")
-    can_retrain = bool(spec.retrain["seeds"]) and spec.retrain["epochs"] > 0
-    if args.retrain and not can_retrain:
-        raise UsageError(f"--retrain: {args.space} sets no retrain (retrain.seeds empty or retrain.epochs 0)")
-    # A finished study is left alone: its best/ is replaced only on request (--retrain);
-    # --resume finishes only a retrain that was cut short (its RETRAIN_PENDING marker is
-    # there), also one of --retrain; not one that never started (--no-retrain).
-    cut_short = (study_dir / RETRAIN_PENDING).is_file()
-    retrain_now = complete and (args.retrain or (args.resume and cut_short and can_retrain and not args.no_retrain))
-    if args.resume and complete and not retrain_now and not args.dry_run:
-        print(f"study {spec.name} is complete ({study_dir}): nothing to resume. Retrain its best configuration "
-              "again with --retrain; read it with python -m study.analyze")
+    if decision.action == "nothing" and not args.dry_run:
+        print(f"study {spec.name}: {study_dir} {decision.why}")
         return 0
-    if args.resume and not complete and not args.dry_run:
-        from ray import tune
-
-        if not tune.Tuner.can_restore((study_dir / "ray").path, storage_filesystem=study_dir.fs):
-            raise UsageError(f"--resume: no study to continue in {study_dir}")
 
     data = fmnist.load(args.data_dir, download=args.download)
     check_machine(spec, data)
@@ -593,25 +549,28 @@ def _main(args) -> int:
         print(line, flush=True)
     if args.dry_run:
         print(f"# {args.space}: valid; data {data.source} ({len(data.train_y)} training, {len(data.test_y)} test "
-              f"images); results would go to {study_dir}\n{resolved}", end="")
+              f"images); results would go to {study_dir} ({lifecycle.STATES[state]}: "
+              f"{lifecycle.ACTIONS[decision.action]})\n{resolved}", end="")
         try:
             print(estimate.line(estimate.here(spec, len(data.train_y), len(data.test_y), plan, args.allow_cpu,
                                               args.allow_pending_gpus)), flush=True)
         except PlanError as e:  # this machine could not run it (too few CPUs a trial): the file is still valid
             print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0
-    if retrain_now and results.load(study_dir).best is None:
-        raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain")
-    if unstarted:  # what the stopped run left: the study starts afresh
+    retrain_only = decision.action in ("retrain", "finish_retrain")
+    if retrain_only and results.load(study_dir).best is None:
+        raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain (read it: "
+                         f"{lifecycle.command_line(lifecycle.ANALYZE, args.argv, study_dir)})")
+    if decision.action == "restart":  # what the stopped run left: the study starts afresh
         print(f"{study_dir} holds only what an earlier run wrote before its first trial was recorded; "
               "starting the study afresh", flush=True)
-        for name in LEFTOVERS:
+        for name in lifecycle.LEFTOVERS:
             (study_dir / name).delete()
     # --retrain, or --resume of a study whose retrain did not finish: the retrain alone
     return run(spec, data, study_dir, resume=args.resume, address=args.address, do_retrain=not args.no_retrain,
                allow_cpu=args.allow_cpu, allow_pending_gpus=args.allow_pending_gpus,
-               optuna_storage=args.optuna_storage, retrain_only=retrain_now, fresh_retrain=args.retrain,
-               verbose=args.verbose, warm=warm)
+               optuna_storage=args.optuna_storage, retrain_only=retrain_only,
+               fresh_retrain=decision.action == "retrain", verbose=args.verbose, warm=warm, argv=args.argv)
 
 
 def run(*args, verbose: bool = False, **kwargs) -> int:
@@ -625,9 +584,11 @@ def run(*args, verbose: bool = False, **kwargs) -> int:
 def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str | Path, resume: bool = False,
          address: str | None = None, do_retrain: bool = True, allow_cpu: bool = False,
          allow_pending_gpus: bool = False, optuna_storage: str | None = None, retrain_only: bool = False,
-         fresh_retrain: bool = False, verbose: bool = False, warm: list | None = None) -> int:
+         fresh_retrain: bool = False, verbose: bool = False, warm: list | None = None,
+         argv: list | None = None) -> int:
     """Search, then retrain the best configuration; with `retrain_only` (an ended study)
-    only the retrain, continued (`resume`) or from scratch (`fresh_retrain`)."""
+    only the retrain, continued (`resume`) or from scratch (`fresh_retrain`). `argv`: the
+    command line, which the advice after a Ctrl-C repeats."""
     import ray
 
     from study.progress import Timing
@@ -693,8 +654,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         # in the grid it returns. Export nothing that would look like a finished study.
         ended = sum(t.status in ("TERMINATED", "ERROR") for t, _ in results.trial_results(study / "ray"))
         if len(grid) < spec.search["num_samples"] or ended < len(grid):
-            step = ("run the same command again: no trial was recorded" if never_started(study)
-                    else "continue it with --resume")
+            step = lifecycle.next_step(study, argv, bool(spec.retrain["seeds"]) and spec.retrain["epochs"] > 0)
             print(f"study {spec.name} interrupted after {ended} of {spec.search['num_samples']} trials; {step}",
                   file=sys.stderr)
             return 130

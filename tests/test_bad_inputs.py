@@ -252,7 +252,8 @@ ROWS = [
       ]],
     Row("3 reproduce --epochs -1 keeps comparison.csv", "study.reproduce", lambda c: with_comparison(c, "--epochs", "-1"),
         2, "--epochs: -1 is not allowed", unchanged),
-    Row("4 --resume of a finished study", "study.run", lambda c: finished_study(c, "--resume"), 0, "is complete", unchanged),
+    Row("4 --resume of a finished study", "study.run", lambda c: finished_study(c, "--resume"), 0,
+        "holds an ended study: nothing to resume", unchanged),
     # ---- 5-15: silently wrong
     Row("5 -data-dir /nonexistent", "csnn.train", lambda c: c.cli(data="/nonexistent"), 2,
         "/nonexistent (--data-dir): no Fashion-MNIST"),
@@ -320,7 +321,7 @@ ROWS = [
         "line 3: not UTF-8 text (byte 0xe9)"),
     Row("17 a name with a NUL byte", "study.run", lambda c: c.dry(c.space('name: "a\\0b"\nobjective: {metric: train_loss, mode: min}\n' + SPACE)),
         2, "name: 'a\\x00b' is not allowed"),
-    Row("18 --resume without spec.yaml", "study.run", lambda c: no_spec(c), 2, "(no spec.yaml)"),
+    Row("18 --resume without spec.yaml", "study.run", lambda c: no_spec(c), 2, "not a study's (no spec.yaml"),
     Row("18 the study folder is a file", "study.run", lambda c: study_file(c), 2, "is a file, not a study folder"),
     *[Row(f"19 {cmd.split('.')[1]}: {what}", cmd, damaged(mutate),
           code, fragment, warns=warn)
@@ -433,8 +434,8 @@ ROWS = [
         "already holds an Optuna study named 'hand'"),
     Row("19 --resume of a folder holding only spec.yaml (a start that stopped)", "study.run",
         lambda c: (stuck_folder(c), [str(c.space()), "--storage", str(c.tmp / "results"), "--data-dir", str(c.data),
-                                     "--resume"])[1], 2, "never started (an earlier run stopped before Ray recorded "
-        "its first trial); run the same command without --resume to start it"),
+                                     "--resume"])[1], 2, "holds only what a run writes before Ray records its first "
+        "trial; start the study: python -m study.run "),
     Row("19 name with '?'", "study.run", lambda c: c.dry(c.space(named("a?b"))), 2, "name: 'a?b' is not allowed"),
     Row("19 name with %2F", "study.run", lambda c: c.dry(c.space(named("a%2Fb"))), 2, "name: 'a%2Fb' is not allowed"),
     Row("19 name longer than a file name may be", "study.run", lambda c: c.dry(c.space(named("n" * 300))), 2,

@@ -134,18 +134,3 @@ def test_a_study_this_machine_cannot_run_is_still_valid_without_an_estimate(tmp_
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "warning: no estimate for this machine" in p.stderr and "cpus_per_trial" in p.stderr
     assert not ESTIMATE.findall(p.stdout)
-
-
-def test_a_folder_holding_only_the_estimate_counts_as_never_started(tmp_path):
-    """estimate.yaml is written before spec.yaml and the first trial: a Ctrl-C then must leave a
-    folder that the same command starts afresh, not one refused with and without --resume."""
-    from study.run import never_started
-    from study.storage import Location
-
-    d = tmp_path / "s"
-    d.mkdir()
-    (d / "estimate.yaml").write_text("wall_s: 1\n")
-    (d / "spec.yaml").write_text("name: s\n")
-    assert never_started(Location.parse(str(d)))
-    (d / "trials.csv").write_text("trial_id\n")
-    assert not never_started(Location.parse(str(d)))

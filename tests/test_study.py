@@ -69,7 +69,7 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir):
     assert study.metric_names == ["val_acc"]  # optuna-dashboard's label for the objective
 
     again = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True)
-    assert again.returncode == 2 and "--resume" in again.stderr
+    assert again.returncode == 2 and "holds an ended study" in again.stderr and "study.analyze" in again.stderr
 
 
 def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_dir):
