@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 import torch
 import yaml
 
-from csnn import data as fmnist
+from csnn import data as fmnist, yamlio
 from csnn.argtypes import positive_int
 from csnn.config import METRICS, TUTORIAL_ACC, TrainConfig
 from csnn.train import load_model
@@ -489,8 +489,7 @@ def _main(args) -> int:
     elif os.environ.get("RAY_ADDRESS"):
         check_address(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
     spec = specs.load(args.space)
-    resolved = yaml.safe_dump(spec.to_dict(), sort_keys=False)  # as written to spec.yaml, before any flag
-    if args.num_samples is not None and not args.resume:
+    if args.num_samples is not None:  # stored in spec.yaml with the study: --resume and --retrain read it there
         spec.search["num_samples"] = args.num_samples
     try:
         storage = Location.parse(args.storage)
@@ -529,12 +528,15 @@ def _main(args) -> int:
         raise UsageError(lifecycle.refusal(decision, args.argv, study_dir))
     if decision.action in ("search", "retrain", "finish_retrain", "nothing") and state != "absent":
         stored = (study_dir / "spec.yaml").read_text()
-        if stored != resolved:
+        started_with = ((yamlio.load(stored) or {}).get("search") or {}).get("num_samples")
+        if args.num_samples is not None and args.num_samples != started_with:
+            raise UsageError(f"--num-samples {args.num_samples}: a study keeps the number of trials it started with "
+                             f"({started_with}; Ray Tune cannot change it on --resume); leave the flag out")
+        if isinstance(started_with, int):  # with or without the --num-samples it started with
+            spec.search["num_samples"] = started_with
+        if yaml.safe_dump(spec.to_dict(), sort_keys=False) != stored:
             raise UsageError(f"--{'resume' if args.resume else 'retrain'}: {args.space} differs from the study stored in {study_dir / 'spec.yaml'}; "
                              "resume with the same file")
-        if args.num_samples is not None and args.num_samples != spec.search["num_samples"]:
-            raise UsageError(f"--num-samples {args.num_samples}: a study keeps the number of trials it started with "
-                             f"({spec.search['num_samples']}; Ray Tune cannot change it on --resume); leave the flag out")
     if decision.action == "nothing" and not args.dry_run:
         print(f"study {spec.name}: {study_dir} {decision.why}")
         return 0
@@ -550,7 +552,7 @@ def _main(args) -> int:
     if args.dry_run:
         print(f"# {args.space}: valid; data {data.source} ({len(data.train_y)} training, {len(data.test_y)} test "
               f"images); results would go to {study_dir} ({lifecycle.STATES[state]}: "
-              f"{lifecycle.ACTIONS[decision.action]})\n{resolved}", end="")
+              f"{lifecycle.ACTIONS[decision.action]})\n{yaml.safe_dump(spec.to_dict(), sort_keys=False)}", end="")
         try:
             print(estimate.line(estimate.here(spec, len(data.train_y), len(data.test_y), plan, args.allow_cpu,
                                               args.allow_pending_gpus)), flush=True)

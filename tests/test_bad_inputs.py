@@ -169,6 +169,14 @@ def finished_study(c: Ctx, *extra) -> list:
     return [str(c.tmp / "space.yaml"), "--storage", str(c.tmp / "results"), "--data-dir", str(c.data), *extra]
 
 
+def started_with_num_samples(c: Ctx, *extra) -> list:
+    """A finished study that `--num-samples 2` started: spec.yaml stores the 2."""
+    argv = finished_study(c, *extra)
+    f = c.tmp / "results" / "hand" / "spec.yaml"
+    f.write_text(f.read_text().replace("num_samples: 3", "num_samples: 2"))
+    return argv
+
+
 def damaged(mutate: Callable[[Path], None]) -> Callable[[Ctx], list]:
     def setup(c: Ctx) -> list:
         d = c.study()
@@ -365,6 +373,13 @@ ROWS = [
     Row("msg an empty YAML file", "study.run", lambda c: c.dry(c.space("")), 2, "space.yaml: the file is empty"),
     Row("msg low: 1e-4 read as a string", "study.run", lambda c: c.dry(c.space(SPEC_TOP + "space: {lr: {type: float, low: 1e-4, high: 0.1}}\n")),
         2, "YAML reads 1e-4 as text; write a number with a dot and a signed exponent, e.g. 1.0e-04"),
+    Row("27 --resume of a study started with --num-samples 2", "study.run",
+        lambda c: started_with_num_samples(c, "--resume"), 0, "nothing to resume", unchanged),
+    Row("27 --resume --num-samples 2 of a study started with it", "study.run",
+        lambda c: started_with_num_samples(c, "--resume", "--num-samples", "2"), 0, "nothing to resume", unchanged),
+    Row("27 --resume --num-samples 5 of a study started with 2", "study.run",
+        lambda c: started_with_num_samples(c, "--resume", "--num-samples", "5"), 2,
+        "--num-samples 5: a study keeps the number of trials it started with (2", unchanged),
     Row("msg --resume --num-samples 20 blames the flag", "study.run", lambda c: finished_study(c, "--resume", "--num-samples", "20"), 2,
         "--num-samples 20: a study keeps the number of trials it started with (3"),
     Row("msg zero training images", "study.run", data_variant(lambda f: write_dataset(f, 0, 100)), 2, "train-images-idx3-ubyte: holds no images"),
