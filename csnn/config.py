@@ -40,6 +40,9 @@ METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tes
 RUN_INFO = ("run_device", "run_amp", "run_cuda_graphs", "neuron_impl", "deterministic", "torch_version", "spikingjelly_version",
             "cuda_version", "data_sha")  # data_sha: FashionMNIST.fingerprint, the images trained on
 FLOAT32_MAX = 3.4028234663852886e38
+# Loops are sized by epochs (training, the estimate, the rungs): a bound keeps a typo from
+# becoming an endless run or a list of 10**20 entries. 100,000 is far past any real study.
+MAX_EPOCHS = 100_000
 
 
 def silent_layers(metrics, below: float) -> list[str]:
@@ -88,6 +91,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not value > 0:  # also false for NaN
                 raise ValueError(f"TrainConfig.{name}: {value!r} is not allowed; must be a number > 0")
+        if self.epochs > MAX_EPOCHS:
+            raise ValueError(f"TrainConfig.epochs: {self.epochs!r} is not allowed; must be <= {MAX_EPOCHS:,}")
         for name in ("seed", "split_seed", "val_size", "train_size", "test_size", "weight_decay"):
             value = getattr(self, name)
             if not value >= 0:

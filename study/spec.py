@@ -104,7 +104,11 @@ def _mapping(where, key, value, allowed: dict | None = None) -> dict:
     return value
 
 
-def _number(where, key, value, integer=False, minimum=None, above=None, auto=False):
+MAX_SAMPLES = 100_000  # trials in one study: Ray Tune keeps every one in memory and in its state file
+MAX_RUNGS = 1_000  # successive halving's rungs: a reduction_factor just above 1 would make billions
+
+
+def _number(where, key, value, integer=False, minimum=None, above=None, auto=False, maximum=None):
     if auto and value == "auto":
         return value
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -117,6 +121,8 @@ def _number(where, key, value, integer=False, minimum=None, above=None, auto=Fal
         raise _err(where, key, f"{value!r} is not allowed; must be >= {minimum}")
     if above is not None and not value > above:
         raise _err(where, key, f"{value!r} is not allowed; must be > {above}")
+    if maximum is not None and value > maximum:
+        raise _err(where, key, f"{value!r} is not allowed; must be <= {maximum:,}")
     return value
 
 
@@ -287,7 +293,7 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     _number(where, "search.seed", search["seed"], integer=True, minimum=0)
     if search["seed"] >= 2**32:  # Optuna's samplers seed numpy's RandomState
         raise _err(where, "search.seed", f"{search['seed']} is not allowed; must be < 2**32")
-    _number(where, "search.num_samples", search["num_samples"], integer=True, minimum=1)
+    _number(where, "search.num_samples", search["num_samples"], integer=True, minimum=1, maximum=MAX_SAMPLES)
     _number(where, "search.max_concurrent", search["max_concurrent"], integer=True, minimum=0, auto=True)
     if not isinstance(search["baseline"], bool):
         raise _err(where, "search.baseline", f"{search['baseline']!r} is not allowed; must be true or false")
@@ -357,6 +363,13 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     render = _section(where, raw, "render", DEFAULTS["render"])
     _number(where, "render.images", render["images"], integer=True, minimum=0)
     spec = StudySpec(name, objectives, train, space, search, sched, res, retrain, render, path=where)
+    if sched["type"] == "asha":
+        epochs, rf = spec.max_epochs, sched["reduction_factor"]
+        rungs = math.log(epochs / min(sched["grace_period"], epochs)) / math.log(rf) + 1
+        if rungs > MAX_RUNGS:
+            least = (epochs / min(sched["grace_period"], epochs)) ** (1 / (MAX_RUNGS - 1))
+            raise _err(where, "scheduler.reduction_factor", f"{rf!r} makes {rungs:.3g} rungs over {epochs} epochs; at "
+                       f"most {MAX_RUNGS:,} are allowed: give a reduction_factor >= {least:.6g} (e.g. 2 or 3)")
     if not given:  # the fixed epochs, or with epochs searched the largest (TrainConfig's default would be a guess)
         retrain["epochs"] = spec.max_epochs
     return spec
