@@ -40,6 +40,7 @@ METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tes
 RUN_INFO = ("run_device", "run_amp", "run_cuda_graphs", "neuron_impl", "deterministic", "torch_version", "spikingjelly_version",
             "cuda_version", "data_sha")  # data_sha: FashionMNIST.fingerprint, the images trained on
 FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: below it a factor flushes toward 0
 # Loops are sized by epochs (training, the estimate, the rungs): a bound keeps a typo from
 # becoming an endless run or a list of 10**20 entries. 100,000 is far past any real study.
 MAX_EPOCHS = 100_000
@@ -106,6 +107,9 @@ class TrainConfig:
             if not math.isfinite(getattr(self, name)) or abs(getattr(self, name)) > FLOAT32_MAX:
                 raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not allowed; must be a finite number "
                                  f"<= {FLOAT32_MAX:.4g} (the largest float32)")
+            if 0 < abs(getattr(self, name)) < FLOAT32_TINY:  # 1e-300 is 0 in float32: it would train nothing
+                raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not allowed; float32 rounds it to 0: "
+                                 f"must be {'0 or ' if name == 'weight_decay' else ''}>= {FLOAT32_TINY:.4g} (the smallest normal float32)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer: {self.optimizer!r} is not allowed; allowed: {', '.join(OPTIMIZERS)}")
         if self.backend not in BACKENDS:

@@ -146,6 +146,9 @@ def _distribution(where, key, d, train, name) -> dict:
             raise _err(where, f"{key}.choices", f"must be a non-empty list, got {choices!r}")
         for i, c in enumerate(choices):
             _check_value(where, f"{key}.choices[{i}]", train, name, c)
+            same = [j for j, o in enumerate(choices[:i]) if o == c and type(o) is type(c)]
+            if same:  # Optuna would sample it twice as often, and the report would count it apart
+                raise _err(where, f"{key}.choices[{i}]", f"{c!r} is given twice (also choices[{same[0]}]); keep one")
         return {"type": kind, "choices": list(choices)}
     _mapping(where, key, d, {"type": True, "low": True, "high": True, "step": False, "log": False, "when": False})
     integer = kind == "int"

@@ -401,6 +401,23 @@ ROWS = [
         lambda c: c.dry(c.space(SPEC_TOP + "space:\n  lr: &r {type: float, low: 0.01, high: 0.1, log: true}\n"
                                 "  momentum: {<<: *r, low: 0.5, high: 0.9, log: false}\n")), 0, "valid",
         lambda c: merged_momentum(c)),
+    Row("27 train_size: 6:40 (a YAML 1.1 base-60 integer)", "study.run",
+        lambda c: c.dry(c.space(SPEC_TOP + SPACE + "train: {train_size: 6:40}\n")), 2,
+        "6:40 is a base-60 number in YAML 1.1 (= 400); write the number itself, or quote it as text"),
+    Row("27 two << keys in one mapping", "study.run",
+        lambda c: c.dry(c.space(SPEC_TOP + "space:\n  lr: &r {type: float, low: 0.01, high: 0.1, log: true}\n"
+                                "  momentum: {<<: *r, <<: *r, low: 0.5, high: 0.9, log: false}\n")), 2,
+        "<< is given twice: on line 5 and on line 5; merge several mappings with one: <<: [*first, *second]"),
+    Row("27 <<: [A, B] takes A's values where both have the key (YAML's merge rule)", "study.run",
+        lambda c: c.dry(c.space(SPEC_TOP + "space:\n  lr: &b {type: float, low: 0.01, high: 0.1, log: true}\n"
+                                "  momentum: {<<: [{type: float, low: 0.5, high: 0.9, log: false}, *b]}\n")), 0,
+        "valid", lambda c: merged_momentum(c)),
+    Row("27 duplicate choices", "study.run",
+        lambda c: c.dry(c.space(space={"channels": {"type": "categorical", "choices": [4, 8, 4]}})), 2,
+        "space.channels.choices[2]: 4 is given twice (also choices[0]); keep one"),
+    Row("27 lr low 1e-300 (0 in float32)", "study.run",
+        lambda c: c.dry(c.space(space={"lr": {"type": "float", "low": 1e-300, "high": 0.1, "log": True}})), 2,
+        "float32 rounds it to 0: must be >= 1.175e-38"),
     Row("19 num_samples: 010 (YAML 1.1 octal)", "study.run",
         lambda c: c.dry(c.space(SPEC_TOP + SPACE + "search: {num_samples: 010}\n")), 2,
         "010 has a leading zero, which YAML reads as an octal number (8); write 10"),
@@ -708,7 +725,7 @@ from pathlib import Path
 from csnn.config import TrainConfig
 from csnn.model import CSNN
 from csnn.train import make_optimizer, save_checkpoint
-cfg = TrainConfig(T=1, channels=64, device="cpu", epochs=10**6)
+cfg = TrainConfig(T=1, channels=64, device="cpu", epochs=100_000)
 net = CSNN(cfg.T, cfg.channels)
 opt = make_optimizer(cfg, net.parameters())
 state = {"net": net, "optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs),
