@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from csnn import yamlio
-from csnn.config import METRICS, TUTORIAL, TrainConfig, check_runnable, yaml_number_hint
+from csnn.config import COST_METRICS, METRICS, TUTORIAL, TrainConfig, check_runnable, yaml_number_hint
 
 TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
             "scheduler": False, "resources": False, "retrain": False, "render": False}
@@ -397,6 +397,10 @@ def _objectives(where, raw, train) -> list:
             raise _err(where, f"{key}.metric", f"{metric!r} {why}; allowed: {', '.join(OBJECTIVE_METRICS)}")
         if metric.startswith("val_") and not train.get("val_size"):
             raise _err(where, f"{key}.metric", f"{metric} is reported only with a validation split; set train.val_size > 0")
+        if (metric in COST_METRICS or metric.startswith("fr_")) and not train.get("val_size"):
+            # counted on the validation split, or on the test set where there is none: selection must not see it
+            raise _err(where, f"{key}.metric", f"{metric} is counted on the test set when there is no validation "
+                       "split, and choosing by it would read the test set; set train.val_size > 0 (e.g. 5000)")
         if mode not in ("max", "min"):
             raise _err(where, f"{key}.mode", f"{mode!r} is not allowed; allowed: max, min")
         if metric in [o["metric"] for o in out]:

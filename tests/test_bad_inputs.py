@@ -373,6 +373,9 @@ ROWS = [
     Row("msg an empty YAML file", "study.run", lambda c: c.dry(c.space("")), 2, "space.yaml: the file is empty"),
     Row("msg low: 1e-4 read as a string", "study.run", lambda c: c.dry(c.space(SPEC_TOP + "space: {lr: {type: float, low: 1e-4, high: 0.1}}\n")),
         2, "YAML reads 1e-4 as text; write a number with a dot and a signed exponent, e.g. 1.0e-04"),
+    Row("27 objective energy_uj without a validation split (counted on the test set)", "study.run",
+        lambda c: c.dry(c.space(SPEC_TOP.replace("train_loss", "energy_uj") + SPACE)), 2,
+        "objective.metric: energy_uj is counted on the test set when there is no validation split"),
     Row("27 epochs: 10**20 (the estimate would build a list that long)", "study.run",
         lambda c: c.dry(c.space(train={"epochs": 10**20})), 2, "train.epochs: 100000000000000000000 is not allowed; "
         "must be <= 100,000"),
