@@ -512,10 +512,11 @@ def _main(args) -> int:
         sources = [Location.parse(w) for w in args.warm_start]
     except StorageError as e:
         raise UsageError(f"--warm-start: {e}") from None
+    same = lambda loc: str(loc.local.resolve()) if loc.local is not None else loc.shown  # noqa: E731 (file:// = a path)
     for w, loc in zip(args.warm_start, sources):
-        if loc.shown == study_dir.shown:
+        if same(loc) == same(study_dir):
             raise UsageError(f"--warm-start {w}: that is this study's own folder; name an earlier study")
-        if [x.shown for x in sources].count(loc.shown) > 1:
+        if [same(x) for x in sources].count(same(loc)) > 1:
             raise UsageError(f"--warm-start {w}: given twice; its trials would be told twice")
     # What the folder holds, and what this command may do there: lifecycle's table.
     state = lifecycle.read(study_dir)

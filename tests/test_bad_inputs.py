@@ -376,6 +376,9 @@ ROWS = [
     Row("27 objective energy_uj without a validation split (counted on the test set)", "study.run",
         lambda c: c.dry(c.space(SPEC_TOP.replace("train_loss", "energy_uj") + SPACE)), 2,
         "objective.metric: energy_uj is counted on the test set when there is no validation split"),
+    Row("27 --warm-start D --warm-start file://D (one folder, two spellings)", "study.run",
+        lambda c: c.dry(c.space(), "--warm-start", str(c.tmp / "old"), "--warm-start", f"file://{c.tmp}/old/"), 2,
+        "given twice; its trials would be told twice"),
     Row("27 epochs: 10**20 (the estimate would build a list that long)", "study.run",
         lambda c: c.dry(c.space(train={"epochs": 10**20})), 2, "train.epochs: 100000000000000000000 is not allowed; "
         "must be <= 100,000"),
