@@ -550,6 +550,12 @@ def _main(args) -> int:
         raise UsageError(str(e)) from None
     for line in warmstart.lines(warm):
         print(line, flush=True)
+    if state != "absent" and decision.action != "restart":  # a study goes on only on the images it began on
+        history = results.load(study_dir).history
+        was = sorted(set(history["data_sha"].dropna().astype(str)) - {""}) if "data_sha" in history else []
+        if was and data.fingerprint and data.fingerprint not in was:
+            raise UsageError(f"{study_dir}: the study was trained on other images (data fingerprint {', '.join(was)}; "
+                             f"{data.source} has {data.fingerprint}); give --data-dir the data it began on")
     if args.dry_run:
         print(f"# {args.space}: valid; data {data.source} ({len(data.train_y)} training, {len(data.test_y)} test "
               f"images); results would go to {study_dir} ({lifecycle.STATES[state]}: "

@@ -177,6 +177,14 @@ def started_with_num_samples(c: Ctx, *extra) -> list:
     return argv
 
 
+def other_images(c: Ctx, *extra) -> list:
+    """A finished study whose epochs record another data fingerprint than c.data's."""
+    argv = finished_study(c, *extra)
+    h = c.tmp / "results" / "hand" / "history.csv"
+    results.write_table(h, pd.read_csv(h).assign(data_sha="0123456789abcdef"))
+    return argv
+
+
 def damaged(mutate: Callable[[Path], None]) -> Callable[[Ctx], list]:
     def setup(c: Ctx) -> list:
         d = c.study()
@@ -379,6 +387,8 @@ ROWS = [
     Row("27 --warm-start D --warm-start file://D (one folder, two spellings)", "study.run",
         lambda c: c.dry(c.space(), "--warm-start", str(c.tmp / "old"), "--warm-start", f"file://{c.tmp}/old/"), 2,
         "given twice; its trials would be told twice"),
+    Row("27 --retrain on other images than the study's", "study.run", lambda c: other_images(c, "--retrain"), 2,
+        "the study was trained on other images (data fingerprint 0123456789abcdef; ", unchanged),
     Row("27 epochs: 10**20 (the estimate would build a list that long)", "study.run",
         lambda c: c.dry(c.space(train={"epochs": 10**20})), 2, "train.epochs: 100000000000000000000 is not allowed; "
         "must be <= 100,000"),
