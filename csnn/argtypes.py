@@ -1,7 +1,11 @@
-"""argparse types shared by every command line, so a bad count is refused the same way everywhere."""
+"""What every command line shares: argparse types, so a bad count is refused the same way
+everywhere, and Ctrl-C as one line and exit 130 rather than a traceback."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
 
 
 def positive_int(text: str) -> int:
@@ -13,3 +17,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not allowed; must be >= 1")
     return value
+
+
+def quiet_start(what: str) -> None:
+    """Ctrl-C while a command imports its libraries (seconds of torch, Ray, matplotlib): one line and
+    exit 130. Called first thing under `if __name__ == "__main__":`, before those imports."""
+    signal.signal(signal.SIGINT, lambda *_: (print(f"{what}: interrupted while starting; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
+
+
+def interruptible(main, what: str, left: str) -> int:
+    """main() with Ctrl-C as one line saying what was `left`, and exit 130."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{what}: interrupted; {left}", file=sys.stderr)
+        return 130

@@ -5,12 +5,16 @@ importance.png, baseline.png and report.md (the plots embedded).
 """
 from __future__ import annotations
 
-import argparse
-import math
-import sys
-from pathlib import Path
+if __name__ == "__main__":
+    from csnn.argtypes import quiet_start
 
-import matplotlib
+    quiet_start("study.analyze")
+import argparse  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,7 +24,7 @@ import pandas as pd  # noqa: E402
 from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import estimate, results  # noqa: E402
-from csnn.argtypes import positive_int  # noqa: E402
+from csnn.argtypes import interruptible, positive_int  # noqa: E402
 from study.spec import BASELINE, distribution  # noqa: E402
 
 LABELS = {"val_acc": "validation accuracy", "test_acc": "test accuracy", "train_acc": "training accuracy",
@@ -542,4 +546,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible(main, "study.analyze", "the report in report/ may be incomplete; run it again"))

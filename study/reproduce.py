@@ -11,21 +11,25 @@ a match, 1 on a mismatch.
 """
 from __future__ import annotations
 
-import argparse
-import sys
-import tempfile
-import time
-from pathlib import Path
+if __name__ == "__main__":
+    from csnn.argtypes import quiet_start
 
-import pandas as pd
-import torch
-import yaml
+    quiet_start("study.reproduce")
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from csnn import data as fmnist
 from csnn.config import RUN_INFO, TIMING_METRICS, TrainConfig
 from csnn.train import fit, load_model, resolve_device, set_deterministic
 from study import environment, results
-from csnn.argtypes import positive_int
+from csnn.argtypes import interruptible, positive_int
 
 # When CUDA ran, per metric: (absolute, relative) tolerance, a difference passing
 # when it is within absolute + relative * |recorded|. Accuracies move by a few
@@ -155,4 +159,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible(main, "study.reproduce", "the reproduction did not finish (it writes comparison.csv last); "
+                           "run it again"))
