@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 
 from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
-from study import estimate, results  # noqa: E402
+from study import estimate, lifecycle, results  # noqa: E402
 from csnn.argtypes import interruptible, positive_int  # noqa: E402
 from study.spec import BASELINE, distribution  # noqa: E402
 
@@ -528,12 +528,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         study = results.load(args.study)
+        state = lifecycle.read(study.location)
+        if lifecycle.decide(state, lifecycle.ANALYZE).action == "refuse":  # writing report/ there would make it foreign
+            raise results.StudyError(f"{study.path} holds {lifecycle.STATES[state]}: nothing to read yet")
         if args.against:
             print("\n".join(compare(study, results.load(args.against))))
             return 0
     except results.StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    held = lifecycle.holder(study.location)
+    if held is not None:
+        print(f"note: {study.path} is being written by {held}: this is the study so far")
     print(f"trials read from {study.trials_file or study.path / 'ray'}")
     print(leaderboard(study, args.top))
     out = study.location / "report"

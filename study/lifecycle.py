@@ -8,7 +8,10 @@ a command that the table refuses (tests/test_lifecycle.py walks every pair).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,8 @@ STATES = {
 }
 # What a run writes before Ray records its first trial: a folder holding only these (and
 # no restorable Ray state) is started afresh rather than refused.
-LEFTOVERS = ("spec.yaml", "environment.yaml", "optuna.db", "ray", "estimate.yaml", "warm_start.yaml")
+LEFTOVERS = ("spec.yaml", "environment.yaml", "optuna.db", "ray", "estimate.yaml", "warm_start.yaml", "report")
+LOCK = "study.lock"  # the one process that writes the folder: its host, pid and command
 RETRAIN_PENDING = "retrain.pending"  # in the study folder while a retrain has not ended
 TABLES = ("trials.parquet", "trials.csv")  # either one: the search ended and was exported
 
@@ -36,7 +40,9 @@ def read(d: Location) -> str:
     """The state of study folder `d` (a local folder or a URI), from what it holds."""
     if d.is_empty_dir():
         return "absent"
-    names = {Path(i.path).name for i in d.fs.get_file_info(pafs.FileSelector(d.path))}
+    names = {Path(i.path).name for i in d.fs.get_file_info(pafs.FileSelector(d.path))} - {LOCK}
+    if not names:
+        return "absent"
     if "spec.yaml" in names and names & set(TABLES):
         return "retrain_cut" if RETRAIN_PENDING in names else "ended"
     if "ray" in names and "spec.yaml" in names:
@@ -44,7 +50,7 @@ def read(d: Location) -> str:
 
         if tune.Tuner.can_restore((d / "ray").path, storage_filesystem=d.fs):
             return "interrupted"
-    if all(n in LEFTOVERS or n.startswith(".storage-check-") or n.endswith(".tmp") for n in names):
+    if all(n in LEFTOVERS or n == LOCK or n.startswith(".storage-check-") or n.endswith(".tmp") for n in names):
         return "unstarted"
     return "foreign"
 
@@ -166,3 +172,63 @@ def next_step(d, argv: list[str] | None, can_retrain: bool = True) -> str:
     say = {"resume": "continue it with --resume", "retrain": "it ended before its retrain; retrain it with --retrain",
            "analyze": "it has ended; read it", "start": "the study had not started; run the same command again"}
     return say[cmd.verb] + (f" ({command_line(cmd, argv, d)})" if argv is not None else "")
+
+
+class Locked(Exception):
+    """Another process writes the study folder."""
+
+
+def holder(d: Location) -> str | None:
+    """Who holds the folder's lock ('host pid N: command'), or None; a lock left by a
+    process of this host that no longer runs counts as none."""
+    f = d / LOCK
+    if not f.is_file():
+        return None
+    text = f.read_text().strip()
+    host, _, rest = text.partition(" pid ")
+    pid = rest.split(":")[0]
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+    return text or None
+
+
+def take_lock(d: Location, argv: list[str]) -> str:
+    """Take the folder's lock before anything is written, or raise Locked naming its holder.
+    A stale lock (its process gone) is taken over with a line saying so."""
+    mine = f"{socket.gethostname()} pid {os.getpid()}: python -m study.run {' '.join(argv)}"
+    f = d / LOCK
+    if f.is_file():
+        held = holder(d)
+        if held is not None:
+            raise Locked(f"{d} is being written by {held}; wait for it to end (python -m study.analyze {d} reads it "
+                         f"meanwhile), or stop that process; if it is gone, delete {f}")
+        print(f"{d}: taking over the lock of a process that no longer runs ({f.read_text().strip()})", flush=True)
+        f.delete()
+    d.fs.create_dir(d.path, recursive=True)
+    if d.local is not None:  # O_EXCL: of two processes starting at once, one wins
+        try:
+            fd = os.open(d.local / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise Locked(f"{d} is being written by {holder(d)}; wait for it to end, or stop that process") from None
+        with os.fdopen(fd, "w") as out:
+            out.write(mine + "\n")
+    else:  # an object store has no exclusive create: written, then read back
+        f.write_text(mine + "\n")
+        if f.read_text().strip() != mine:
+            raise Locked(f"{d} is being written by {holder(d)}; wait for it to end, or stop that process")
+    return mine
+
+
+def release_lock(d: Location, mine: str) -> None:
+    """Remove the lock if it is still this process's."""
+    f = d / LOCK
+    try:
+        if f.is_file() and f.read_text().strip() == mine:
+            f.delete()
+    except OSError as e:  # the folder went away (a test's tmp, a bucket): nothing to release
+        print(f"warning: could not remove {f}: {e}", file=sys.stderr)

@@ -461,6 +461,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.study_dir = None  # set by _main once known: what a Ctrl-C message advises depends on it
     args.can_retrain = True
+    args.lock = None  # the study folder's lock, once taken
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what the advice repeats
     try:
         return _main(args)
@@ -476,6 +477,8 @@ def main(argv=None) -> int:
                 sys.modules["ray"].shutdown()
             except KeyboardInterrupt:
                 pass
+        if args.lock:
+            lifecycle.release_lock(args.study_dir, args.lock)
 
 
 def next_step(args) -> str:
@@ -518,6 +521,11 @@ def _main(args) -> int:
             raise UsageError(f"--warm-start {w}: that is this study's own folder; name an earlier study")
         if [same(x) for x in sources].count(same(loc)) > 1:
             raise UsageError(f"--warm-start {w}: given twice; its trials would be told twice")
+    held = lifecycle.holder(study_dir)
+    if held is not None and not args.dry_run:  # one writer per folder: say who, before what the folder holds
+        raise UsageError(f"{study_dir} is being written by {held}; wait for it to end (python -m study.analyze "
+                         f"{study_dir} reads it meanwhile), or stop that process; if it is gone, delete "
+                         f"{study_dir / lifecycle.LOCK}")
     # What the folder holds, and what this command may do there: lifecycle's table.
     state = lifecycle.read(study_dir)
     decision = lifecycle.decide(state, lifecycle.command(args))
@@ -566,6 +574,10 @@ def _main(args) -> int:
         except PlanError as e:  # this machine could not run it (too few CPUs a trial): the file is still valid
             print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0
+    try:  # before anything is written; released by main
+        args.lock = lifecycle.take_lock(study_dir, args.argv)
+    except lifecycle.Locked as e:
+        raise UsageError(str(e)) from None
     retrain_only = decision.action in ("retrain", "finish_retrain")
     if retrain_only and results.load(study_dir).best is None:
         raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain (read it: "

@@ -488,6 +488,10 @@ ROWS = [
     Row("19 --optuna-storage already holding a study of that name", "study.run",
         lambda c: (optuna_db_with(c, "hand"), c.dry(c.space(), "--optuna-storage", f"sqlite:///{c.tmp}/o.db"))[1], 2,
         "already holds an Optuna study named 'hand'"),
+    Row("27 study.analyze of a folder holding only spec.yaml (a start that stopped)", "study.analyze",
+        lambda c: (stuck_folder(c), [str(c.tmp / "results" / "hand")])[1], 2,
+        "holds only what a run writes before Ray records its first trial: nothing to read yet",
+        lambda c: not_written(c.tmp / "results" / "hand" / "report")),
     Row("19 --resume of a folder holding only spec.yaml (a start that stopped)", "study.run",
         lambda c: (stuck_folder(c), [str(c.space()), "--storage", str(c.tmp / "results"), "--data-dir", str(c.data),
                                      "--resume"])[1], 2, "holds only what a run writes before Ray records its first "
@@ -590,6 +594,10 @@ def optuna_db_with(c: Ctx, name: str) -> None:
     import optuna
 
     optuna.create_study(study_name=name, storage=f"sqlite:///{c.tmp}/o.db")
+
+
+def not_written(path: Path) -> None:
+    assert not path.exists(), path
 
 
 def stuck_folder(c: Ctx) -> None:

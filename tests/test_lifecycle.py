@@ -89,3 +89,63 @@ def test_the_state_of_real_folders(tiny_study, tmp_path):
     first.mkdir()
     (first / "estimate.yaml").write_text("wall_s: 1\n")
     assert read(first) == "unstarted"
+
+
+def test_one_writer_per_study_folder(tiny_study, tiny_data_dir, tmp_path, capsys):
+    """A second study.run on a folder another process writes is refused with who holds it;
+    study.analyze reads it meanwhile; a lock whose process is gone is taken over."""
+    import os
+    import socket
+    import subprocess
+
+    from conftest import env, study_cmd, write_spec, tiny_spec
+
+    results_dir = tmp_path / "results"
+    d = shutil.copytree(tiny_study[0], results_dir / "e2e", ignore=shutil.ignore_patterns("report"))
+    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    mine = lifecycle.take_lock(Location.parse(str(d)), ["this", "test"])
+    assert mine == f"{socket.gethostname()} pid {os.getpid()}: python -m study.run this test"
+    for flags in ([], ["--resume"], ["--retrain"]):
+        p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, *flags), env=env(), capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 2 and f"is being written by {mine}" in p.stderr, p.stderr[-2000:]
+    p = subprocess.run([*study_cmd(space, tmp_path, tiny_data_dir)[:2], "study.analyze", str(d)], env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and f"is being written by {mine}: this is the study so far" in p.stdout, p.stderr
+    lifecycle.release_lock(Location.parse(str(d)), mine)
+    assert not (d / lifecycle.LOCK).exists()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (d / lifecycle.LOCK).write_text(f"{socket.gethostname()} pid {gone.pid}: python -m study.run killed\n")
+    assert lifecycle.holder(Location.parse(str(d))) is None
+    again = lifecycle.take_lock(Location.parse(str(d)), ["again"])
+    assert f"taking over the lock of a process that no longer runs ({socket.gethostname()} pid {gone.pid}" \
+        in capsys.readouterr().out
+    assert (d / lifecycle.LOCK).read_text() == again + "\n"
+
+
+def test_two_identical_studies_at_once(tiny_data_dir, tmp_path):
+    """The second of two identical commands is refused; it used to delete the first's optuna.db."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import env, study_cmd, write_spec, tiny_spec
+
+    space = write_spec(tmp_path, tiny_spec("twice", train={"epochs": 4}, search={"num_samples": 2, "max_concurrent": 1},
+                                           retrain={"seeds": []}))
+    first = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lock = tmp_path / "results" / "twice" / lifecycle.LOCK
+    deadline = time.time() + 120
+    while not lock.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert lock.exists(), first.communicate()[0][-2000:]
+    second = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 2 and f"pid {first.pid}: python -m study.run" in second.stderr, second.stderr
+    first.send_signal(signal.SIGINT)
+    out = first.communicate(timeout=180)[0]
+    assert first.returncode in (0, 130) and "Traceback" not in out, out[-3000:]
+    assert not lock.exists()
