@@ -197,10 +197,10 @@ def holder(d: Location) -> str | None:
     return text or None
 
 
-def take_lock(d: Location, argv: list[str]) -> str:
+def take_lock(d: Location, command: str) -> str:
     """Take the folder's lock before anything is written, or raise Locked naming its holder.
     A stale lock (its process gone) is taken over with a line saying so."""
-    mine = f"{socket.gethostname()} pid {os.getpid()}: python -m study.run {' '.join(argv)}"
+    mine = f"{socket.gethostname()} pid {os.getpid()}: {command}"
     f = d / LOCK
     if f.is_file():
         held = holder(d)

@@ -28,7 +28,7 @@ import yaml  # noqa: E402
 from csnn import data as fmnist
 from csnn.config import RUN_INFO, TIMING_METRICS, TrainConfig
 from csnn.train import fit, load_model, resolve_device, set_deterministic
-from study import environment, results
+from study import environment, lifecycle, results
 from csnn.argtypes import interruptible, positive_int
 
 # When CUDA ran, per metric: (absolute, relative) tolerance, a difference passing
@@ -77,6 +77,15 @@ def trial_id_arg(text: str) -> str:
 
 
 def main(argv=None) -> int:
+    held = []  # the study folder's lock, once taken: released however it ends
+    try:
+        return _main(argv, held)
+    finally:
+        for location, lock in held:
+            lifecycle.release_lock(location, lock)
+
+
+def _main(argv, held: list) -> int:
     ap = argparse.ArgumentParser(prog="python -m study.reproduce", description=__doc__.split("\n")[0])
     ap.add_argument("study", help="the study folder, results/<name>")
     ap.add_argument("--trial", type=trial_id_arg, default=None, help="trial id (default: the best trial)")
@@ -129,6 +138,13 @@ def main(argv=None) -> int:
     if other_data:
         print(f"warning: the trial was trained on other images (data fingerprint {', '.join(was)}; {data.source} "
               f"has {data.fingerprint}): expect a mismatch; --data-dir names the study's data", file=sys.stderr)
+    if study.location.local is not None:  # it writes into the study folder (reproduce/<trial>/): not while study.run does
+        try:
+            held.append((study.location, lifecycle.take_lock(study.location, "python -m study.reproduce "
+                                                             + " ".join(sys.argv[1:] if argv is None else argv))))
+        except lifecycle.Locked as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     env = environment.collect()
     changed = environment.warn_differences(study.location, "this reproduction", env)
     with tempfile.TemporaryDirectory() as work:

@@ -575,7 +575,7 @@ def _main(args) -> int:
             print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0
     try:  # before anything is written; released by main
-        args.lock = lifecycle.take_lock(study_dir, args.argv)
+        args.lock = lifecycle.take_lock(study_dir, "python -m study.run " + " ".join(args.argv))
     except lifecycle.Locked as e:
         raise UsageError(str(e)) from None
     retrain_only = decision.action in ("retrain", "finish_retrain")

@@ -103,12 +103,15 @@ def test_one_writer_per_study_folder(tiny_study, tiny_data_dir, tmp_path, capsys
     results_dir = tmp_path / "results"
     d = shutil.copytree(tiny_study[0], results_dir / "e2e", ignore=shutil.ignore_patterns("report"))
     space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
-    mine = lifecycle.take_lock(Location.parse(str(d)), ["this", "test"])
+    mine = lifecycle.take_lock(Location.parse(str(d)), "python -m study.run this test")
     assert mine == f"{socket.gethostname()} pid {os.getpid()}: python -m study.run this test"
     for flags in ([], ["--resume"], ["--retrain"]):
         p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, *flags), env=env(), capture_output=True,
                            text=True, timeout=300)
         assert p.returncode == 2 and f"is being written by {mine}" in p.stderr, p.stderr[-2000:]
+    p = subprocess.run([*study_cmd(space, tmp_path, tiny_data_dir)[:2], "study.reproduce", str(d), "--data-dir",
+                        str(tiny_data_dir)], env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and f"is being written by {mine}" in p.stderr and not (d / "reproduce").exists(), p.stderr
     p = subprocess.run([*study_cmd(space, tmp_path, tiny_data_dir)[:2], "study.analyze", str(d)], env=env(),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and f"is being written by {mine}: this is the study so far" in p.stdout, p.stderr
@@ -119,7 +122,7 @@ def test_one_writer_per_study_folder(tiny_study, tiny_data_dir, tmp_path, capsys
     gone.wait()
     (d / lifecycle.LOCK).write_text(f"{socket.gethostname()} pid {gone.pid}: python -m study.run killed\n")
     assert lifecycle.holder(Location.parse(str(d))) is None
-    again = lifecycle.take_lock(Location.parse(str(d)), ["again"])
+    again = lifecycle.take_lock(Location.parse(str(d)), "python -m study.reproduce")
     assert f"taking over the lock of a process that no longer runs ({socket.gethostname()} pid {gone.pid}" \
         in capsys.readouterr().out
     assert (d / lifecycle.LOCK).read_text() == again + "\n"
