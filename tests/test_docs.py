@@ -19,11 +19,13 @@ from study import lifecycle
 DOCS = [ROOT / "README.md", ROOT / "results" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # What each command that runs must show: a text in its output, or "file:PATH", a file it wrote.
-# "tiny:" first: run with CSNN_DATA naming the tiny real data set that results/quick was trained on.
+# "tiny:" first: run with CSNN_DATA naming the tiny real data set that results/quick was trained on;
+# "new:" first: run where no study has run yet (no results/: a study.run of quick.yaml would find
+# results/quick ended and refuse, as docs/running.md's table says).
 RUN = {
     "ls results/quick": "spec.yaml",
-    "python -m study.run search_spaces/quick.yaml --dry-run": "estimate: wall",
-    "python -m study.run search_spaces/fmnist.yaml --dry-run": "estimate: wall",
+    "python -m study.run search_spaces/quick.yaml --dry-run": "new:estimate: wall",
+    "python -m study.run search_spaces/fmnist.yaml --dry-run": "new:estimate: wall",
     "python -m study.run --help": "--warm-start",
     "sed 's/^name: .*/name: quick_efficiency_nostop/; s/^scheduler: .*/scheduler: {type: none, silent_rate: 0}/' "
     "search_spaces/quick_efficiency_asha.yaml > nostop.yaml": "file:nostop.yaml",
@@ -200,28 +202,30 @@ def _run_python(jobs, tmp_path, timeout_s):
 def test_doc_commands_run(tiny_study, tiny_data_dir, tmp_path):
     """Each command of RUN, in a workspace holding search_spaces/ and, as results/quick, a copy
     of the tiny real study: exit 0 and what RUN says it shows."""
-    ws = tmp_path / "ws"
-    shutil.copytree(ROOT / "search_spaces", ws / "search_spaces")
+    ws, new = tmp_path / "ws", tmp_path / "new"
+    for w in (ws, new):
+        shutil.copytree(ROOT / "search_spaces", w / "search_spaces")
     shutil.copytree(tiny_study[0], ws / "results" / "quick")
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `python` is this environment's
     found = doc_commands()
     order = [c for c in found if c in RUN]  # in the docs' order: a later command may read what an earlier wrote
     jobs, shell, failures = {}, {}, []
     for c in order:
-        tiny = RUN[c].startswith("tiny:")
-        extra = {"CSNN_DATA": str(tiny_data_dir)} if tiny else {}
+        extra = {"CSNN_DATA": str(tiny_data_dir)} if RUN[c].startswith("tiny:") else {}
+        cwd = new if RUN[c].startswith("new:") else ws
         mod = _python_module(c)
         if mod:
-            jobs[c] = {"module": mod[0], "args": mod[1], "cwd": str(ws), "env": extra, "timeout": 120}
+            jobs[c] = {"module": mod[0], "args": mod[1], "cwd": str(cwd), "env": extra, "timeout": 120}
         else:
-            p = subprocess.run(["bash", "-c", c], cwd=ws, env={**env(), "PATH": path, **extra}, capture_output=True,
+            p = subprocess.run(["bash", "-c", c], cwd=cwd, env={**env(), "PATH": path, **extra}, capture_output=True,
                                text=True, timeout=60)
             shell[c] = {"code": p.returncode, "output": p.stdout + p.stderr}
     ran = dict(zip(jobs, _run_python(list(jobs.values()), tmp_path, timeout_s=600)))
     ran.update(shell)
     for c in order:
-        r, want = ran[c], RUN[c].removeprefix("tiny:")
-        ok = r["code"] == 0 and ((ws / want[5:]).exists() if want.startswith("file:") else want in r["output"])
+        r, want = ran[c], RUN[c].removeprefix("tiny:").removeprefix("new:")
+        cwd = new if RUN[c].startswith("new:") else ws
+        ok = r["code"] == 0 and ((cwd / want[5:]).exists() if want.startswith("file:") else want in r["output"])
         if not ok:
             failures.append(f"{found[c]}: {c}\n  exit {r['code']}, wanted {want!r}; output:\n{r['output'][-1500:]}")
     assert not failures, "\n".join(failures)
