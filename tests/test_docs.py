@@ -223,6 +223,7 @@ def test_doc_commands_run(tiny_study, tiny_data_dir, tmp_path):
     ran = dict(zip(jobs, _run_python(list(jobs.values()), tmp_path, timeout_s=600)))
     ran.update(shell)
     for c in order:
+        print(f"{ran[c].get('seconds', '-'):>6} s  {c}")  # where the time goes (pytest -s)
         r, want = ran[c], RUN[c].removeprefix("tiny:").removeprefix("new:")
         cwd = new if RUN[c].startswith("new:") else ws
         ok = r["code"] == 0 and ((cwd / want[5:]).exists() if want.startswith("file:") else want in r["output"])
