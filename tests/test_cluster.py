@@ -192,17 +192,17 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 120) ->
 
 
 def test_readme_cluster_recipe_from_empty_homes(tmp_path, tiny_data_dir):
-    """The README's cluster lines as written, on a head, a worker and a driver whose
+    """The guide's cluster lines (docs/gpu-and-clusters.md) as written, on a head, a worker and a driver whose
     HOMEs start empty (no token from an earlier Ray): the head makes the token and
     starts with token authentication, the worker and the driver get a copy of it.
     The worker runs under `unshare --mount` with a tmpfs over one folder. A study
     on the shared folder runs its trials on both nodes (one CPU each, two at once);
     one on the hidden folder is refused, naming the node that cannot see it."""
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "gpu-and-clusters.md").read_text()
     for line in ("ray get-auth-token --generate", "export RAY_AUTH_MODE=token", "ray start --head --port=6379",
                  "mkdir -p ~/.ray && scp HEAD_IP:.ray/auth_token ~/.ray/auth_token",
                  "ray start --address=HEAD_IP:6379", "--address HEAD_IP:6379 --storage /shared/results"):
-        assert line in readme, f"the README's cluster lines changed: {line!r}; change this test with them"
+        assert line in readme, f"docs/gpu-and-clusters.md's cluster lines changed: {line!r}; change this test with them"
     shared, hidden = tmp_path / "shared", tmp_path / "hidden"
     homes = {k: tmp_path / "home" / k for k in ("head", "worker", "driver")}
     for d in (shared, hidden, *homes.values()):
