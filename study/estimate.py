@@ -414,7 +414,8 @@ def report_lines(location) -> list[str]:
     rows.append(f"| **wall** | {_s(p)} | {_s(a)} | {a / p:.2f} |" if p and a else f"| **wall** | {_s(p)} | {_s(a)} | |")
     head = ("## Predicted against actual time", "",
             f"Predicted at the start ({est.get('speeds', '')}), {est.get('running', '?')} trials at once"
-            + (" (resumed: the actual seconds are the last run's)" if act.get("resumed") else "") + ":", "")
+            + (f"; actual: the sum of its {len(act['runs'])} runs (interrupted, resumed or retrained again)"
+               if len(act.get("runs") or []) > 1 else "") + ":", "")
     return [*head, *rows, ""]
 
 

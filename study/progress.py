@@ -181,9 +181,25 @@ class Timing:
         """RunConfig's output settings for the retrain: Ray's tables only with --verbose."""
         return {} if self.verbose else {"verbose": 0}
 
-    def record(self, resumed: bool = False) -> dict:
+    def record(self, resumed: bool = False, interrupted: bool = False) -> dict:
         out = {"wall_s": round(time.time() - self.born, 1),
                "phases_s": {k: round(v, 1) for k, v in self.phases.items()}}
-        if resumed:
-            out["resumed"] = True
+        out.update({k: True for k, on in (("resumed", resumed), ("interrupted", interrupted)) if on})
+        return out
+
+    @staticmethod
+    def save(study, run: dict, fresh: bool) -> dict:
+        """timing.yaml: every run of the study (`runs`: a first one, each interrupted one, each --resume
+        and --retrain), and their sums under the names estimate.yaml predicts (wall_s, phases_s)."""
+        import yaml
+
+        f = study / "timing.yaml"
+        old = (yaml.safe_load(f.read_text()) or {}) if f.is_file() and not fresh else {}
+        runs = [*(old.get("runs") or ([old] if old else [])), run]  # a timing.yaml of one run, before runs were kept
+        phases = {}
+        for r in runs:
+            for k, v in (r.get("phases_s") or {}).items():
+                phases[k] = round(phases.get(k, 0.0) + v, 1)
+        out = {"wall_s": round(sum(r.get("wall_s", 0.0) for r in runs), 1), "phases_s": phases, "runs": runs}
+        f.write_text(yaml.safe_dump(out, sort_keys=False))
         return out

@@ -678,6 +678,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
             step = lifecycle.next_step(study, argv, bool(spec.retrain["seeds"]) and spec.retrain["epochs"] > 0)
             print(f"study {spec.name} interrupted after {ended} of {spec.search['num_samples']} trials; {step}",
                   file=sys.stderr)
+            timing.save(study, timing.record(resumed=not fresh, interrupted=True), fresh)
             return 130
         trials, history, best = results.export(spec, study)
         # The top of the report the analysis writes: the same lines, one place.
@@ -699,7 +700,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
               f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study / 'best'}", flush=True)
         timing.lap("retrain")
-    (study / "timing.yaml").write_text(yaml.safe_dump(timing.record(resumed=not fresh), sort_keys=False))
+    timing.save(study, timing.record(resumed=not fresh), fresh)
     print(f"results in {study}; wall time {(time.time() - start) / 60:.1f} min")
     return 0 if best else 1
 

@@ -97,6 +97,9 @@ def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny
     assert warnings == [f"warning: --resume runs on another environment than {d / 'environment.yaml'} records: "
                         f"optuna: 5.0.0 then, {optuna.__version__} now"], p.stderr[-3000:]
     assert len(pd.read_csv(d / "trials.csv")) == 3
+    timing = yaml.safe_load((d / "timing.yaml").read_text())  # both runs, and their sums
+    assert [r.get("interrupted", False) for r in timing["runs"]] == [True, False] and timing["runs"][1]["resumed"]
+    assert timing["wall_s"] == pytest.approx(sum(r["wall_s"] for r in timing["runs"]), abs=0.2)
     db = optuna.load_study(study_name="nsga2", storage=f"sqlite:///{d / 'optuna.db'}")
     assert [t.state.name for t in db.trials] == ["COMPLETE"] * 3
     # NSGA-II's generation is kept in the Optuna storage: the resumed trials continue the first population
