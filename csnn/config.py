@@ -37,8 +37,10 @@ METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tes
 # Where and how each epoch ran, reported with the metrics (not objectives): what
 # study.reproduce reads to choose its tolerance, and what a user needs to find a
 # slow or different trial (neuron_impl: the IF kernels that ran in training).
-RUN_INFO = ("run_device", "run_amp", "run_cuda_graphs", "neuron_impl", "deterministic", "torch_version", "spikingjelly_version",
-            "cuda_version", "data_sha")  # data_sha: FashionMNIST.fingerprint, the images trained on
+# cuda_graphs_used: every training step and evaluation of the epoch replayed a checked CUDA graph;
+# cuda_graphs_fallback: why not, on CUDA (a capture that failed or replayed something else, CSNN_CUDA_GRAPHS=0).
+RUN_INFO = ("run_device", "run_amp", "cuda_graphs_used", "cuda_graphs_fallback", "neuron_impl", "deterministic",
+            "torch_version", "spikingjelly_version", "cuda_version", "data_sha")  # data_sha: FashionMNIST.fingerprint
 FLOAT32_MAX = 3.4028234663852886e38
 
 

@@ -252,7 +252,7 @@ def check_epoch(data_dir) -> dict:
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON object
         m = fit(TrainConfig(**TUTORIAL, epochs=1, device="cuda"), data)[-1]
-    keys = ("train_img_s", "epoch_s", "test_acc", "train_acc", "energy_uj", "neuron_impl", "run_cuda_graphs")
+    keys = ("train_img_s", "epoch_s", "test_acc", "train_acc", "energy_uj", "neuron_impl", "cuda_graphs_used", "cuda_graphs_fallback")
     out = {**{k: m[k] for k in keys if k in m}, "wall_s": round(time.perf_counter() - t0, 1)}
     require(m["test_acc"] >= MIN_EPOCH_ACC, f"one epoch reached test accuracy {m['test_acc']}, under {MIN_EPOCH_ACC}", out)
     return out

@@ -133,7 +133,8 @@ def test_fit_trains_with_cuda_graphs_and_records_it(tmp_path):
                       resume=tmp_path / "g" / "checkpoint_latest.pth")
     finally:
         torch.use_deterministic_algorithms(False)
-    assert graphed[0]["run_cuda_graphs"] is True and eager[0]["run_cuda_graphs"] is False
+    assert graphed[0]["cuda_graphs_used"] is True and eager[0]["cuda_graphs_used"] is False
+    assert graphed[0]["cuda_graphs_fallback"] == "" and eager[0]["cuda_graphs_fallback"] == ""
     assert graphed[0]["neuron_impl"] in ("spikingjelly-triton", "spikingjelly-cuda")
     assert graphed[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-3)
     assert [m["epoch"] for m in resumed] == [1] and resumed[0]["train_loss"] == pytest.approx(eager[1]["train_loss"], rel=1e-3)
