@@ -148,12 +148,20 @@ class TrainConfig:
 def check_runnable(backend: str) -> None:
     """What a config needs of this machine, checked before data loads or Ray starts (a
     recorded config stays readable anywhere: TrainConfig itself checks only its values).
-    backend cupy needs CuPy; whether a CUDA GPU exists is train.resolve_device's check."""
+    backend cupy needs a CuPy that compiles our kernels (csnn.cupy_if.compile_error, no GPU
+    needed); whether a CUDA GPU exists is train.resolve_device's check."""
     import importlib.util
 
-    if backend == "cupy" and importlib.util.find_spec("cupy") is None:
+    if backend != "cupy":
+        return
+    if importlib.util.find_spec("cupy") is None:
         raise ValueError("backend 'cupy' needs CuPy, which is not installed: "
-                         "pip install -e '.[cupy]' (CuPy for CUDA 12), or use backend 'auto'")
+                         "pip install -e '.[cupy]' (cupy-cuda13x, for torch's CUDA 13), or use backend 'auto'")
+    from csnn.cupy_if import compile_error  # imports torch: only for a cupy config
+
+    error = compile_error()
+    if error:
+        raise ValueError(f"backend 'cupy' cannot run here: {error}; or use backend 'auto'")
 
 
 def trial_fields(config: dict) -> dict:

@@ -93,7 +93,8 @@ def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS, 
     valid), the graph replays the same batch, and the two results must agree (GRAPH_RTOL,
     GRAPH_ATOL). With `mode` "auto" a capture error (but out of memory) or a disagreement
     prints one warning line, appends the reason to status["fallback"], and fn runs eagerly
-    from then on (the eager step's result kept); with `mode` True it raises."""
+    from then on (the eager step's result kept); with `mode` True it raises. status["used"]:
+    a checked graph replays; status["capture_s"][what]: how long capture and check took."""
     device = static[0].device
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     status = {} if status is None else status
@@ -119,7 +120,9 @@ def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS, 
         calls += 1
         if calls <= warmup:
             return on_side(lambda: fn(*static))
+        t0 = time.perf_counter()
         replay, why = on_side(lambda: _capture_checked(fn, static, state or (lambda: {}), capture or capture_cuda_graph))
+        status.setdefault("capture_s", {})[what] = time.perf_counter() - t0  # capture and check (gpucheck's figure)
         if why is None:
             status["used"] = True
             return
