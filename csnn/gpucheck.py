@@ -128,19 +128,33 @@ def check_tests(data_dir=None, tests: Path = ROOT / "tests" / "test_gpu.py") -> 
     if not tests.exists():
         return {"skipped": f"{tests} not found (run from a checkout)"}
     env = {**os.environ, **({"CSNN_DATA": str(data_dir)} if data_dir else {})}  # the tests' real data: --data-dir's
-    p = subprocess.run([sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", str(tests)],
-                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=TESTS_LIMIT_S)
+    with tempfile.TemporaryDirectory(prefix="gpucheck-tests-") as work:
+        report = Path(work) / "junit.xml"  # each test's name, outcome and skip reason
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}",
+                            str(tests)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=TESTS_LIMIT_S)
+        outcomes = test_outcomes(report.read_text()) if report.exists() else {}
     last = (p.stdout.strip().splitlines() or [""])[-1]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", last)}
-    # "tests/test_gpu.py::test_x[auto] PASSED  [ 4%]", "... SKIPPED (CuPy not installed) [ 8%]"
-    outcomes = {m[1]: m[2] + (f" ({m[3]})" if m[3] else "") for m in
-                re.finditer(r"^\S*?(test_\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)(?: \((.*)\))?", p.stdout, re.M)}
     out = {"result": last, **counts, "outcomes": outcomes}
     require(p.returncode == 0, f"GPU tests failed: {last}\n{p.stdout[-3000:]}{p.stderr[-2000:]}", out)
     # pytest exits 0 when every test skipped: here a skip means the GPU path was not checked, but for CuPy's
     other = {t: o for t, o in outcomes.items() if o.startswith("SKIPPED") and o != f"SKIPPED ({CUPY_MISSING})"}
     require(counts.get("passed", 0) > 0 and not other and (not counts.get("skipped") or outcomes),
             f"GPU tests did not all run: {last}; skipped: {other or 'unknown'}\n{p.stdout[-2000:]}", out)
+    return out
+
+
+def test_outcomes(junit_xml: str) -> dict:
+    """{test name: PASSED, FAILED, ERROR or "SKIPPED (reason)"} from pytest's JUnit XML report."""
+    import xml.etree.ElementTree as ET
+
+    out = {}
+    for case in ET.fromstring(junit_xml).iter("testcase"):
+        kinds = {child.tag: child for child in case}
+        if "skipped" in kinds:
+            out[case.get("name")] = f"SKIPPED ({kinds['skipped'].get('message', '')})"
+        else:
+            out[case.get("name")] = "FAILED" if "failure" in kinds else "ERROR" if "error" in kinds else "PASSED"
     return out
 
 

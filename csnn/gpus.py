@@ -43,9 +43,9 @@ def cuda_refusal(driver: str) -> str:
 
     build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a build without CUDA"
     return (f"this machine has NVIDIA GPUs (driver {driver}) but torch {torch.__version__} ({build}) sees no CUDA "
-            f"device, so its trials would train on the CPU: install the torch wheel for the CUDA your driver "
-            f"supports (nvidia-smi shows it; e.g. pip install torch==2.14.1 --index-url "
-            f"https://download.pytorch.org/whl/cu126), or set resources.gpus_per_trial: 0 to train on the CPU")
+            f"device, so its trials would train on the CPU: install a torch wheel built for the CUDA your driver "
+            f"supports (nvidia-smi shows it; pip install torch --index-url https://download.pytorch.org/whl/cu12X), "
+            f"or set resources.gpus_per_trial: 0 to train on the CPU")
 
 
 def torch_cannot_see_gpus() -> str | None:

@@ -122,8 +122,8 @@ def test_a_gpu_study_where_torch_cannot_see_the_nvidia_gpus_is_refused(tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: the driver's machine: this machine has NVIDIA GPUs (driver 570.86.15) but torch "
                        f"{torch.__version__} (a CUDA 13.0 build) sees no CUDA device, so its trials would train on the "
-                       "CPU: install the torch wheel for the CUDA your driver supports (nvidia-smi shows it; e.g. pip "
-                       "install torch==2.14.1 --index-url https://download.pytorch.org/whl/cu126), or set "
+                       "CPU: install a torch wheel built for the CUDA your driver supports (nvidia-smi shows it; pip "
+                       "install torch --index-url https://download.pytorch.org/whl/cu12X), or set "
                        "resources.gpus_per_trial: 0 to train on the CPU"], err
         assert not (tmp_path / "nocuda" / "spec.yaml").exists() and not (tmp_path / "nocuda" / "ray").exists()
         # the driver's machine fine, the node's not: the same visit that checks the storage says which node

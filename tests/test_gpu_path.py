@@ -1,5 +1,7 @@
 """The parts of the GPU path that a CPU can check: float32 evaluation, the scaler of a
-CPU checkpoint, the recorded run, reproduce's tolerance, and gpucheck's refusal."""
+CPU checkpoint, the recorded run, reproduce's tolerance, gpucheck's refusal and machinery, and
+the CUDA graph check and fallback (through a capture function of the test's own)."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -355,3 +357,63 @@ def test_the_profiler_observes_each_kind_of_step_once_per_process():
     other = model.observe_if_kernels_once((*key[:2], ("cupy",) * 4, "a test"), lambda: ran.append(3), 4, observe)
     assert first == again == other == {"kernels": 9, "implementations": ["spikingjelly-triton"]}
     assert seen == [4, 4] and ran == [1, 2, 3]  # profiled twice (two kinds of step), every step run once
+
+
+def test_gpucheck_lists_each_gpu_test_and_allows_only_the_cupy_skip(tmp_path):
+    """CuPy is optional: its tests skip with CUPY_MISSING and the check passes; any other skip (the GPU path
+    unchecked) or failure fails it. Each test is listed by name with its outcome."""
+    from csnn import gpucheck
+
+    (tmp_path / "test_some.py").write_text(
+        "import pytest\n"
+        "def test_runs():\n    pass\n"
+        f"@pytest.mark.skipif(True, reason={gpucheck.CUPY_MISSING!r})\ndef test_needs_cupy():\n    pass\n")
+    out = gpucheck.check_tests(None, tmp_path / "test_some.py")
+    assert out["outcomes"] == {"test_runs": "PASSED", "test_needs_cupy": f"SKIPPED ({gpucheck.CUPY_MISSING})"}
+    (tmp_path / "test_other.py").write_text(
+        "import pytest\ndef test_runs():\n    pass\n"
+        "@pytest.mark.skipif(True, reason='needs a CUDA GPU')\ndef test_gpu():\n    pass\n")
+    result = {"failed": []}
+    gpucheck.run_check(result, "tests", gpucheck.check_tests, None, tmp_path / "test_other.py")
+    assert result["failed"] == ["tests"] and "test_gpu" in result["tests"]["error"]
+    assert result["tests"]["outcomes"]["test_gpu"] == "SKIPPED (needs a CUDA GPU)"  # its figures kept
+
+
+def test_gpucheck_records_every_warning_and_owes_no_figures_when_skipped(capfd):
+    import warnings
+
+    from csnn import gpucheck
+
+    def noisy():
+        warnings.warn("SpikingJelly's fused IF kernel did not run")
+        print("csnn: warning: CUDA graphs off for the training step, which runs eagerly: x", file=sys.stderr)
+        print("gpucheck: progress", file=sys.stderr)
+        return {"skipped": gpucheck.CUPY_MISSING}
+
+    result = {"failed": []}
+    gpucheck.run_check(result, "cupy", noisy)  # FIGURES names float16.spikes_equal: a skip owes none
+    assert result["failed"] == [] and result["cupy"]["skipped"] == gpucheck.CUPY_MISSING
+    assert result["warnings"] == ["cupy: csnn: warning: CUDA graphs off for the training step, which runs eagerly: x",
+                                  "cupy: UserWarning: SpikingJelly's fused IF kernel did not run"]
+    assert "csnn: warning: CUDA graphs off" in capfd.readouterr().err  # still shown
+
+
+def test_gpucheck_compares_graphed_and_eager_state_by_group():
+    from csnn.gpucheck import max_differences
+
+    a = {"net.conv_fc.0.weight": torch.zeros(3), "net.conv_fc.1.running_mean": torch.zeros(2),
+         "optimizer.0.momentum_buffer": torch.zeros(3), "scaler.scale": torch.tensor(65536.0), "loss_sum": torch.tensor(1.0)}
+    b = {**a, "net.conv_fc.0.weight": torch.tensor([0.0, -0.5, 0.25]), "loss_sum": torch.tensor(1.25)}
+    assert max_differences(b, a) == {"params": 0.5, "bn_stats": 0.0, "optimizer": 0.0, "scaler": 0.0, "loss_sum": 0.25}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy not installed (optional: pip install -e '.[cupy]')")
+def test_cupy_compiles_our_kernels_without_a_gpu():
+    """NVRTC needs no GPU: what a cupy study's validation checks (config.check_runnable)."""
+    from csnn import cupy_if
+    from csnn.config import check_runnable
+
+    assert cupy_if.compile_error() is None
+    check_runnable("cupy")
+    broken = cupy_if.compile_error(cupy_if._SOURCE.replace("h_seq[k] = h;", "h_seq[k] = h"))
+    assert "cannot compile our kernels" in broken and 'error: expected a ";"' in broken
