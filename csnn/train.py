@@ -358,9 +358,9 @@ def use_cuda_graphs(cfg: TrainConfig, device: torch.device) -> tuple[bool | str,
 
 
 def graphs_info(mode: bool | str, status: dict) -> dict:
-    """config.RUN_INFO's cuda_graphs_*: whether every step and evaluation of the epoch replayed a
-    graph, and else why not (on CUDA)."""
-    return {"cuda_graphs_used": bool(mode) and not status.get("fallback"),
+    """config.RUN_INFO's cuda_graphs_*: whether graphs replay (one was captured and checked, and none
+    fell back), and else why not (on CUDA)."""
+    return {"cuda_graphs_used": bool(mode) and bool(status.get("used")) and not status.get("fallback"),
             "cuda_graphs_fallback": "; ".join(status.get("fallback", []))}
 
 

@@ -338,6 +338,7 @@ def test_cuda_graphs_off_for_a_whole_study_by_the_environment_and_recorded(monke
     assert graphs_info(False, {"fallback": ["CSNN_CUDA_GRAPHS=0 in the environment"]}) == {
         "cuda_graphs_used": False, "cuda_graphs_fallback": "CSNN_CUDA_GRAPHS=0 in the environment"}
     assert graphs_info("auto", {"used": True, "fallback": []}) == {"cuda_graphs_used": True, "cuda_graphs_fallback": ""}
+    assert graphs_info("auto", {"fallback": []})["cuda_graphs_used"] is False  # too few batches to capture
     assert graphs_info("auto", {"used": True, "fallback": ["evaluation: capturing failed (x)"]})["cuda_graphs_used"] is False
 
 
