@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -311,11 +312,10 @@ def check_epoch(data_dir) -> dict:
     """Two epochs of fit at the tutorial's setting (epoch 0, with warm-up, capture and compiles, against
     epoch 1), then a second fit in the same process (graphs captured again, the profiler's first
     observation reused), then one without CUDA graphs: peak GPU memory of each."""
-    from csnn import data as fmnist
     from csnn.config import TrainConfig
     from csnn.train import fit
 
-    data = fmnist.load(data_dir)
+    data = load_data(data_dir)
     keys = ("train_img_s", "epoch_s", "test_acc", "train_acc", "energy_uj", "neuron_impl", "cuda_graphs_used",
             "cuda_graphs_fallback")
     out = {}
@@ -338,6 +338,14 @@ def check_epoch(data_dir) -> dict:
     return out
 
 
+@functools.cache
+def load_data(data_dir):
+    """Fashion-MNIST, read once per process (the checks build many trainers)."""
+    from csnn import data as fmnist
+
+    return fmnist.load(data_dir)
+
+
 def trainer(data_dir, images: int, graphs: bool | str = True, seed: int = 0, optimizer: str = "sgd",
             backend: str = "auto", status: dict | None = None, parts: dict | None = None):
     """(train_epoch, order_gen, net) of csnn.train.make_trainer at the tutorial's setting, as fit makes it;
@@ -349,7 +357,7 @@ def trainer(data_dir, images: int, graphs: bool | str = True, seed: int = 0, opt
 
     lr = {} if optimizer == "sgd" else {"lr": 1e-3}
     cfg = TrainConfig(**{**TUTORIAL, "optimizer": optimizer, **lr}, device="cuda", backend=backend)
-    x, y = (t.cuda() for t in fmnist.split(fmnist.load(data_dir), train_size=images)["train"])
+    x, y = (t.cuda() for t in fmnist.split(load_data(data_dir), train_size=images)["train"])
     torch.manual_seed(seed)
     net = CSNN(cfg.T, cfg.channels).cuda()
     set_backend(net, backend)
@@ -397,7 +405,7 @@ def check_graphs(data_dir) -> dict:
         runs[graphs] = ({k: v.clone() for k, v in state.items()}, net, status)
     out["train_max_abs_diff"] = max_differences(runs["auto"][0], runs[False][0])
     out["train_status"] = runs["auto"][2]
-    test_x, test_y = (t.cuda() for t in fmnist.split(fmnist.load(data_dir))["test"])
+    test_x, test_y = (t.cuda() for t in fmnist.split(load_data(data_dir))["test"])
     net = runs["auto"][1]
     eval_status: dict = {}
     graphed = evaluate(net, test_x, test_y, TUTORIAL["batch_size"], {"mode": "auto", "status": eval_status})
