@@ -266,9 +266,18 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
     return result
 
 
+AMP_TOLERANCE_MEASURED = False  # set True once a GPU run has measured check_equivalence's AMP tolerance
+
+
 def equivalent(eq: dict, eq_amp: dict | None, result: dict | None) -> None:
-    """Raises EquivalenceError, saying why, unless check_equivalence passed (in float32 and under AMP)."""
+    """Raises EquivalenceError, saying why, unless check_equivalence passed in float32. Under AMP its
+    figures are kept, marked unmeasured, and not judged: the reference keeps a float16 membrane
+    potential where ours keeps float32, and how far that takes them apart (AMP_TOLERANCE) has not been
+    measured on a GPU yet (python -m csnn.gpucheck records it)."""
     for e in filter(None, (eq, eq_amp)):
+        if e["amp"] and not AMP_TOLERANCE_MEASURED:
+            e["judged"] = "unmeasured: figures only (AMP tolerance not yet measured on a GPU)"
+            continue
         if e["ok"]:
             continue
         where = " under AMP" if e["amp"] else ""

@@ -37,8 +37,10 @@ METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tes
 # Where and how each epoch ran, reported with the metrics (not objectives): what
 # study.reproduce reads to choose its tolerance, and what a user needs to find a
 # slow or different trial (neuron_impl: the IF kernels that ran in training).
-RUN_INFO = ("run_device", "run_amp", "run_cuda_graphs", "neuron_impl", "deterministic", "torch_version", "spikingjelly_version",
-            "cuda_version", "data_sha")  # data_sha: FashionMNIST.fingerprint, the images trained on
+# cuda_graphs_used: every training step and evaluation of the epoch replayed a checked CUDA graph;
+# cuda_graphs_fallback: why not, on CUDA (a capture that failed or replayed something else, CSNN_CUDA_GRAPHS=0).
+RUN_INFO = ("run_device", "run_amp", "cuda_graphs_used", "cuda_graphs_fallback", "neuron_impl", "deterministic",
+            "torch_version", "spikingjelly_version", "cuda_version", "data_sha")  # data_sha: FashionMNIST.fingerprint
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: below it a factor flushes toward 0
 # Loops are sized by epochs (training, the estimate, the rungs): a bound keeps a typo from
@@ -155,12 +157,20 @@ class TrainConfig:
 def check_runnable(backend: str) -> None:
     """What a config needs of this machine, checked before data loads or Ray starts (a
     recorded config stays readable anywhere: TrainConfig itself checks only its values).
-    backend cupy needs CuPy; whether a CUDA GPU exists is train.resolve_device's check."""
+    backend cupy needs a CuPy that compiles our kernels (csnn.cupy_if.compile_error, no GPU
+    needed); whether a CUDA GPU exists is train.resolve_device's check."""
     import importlib.util
 
-    if backend == "cupy" and importlib.util.find_spec("cupy") is None:
+    if backend != "cupy":
+        return
+    if importlib.util.find_spec("cupy") is None:
         raise ValueError("backend 'cupy' needs CuPy, which is not installed: "
-                         "pip install -e '.[cupy]' (CuPy for CUDA 12), or use backend 'auto'")
+                         "pip install -e '.[cupy]' (cupy-cuda13x, for torch's CUDA 13), or use backend 'auto'")
+    from csnn.cupy_if import compile_error  # imports torch: only for a cupy config
+
+    error = compile_error()
+    if error:
+        raise ValueError(f"backend 'cupy' cannot run here: {error}; or use backend 'auto'")
 
 
 def trial_fields(config: dict) -> dict:

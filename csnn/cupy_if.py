@@ -19,6 +19,7 @@ repeated at every step, is read once per neuron, not copied T times.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -74,14 +75,52 @@ extern "C" __global__ void csnn_if_backward_SUFFIX(const SCALAR* __restrict__ gr
 _TYPES = {torch.float32: ("float", "f32"), torch.float16: ("half_bits", "f16")}
 
 
-def available() -> str | None:
-    """None when the cupy backend can run here, else what is missing (for the error message)."""
+INSTALL = "pip install -e '.[cupy]' (cupy-cuda13x, for torch's CUDA 13; README, GPU section)"
+COMPILE_ARCH = "sm_75"  # the oldest GPU architecture CUDA 13 compiles for; the check needs no GPU
+OPTIONS = ("-std=c++14", "--fmad=false")  # --fmad=false: no contraction to FMA, as SpikingJelly's Triton kernel
+                                          # (enable_fp_fusion=False), so both round alike
+
+
+def available(gpu: bool = True) -> str | None:
+    """None when the cupy backend can run here, else why not (for the error message): CuPy
+    importable, our kernels compiled by its NVRTC (compile_error), and, with `gpu`, a CUDA GPU."""
     try:
         import cupy  # noqa: F401
     except ImportError as e:
-        return f"CuPy is not importable ({e}); install it with pip install -e '.[cupy]' (CUDA 12) or the cupy-cudaXXx build matching your CUDA"
-    if not torch.cuda.is_available():
+        return f"CuPy is not importable ({e}); install it with {INSTALL}"
+    error = compile_error()
+    if error:
+        return error
+    if gpu and not torch.cuda.is_available():
         return "it needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False)"
+    return None
+
+
+@functools.cache
+def compile_error(source: str = _SOURCE) -> str | None:
+    """Compile our kernels (float32 and float16) with CuPy's NVRTC for COMPILE_ARCH, which needs no
+    GPU: None if they compile, else why not (NVRTC missing or of another CUDA than this CuPy's, or
+    a compile error). A CuPy that cannot compile fails here, at a study's validation, rather than
+    in the first step of every trial."""
+    try:
+        import cupy  # noqa: F401 - first: a CuPy that does not import says so here
+        from cupy_backends.cuda.libs import nvrtc
+
+        for scalar, suffix in _TYPES.values():
+            prog = nvrtc.createProgram(source.replace("SCALAR", scalar).replace("SUFFIX", suffix), "csnn_if.cu", (), ())
+            try:
+                try:
+                    nvrtc.compileProgram(prog, (*OPTIONS, f"-arch={COMPILE_ARCH}"))
+                except nvrtc.NVRTCError as e:
+                    log = nvrtc.getProgramLog(prog).strip().splitlines()
+                    raise RuntimeError(f"{e}: {'; '.join(log[:3])}") from None
+            finally:
+                nvrtc.destroyProgram(prog)
+    except Exception as e:  # noqa: BLE001 - a missing library raises anything from ImportError to OSError
+        version = getattr(sys.modules.get("cupy"), "__version__", "")
+        return (f"CuPy {version} cannot compile our kernels ({type(e).__name__}: "
+                f"{(str(e).strip().splitlines() or [''])[0][:300]}); install the CuPy for torch's CUDA "
+                f"{torch.version.cuda}: {INSTALL}")
     return None
 
 
@@ -90,10 +129,7 @@ def _kernels(dtype: torch.dtype):
     import cupy
 
     scalar, suffix = _TYPES[dtype]
-    # --fmad=false: no contraction to FMA, as SpikingJelly's Triton kernel (enable_fp_fusion=False),
-    # so both round alike
-    module = cupy.RawModule(code=_SOURCE.replace("SCALAR", scalar).replace("SUFFIX", suffix),
-                            options=("-std=c++14", "--fmad=false"))
+    module = cupy.RawModule(code=_SOURCE.replace("SCALAR", scalar).replace("SUFFIX", suffix), options=OPTIONS)
     return module.get_function(f"csnn_if_forward_{suffix}"), module.get_function(f"csnn_if_backward_{suffix}")
 
 

@@ -1,11 +1,13 @@
-"""python -m csnn.gpucheck: what only a GPU can show about the GPU path, in about 3 minutes, on one GPU.
+"""python -m csnn.gpucheck: what only a GPU can show about the GPU path, in about 5 minutes, on one GPU.
 
-Needs neither Ray nor Optuna. In order, each check recording its figures and,
-if it failed, its error (a failed check does not stop the others; the GPU tests
-and the trainer processes have time limits, so a hang there fails its check):
+Needs neither Ray nor Optuna (the study check skips without them), nor CuPy (its parts
+say "skipped: CuPy not installed"; a CuPy that is installed but broken fails them).
+In order, each check recording its figures and, if it failed, its error (a failed
+check does not stop the others; the GPU tests and the trainer processes have time
+limits, so a hang there fails its check); every warning printed goes into "warnings":
 
-  tests        the GPU-only tests (tests/test_gpu.py), when run from a checkout:
-               fails when any was skipped or none ran
+  tests        the GPU-only tests (tests/test_gpu.py), when run from a checkout: each by
+               name with its outcome; fails when one failed or skipped (but for CuPy missing)
   kernels      the IF kernels the profiler sees in one training step (AMP) and one
                float32 evaluation forward: every layer's, forward and backward, fused
                (SpikingJelly's Triton or CUDA kernels; ours with backend cupy)
@@ -14,17 +16,27 @@ and the trainer processes have time limits, so a hang there fails its check):
                gradients within tolerance
   counts       cost counts of the same weights on the CPU and on CUDA
   busy         the share of each training step's wall time the GPU was busy
-               (kernel time in a profile of 20 steps), CUDA graphs off and on
+               (kernel time in a profile of 20 steps) and kernels per step, CUDA graphs
+               off and on: fails outside (0, 1] or with fewer kernels seen graphed than eager
+  graphs       graphed against eager at the tutorial's size: 50 training steps (max |difference|
+               of weights, BatchNorm statistics, optimizer state, scale, sums) and evaluation
+               (loss, accuracy, fr_*); capture success and time per optimizer and backend;
+               fails when cuda_graphs: auto fell back anywhere
   speed        train and eval images/s at the tutorial's setting (T 4, 128
                channels, batch 128, AMP): backend auto, backend cupy, and
                SpikingJelly's example as the tutorial runs it (python -m csnn.bench);
                fails when ours is slower than the example or computes another function
-  epoch        one full epoch at that setting on the real data: images/s, test
-               accuracy (fails under 0.80)
+               in float32 (under AMP the differences are figures, marked unmeasured)
+  epoch        fit at that setting on the real data: two epochs (epoch 0 against 1), a
+               second fit in the same process, one without graphs; peak memory of each;
+               test accuracy (fails under 0.80) and graphs used
   concurrency  1, 2, 4 and 8 such trainers at once on the GPU (plain processes,
-               started once): total images/s, to set trials_per_gpu from a measurement
+               started once), and 1 and 4 without graphs: total images/s, to set
+               trials_per_gpu from a measurement
   deterministic  one trainer with -deterministic, against the single trainer above;
                and 30 batches trained twice from one seed, with and without it
+  study        a two-trial Ray study on this GPU: each trial's run_device, neuron_impl,
+               cuda_graphs_used, status (skipped where Ray or Optuna is missing)
 
 Prints one JSON object with every figure (also written to --out) and exits 1
 if any check failed or a check that ran lacks a figure (FIGURES), 2 when there
@@ -34,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import io
 import json
 import os
 import re
@@ -43,6 +57,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,38 +83,80 @@ def require(ok, message: str, figures: dict) -> None:
 
 
 def versions() -> dict:
-    import spikingjelly
-    from importlib.metadata import version
+    """The GPU, its driver and every library version the GPU path depends on."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-           "spikingjelly": version("spikingjelly"), "python": sys.version.split()[0]}
+    from csnn.gpus import nvidia_driver
+
+    def of(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    out = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
+           "capability": ".".join(map(str, torch.cuda.get_device_capability(0))), "driver": nvidia_driver(),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+           "triton": of("triton"), "spikingjelly": of("spikingjelly"), "python": sys.version.split()[0],
+           "cupy": None, "nvrtc": None}
     try:
         import cupy
+        from cupy_backends.cuda.libs import nvrtc
 
         out["cupy"] = cupy.__version__
-    except ImportError:
-        out["cupy"] = None
-    del spikingjelly
+        out["nvrtc"] = ".".join(map(str, nvrtc.getVersion()))
+    except Exception as e:  # noqa: BLE001 - not installed, or installed without its NVRTC: say which
+        out["cupy"] = out["cupy"] or (None if isinstance(e, ImportError) else f"broken: {e}")
+        out["nvrtc"] = None if isinstance(e, ImportError) else f"not found: {type(e).__name__}: {e}"
     return out
+
+
+CUPY_MISSING = "CuPy not installed"  # the one skip that passes (CuPy is optional); tests/test_gpu.py says the same
+
+
+def cupy_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cupy") is None
 
 
 TESTS_LIMIT_S = 300  # the GPU tests took about a minute when planned: a hang fails the check, not the whole run
 
 
 def check_tests(data_dir=None, tests: Path = ROOT / "tests" / "test_gpu.py") -> dict:
+    """Each GPU test by name with its outcome. Fails when any failed, none passed, or one skipped for
+    another reason than CUPY_MISSING (the GPU path was then not checked)."""
     if not tests.exists():
         return {"skipped": f"{tests} not found (run from a checkout)"}
     env = {**os.environ, **({"CSNN_DATA": str(data_dir)} if data_dir else {})}  # the tests' real data: --data-dir's
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tests)],
-                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=TESTS_LIMIT_S)
+    with tempfile.TemporaryDirectory(prefix="gpucheck-tests-") as work:
+        report = Path(work) / "junit.xml"  # each test's name, outcome and skip reason
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}",
+                            str(tests)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=TESTS_LIMIT_S)
+        outcomes = test_outcomes(report.read_text()) if report.exists() else {}
     last = (p.stdout.strip().splitlines() or [""])[-1]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", last)}
-    assert p.returncode == 0, f"GPU tests failed: {last}\n{p.stdout[-3000:]}{p.stderr[-2000:]}"
-    # pytest exits 0 when every test skipped: here a skip means the GPU path was not checked
-    assert counts.get("passed", 0) > 0 and not counts.get("skipped"), \
-        f"GPU tests did not all run: {last}\n{p.stdout[-2000:]}"
-    return {"result": last, **counts}
+    out = {"result": last, **counts, "outcomes": outcomes}
+    require(p.returncode == 0, f"GPU tests failed: {last}\n{p.stdout[-3000:]}{p.stderr[-2000:]}", out)
+    # pytest exits 0 when every test skipped: here a skip means the GPU path was not checked, but for CuPy's
+    other = {t: o for t, o in outcomes.items() if o.startswith("SKIPPED") and o != f"SKIPPED ({CUPY_MISSING})"}
+    require(counts.get("passed", 0) > 0 and not other and (not counts.get("skipped") or outcomes),
+            f"GPU tests did not all run: {last}; skipped: {other or 'unknown'}\n{p.stdout[-2000:]}", out)
+    return out
+
+
+def test_outcomes(junit_xml: str) -> dict:
+    """{test name: PASSED, FAILED, ERROR or "SKIPPED (reason)"} from pytest's JUnit XML report."""
+    import xml.etree.ElementTree as ET
+
+    out = {}
+    for case in ET.fromstring(junit_xml).iter("testcase"):
+        kinds = {child.tag: child for child in case}
+        if "skipped" in kinds:
+            out[case.get("name")] = f"SKIPPED ({kinds['skipped'].get('message', '')})"
+        else:
+            out[case.get("name")] = "FAILED" if "failure" in kinds else "ERROR" if "error" in kinds else "PASSED"
+    return out
 
 
 def kernels_of(backend: str) -> dict:
@@ -127,12 +184,10 @@ def kernels_of(backend: str) -> dict:
 
 
 def check_kernels() -> dict:
-    from csnn import cupy_if
-
-    out = {"auto": kernels_of("auto")}
-    if cupy_if.available() is None:
-        out["cupy"] = kernels_of("cupy")
+    out = {"auto": kernels_of("auto"), "cupy": {"skipped": CUPY_MISSING} if cupy_missing() else kernels_of("cupy")}
     for backend, modes in out.items():
+        if "skipped" in modes:
+            continue
         want = FUSED if backend == "auto" else ("cupy",)
         for mode, seen in modes.items():
             require(seen["kernels"] > 0, f"{backend} {mode}: the profiler saw no GPU kernel at all: {seen}", out)
@@ -151,6 +206,8 @@ def check_cupy() -> dict:
     from csnn import cupy_if
     from csnn.model import ALPHA
 
+    if cupy_missing():
+        return {"skipped": CUPY_MISSING}
     missing = cupy_if.available()
     assert missing is None, f"backend cupy cannot run: {missing}"
     out = {}
@@ -199,7 +256,10 @@ def check_counts() -> dict:
 
 def check_busy(data_dir, steps: int = 20) -> dict:
     """The GPU's busy share of a training step: the kernels' summed time in a profile of
-    `steps` steps (after warm-up and capture), over the steps' wall time; graphs off and on."""
+    `steps` steps (after warm-up and capture), over the steps' wall time; graphs off and on.
+    Fails when the share is outside (0, 1], or when the profiler sees fewer kernels in a graphed
+    step than in an eager one (it would be missing kernels inside graph replays, and the share
+    would read low)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
@@ -211,21 +271,26 @@ def check_busy(data_dir, steps: int = 20) -> dict:
             t0 = time.perf_counter()
             train_epoch(gen)[0].item()
             wall = time.perf_counter() - t0
-        busy_us = sum(e.time_range.elapsed_us() for e in prof.events()
-                      if e.device_type == torch.autograd.DeviceType.CUDA)
-        assert busy_us > 0, f"the profiler saw no GPU work in {steps} steps (CUDA graphs {graphs})"
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.time_range.elapsed_us() for e in kernels)
         out["graphs" if graphs else "eager"] = {"busy_share": round(busy_us / 1e6 / wall, 3),
+                                                "kernels_per_step": round(len(kernels) / steps, 1),
                                                 "ms_per_step": round(wall * 1e3 / steps, 3)}
+    for mode, r in out.items():
+        require(0 < r["busy_share"] <= 1, f"{mode}: busy share {r['busy_share']} is outside (0, 1]", out)
+    require(out["graphs"]["kernels_per_step"] >= out["eager"]["kernels_per_step"],
+            f"the profiler saw {out['graphs']['kernels_per_step']} kernels in a graphed step, fewer than the "
+            f"{out['eager']['kernels_per_step']} of an eager one: it misses kernels inside graph replays", out)
     return out
 
 
 def check_speed(data_dir) -> dict:
-    from csnn import bench, cupy_if
+    from csnn import bench
 
     out, different = {}, []
     for backend in ("auto", "cupy"):
-        if backend == "cupy" and cupy_if.available() is not None:
-            out[backend] = {"skipped": cupy_if.available()}
+        if backend == "cupy" and cupy_missing():
+            out[backend] = {"skipped": CUPY_MISSING}
             continue
         try:
             out[backend] = bench.run(device="cuda", T=4, channels=128, batch_size=128, backend=backend, amp=True,
@@ -244,44 +309,183 @@ MIN_EPOCH_ACC = 0.80  # one epoch at the tutorial's setting reached 0.864 on an 
 
 
 def check_epoch(data_dir) -> dict:
-    from csnn import data as fmnist
+    """Two epochs of fit at the tutorial's setting (epoch 0, with warm-up, capture and compiles, against
+    epoch 1), then a second fit in the same process (graphs captured again, the profiler's first
+    observation reused), then one without CUDA graphs: peak GPU memory of each."""
     from csnn.config import TrainConfig
     from csnn.train import fit
 
-    data = fmnist.load(data_dir)
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON object
-        m = fit(TrainConfig(**TUTORIAL, epochs=1, device="cuda"), data)[-1]
-    keys = ("train_img_s", "epoch_s", "test_acc", "train_acc", "energy_uj", "neuron_impl", "run_cuda_graphs")
-    out = {**{k: m[k] for k in keys if k in m}, "wall_s": round(time.perf_counter() - t0, 1)}
-    require(m["test_acc"] >= MIN_EPOCH_ACC, f"one epoch reached test accuracy {m['test_acc']}, under {MIN_EPOCH_ACC}", out)
+    data = load_data(data_dir)
+    keys = ("train_img_s", "epoch_s", "test_acc", "train_acc", "energy_uj", "neuron_impl", "cuda_graphs_used",
+            "cuda_graphs_fallback")
+    out = {}
+    for name, epochs, graphs in (("first_fit", 2, "auto"), ("second_fit", 1, "auto"), ("no_graphs", 1, False)):
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON object
+            history = fit(TrainConfig(**TUTORIAL, epochs=epochs, device="cuda", cuda_graphs=graphs), data)
+        out[name] = {"epochs": [{k: m[k] for k in keys if k in m} for m in history],
+                     "wall_s": round(time.perf_counter() - t0, 1),
+                     "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    first = out["first_fit"]["epochs"]
+    out.update(train_img_s=first[0]["train_img_s"], test_acc=first[0]["test_acc"],
+               epoch0_over_epoch1_s=round(first[0]["epoch_s"] / first[1]["epoch_s"], 3),
+               cuda_graphs_used=all(e["cuda_graphs_used"] for f in ("first_fit", "second_fit") for e in out[f]["epochs"]))
+    require(first[0]["test_acc"] >= MIN_EPOCH_ACC,
+            f"one epoch reached test accuracy {first[0]['test_acc']}, under {MIN_EPOCH_ACC}", out)
+    require(out["cuda_graphs_used"], "fit fell back from CUDA graphs at the tutorial's setting: " + "; ".join(
+        {e["cuda_graphs_fallback"] for f in ("first_fit", "second_fit") for e in out[f]["epochs"]} - {""}), out)
     return out
 
 
-def trainer(data_dir, images: int, graphs: bool = True, seed: int = 0):
-    """(train_epoch, order_gen, net) of csnn.train.make_trainer at the tutorial's setting, as fit makes it."""
+@functools.cache
+def load_data(data_dir):
+    """Fashion-MNIST, read once per process (the checks build many trainers)."""
+    from csnn import data as fmnist
+
+    return fmnist.load(data_dir)
+
+
+def trainer(data_dir, images: int, graphs: bool | str = True, seed: int = 0, optimizer: str = "sgd",
+            backend: str = "auto", status: dict | None = None, parts: dict | None = None):
+    """(train_epoch, order_gen, net) of csnn.train.make_trainer at the tutorial's setting, as fit makes it;
+    `parts` (a dict) receives the net, optimizer and scaler."""
     from csnn import data as fmnist
     from csnn.config import TrainConfig
-    from csnn.model import CSNN
+    from csnn.model import CSNN, set_backend
     from csnn.train import make_optimizer, make_trainer
 
-    cfg = TrainConfig(**TUTORIAL, device="cuda")
-    x, y = (t.cuda() for t in fmnist.split(fmnist.load(data_dir), train_size=images)["train"])
+    lr = {} if optimizer == "sgd" else {"lr": 1e-3}
+    cfg = TrainConfig(**{**TUTORIAL, "optimizer": optimizer, **lr}, device="cuda", backend=backend)
+    x, y = (t.cuda() for t in fmnist.split(load_data(data_dir), train_size=images)["train"])
     torch.manual_seed(seed)
     net = CSNN(cfg.T, cfg.channels).cuda()
+    set_backend(net, backend)
     torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
-    train_epoch = make_trainer(net, make_optimizer(cfg, net.parameters()), torch.amp.GradScaler("cuda"), x, y,
-                               cfg.batch_size, torch.float16, graphs)
+    opt, scaler = make_optimizer(cfg, net.parameters()), torch.amp.GradScaler("cuda")
+    if parts is not None:
+        parts.update(net=net, optimizer=opt, scaler=scaler)
+    train_epoch = make_trainer(net, opt, scaler, x, y, cfg.batch_size, torch.float16, graphs, status=status)
     return train_epoch, torch.Generator().manual_seed(seed), net
 
 
-def worker(data_dir, deterministic: bool) -> None:
+GRAPH_STEPS = 50  # graphed against eager training, at the tutorial's size
+
+
+def max_differences(a: dict, b: dict) -> dict:
+    """{group: max |a - b|} over tensors named group.*, and each scalar by name."""
+    out: dict = {}
+    for k in a:
+        group = k.split(".")[0] if k.startswith(("net.", "optimizer.", "scaler.")) else k
+        if group == "net":
+            group = "bn_stats" if "running_" in k or "num_batches" in k else "params"
+        d = (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0
+        out[group] = max(out.get(group, 0.0), d)
+    return out
+
+
+def check_graphs(data_dir) -> dict:
+    """Graphed against eager at the tutorial's setting: GRAPH_STEPS training steps from one seed
+    (max |difference| of weights, BatchNorm statistics, optimizer state, scale, loss and correct
+    sums), then evaluation of 10,000 images (loss, accuracy, fr_*); and, for each optimizer and
+    backend, whether training and evaluation captured (cuda_graphs: auto, so a capture that fails
+    or replays something else falls back, and says why) and how long capture and check took.
+    Fails when any fell back: the fallback must not trigger at the tutorial's setting."""
+    from csnn import data as fmnist
+    from csnn.train import evaluate, graph_state
+
+    out: dict = {"steps": GRAPH_STEPS}
+    runs = {}
+    for graphs in (False, "auto"):
+        parts, status = {}, {}
+        train_epoch, gen, net = trainer(data_dir, GRAPH_STEPS * TUTORIAL["batch_size"], graphs, status=status,
+                                        parts=parts)
+        loss, correct, _ = train_epoch(gen)
+        state = graph_state(net, parts["optimizer"], parts["scaler"], {"loss_sum": loss, "correct": correct})()
+        runs[graphs] = ({k: v.clone() for k, v in state.items()}, net, status)
+    out["train_max_abs_diff"] = max_differences(runs["auto"][0], runs[False][0])
+    out["train_status"] = runs["auto"][2]
+    test_x, test_y = (t.cuda() for t in fmnist.split(load_data(data_dir))["test"])
+    net = runs["auto"][1]
+    eval_status: dict = {}
+    graphed = evaluate(net, test_x, test_y, TUTORIAL["batch_size"], {"mode": "auto", "status": eval_status})
+    eager = evaluate(net, test_x, test_y, TUTORIAL["batch_size"])
+    out["eval_abs_diff"] = {k: abs(graphed[k] - eager[k]) for k in eager}
+    out["eval_status"] = eval_status
+    fell_back = [f"training: {runs['auto'][2].get('fallback')}"] if not runs["auto"][2].get("used") else []
+    fell_back += [f"evaluation: {eval_status.get('fallback')}"] if not eval_status.get("used") else []
+
+    captures = {}
+    for backend in ("auto", "cupy"):
+        for optimizer in ("sgd", "adam", "adamw"):
+            name = f"{optimizer}_{backend}"
+            if backend == "cupy" and cupy_missing():
+                captures[name] = {"skipped": CUPY_MISSING}
+                continue
+            status = {}
+            train_epoch, gen, net = trainer(data_dir, 8 * TUTORIAL["batch_size"], "auto", optimizer=optimizer,
+                                            backend=backend, status=status)
+            train_epoch(gen)[0].item()
+            evaluate(net, test_x[:4 * TUTORIAL["batch_size"]], test_y[:4 * TUTORIAL["batch_size"]],
+                     TUTORIAL["batch_size"], {"mode": "auto", "status": status})
+            captures[name] = {"used": bool(status.get("used")) and not status.get("fallback"),
+                              "fallback": status.get("fallback", []),
+                              "capture_s": {k: round(v, 3) for k, v in status.get("capture_s", {}).items()}}
+            if not captures[name]["used"]:
+                fell_back.append(f"{name}: {status.get('fallback')}")
+    out["captures"] = captures
+    require(not fell_back, "CUDA graphs fell back at the tutorial's setting: " + "; ".join(map(str, fell_back)), out)
+    return out
+
+
+def check_study(data_dir) -> dict:
+    """A two-trial Ray study (python -m study.run, one epoch of 5,000 images each, half a GPU a trial):
+    where each trial ran, its IF kernels, whether CUDA graphs replayed, its status. Skipped where
+    Ray or Optuna is not installed (gpucheck itself needs neither)."""
+    import importlib.util
+
+    import yaml
+
+    missing = [m for m in ("ray", "optuna") if importlib.util.find_spec(m) is None]
+    if missing:
+        return {"skipped": f"{' and '.join(missing)} not installed"}
+    with tempfile.TemporaryDirectory(prefix="gpucheck-study-") as work:
+        space = Path(work) / "gpucheck.yaml"
+        space.write_text(yaml.safe_dump({
+            "name": "gpucheck", "objective": {"metric": "val_acc", "mode": "max"},
+            "train": {"epochs": 1, "train_size": 5000, "val_size": 1000, "test_size": 1000, "T": 4, "channels": 128},
+            "space": {"lr": {"type": "float", "low": 0.05, "high": 0.2, "log": True}},
+            "search": {"sampler": "tpe", "seed": 0, "num_samples": 2, "max_concurrent": 2},
+            "scheduler": {"type": "none"}, "resources": {"gpus_per_trial": 0.5, "cpus_per_trial": 1},
+            "retrain": {"seeds": []}}, sort_keys=False))
+        cmd = [sys.executable, "-m", "study.run", str(space), "--storage", str(Path(work) / "results")]
+        cmd += ["--data-dir", str(data_dir)] if data_dir else []
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=STUDY_LIMIT_S,
+                           env={**os.environ, "RAY_ADDRESS": ""})
+        out = {"returncode": p.returncode, "stderr_tail": p.stderr[-1500:]}
+        trials = Path(work) / "results" / "gpucheck" / "trials.csv"
+        if trials.is_file():
+            import csv
+
+            cols = ("trial_id", "status", "run_device", "neuron_impl", "cuda_graphs_used", "cuda_graphs_fallback",
+                    "gpu_ids", "train_img_s", "val_acc")
+            out["trials"] = [{k: r.get(k) for k in cols} for r in csv.DictReader(trials.open())]
+    require(p.returncode == 0 and len(out.get("trials", [])) == 2, f"the study failed: {p.stderr[-800:]}", out)
+    require(all(t["run_device"].startswith("cuda") and t["cuda_graphs_used"] == "True" for t in out["trials"]),
+            "a trial did not train on the GPU with CUDA graphs", out)
+    return out
+
+
+STUDY_LIMIT_S = 240
+
+
+def worker(data_dir, deterministic: bool, eager: bool = False) -> None:
     """One trainer at the tutorial's setting, warm (captured), waiting on stdin: each line
     `go SECONDS` trains epochs of 2,560 images for that long and prints its images/s."""
     from csnn.train import set_deterministic
 
     set_deterministic(deterministic)
-    train_epoch, gen, _ = trainer(data_dir, 2560)
+    train_epoch, gen, _ = trainer(data_dir, 2560, graphs=not eager)
     train_epoch(gen)[0].item()
     print("ready", flush=True)
     for line in sys.stdin:
@@ -297,8 +501,9 @@ def worker(data_dir, deterministic: bool) -> None:
 WORKER_LIMIT_S = 180  # for a trainer to start (imports, data, Triton, capture) or to answer: a hang fails the check
 
 
-def start_workers(n: int, data_dir, deterministic: bool = False) -> list:
+def start_workers(n: int, data_dir, deterministic: bool = False, eager: bool = False) -> list:
     cmd = [sys.executable, "-m", "csnn.gpucheck", "--worker"] + (["--deterministic"] if deterministic else [])
+    cmd += ["--eager"] if eager else []
     cmd += ["--data-dir", str(data_dir)] if data_dir else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     procs = []
@@ -365,6 +570,11 @@ def check_concurrency(data_dir, seconds: float) -> dict:
     best = max(v["total_img_s"] for v in out.values())
     # the fewest trials per GPU that reach 90% of the best total: more only slow each trial down
     out["suggested_trials_per_gpu"] = min(int(n) for n, v in out.items() if v["total_img_s"] >= 0.9 * best)
+    procs = start_workers(4, data_dir, eager=True)  # the same without CUDA graphs: what graphs are worth
+    try:
+        out["eager"] = {str(n): timed_together(procs[:n], seconds) for n in (1, 4)}
+    finally:
+        stop_workers(procs)
     return out
 
 
@@ -401,18 +611,26 @@ def check_deterministic(data_dir, seconds: float, plain: float | None) -> dict:
     return out
 
 
-CHECKS = ("tests", "kernels", "cupy", "counts", "busy", "speed", "epoch", "concurrency", "deterministic")  # main's order
+CHECKS = ("tests", "kernels", "cupy", "counts", "busy", "graphs", "speed", "epoch", "concurrency", "deterministic",
+          "study")  # main's order
 # The figures each check must leave (dotted paths into its result); a check that ran without
 # one fails, so that a JSON never looks complete when it is not.
 FIGURES = {"kernels": ["auto.train_amp.implementations"], "cupy": ["float16.spikes_equal"],
            "counts": ["cuda.synops_per_image"], "busy": ["eager.busy_share", "graphs.busy_share"],
            "speed": ["auto.ours_train_img_s", "auto.train_ratio", "auto.ours_eval_img_s", "auto.eval_ratio"],
-           "epoch": ["train_img_s", "test_acc"],
-           "concurrency": [f"{n}.total_img_s" for n in (1, 2, 4, 8)] + ["suggested_trials_per_gpu"],
+           "graphs": ["train_max_abs_diff.params", "train_max_abs_diff.loss_sum", "eval_abs_diff.acc",
+                      "captures.sgd_auto.used"],
+           "epoch": ["train_img_s", "test_acc", "epoch0_over_epoch1_s", "second_fit.peak_memory_mib",
+                     "no_graphs.peak_memory_mib"],
+           "study": ["trials"],
+           "concurrency": [f"{n}.total_img_s" for n in (1, 2, 4, 8)] + ["suggested_trials_per_gpu",
+                                                                           "eager.1.total_img_s", "eager.4.total_img_s"],
            "deterministic": ["deterministic_img_s", "repeat_deterministic.equal"]}
 
 
 def missing_figures(name: str, result: dict) -> list[str]:
+    if "skipped" in result:  # what it needs is not installed (CUPY_MISSING; Ray): said so, no figures owed
+        return []
     missing = []
     for path in FIGURES.get(name, []):
         node = result
@@ -421,6 +639,36 @@ def missing_figures(name: str, result: dict) -> list[str]:
         if node is None:
             missing.append(path)
     return missing
+
+
+class _Tee(io.TextIOBase):
+    """stderr, passed through, its lines that say "warning" (csnn's own, CUDA graph fallbacks) kept."""
+
+    def __init__(self, stream, keep):
+        self.stream, self.keep = stream, keep
+
+    def write(self, text):
+        self.keep += [line for line in text.splitlines() if "warning" in line.lower()]
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def recorded_warnings(into: list, check: str):
+    """Python warnings and stderr warning lines of a check, as "check: text" in `into` (and still shown)."""
+    lines: list = []
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(_Tee(sys.stderr, lines)):
+            warnings.simplefilter("default")  # each once per place, as Python shows them
+            yield
+    finally:
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            lines.append(f"{w.category.__name__}: {w.message}")
+        into.extend(f"{check}: {line}" for line in dict.fromkeys(lines))
 
 
 def run_check(result: dict, name: str, fn, *a, out=None) -> None:
@@ -436,7 +684,8 @@ def run_check(result: dict, name: str, fn, *a, out=None) -> None:
     result["running"] = name
     write()
     try:
-        result[name] = fn(*a)
+        with recorded_warnings(result.setdefault("warnings", []), name):
+            result[name] = fn(*a)
         missing = missing_figures(name, result[name])
         assert not missing, f"{name} left no {', '.join(missing)}"
     except Exception as e:  # noqa: BLE001 - every check reports, the run goes on
@@ -459,6 +708,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--repeat", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if skip - set(CHECKS):
@@ -470,7 +720,7 @@ def main(argv=None) -> int:
               f"is False here (torch {torch.__version__}, CUDA build {torch.version.cuda})", file=sys.stderr)
         return 2
     if args.worker:
-        worker(args.data_dir, args.deterministic)
+        worker(args.data_dir, args.deterministic, args.eager)
         return 0
     if args.repeat:
         repeat(args.deterministic, args.data_dir)
@@ -490,11 +740,13 @@ def main(argv=None) -> int:
     check("cupy", check_cupy)
     check("counts", check_counts)
     check("busy", check_busy, args.data_dir)
+    check("graphs", check_graphs, args.data_dir)
     check("speed", check_speed, args.data_dir)
     check("epoch", check_epoch, args.data_dir)
     check("concurrency", check_concurrency, args.data_dir, args.seconds)
     plain = result.get("concurrency", {}).get("1", {}).get("total_img_s")
     check("deterministic", check_deterministic, args.data_dir, args.seconds, plain)
+    check("study", check_study, args.data_dir)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=1, default=str))
     return 1 if result["failed"] else 0

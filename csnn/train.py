@@ -25,7 +25,7 @@ from csnn import efficiency
 from csnn.atomic import write_atomic
 from csnn.config import COMPILE_AUTO_IMAGES, TrainConfig
 from csnn.data import to_input
-from csnn.model import CSNN, observe_if_kernels, set_backend
+from csnn.model import CSNN, observe_if_kernels_once, set_backend
 
 COST_IMAGES = 128  # the first validation (else test) images, counted each epoch (~8 ms an image on 2 cores)
 
@@ -63,60 +63,173 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 WARMUP_STEPS = 3  # eager calls before capture: Triton compiles, cuDNN autotunes, the optimizer makes its state
+GRAPHS_ENV = "CSNN_CUDA_GRAPHS"  # 0 (false, off, no): no CUDA graphs in this process, whatever the config says
+# A replayed graph is checked once against the eager step on the same batch. Not yet measured on a GPU:
+# wide enough for the last bits that cuDNN's non-deterministic backward (atomics) may change in one step,
+# far too narrow for a replay that reads or writes the wrong memory. gpucheck's "graphs" check measures it.
+GRAPH_RTOL, GRAPH_ATOL = 1e-4, 1e-6
 
 
-def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS) -> Callable:
+def capture_cuda_graph(fn: Callable, static: tuple) -> Callable:
+    """Capture fn(*static) as a CUDA graph (recorded, not run); returns what replays it.
+    The one function that captures: tests hand cuda_graph another (the check and the
+    fallback around it run the same on the CPU)."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=torch.cuda.current_stream(), capture_error_mode="thread_local"):
+        fn(*static)
+    return g.replay
+
+
+def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS, mode: bool | str = True,
+               state: Callable[[], dict] | None = None, status: dict | None = None, what: str = "training step",
+               capture: Callable | None = None) -> Callable:
     """`run(*inputs)`: copies `inputs` into the `static` tensors, then calls `fn(*static)`:
-    eagerly on a side stream for the first `warmup` calls, then captures it once as a CUDA
-    graph and from then on replays it. Capture records without
-    running, so the capturing call replays once: every call does the work exactly once.
-    `fn` must keep all its state in tensors (a Python value it reads is frozen at capture)."""
+    eagerly (on a side stream on CUDA) for the first `warmup` calls, then captures it once
+    as a CUDA graph and from then on replays it. Every call does the work exactly once.
+    `fn` must keep all its state in tensors (a Python value it reads is frozen at capture).
+
+    At capture the graph is checked: `state()` ({name: tensor}, what fn changes) is saved,
+    fn runs eagerly, the saved state is copied back in place (the captured addresses stay
+    valid), the graph replays the same batch, and the two results must agree (GRAPH_RTOL,
+    GRAPH_ATOL). With `mode` "auto" a capture error (but out of memory) or a disagreement
+    prints one warning line, appends the reason to status["fallback"], and fn runs eagerly
+    from then on (the eager step's result kept); with `mode` True it raises. status["used"]:
+    a checked graph replays; status["capture_s"][what]: how long capture and check took."""
     device = static[0].device
-    side = torch.cuda.Stream(device)
-    graph, calls = None, 0
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    status = {} if status is None else status
+    replay, calls, eager = None, 0, False
+
+    def on_side(f):
+        if side is None:
+            return f()
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            out = f()
+        torch.cuda.current_stream(device).wait_stream(side)
+        return out
 
     def run(*inputs):
-        nonlocal graph, calls
+        nonlocal replay, calls, eager
+        if eager:
+            return fn(*inputs)
         for dst, src in zip(static, inputs):
             dst.copy_(src)
-        if graph is None:
-            calls += 1
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                if calls <= warmup:
-                    fn(*static)
-                else:
-                    g = torch.cuda.CUDAGraph()
-                    try:
-                        with torch.cuda.graph(g, stream=side, capture_error_mode="thread_local"):
-                            fn(*static)
-                    except torch.OutOfMemoryError:
-                        raise
-                    except RuntimeError as e:  # what a user can do about it
-                        raise RuntimeError(f"capturing a step as a CUDA graph failed ({e}); train without "
-                                           "CUDA graphs: -no-cuda-graphs (python -m csnn.train), cuda_graphs: "
-                                           "false (TrainConfig; a study's train: section)") from e
-            torch.cuda.current_stream(device).wait_stream(side)
-            if calls <= warmup:
-                return
-            graph = g
-        graph.replay()
+        if replay is not None:
+            return replay()
+        calls += 1
+        if calls <= warmup:
+            return on_side(lambda: fn(*static))
+        t0 = time.perf_counter()
+        replay, why = on_side(lambda: _capture_checked(fn, static, state or (lambda: {}), capture or capture_cuda_graph))
+        status.setdefault("capture_s", {})[what] = time.perf_counter() - t0  # capture and check (gpucheck's figure)
+        if why is None:
+            status["used"] = True
+            return
+        if mode is True:
+            raise RuntimeError(f"CUDA graphs: {what}: {why}; train without CUDA graphs: -no-cuda-graphs "
+                               f"(python -m csnn.train), cuda_graphs: false or auto (TrainConfig; a study's train: "
+                               f"section), or {GRAPHS_ENV}=0 in the environment")
+        eager = True
+        status.setdefault("fallback", []).append(f"{what}: {why}")
+        print(f"csnn: warning: CUDA graphs off for the {what}, which runs eagerly: {why}", file=sys.stderr, flush=True)
 
     return run
+
+
+def _capture_checked(fn: Callable, static: tuple, state: Callable[[], dict], capture: Callable):
+    """(replay, None) for a graph that replays what fn computes eagerly; else (None, why). Either
+    way this batch's work is done once (by the replay, or by fn when the graph is not used)."""
+    try:
+        replay = capture(fn, static)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
+        fn(*static)  # capture recorded without running: this batch is still to do
+        return None, f"capturing failed ({type(e).__name__}: {_first_line(e)})"
+    # state() is detached (state_dict's tensors): copy_ writes in place without autograd
+    tensors = state()
+    before = {k: t.clone() for k, t in tensors.items()}
+    fn(*static)
+    tensors = state()  # the same tensors, unless fn made new ones (a difference below)
+    eager = {k: t.clone() for k, t in tensors.items()}
+    for k, t in tensors.items():
+        if k in before:
+            t.copy_(before[k])
+    try:
+        replay()
+        why = _graph_differs(state(), eager)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        why = f"replaying failed ({type(e).__name__}: {_first_line(e)})"
+    if why is not None:  # keep the eager step's result
+        for k, t in state().items():
+            if k in eager:
+                t.copy_(eager[k])
+        return None, why
+    return replay, None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _graph_differs(replayed: dict, eager: dict) -> str | None:
+    """Why the replayed state is not the eager one (the first tensor that differs, with its max |difference|), or None."""
+    if replayed.keys() != eager.keys():
+        return f"the replay changed other tensors ({', '.join(sorted(replayed.keys() ^ eager.keys()))})"
+    for k, a in replayed.items():
+        b = eager[k]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{k}: replayed {a.dtype} {tuple(a.shape)}, eager {b.dtype} {tuple(b.shape)}"
+        if a.is_floating_point():
+            ok = torch.allclose(a, b, rtol=GRAPH_RTOL, atol=GRAPH_ATOL, equal_nan=True)
+        else:
+            ok = torch.equal(a, b)
+        if not ok:
+            d = (a.double() - b.double()).abs().max().item()
+            return (f"replayed step differs from the eager one in {k} (max |difference| {d:.3g}; "
+                    f"allowed {GRAPH_ATOL:g} + {GRAPH_RTOL:g} x |value|)")
+    return None
+
+
+def graph_state(*modules_and_tensors) -> Callable[[], dict]:
+    """state() for cuda_graph: every tensor a step may change, by name: the networks' parameters and
+    buffers (BatchNorm statistics), each optimizer's state, a GradScaler's scale and growth tracker,
+    and named tensors (the metric sums), read when called (an optimizer makes its state in its first step)."""
+    def state() -> dict:
+        out = {}
+        for obj in modules_and_tensors:
+            if isinstance(obj, torch.nn.Module):
+                out.update({f"net.{k}": v for k, v in obj.state_dict().items()})
+            elif isinstance(obj, torch.optim.Optimizer):
+                out.update({f"optimizer.{i}.{k}": v for i, s in enumerate(obj.state.values())
+                            for k, v in s.items() if torch.is_tensor(v)})
+            elif isinstance(obj, torch.amp.GradScaler):
+                out.update({f"scaler.{k}": getattr(obj, f"_{k}") for k in ("scale", "growth_tracker")
+                            if getattr(obj, f"_{k}", None) is not None})
+            else:
+                out.update(obj)
+        return out
+    return state
 
 
 @contextlib.contextmanager
 def _lr_from(optimizer: torch.optim.Optimizer, lr: torch.Tensor):
     """Within, the optimizer reads its lr from the tensor `lr` (which the training loop fills with
-    the scheduler's value before each epoch: a captured step replays what it read) and says it is
-    capturable (Adam refuses capture otherwise); outside, its groups stay as they are (floats, as
-    in a checkpoint). Every CUDA step runs within, eager ones too: the fused kernels read a tensor
-    lr in float32 and a float one in float64, and graphed and eager steps must compute alike."""
+    the scheduler's value before each epoch: a captured step replays what it read) and, while a
+    graph is being captured, says it is capturable (Adam refuses capture otherwise; an eager step
+    said capturable makes torch warn, and the fused kernels ignore the flag); outside, its groups
+    stay as they are (floats, as in a checkpoint). Every CUDA step runs within, eager ones too: the
+    fused kernels read a tensor lr in float32 and a float one in float64, and graphed and eager
+    steps must compute alike."""
     saved = [{k: g[k] for k in ("lr", "capturable") if k in g} for g in optimizer.param_groups]
+    capturing = lr.is_cuda and torch.cuda.is_current_stream_capturing()
     for g in optimizer.param_groups:
         g["lr"] = lr
         if "capturable" in g:
-            g["capturable"] = True
+            g["capturable"] = capturing
     try:
         yield
     finally:
@@ -127,8 +240,11 @@ def _lr_from(optimizer: torch.optim.Optimizer, lr: torch.Tensor):
 def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int, graphs: dict | None = None) -> dict:
     """Loss, accuracy and per-layer firing rates over a whole split (one host sync).
     Always in float32, as the tutorial measured its 0.9263, even inside an autocast
-    region: AMP is for training. With `graphs` (a dict kept across calls, on CUDA) full
-    batches replay one CUDA graph; a last partial batch runs eagerly."""
+    region: AMP is for training. On CUDA a last partial batch is padded to `batch_size`
+    (images weighted 0), so that no kernel is compiled again for its size (Triton's IF
+    kernels take the neuron count as a constant). With `graphs` (a dict kept across
+    calls, on CUDA; its "mode" and "status" as cuda_graph's) every batch replays one
+    CUDA graph, checked against the eager evaluation of the first."""
     net.eval()
     n, device = len(y), x.device
     if graphs is not None and "sums" in graphs:
@@ -136,22 +252,32 @@ def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int, graph
     else:  # loss, correct, then the firing rate of each spiking layer, summed over images
         sums = torch.zeros(2 + len(net.spiking_layers), device=device)
 
-    def step(xb, yb):
+    def step(xb, yb, w):  # w: each image's weight, 1 (0 for padding)
+        functional.reset_net(net)  # also first: a step cut short (a failed capture) leaves no potential behind
         rates: list = []
         fr = net(to_input(xb), rates)
-        loss = F.mse_loss(fr, F.one_hot(yb, 10).float(), reduction="sum") / 10
-        sums.add_(torch.cat([loss.view(1), (fr.argmax(1) == yb).sum().view(1), torch.stack(rates) * len(yb)]))
+        loss = (fr - F.one_hot(yb, 10).float()).square().sum(1) / 10
+        sums.add_(torch.cat([(loss @ w).view(1), ((fr.argmax(1) == yb).float() @ w).view(1), torch.stack(rates) @ w]))
         functional.reset_net(net)
 
+    pad = device.type == "cuda"
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for i in range(0, n, batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            w = torch.ones(len(yb), device=device)
+            if pad and len(yb) < batch_size:
+                short = batch_size - len(yb)
+                xb, yb = torch.cat([xb, xb.new_zeros((short, *xb.shape[1:]))]), torch.cat([yb, yb.new_zeros(short)])
+                w = torch.cat([w, w.new_zeros(short)])
             if graphs is None or len(yb) < batch_size:
-                step(xb, yb)
+                step(xb, yb, w)
                 continue
             if "run" not in graphs:
-                graphs.update(sums=sums, run=cuda_graph(step, torch.empty_like(xb), torch.empty_like(yb), warmup=2))
-            graphs["run"](xb, yb)
+                graphs.update(sums=sums, run=cuda_graph(
+                    step, torch.empty_like(xb), torch.empty_like(yb), torch.empty_like(w), warmup=2,
+                    mode=graphs.get("mode", True), state=graph_state({"sums": sums}, net),
+                    status=graphs.setdefault("status", {}), what="evaluation", capture=graphs.get("capture")))
+            graphs["run"](xb, yb, w)
     total = sums.tolist()
     out = {"loss": total[0] / max(n, 1), "acc": total[1] / max(n, 1)}
     out.update({f"fr_{i}": r / max(n, 1) for i, r in zip(net.spiking_layers, total[2:])})
@@ -159,20 +285,24 @@ def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int, graph
 
 
 def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 amp_dtype=None, graphs: bool = False, observe: dict | None = None) -> Callable:
+                 amp_dtype=None, graphs: bool | str = False, observe: dict | None = None,
+                 status: dict | None = None, capture: Callable | None = None) -> Callable:
     """`train_epoch(order_gen)`: one pass over (x, y) in the order drawn from order_gen,
     dropping the last partial batch as the tutorial. Returns (loss sum, correct) as
     tensors on the device and the number of images: nothing in it waits for the GPU.
-    With `graphs` (CUDA), the whole step (forward, loss, scaled backward, optimizer step,
-    scaler update, metric sums) is one CUDA graph after WARMUP_STEPS eager steps, captured
-    in the first epoch of this trainer (so after any checkpoint was restored into it).
-    `observe` (a dict, CUDA) receives observe_if_kernels of the first step."""
+    With `graphs` (True: strict, or "auto"; CUDA), the whole step (forward, loss, scaled
+    backward, optimizer step, scaler update, metric sums) is one CUDA graph after
+    WARMUP_STEPS eager steps, captured and checked (cuda_graph; `status` and `capture`
+    are its) in the first epoch of this trainer (so after any checkpoint was restored into it).
+    `observe` (a dict, CUDA) receives observe_if_kernels of the first step (once per process
+    and kind of step: model.observe_if_kernels_once)."""
     device = x.device
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     lr = torch.zeros((), device=device)  # what a CUDA optimizer step reads (_lr_from)
     lr_tensor = functools.partial(_lr_from, optimizer, lr) if device.type == "cuda" else contextlib.nullcontext
 
     def step(idx):
+        functional.reset_net(net)  # also first: a step cut short (a failed capture) leaves no potential behind
         label = y[idx]
         # cache_enabled=False: autocast's cache of float16 weights would be frozen into a graph
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
@@ -191,10 +321,16 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
     def first_observed(idx):
         if "kernels" in observe:
             return step(idx)
-        observe.update(observe_if_kernels(lambda: step(idx), len(net.spiking_layers)))
+        key = (str(device), str(amp_dtype), tuple(net.conv_fc[i].kernel for i in net.spiking_layers))
+        observe.update(observe_if_kernels_once(key, lambda: step(idx), len(net.spiking_layers)))
 
     fn = first_observed if observe is not None else step
-    run = cuda_graph(fn, torch.zeros(min(batch_size, len(y)), dtype=torch.long, device=device)) if graphs else fn
+    if graphs:
+        state = graph_state(net, optimizer, scaler, {"loss_sum": loss_sum, "correct": correct})
+        run = cuda_graph(fn, torch.zeros(min(batch_size, len(y)), dtype=torch.long, device=device), mode=graphs,
+                         state=state, status=status, what="training step", capture=capture)
+    else:
+        run = fn
 
     def train_epoch(order_gen: torch.Generator):
         net.train()
@@ -208,11 +344,24 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
     return train_epoch
 
 
-def use_cuda_graphs(cfg: TrainConfig, device: torch.device) -> bool:
+def use_cuda_graphs(cfg: TrainConfig, device: torch.device) -> tuple[bool | str, str]:
+    """(mode, why off): mode True (strict: a graph that fails raises), "auto" (a graph that fails
+    falls back to eager steps) or False; why off names what turned graphs off on CUDA (GRAPHS_ENV)."""
     if cfg.cuda_graphs is True and device.type != "cuda":
         raise RuntimeError(f"cuda_graphs: true needs a CUDA device, and this run trains on {device}; "
                            "use cuda_graphs: auto (graphs on CUDA only)")
-    return device.type == "cuda" and cfg.cuda_graphs is not False
+    if device.type != "cuda" or cfg.cuda_graphs is False:
+        return False, ""
+    if os.environ.get(GRAPHS_ENV, "").strip().lower() in ("0", "false", "off", "no"):
+        return False, f"{GRAPHS_ENV}={os.environ[GRAPHS_ENV]} in the environment"
+    return cfg.cuda_graphs, ""
+
+
+def graphs_info(mode: bool | str, status: dict) -> dict:
+    """config.RUN_INFO's cuda_graphs_*: whether graphs replay (one was captured and checked, and none
+    fell back), and else why not (on CUDA)."""
+    return {"cuda_graphs_used": bool(mode) and bool(status.get("used")) and not status.get("fallback"),
+            "cuda_graphs_fallback": "; ".join(status.get("fallback", []))}
 
 
 def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None = None,
@@ -254,10 +403,12 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         net.fuse(cfg.compile if cfg.compile != "auto" else cfg.epochs * len(train_y) >= COMPILE_AUTO_IMAGES)
     else:  # cuDNN picks its fastest algorithms by timing them, unless runs must repeat exactly
         torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
-    graphs = use_cuda_graphs(cfg, device)
+    graphs, off = use_cuda_graphs(cfg, device)
+    status = {"fallback": [off] if off else []}  # what cuda_graph found, shared by training and evaluation
     observed = {} if device.type == "cuda" else None  # the IF kernels of the first step, seen by the profiler
-    train_epoch = make_trainer(net, optimizer, scaler, train_x, train_y, cfg.batch_size, amp_dtype, graphs, observed)
-    eval_graphs = {} if graphs else None
+    train_epoch = make_trainer(net, optimizer, scaler, train_x, train_y, cfg.batch_size, amp_dtype, graphs, observed,
+                               status)
+    eval_graphs = {"mode": graphs, "status": status} if graphs else None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
 
@@ -270,7 +421,7 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         loss_sum, correct = loss_sum.item(), correct.item()  # the epoch's one wait for the GPU
         train_s = time.perf_counter() - t0
         if epoch == start_epoch:
-            info = {**run_info(net, device, use_amp, graphs, observed), "data_sha": data.fingerprint}
+            info = {**run_info(net, device, use_amp, graphs_info(graphs, status)["cuda_graphs_used"], observed), "data_sha": data.fingerprint}
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
@@ -292,7 +443,7 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         m["spikes_per_image"] = efficiency.spikes_per_image(net, [c[f"fr_{i}"] for i in net.spiking_layers])
         m.update(efficiency.count(net, to_input(cost_x[:COST_IMAGES])))
         m["epoch_s"] = time.perf_counter() - t0
-        m.update(info)
+        m.update(info, **graphs_info(graphs, status))
 
         if on_epoch is not None:
             on_epoch(m, lambda paths, **keys: save_checkpoint(paths, cfg, state, order_gen, device, epoch, m, **keys))
@@ -323,7 +474,7 @@ def run_info(net: CSNN, device: torch.device, amp: bool, graphs: bool, observed:
     if impls == ["unobserved"]:
         warnings.warn(f"torch.profiler saw no GPU kernel on {name} (CUPTI unavailable?): which IF kernels ran is "
                       "not known", stacklevel=3)
-    return {"run_device": name, "run_amp": amp, "run_cuda_graphs": graphs, "neuron_impl": ",".join(impls),
+    return {"run_device": name, "run_amp": amp, "neuron_impl": ",".join(impls),
             "deterministic": torch.are_deterministic_algorithms_enabled(), "torch_version": torch.__version__,
             "spikingjelly_version": version("spikingjelly"), "cuda_version": torch.version.cuda or ""}
 

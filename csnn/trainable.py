@@ -14,20 +14,27 @@ from ray import tune
 
 from csnn.config import TrainConfig, silent_layers, trial_fields
 from csnn.data import FashionMNIST
+from csnn.gpus import cuda_refusal, nvidia_driver
 from csnn.train import fit
 
 
-def trial_device(requested: str, gpu_ids: list, cuda_available: bool) -> str:
+def trial_device(requested: str, gpu_ids: list, cuda_available: bool, driver: str | None = None) -> str:
     """The device a trial may use: the GPU Ray assigned it, else the CPU.
 
     Ray 2.60 no longer hides the GPUs from a worker that asked for none, so
-    `device: auto` alone would put such a trial on cuda:0 behind Ray's back."""
+    `device: auto` alone would put such a trial on cuda:0 behind Ray's back.
+    `driver`: the NVIDIA driver's version if this machine has NVIDIA GPUs (csnn.gpus):
+    then a GPU that torch cannot see is an error, not a reason to train on the CPU."""
     if not gpu_ids:
         if requested.startswith("cuda"):
             raise ValueError(f"TrainConfig.device is {requested!r} but Ray gave this trial no GPU; "
                              "set resources.gpus_per_trial above 0 (or auto), or device: auto")
         return "cpu"
-    if requested == "cpu" or not cuda_available:
+    if requested == "cpu":
+        return "cpu"
+    if not cuda_available:
+        if driver:
+            raise RuntimeError(cuda_refusal(driver))
         # Ray's logical GPUs (ray.init(num_gpus=N) on a CPU machine) have ids but no CUDA device.
         return "cpu"
     # Ray sets CUDA_VISIBLE_DEVICES to the assigned ids, so the first is cuda:0,
@@ -75,7 +82,8 @@ def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None, check
     import torch
 
     gpu_ids = ray.get_gpu_ids()
-    device = trial_device(cfg.device, gpu_ids, torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    device = trial_device(cfg.device, gpu_ids, cuda, nvidia_driver() if gpu_ids and not cuda else None)
     if not gpu_ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # nothing below (torch, Triton) may open a GPU
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": device})

@@ -316,7 +316,18 @@ def header(study: results.Study) -> list[str]:
              + f". Training time summed over trials: {wall:.1f} min."
              + ("" if study.complete else " **The study has not ended.**")]
     lines += [f"- errored trial {r['trial_id']}: {r['error']}" for _, r in study.errored().iterrows()]
-    return lines + [""] + silent_lines(study) + warm_lines(study)
+    return lines + [""] + graphs_lines(study) + silent_lines(study) + warm_lines(study)
+
+
+def graphs_lines(study: results.Study) -> list[str]:
+    """The trials whose CUDA graphs were turned off or fell back to eager steps (cuda_graphs_fallback), by reason."""
+    t = study.trials
+    why = t["cuda_graphs_fallback"].fillna("").astype(str) if "cuda_graphs_fallback" in t else pd.Series(dtype=str)
+    why = why[why != ""]
+    if why.empty:
+        return []
+    return [f"CUDA graphs off in {len(why)} of {len(t)} trials (they trained with eager steps): "
+            + "; ".join(f"{n} × {reason}" for reason, n in why.value_counts().items()) + ".", ""]
 
 
 def warm_lines(study: results.Study) -> list[str]:

@@ -632,7 +632,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
     try:
         res = plan(spec, **cluster(), allow_cpu=allow_cpu, allow_pending_gpus=allow_pending_gpus)
         study.fs.create_dir(study.path, recursive=True)
-        nodes = check_nodes_see(study)
+        nodes = check_nodes_see(study, gpus=res["gpu"] > 0 or res["retrain_gpu"] > 0)  # GPUs torch sees
     except (PlanError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

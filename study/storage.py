@@ -168,35 +168,63 @@ def write_table(loc: Location, frame) -> None:
     loc.write_bytes(buf.getvalue())
 
 
-def check_nodes_see(loc: Location, timeout_s: float = 120) -> list[str]:
+class GPUError(StorageError):
+    """A node whose NVIDIA GPUs torch cannot use (csnn.gpus); a StorageError, so that study.run
+    refuses it as it refuses a storage some node cannot read: before any trial, exit 2."""
+
+
+def check_nodes_see(loc: Location, timeout_s: float = 120, gpus: bool = False) -> list[str]:
     """On a cluster of several nodes, check that each node reads a marker the
     driver wrote into the storage; raise StorageError naming those that cannot.
+    With `gpus` (the study's trials take GPUs), also check, here and in the same visit
+    to each node that has GPUs, that torch sees CUDA wherever the machine has NVIDIA
+    GPUs (csnn.gpus); raise GPUError naming those where it does not.
     Returns the nodes checked (their IPs)."""
     import uuid
 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from csnn.gpus import torch_cannot_see_gpus
+
+    here = torch_cannot_see_gpus() if gpus else None
+    if here:
+        raise GPUError(f"the driver's machine: {here}")
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    if len(nodes) < 2:
+    shared = len(nodes) >= 2
+    visit = [n for n in nodes if shared or (gpus and n["Resources"].get("GPU"))]
+    if not visit:
         return [n["NodeManagerAddress"] for n in nodes]
     marker = loc / f".storage-check-{uuid.uuid4().hex[:8]}"
     token = uuid.uuid4().hex
-    marker.write_text(token)
+    if shared:
+        marker.write_text(token)
     try:
-        read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
+        read = ray.remote(num_cpus=0, max_retries=0)(_visit)
         refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(marker.fs, marker.path) for n in nodes]
+                .remote(marker.fs, marker.path if shared else None, gpus and bool(n["Resources"].get("GPU")))
+                for n in visit]
         seen = ray.get(refs, timeout=timeout_s)
     finally:
-        marker.delete()
-    bad = [f"{n['NodeManagerAddress']} ({got})" for n, got in zip(nodes, seen) if got != token]
+        if shared:
+            marker.delete()
+    no_cuda = [f"{n['NodeManagerAddress']}: {why}" for n, (_, why) in zip(visit, seen) if why]
+    if no_cuda:
+        raise GPUError(f"{len(no_cuda)} of {len(visit)} Ray nodes cannot train on their GPUs: " + "; ".join(no_cuda))
+    bad = [f"{n['NodeManagerAddress']} ({got})" for n, (got, _) in zip(visit, seen) if shared and got != token]
     if bad:
         raise StorageError(
             f"--storage {loc.shown}: {len(bad)} of {len(nodes)} Ray nodes cannot read what the driver wrote there: "
             + "; ".join(bad) + ". Every trial writes its checkpoints to the storage from the node it runs on: "
             "give --storage a folder every node mounts at the same path (NFS), or a URI (s3://..., gs://...)")
     return [n["NodeManagerAddress"] for n in nodes]
+
+
+def _visit(fs, path: str | None, gpus: bool) -> tuple[str | None, str | None]:
+    """On one node: (the marker at `path` as read there, or why not; with `gpus`, csnn.gpus's refusal or None)."""
+    from csnn.gpus import torch_cannot_see_gpus
+
+    return (_read_marker(fs, path) if path else None), (torch_cannot_see_gpus() if gpus else None)
 
 
 def _read_marker(fs, path: str) -> str:

@@ -136,3 +136,14 @@ def test_reproduce_matches_exactly_on_the_cpu_and_catches_a_doctored_record(tiny
     t.to_parquet(d / "trials.parquet", index=False)
     p = run("study.reproduce", d, "--data-dir", tiny_data_dir, "--epochs", 1, "--device", "cpu")
     assert p.returncode == 0 and "reproduced: all" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+def test_the_report_says_which_trials_fell_back_from_cuda_graphs(tiny_study):
+    s = results.load(tiny_study[0])
+    assert {"cuda_graphs_used", "cuda_graphs_fallback"} <= set(s.trials) and not s.trials["cuda_graphs_used"].any()
+    assert analyze.graphs_lines(s) == []  # CPU trials: graphs never planned, nothing fell back
+    s.trials.loc[s.trials.index[:2], "cuda_graphs_fallback"] = "training step: replaying failed (RuntimeError: x)"
+    lines = analyze.graphs_lines(s)
+    assert lines[0] == ("CUDA graphs off in 2 of 3 trials (they trained with eager steps): 2 × training step: "
+                        "replaying failed (RuntimeError: x).")
+    assert lines[0] in analyze.header(s)

@@ -71,7 +71,7 @@ def test_cli_turns_cuda_graphs_off_and_a_run_resumes_either_way(tmp_path):
     assert p.returncode == 0, p.stderr
     out = tmp_path / "logs" / "T2_b64_sgd_lr0.1_c4"
     ckpt = torch.load(out / "checkpoint_latest.pth", weights_only=False)
-    assert ckpt["config"]["cuda_graphs"] is False and ckpt["metrics"]["run_cuda_graphs"] is False
+    assert ckpt["config"]["cuda_graphs"] is False and ckpt["metrics"]["cuda_graphs_used"] is False
     ckpt["epoch"] = 0  # as if stopped after its first epoch
     torch.save(ckpt, out / "checkpoint_latest.pth")
     p = run(*args, "-resume", str(out / "checkpoint_latest.pth"), cwd=tmp_path)

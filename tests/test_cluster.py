@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, env, study_cmd, tiny_spec, write_spec
 from csnn import data as fmnist
@@ -80,6 +81,60 @@ def test_trial_device_is_the_gpu_ray_assigned_or_the_cpu():
     assert trial_device("auto", [0], cuda_available=False) == "cpu"  # a logical GPU
     with pytest.raises(ValueError, match="no GPU"):
         trial_device("cuda", [], cuda_available=True)
+    # NVIDIA GPUs that torch cannot see (a driver too old for torch's CUDA): never the CPU behind the GPU's back
+    with pytest.raises(RuntimeError, match=r"NVIDIA GPUs \(driver 470.1\) but torch .* sees no CUDA device"):
+        trial_device("auto", [0], cuda_available=False, driver="470.1")
+    assert trial_device("cpu", [0], cuda_available=False, driver="470.1") == "cpu"  # asked for, so meant
+
+
+def fake_nvidia_driver(folder: Path) -> Path:
+    """A folder like /proc/driver/nvidia, its version file as a 570 driver writes it."""
+    folder.mkdir()
+    (folder / "version").write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  "
+                                    "(dvs-builder@U16-I3-B03-4-3)  Thu Jan 16 22:35:12 UTC 2025\nGCC version:  gcc 12\n")
+    return folder
+
+
+def test_nvidia_driver_is_read_from_its_proc_folder(tmp_path, monkeypatch):
+    from csnn.gpus import nvidia_driver, torch_cannot_see_gpus
+
+    monkeypatch.setenv("CSNN_NVIDIA_PROC", str(tmp_path / "none"))
+    assert nvidia_driver() is None and torch_cannot_see_gpus() is None  # this CPU machine: no NVIDIA GPU
+    monkeypatch.setenv("CSNN_NVIDIA_PROC", str(fake_nvidia_driver(tmp_path / "nvidia")))
+    assert nvidia_driver() == "570.86.15"
+    line = torch_cannot_see_gpus()  # torch here sees no CUDA
+    assert "driver 570.86.15" in line and "a CUDA 13.0 build" in line and "gpus_per_trial: 0" in line
+
+
+def test_a_gpu_study_where_torch_cannot_see_the_nvidia_gpus_is_refused(tmp_path, tiny_data_dir, monkeypatch, capsys):
+    """Logical GPUs on this CPU machine train on the CPU (test_trials_spread_over_logical_gpus); the same
+    study on a machine that says it has NVIDIA GPUs (the driver's folder, faked) is refused before any trial."""
+    import ray
+
+    from study.storage import GPUError, check_nodes_see
+
+    spec = specs.parse(tiny_spec("nocuda", resources={"gpus_per_trial": "auto", "cpus_per_trial": 0.25},
+                                 search={"num_samples": 1}), "nocuda.yaml")
+    monkeypatch.setenv("CSNN_NVIDIA_PROC", str(fake_nvidia_driver(tmp_path / "nvidia")))
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)  # its processes see the fake too
+    try:
+        assert run.run(spec, fmnist.load(tiny_data_dir), tmp_path / "nocuda") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: the driver's machine: this machine has NVIDIA GPUs (driver 570.86.15) but torch "
+                       f"{torch.__version__} (a CUDA 13.0 build) sees no CUDA device, so its trials would train on the "
+                       "CPU: install a torch wheel built for the CUDA your driver supports (nvidia-smi shows it; pip "
+                       "install torch --index-url https://download.pytorch.org/whl/cu12X), or set "
+                       "resources.gpus_per_trial: 0 to train on the CPU"], err
+        assert not (tmp_path / "nocuda" / "spec.yaml").exists() and not (tmp_path / "nocuda" / "ray").exists()
+        # the driver's machine fine, the node's not: the same visit that checks the storage says which node
+        monkeypatch.delenv("CSNN_NVIDIA_PROC")
+        loc = Location.parse(tmp_path / "nocuda")
+        with pytest.raises(GPUError, match=r"1 of 1 Ray nodes cannot train on their GPUs: [\d.]+: this machine has "
+                                           r"NVIDIA GPUs \(driver 570.86.15\)"):
+            check_nodes_see(loc, gpus=True)
+        assert len(check_nodes_see(loc)) == 1  # a study without GPUs asks nothing of them
+    finally:
+        ray.shutdown()
 
 
 def test_checkpoints_at_rungs_every_n_and_the_end():

@@ -1,4 +1,6 @@
 """GPU-only tests: they skip here, with the reason, and `python -m csnn.gpucheck` runs them on a GPU."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -10,6 +12,11 @@ from csnn.model import ALPHA, CSNN, observe_if_kernels, set_backend
 from csnn.train import fit, make_optimizer, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run python -m csnn.gpucheck on one)")
+# CuPy is optional: without it these skip with this reason, the one skip gpucheck allows; a CuPy that is
+# installed but broken (cannot compile, no NVRTC) runs them, and they fail.
+CUPY_MISSING = "CuPy not installed"
+needs_cupy = pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason=CUPY_MISSING)
+CUPY = pytest.param("cupy", marks=needs_cupy)
 
 
 def amp_step(net, x):
@@ -17,7 +24,7 @@ def amp_step(net, x):
         net(x).float().sum().backward()
 
 
-@pytest.mark.parametrize("backend", ["auto", "cupy"])
+@pytest.mark.parametrize("backend", ["auto", CUPY])
 def test_the_profiler_sees_a_fused_if_kernel_per_layer_forward_and_backward(backend):
     net = CSNN(4, 16).cuda()
     set_backend(net, backend)
@@ -73,7 +80,7 @@ def state_of(net, opt, scaler) -> dict:
     return out
 
 
-@pytest.mark.parametrize("backend,optimizer", [("auto", "sgd"), ("auto", "adam"), ("cupy", "sgd")])
+@pytest.mark.parametrize("backend,optimizer", [("auto", "sgd"), ("auto", "adam"), pytest.param("cupy", "sgd", marks=needs_cupy)])
 def test_the_graphed_step_computes_what_the_eager_one_does(backend, optimizer):
     """30 batches from one seed (so 27 of them replayed): loss and accuracy sums, weights,
     BatchNorm statistics, optimizer state and the scaler's, and the spikes of a forward after."""
@@ -133,12 +140,14 @@ def test_fit_trains_with_cuda_graphs_and_records_it(tmp_path):
                       resume=tmp_path / "g" / "checkpoint_latest.pth")
     finally:
         torch.use_deterministic_algorithms(False)
-    assert graphed[0]["run_cuda_graphs"] is True and eager[0]["run_cuda_graphs"] is False
+    assert graphed[0]["cuda_graphs_used"] is True and eager[0]["cuda_graphs_used"] is False
+    assert graphed[0]["cuda_graphs_fallback"] == "" and eager[0]["cuda_graphs_fallback"] == ""
     assert graphed[0]["neuron_impl"] in ("spikingjelly-triton", "spikingjelly-cuda")
     assert graphed[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-3)
     assert [m["epoch"] for m in resumed] == [1] and resumed[0]["train_loss"] == pytest.approx(eager[1]["train_loss"], rel=1e-3)
 
 
+@needs_cupy
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cupy_kernels_match_spikingjellys_reference_loop(dtype):
     from spikingjelly._ops.if_.reference import multi_step
@@ -162,6 +171,7 @@ def test_cupy_kernels_match_spikingjellys_reference_loop(dtype):
     torch.testing.assert_close(xc.grad.float(), xr.grad.float(), rtol=rtol, atol=atol)
 
 
+@needs_cupy
 def test_cupy_forward_without_autograd_is_the_same():
     from csnn import cupy_if
 
@@ -173,6 +183,7 @@ def test_cupy_forward_without_autograd_is_the_same():
     assert cupy_if.forward(x[:, :0].contiguous(), 4, keep_h=False)[0].shape == (4, 0)  # no launch for no neurons
 
 
+@needs_cupy
 def test_cupy_reads_a_repeated_input_once_with_the_summed_gradient():
     from csnn.cupy_if import CupyIF
 
@@ -187,6 +198,7 @@ def test_cupy_reads_a_repeated_input_once_with_the_summed_gradient():
     torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-6)
 
 
+@needs_cupy
 def test_the_cupy_first_layer_takes_the_repeated_input_without_a_copy():
     """CSNN.forward repeats the first layer's input T times as a view: the kernels read that view's base."""
     net = CSNN(4, 8).cuda()
@@ -202,6 +214,7 @@ def test_the_cupy_first_layer_takes_the_repeated_input_without_a_copy():
     assert seen["stride"] == 0 and torch.equal(out, ref(x))
 
 
+@needs_cupy
 def test_cupy_backend_runs_in_the_network():
     net = CSNN(4, 8).cuda()
     set_backend(net, "cupy")

@@ -1,5 +1,7 @@
 """The parts of the GPU path that a CPU can check: float32 evaluation, the scaler of a
-CPU checkpoint, the recorded run, reproduce's tolerance, and gpucheck's refusal."""
+CPU checkpoint, the recorded run, reproduce's tolerance, gpucheck's refusal and machinery, and
+the CUDA graph check and fallback (through a capture function of the test's own)."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -210,3 +212,209 @@ def test_bench_times_a_model_that_fails_the_equivalence_check_only_when_asked():
         bench.run(**small, time_anyway=True)
     assert failed.value.result["ours_train_img_s"] > 0 and failed.value.result["ref_eval_img_s"] > 0
     assert not failed.value.result["equivalence"]["ok"]
+
+
+# CUDA graphs that check themselves and fall back (csnn.train.cuda_graph), on the CPU: the same check and
+# fallback run as on a GPU, with `capture` (the one seam) handing back these graphs instead of a CUDA one.
+def faithful(fn, static):
+    """A 'graph' whose replay is the step itself."""
+    return lambda: fn(*static)
+
+
+def replay_raises(fn, static):
+    def replay():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return replay
+
+
+def replay_reads_another_batch(fn, static):
+    """A replay that computes something else: the step on other images, as a graph reading a stale address would
+    (training: the next images of the 96; evaluation: the batch's images in negative)."""
+    first = static[0]
+    return lambda: fn((first + 1) % 96 if first.dim() == 1 else 255 - first, *static[1:])
+
+
+def capture_fails(fn, static):
+    raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+def capture_out_of_memory(fn, static):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def small_training(graphs, capture=None, optimizer="sgd"):
+    """A CPU make_trainer on 96 random images (6 batches: 3 warm-up, the capture, 2 more), one epoch;
+    returns its state after the epoch (weights, BatchNorm statistics, optimizer state, sums) and the status."""
+    from csnn.train import graph_state, make_optimizer, make_trainer
+
+    cfg = TrainConfig(T=2, channels=4, batch_size=16, optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 1e-2,
+                      device="cpu", compile=False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (96, 28, 28), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (96,), generator=gen)
+    torch.manual_seed(0)
+    net = CSNN(cfg.T, cfg.channels)
+    opt = make_optimizer(cfg, net.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    status = {}
+    train_epoch = make_trainer(net, opt, scaler, x, y, cfg.batch_size, None, graphs, None, status, capture)
+    loss, correct, n = train_epoch(torch.Generator().manual_seed(0))
+    assert n == 96
+    state = {k: v.clone() for k, v in graph_state(net, opt, {"loss": loss, "correct": correct})().items()}
+    return state, status
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_graph_that_fails_its_check_falls_back_to_the_eager_step(optimizer, capfd):
+    eager, status = small_training(False, optimizer=optimizer)
+    assert status == {} and len(eager) > 20  # weights, BatchNorm statistics, optimizer state, sums
+    checked, status = small_training("auto", faithful, optimizer)
+    assert status["used"] is True and "fallback" not in status and status["capture_s"]["training step"] > 0
+    for k in eager:
+        assert torch.equal(checked[k], eager[k]), k  # the check ran the batch once: eager, undone, replayed
+    assert "warning" not in capfd.readouterr().err
+    for capture, why in ((replay_raises, "replaying failed (RuntimeError: CUDA error: an illegal memory access"),
+                         (replay_reads_another_batch, "replayed step differs from the eager one in "),
+                         (capture_fails, "capturing failed (RuntimeError: CUDA error: operation not permitted")):
+        state, status = small_training("auto", capture, optimizer)
+        assert "used" not in status and len(status["fallback"]) == 1, status
+        assert status["fallback"][0].startswith(f"training step: {why}"), status
+        for k in eager:  # every batch trained once, eagerly: what the eager trainer computes, bit for bit
+            assert torch.equal(state[k], eager[k]), (capture.__name__, k)
+        err = capfd.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("csnn: warning: CUDA graphs off for the training step, which runs "
+                                                   f"eagerly: {why}"), err
+    # the other batch differs in the weights: the message says which tensor and by how much
+    _, status = small_training("auto", replay_reads_another_batch, optimizer)
+    assert "max |difference|" in status["fallback"][0] and "net.conv_fc" in status["fallback"][0]
+
+
+def test_cuda_graphs_true_raises_and_out_of_memory_passes_through():
+    for capture in (replay_raises, replay_reads_another_batch, capture_fails):
+        with pytest.raises(RuntimeError, match="CUDA graphs: training step: .*cuda_graphs: false or auto .*"
+                                               "CSNN_CUDA_GRAPHS=0"):
+            small_training(True, capture)
+    for mode in (True, "auto"):
+        with pytest.raises(torch.OutOfMemoryError):
+            small_training(mode, capture_out_of_memory)
+
+
+def test_an_evaluation_graph_that_fails_its_check_falls_back(capfd):
+    torch.manual_seed(0)
+    net = CSNN(T=2, channels=8)
+    x = torch.randint(0, 256, (100, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(100) % 10
+    plain = evaluate(net, x, y, 16)  # 6 full batches (2 warm-up, the capture, 3 more) and a tail of 4
+    graphs = {"mode": "auto", "capture": faithful}
+    assert evaluate(net, x, y, 16, graphs) == plain and graphs["status"]["used"] and "fallback" not in graphs["status"]
+    assert evaluate(net, x, y, 16, graphs) == plain  # a second split (or epoch) replays the same graph
+    for capture, why in ((replay_raises, "replaying failed"), (replay_reads_another_batch, "replayed step differs "
+                                                                "from the eager one in sums"),
+                         (capture_fails, "capturing failed")):
+        graphs = {"mode": "auto", "capture": capture}
+        assert evaluate(net, x, y, 16, graphs) == plain
+        assert graphs["status"]["fallback"][0].startswith(f"evaluation: {why}"), graphs["status"]
+        assert evaluate(net, x, y, 16, graphs) == plain  # and eagerly from then on
+        assert len(capfd.readouterr().err.splitlines()) == 1
+    with pytest.raises(RuntimeError, match="CUDA graphs: evaluation: replaying failed"):
+        evaluate(net, x, y, 16, {"mode": True, "capture": replay_raises})
+
+
+def test_cuda_graphs_off_for_a_whole_study_by_the_environment_and_recorded(monkeypatch):
+    from csnn.train import graphs_info, use_cuda_graphs
+
+    cuda = torch.device("cuda")  # use_cuda_graphs only reads the device's type: this runs on the CPU
+    assert use_cuda_graphs(TrainConfig(), cuda) == ("auto", "")
+    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), cuda) == (True, "")
+    assert use_cuda_graphs(TrainConfig(cuda_graphs=False), cuda) == (False, "")
+    for value in ("0", "off", "false"):
+        monkeypatch.setenv("CSNN_CUDA_GRAPHS", value)
+        for cfg in (TrainConfig(), TrainConfig(cuda_graphs=True)):
+            assert use_cuda_graphs(cfg, cuda) == (False, f"CSNN_CUDA_GRAPHS={value} in the environment")
+    assert use_cuda_graphs(TrainConfig(), torch.device("cpu")) == (False, "")  # on the CPU nothing to turn off
+    monkeypatch.setenv("CSNN_CUDA_GRAPHS", "1")
+    assert use_cuda_graphs(TrainConfig(), cuda) == ("auto", "")
+    # what fit records in every epoch's run info
+    assert graphs_info(False, {"fallback": ["CSNN_CUDA_GRAPHS=0 in the environment"]}) == {
+        "cuda_graphs_used": False, "cuda_graphs_fallback": "CSNN_CUDA_GRAPHS=0 in the environment"}
+    assert graphs_info("auto", {"used": True, "fallback": []}) == {"cuda_graphs_used": True, "cuda_graphs_fallback": ""}
+    assert graphs_info("auto", {"fallback": []})["cuda_graphs_used"] is False  # too few batches to capture
+    assert graphs_info("auto", {"used": True, "fallback": ["evaluation: capturing failed (x)"]})["cuda_graphs_used"] is False
+
+
+def test_the_profiler_observes_each_kind_of_step_once_per_process():
+    from csnn import model
+
+    seen, ran = [], []
+
+    def observe(fn, layers):  # in place of the profiler, which needs a GPU
+        seen.append(layers)
+        fn()
+        return {"kernels": 9, "implementations": ["spikingjelly-triton"]}
+
+    key = ("cuda:0", "torch.float16", ("spikingjelly",) * 4, "a test")
+    first = model.observe_if_kernels_once(key, lambda: ran.append(1), 4, observe)
+    again = model.observe_if_kernels_once(key, lambda: ran.append(2), 4, observe)  # a later trial of this worker
+    other = model.observe_if_kernels_once((*key[:2], ("cupy",) * 4, "a test"), lambda: ran.append(3), 4, observe)
+    assert first == again == other == {"kernels": 9, "implementations": ["spikingjelly-triton"]}
+    assert seen == [4, 4] and ran == [1, 2, 3]  # profiled twice (two kinds of step), every step run once
+
+
+def test_gpucheck_lists_each_gpu_test_and_allows_only_the_cupy_skip(tmp_path):
+    """CuPy is optional: its tests skip with CUPY_MISSING and the check passes; any other skip (the GPU path
+    unchecked) or failure fails it. Each test is listed by name with its outcome."""
+    from csnn import gpucheck
+
+    (tmp_path / "test_some.py").write_text(
+        "import pytest\n"
+        "def test_runs():\n    pass\n"
+        f"@pytest.mark.skipif(True, reason={gpucheck.CUPY_MISSING!r})\ndef test_needs_cupy():\n    pass\n")
+    out = gpucheck.check_tests(None, tmp_path / "test_some.py")
+    assert out["outcomes"] == {"test_runs": "PASSED", "test_needs_cupy": f"SKIPPED ({gpucheck.CUPY_MISSING})"}
+    (tmp_path / "test_other.py").write_text(
+        "import pytest\ndef test_runs():\n    pass\n"
+        "@pytest.mark.skipif(True, reason='needs a CUDA GPU')\ndef test_gpu():\n    pass\n")
+    result = {"failed": []}
+    gpucheck.run_check(result, "tests", gpucheck.check_tests, None, tmp_path / "test_other.py")
+    assert result["failed"] == ["tests"] and "test_gpu" in result["tests"]["error"]
+    assert result["tests"]["outcomes"]["test_gpu"] == "SKIPPED (needs a CUDA GPU)"  # its figures kept
+
+
+def test_gpucheck_records_every_warning_and_owes_no_figures_when_skipped(capfd):
+    import warnings
+
+    from csnn import gpucheck
+
+    def noisy():
+        warnings.warn("SpikingJelly's fused IF kernel did not run")
+        print("csnn: warning: CUDA graphs off for the training step, which runs eagerly: x", file=sys.stderr)
+        print("gpucheck: progress", file=sys.stderr)
+        return {"skipped": gpucheck.CUPY_MISSING}
+
+    result = {"failed": []}
+    gpucheck.run_check(result, "cupy", noisy)  # FIGURES names float16.spikes_equal: a skip owes none
+    assert result["failed"] == [] and result["cupy"]["skipped"] == gpucheck.CUPY_MISSING
+    assert result["warnings"] == ["cupy: csnn: warning: CUDA graphs off for the training step, which runs eagerly: x",
+                                  "cupy: UserWarning: SpikingJelly's fused IF kernel did not run"]
+    assert "csnn: warning: CUDA graphs off" in capfd.readouterr().err  # still shown
+
+
+def test_gpucheck_compares_graphed_and_eager_state_by_group():
+    from csnn.gpucheck import max_differences
+
+    a = {"net.conv_fc.0.weight": torch.zeros(3), "net.conv_fc.1.running_mean": torch.zeros(2),
+         "optimizer.0.momentum_buffer": torch.zeros(3), "scaler.scale": torch.tensor(65536.0), "loss_sum": torch.tensor(1.0)}
+    b = {**a, "net.conv_fc.0.weight": torch.tensor([0.0, -0.5, 0.25]), "loss_sum": torch.tensor(1.25)}
+    assert max_differences(b, a) == {"params": 0.5, "bn_stats": 0.0, "optimizer": 0.0, "scaler": 0.0, "loss_sum": 0.25}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy not installed (optional: pip install -e '.[cupy]')")
+def test_cupy_compiles_our_kernels_without_a_gpu():
+    """NVRTC needs no GPU: what a cupy study's validation checks (config.check_runnable)."""
+    from csnn import cupy_if
+    from csnn.config import check_runnable
+
+    assert cupy_if.compile_error() is None
+    check_runnable("cupy")
+    broken = cupy_if.compile_error(cupy_if._SOURCE.replace("h_seq[k] = h;", "h_seq[k] = h"))
+    assert "cannot compile our kernels" in broken and 'error: expected a ";"' in broken

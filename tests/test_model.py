@@ -15,7 +15,12 @@ def test_shapes_no_nan_every_parameter_gets_a_gradient():
     fr = net(x, rates)
     assert fr.shape == (6, 10) and not torch.isnan(fr).any()
     assert ((fr >= 0) & (fr <= 1)).all()
-    assert len(rates) == 4 and all(0 <= r.item() <= 1 for r in rates)
+    assert len(rates) == 4 and all(r.shape == (6,) and ((0 <= r) & (r <= 1)).all() for r in rates)  # per image
+    # each image's rate of a layer: its spikes over T steps and all the layer's neurons
+    functional.reset_net(net)
+    with torch.no_grad():
+        assert torch.equal(rates[3], net.conv_fc(x.unsqueeze(0).repeat(3, 1, 1, 1, 1)).mean((0, 2)))
+    functional.reset_net(net)
     F.mse_loss(fr, F.one_hot(torch.arange(6) % 10, 10).float()).backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -45,11 +45,12 @@ def test_training_lowers_the_loss_and_reports_every_metric(real_data):
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
                                "test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12",
                                "spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj",
-                               "run_device", "run_amp", "run_cuda_graphs", "neuron_impl", "deterministic", "torch_version",
-                               "spikingjelly_version", "cuda_version", "data_sha"}
+                               "run_device", "run_amp", "cuda_graphs_used", "cuda_graphs_fallback", "neuron_impl",
+                               "deterministic", "torch_version", "spikingjelly_version", "cuda_version", "data_sha"}
     assert set(history[0]) == set(METRICS) | set(RUN_INFO)
     assert history[0]["data_sha"] == real_data.fingerprint and len(real_data.fingerprint) == 16
-    assert history[0]["run_device"] == "cpu" and history[0]["run_amp"] is False and history[0]["run_cuda_graphs"] is False
+    assert history[0]["run_device"] == "cpu" and history[0]["run_amp"] is False and history[0]["cuda_graphs_used"] is False
+    assert history[0]["cuda_graphs_fallback"] == ""  # graphs are for CUDA: on the CPU nothing fell back
     assert history[0]["neuron_impl"] == "spikingjelly-cpu" and history[0]["torch_version"] == torch.__version__
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1
@@ -112,7 +113,7 @@ def test_cuda_graphs_are_for_cuda_and_the_optimizers_fused_only_there():
     from csnn.train import _lr_from, make_optimizer, use_cuda_graphs
 
     cpu = torch.device("cpu")
-    assert not use_cuda_graphs(TrainConfig(), cpu) and not use_cuda_graphs(TrainConfig(cuda_graphs=False), cpu)
+    assert use_cuda_graphs(TrainConfig(), cpu) == (False, "") == use_cuda_graphs(TrainConfig(cuda_graphs=False), cpu)
     with pytest.raises(RuntimeError, match="cuda_graphs: true needs a CUDA device, and this run trains on cpu"):
         use_cuda_graphs(TrainConfig(cuda_graphs=True), cpu)
     with pytest.raises(ValueError, match="TrainConfig.cuda_graphs: 'on' is not allowed; allowed: true, false, auto"):
@@ -120,8 +121,9 @@ def test_cuda_graphs_are_for_cuda_and_the_optimizers_fused_only_there():
     for name in ("sgd", "adam", "adamw"):  # the CPU keeps the plain (foreach) optimizers: its results stay as they were
         opt = make_optimizer(TrainConfig(optimizer=name), CSNN(2, 2).parameters())
         assert not opt.defaults.get("fused")
-        # while a CUDA step runs it reads its lr from a tensor (and says it is capturable to Adam); after, floats again
+        # while a CUDA step runs it reads its lr from a tensor (capturable to Adam only while a graph is captured:
+        # an eager step said capturable makes torch warn); after, floats again
         lr = torch.tensor(0.5)
         with _lr_from(opt, lr):
-            assert all(g["lr"] is lr and g.get("capturable", True) for g in opt.param_groups)
+            assert all(g["lr"] is lr and not g.get("capturable") for g in opt.param_groups)
         assert opt.param_groups[0]["lr"] == TrainConfig(optimizer=name).lr and not opt.param_groups[0].get("capturable")
