@@ -547,7 +547,11 @@ def _main(args) -> int:
             raise UsageError(f"--{'resume' if args.resume else 'retrain'}: {args.space} differs from the study stored in {study_dir / 'spec.yaml'}; "
                              "resume with the same file")
     if decision.action == "nothing" and not args.dry_run:
-        print(f"study {spec.name}: {study_dir} {decision.why}")
+        if results.load(study_dir).best is None:  # then --retrain, which the line advises, has nothing to train
+            print(f"study {spec.name}: {study_dir} holds {lifecycle.STATES[state]} in which no trial reported the "
+                  f"objective: nothing to resume or retrain; read it with python -m study.analyze {study_dir}")
+        else:
+            print(f"study {spec.name}: {study_dir} {decision.why}")
         return 0
 
     data = fmnist.load(args.data_dir, download=args.download)

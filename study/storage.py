@@ -33,6 +33,8 @@ class Location:
         where = str(where)
         if not where.strip():
             raise StorageError("--storage '': empty; name a folder (default: results) or a URI")
+        if where != where.strip():  # ' results' is a folder named with a space, never what was meant
+            raise StorageError(f"--storage {where!r}: starts or ends with white space; write it without")
         if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/(?!/)", where):  # file:/x, s3:/bucket: a URI missing a slash
             scheme, rest = where.split(":/", 1)
             raise StorageError(f"--storage {where}: a URI with one slash, which would be a local folder named "
@@ -43,6 +45,9 @@ class Location:
                                    "in the Optuna database's URL; rename it")
             p = Path(where).expanduser().resolve()
             return cls(pafs.LocalFileSystem(), p.as_posix(), str(p))
+        if where.split("://")[0].lower() == "mock":  # pyarrow's in-memory test filesystem: Ray cannot pickle it
+            raise StorageError(f"--storage {where}: mock:// is pyarrow's in-memory test filesystem, gone with the "
+                               "process; name a folder or a URI (s3://, gs://, hdfs://, abfs://, file://)")
         if where.startswith("file://") and "?" in where:  # pyarrow ignores a local URI's query: say so
             raise StorageError(f"--storage {where}: a file:// URI takes no options (?...); give the folder alone")
         try:

@@ -185,6 +185,20 @@ def other_images(c: Ctx, *extra) -> list:
     return argv
 
 
+def all_errored(c: Ctx, *extra) -> list:
+    """A finished study in which every trial errored: no best trial, no best.yaml, no best/."""
+    argv = finished_study(c, *extra)
+    d = c.tmp / "results" / "hand"
+    for name in ("trials.parquet", "trials.csv"):
+        t = pd.read_parquet(d / "trials.parquet")
+        results.write_table(d / name, t.assign(status="errored", val_acc=float("nan"), best_val_acc=float("nan"),
+                                               error="RuntimeError: boom"))
+    (d / "best.yaml").unlink()
+    shutil.rmtree(d / "best")
+    c.before = snapshot(d / "trials.csv")
+    return argv
+
+
 def damaged(mutate: Callable[[Path], None]) -> Callable[[Ctx], list]:
     def setup(c: Ctx) -> list:
         d = c.study()
@@ -389,6 +403,13 @@ ROWS = [
         "given twice; its trials would be told twice"),
     Row("27 --retrain on other images than the study's", "study.run", lambda c: other_images(c, "--retrain"), 2,
         "the study was trained on other images (data fingerprint 0123456789abcdef; ", unchanged),
+    Row("27 --storage ' results' (a leading space)", "study.run", lambda c: storage(c, f" {c.tmp}/r"), 2,
+        "starts or ends with white space; write it without"),
+    Row("27 --storage mock://x", "study.run", lambda c: storage(c, "mock://x"), 2,
+        "mock:// is pyarrow's in-memory test filesystem"),
+    Row("27 --resume of an all-errored study advises nothing that fails", "study.run",
+        lambda c: all_errored(c, "--resume"), 0, "no trial reported the objective: nothing to resume or retrain; "
+        "read it with python -m study.analyze", unchanged),
     Row("27 epochs: 10**20 (the estimate would build a list that long)", "study.run",
         lambda c: c.dry(c.space(train={"epochs": 10**20})), 2, "train.epochs: 100000000000000000000 is not allowed; "
         "must be <= 100,000"),
