@@ -167,8 +167,12 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
                              silent_rate=spec.scheduler["silent_rate"]),
         {"cpu": res["cpu"], "gpu": res["gpu"]})
     if resume:
-        return tune.Tuner.restore(ray_dir.path, trainable=trial_fn, resume_unfinished=True, resume_errored=False,
-                                  storage_filesystem=ray_dir.fs).fit()
+        SilentAwareOptunaSearch.resume_url = optuna_storage  # this folder's database, wherever it started
+        try:
+            return tune.Tuner.restore(ray_dir.path, trainable=trial_fn, resume_unfinished=True, resume_errored=False,
+                                      storage_filesystem=ray_dir.fs).fit()
+        finally:
+            SilentAwareOptunaSearch.resume_url = None
 
     storage = optuna.storages.RDBStorage(optuna_storage)
     sampler = make_sampler(spec.search["sampler"], spec.search["seed"])
@@ -420,8 +424,11 @@ def check_optuna_storage(url: str, name: str, resume: bool) -> None:
             raise bad(f"the folder {db.parent} does not exist")
         if db.is_dir() or (db.exists() and db.open("rb").read(16) != b"SQLite format 3\x00"):
             raise bad(f"{db} is not a SQLite database")
-        if not db.exists():
+        if not db.exists() and not resume:
             return  # a new file: nothing in it yet
+        if not db.exists():
+            raise bad(f"{db} does not exist; a study resumes with the database it started with (leave the flag out "
+                      "when that was its own optuna.db)")
     try:
         with engine.connect() as c:
             names = (c.execute(sqlalchemy.text("SELECT study_name FROM studies")).scalars().all()
@@ -430,6 +437,9 @@ def check_optuna_storage(url: str, name: str, resume: bool) -> None:
         raise bad(f"cannot open it ({str(e).splitlines()[0]})") from None
     finally:
         engine.dispose()
+    if name not in names and resume:
+        raise bad(f"holds no Optuna study named {name!r}; a study resumes with the database it started with (leave "
+                  "the flag out when that was its own optuna.db)")
     if name in names and not resume:
         raise bad(f"already holds an Optuna study named {name!r} (of another --storage?); give the study another "
                   "name, or another database")

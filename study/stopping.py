@@ -41,9 +41,44 @@ class SilentAwareOptunaSearch(OptunaSearch):
     Its values are told too (a silent network's accuracy is chance; its near-zero
     energy would make it look good on a cost objective, were it not infeasible)."""
 
+    # The Optuna storage a restored searcher connects to: set by study.run before Tuner.restore.
+    # The searcher is pickled without its storage (OptunaSearch's own state held the study's
+    # absolute optuna.db path), so a study folder that was moved or copied resumes into its own
+    # database, never the one at the path it started at.
+    resume_url: str | None = None
+
     def __init__(self, *args, silent_rate: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.silent_rate = silent_rate
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_storage"] = state["_ot_study"] = None
+        state["_storage_url"] = self._storage.url if self._storage is not None else state.get("_storage_url")
+        state["_ot_trials"] = {k: t._trial_id for k, t in self._ot_trials.items()}  # Optuna's ids, reconnected later
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        url = self.resume_url or state.get("_storage_url")  # a copy made while the study runs keeps its storage
+        if url is not None and self._ot_study is None:
+            import optuna
+
+            self._storage = optuna.storages.RDBStorage(url)
+            self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
+            self._ot_trials = {k: optuna.trial.Trial(self._ot_study, i) for k, i in self._ot_trials.items()}
+
+    def save(self, checkpoint_path: str):  # OptunaSearch's pickles its __dict__, storage included
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str):
+        import pickle
+
+        with open(checkpoint_path, "rb") as f:
+            self.__setstate__(pickle.load(f))
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         quiet = silent(result or {}, self.silent_rate)

@@ -410,6 +410,9 @@ ROWS = [
     Row("27 --resume of an all-errored study advises nothing that fails", "study.run",
         lambda c: all_errored(c, "--resume"), 0, "no trial reported the objective: nothing to resume or retrain; "
         "read it with python -m study.analyze", unchanged),
+    Row("27 --resume --optuna-storage of another database", "study.run",
+        lambda c: finished_study(c, "--retrain", "--optuna-storage", f"sqlite:///{c.tmp}/other.db"), 2,
+        "a study resumes with the database it started with", unchanged),
     Row("27 epochs: 10**20 (the estimate would build a list that long)", "study.run",
         lambda c: c.dry(c.space(train={"epochs": 10**20})), 2, "train.epochs: 100000000000000000000 is not allowed; "
         "must be <= 100,000"),
