@@ -75,6 +75,14 @@ def metric_mode(metric: str, spec: StudySpec) -> str | None:
 PLACEMENT = ("node_ip", "hostname", "gpu_ids")  # where a trial ran: Ray's node and the GPU ids it gave the trial
 
 
+def creation_number(trial, fallback: int) -> int:
+    """The trial's place in the order the search made the trials (1, 2, ...): the counter Ray's
+    search generator puts first in its experiment_tag ('3_channels=4,lr=0.01'), which a resume
+    keeps; Ray's own list of trials is reordered by a resume."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else fallback
+
+
 def trial_results(ray_dir: Location) -> list:
     """(trial, Result) of every trial Ray Tune recorded in its experiment folder,
     in creation order, read through Ray's own API (any storage pyarrow reads).
@@ -85,7 +93,8 @@ def trial_results(ray_dir: Location) -> list:
         analysis = tune.ExperimentAnalysis(ray_dir.path, storage_filesystem=ray_dir.fs)
     except ValueError:  # no experiment_state*.json yet
         return []
-    return list(zip(analysis.trials, tune.ResultGrid(analysis)))
+    pairs = list(zip(analysis.trials, tune.ResultGrid(analysis)))
+    return sorted(pairs, key=lambda p: creation_number(p[0], 0))  # stable: untagged trials keep Ray's order
 
 
 def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -94,6 +103,7 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
     it is 'unfinished')."""
     rows, hist = [], []
     for number, (trial, result) in enumerate(trial_results(ray_dir), 1):
+        number = creation_number(trial, number)
         trial_id = trial.trial_id
         try:  # a trial killed mid-write: skip it, the others still make a study
             h = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()

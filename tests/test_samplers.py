@@ -112,6 +112,11 @@ def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny
     # NSGA-II's generation is kept in the Optuna storage: the resumed trials continue the first population
     assert [t.system_attrs.get("NSGAIISampler:generation") for t in db.trials] == [0, 0, 0]
     assert (original / "optuna.db").read_bytes() == before
+    trials = pd.read_csv(d / "trials.csv")  # number is creation order, as Optuna numbered the trials, resume or not
+    assert sorted(trials["number"]) == [1, 2, 3]
+    for _, row in trials.iterrows():
+        asked = db.trials[row["number"] - 1].params
+        assert asked["channels"] == row["channels"] and asked["lr"] == pytest.approx(row["lr"])
 
 
 def test_environment_differences_are_one_line_each():
