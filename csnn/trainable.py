@@ -15,7 +15,7 @@ from ray import tune
 from csnn.config import TrainConfig, silent_layers, trial_fields
 from csnn.data import FashionMNIST
 from csnn.gpus import cuda_refusal, nvidia_driver
-from csnn.train import fit
+from csnn.train import fit, read_checkpoint
 
 
 def trial_device(requested: str, gpu_ids: list, cuda_available: bool, driver: str | None = None) -> str:
@@ -97,7 +97,8 @@ def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None, check
             resume = Path(checkpoint.to_directory(str(Path(work) / "restored"))) / "checkpoint_latest.pth"
         out = Path(work) / "ckpt"
 
-        quiet = set()  # the layers silent at the previous epoch
+        # the layers silent at the previous epoch: a restored trial's, from its checkpoint's epoch
+        quiet = set(silent_layers(read_checkpoint(resume).get("metrics") or {}, silent_rate)) if resume else set()
         n_train = cfg.train_size or len(data.train_y) - cfg.val_size
 
         def report(metrics: dict) -> None:

@@ -154,11 +154,11 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     """Run (or continue) the Ray Tune + Optuna search; return its ResultGrid."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from csnn.trainable import trainable
     from study.samplers import make_sampler
-    from study.stopping import MultiObjectiveASHA, SilentAwareOptunaSearch
+    from study.stopping import MultiObjectiveASHA, ResumableASHA, SilentAwareOptunaSearch, arrivals
 
     ray_dir = study / "ray"
     trial_fn = tune.with_resources(
@@ -168,11 +168,12 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
         {"cpu": res["cpu"], "gpu": res["gpu"]})
     if resume:
         SilentAwareOptunaSearch.resume_url = optuna_storage  # this folder's database, wherever it started
+        ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = arrivals(ray_dir)  # the rungs as they were
         try:
             return tune.Tuner.restore(ray_dir.path, trainable=trial_fn, resume_unfinished=True, resume_errored=False,
                                       storage_filesystem=ray_dir.fs).fit()
         finally:
-            SilentAwareOptunaSearch.resume_url = None
+            SilentAwareOptunaSearch.resume_url = ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = None
 
     storage = optuna.storages.RDBStorage(optuna_storage)
     sampler = make_sampler(spec.search["sampler"], spec.search["seed"])
@@ -202,7 +203,7 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
                  reduction_factor=spec.scheduler["reduction_factor"])
     scheduler = (FIFOScheduler() if spec.scheduler["type"] != "asha"
                  else MultiObjectiveASHA(metrics, modes, **rungs) if spec.multi
-                 else ASHAScheduler(time_attr="training_iteration", **rungs))
+                 else ResumableASHA(time_attr="training_iteration", **rungs))
     tuner = tune.Tuner(
         trial_fn,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from csnn.config import silent_layers
@@ -135,7 +135,52 @@ def keeps(recorded: list, new, reduction_factor: float) -> bool:
     return ranked.index(len(points) - 1) < math.ceil(len(points) / reduction_factor)
 
 
-class MultiObjectiveASHA(FIFOScheduler):
+class _Trial:
+    """What a rung needs of a Ray Trial: its id."""
+
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+class _Replayed:
+    """Ray Tune saves no scheduler state: a resumed study's rungs would start empty, and its
+    later trials would be stopped otherwise than in the study run straight through. study.run
+    sets `replay_from` (the results Ray recorded, in the order they arrived) before
+    Tuner.restore unpickles the scheduler, which then records them at its rungs again."""
+
+    replay_from: list | None = None  # [(trial_id, result)]
+    pending: list | tuple = ()  # what is still to be recorded (a fresh scheduler: nothing)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.pending = list(type(self).replay_from or [])
+        self.catch_up()
+
+    def catch_up(self) -> None:
+        """Record the pending results, once the scheduler knows its metric."""
+        if self.pending and self.ready():
+            for trial_id, result in self.pending:
+                self.replay(trial_id, result)
+            self.pending = []
+
+
+class ResumableASHA(_Replayed, ASHAScheduler):
+    """Ray's ASHA (one bracket, as study.run makes it), whose rungs survive a resume."""
+
+    def ready(self) -> bool:  # Tune tells it the metric after unpickling it
+        return bool(self._metric)
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        ok = super().set_search_properties(metric, mode, **spec)
+        self.catch_up()
+        return ok
+
+    def replay(self, trial_id: str, result: dict) -> None:
+        if self._time_attr in result and self._metric in result:
+            self._brackets[0].on_result(_Trial(trial_id), result[self._time_attr], self._metric_op * result[self._metric])
+
+
+class MultiObjectiveASHA(_Replayed, FIFOScheduler):
     """Ray Tune TrialScheduler: one ASHA bracket whose rungs rank by Pareto front."""
 
     def __init__(self, metrics: list[str], modes: list[str], max_t: int, grace_period: int = 1,
@@ -178,6 +223,28 @@ class MultiObjectiveASHA(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         return self.decide(trial.trial_id, result)
 
+    def ready(self) -> bool:  # its objectives are its own
+        return True
+
+    def replay(self, trial_id: str, result: dict) -> None:
+        self.decide(trial_id, result)
+
     def debug_string(self) -> str:
         return f"MultiObjectiveASHA on {', '.join(self.metrics)}: {self.num_stopped} stopped, rungs " + ", ".join(
             f"{m:g}: {len(r)}" for m, r in sorted(self.rungs.items()))
+
+
+def arrivals(ray_dir) -> list:
+    """Every result Ray recorded for the study's trials, as (trial_id, result) in the order they
+    arrived: by their timestamp (whole seconds), then the order the search made the trials."""
+    from study.results import creation_number, trial_results
+
+    events = []
+    for n, (trial, result) in enumerate(trial_results(ray_dir)):
+        h = result.metrics_dataframe
+        if h is None or not len(h):
+            continue
+        for row in h.to_dict("records"):
+            events.append((row.get("timestamp", 0), creation_number(trial, n), row.get("training_iteration", 0),
+                           trial.trial_id, row))
+    return [(trial_id, row) for *_, trial_id, row in sorted(events, key=lambda e: e[:3])]
