@@ -14,7 +14,7 @@ The model, in seconds:
              + the cost counting (COST_IMAGES images) + EPOCH_OVERHEAD_S (report, checkpoint)
   per trial  TRIAL_START_S + the expected epochs: with ASHA a trial passes each rung with
              probability 1 / reduction_factor
-  search     the trials' sum over the trials running at once (study.run.plan), the first start of each
+  search     the trials' sum over the trials running at once (study.plan.plan), the first start of each
              Ray worker, and the mean over the search space (SAMPLES configurations drawn from its
              distributions, the tutorial's first when search.baseline)
   retrain    the seeds at once, retrain.epochs on all training images and the whole test set, compiled on
@@ -35,6 +35,7 @@ import types
 import numpy as np
 
 from csnn.config import COMPILE_AUTO_IMAGES, TUTORIAL, TrainConfig
+from study.plan import asha_rungs, plan as resource_plan
 
 # docs/gpucheck-h200.json: one NVIDIA H200, T 4, 128 channels, batch 128, AMP; one full epoch of
 # training ("epoch"), evaluation (bench "auto"), 1/2/4/8 trainers at once ("concurrency").
@@ -227,9 +228,7 @@ def epoch_s(cfg: TrainConfig, device: str, cpu: dict | None, n_train: int, n_tes
 
 def epoch_fractions(spec, epochs: int) -> list[float]:
     """The expected share of trials that train each epoch: with ASHA, 1 / reduction_factor of them
-    pass each rung (study.run.asha_rungs) that lies before that epoch."""
-    from study.run import asha_rungs
-
+    pass each rung (study.plan.asha_rungs) that lies before that epoch."""
     rungs = [r for r in asha_rungs(spec) if r < spec.max_epochs]
     rf = spec.scheduler.get("reduction_factor", 1)
     return [(1 / rf) ** sum(r < e for r in rungs) for e in range(1, epochs + 1)]
@@ -265,7 +264,7 @@ def sample(spec, n: int = SAMPLES, seed: int = 0) -> list[TrainConfig]:
 def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: int = 60_000,
             n_test: int = 10_000, cpu: dict | None = None, note: str = "", do_retrain: bool = True) -> dict:
     """The study's predicted seconds per phase, GPU-hours and storage, on a cluster of `cpus` CPUs and
-    `gpus` GPUs with study.run.plan's resources `res`; `cpu`: calibrate()'s fit (needed when trials or
+    `gpus` GPUs with study.plan.plan's resources `res`; `cpu`: calibrate()'s fit (needed when trials or
     the retrain run on CPUs)."""
     n = spec.search["num_samples"]
     on_gpu = res["gpu"] > 0
@@ -354,11 +353,12 @@ def may_need_cpu(spec) -> bool:
     return spec.resources["gpus_per_trial"] == 0 or not torch.cuda.is_available()
 
 
-def here(spec, n_train: int, n_test: int, plan, allow_cpu: bool = False, allow_pending_gpus: bool = False) -> dict:
+def here(spec, n_train: int, n_test: int, plan=resource_plan, allow_cpu: bool = False,
+         allow_pending_gpus: bool = False) -> dict:
     """predict() for this machine as a one-node cluster (--dry-run starts no Ray): its CPUs
-    (os.cpu_count) and CUDA GPUs, with study.run.plan's resources (`plan`: passed in, so that its
-    PlanError is the caller's, also where study.run runs as __main__). A study that asks for GPUs on
-    a machine without any is estimated on its CPUs, saying that it would need --allow-cpu."""
+    (os.cpu_count) and CUDA GPUs, with study.plan.plan's resources (`plan`, which study.run still
+    passes; its PlanError when this machine could not run a trial). A study that asks for GPUs on a
+    machine without any is estimated on its CPUs, saying that it would need --allow-cpu."""
     import warnings
 
     import torch
