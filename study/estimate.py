@@ -8,9 +8,9 @@ The model, in seconds:
              host-bound step of the reference; on a CPU measured here at start (calibrate: a few training
              and evaluation batches at the CALIBRATION sizes, with the threads a trial gets), fitted as
              T x (a C + b C^2) and divided by COMPILE_SPEEDUP where the trial compiles its kernels
-  fixed      the *_S constants: seconds on the reference machine (the 2-core machine, idle), where
-             starting Python and importing torch took START_REF_S; scaled both ways by start_s(), the
-             same measured here at calibration (a faster or an idler machine: smaller)
+  fixed      the *_S constants: seconds on the 2-core machine where starting Python and importing torch
+             takes START_REF_S; scaled both ways by start_s(), that start measured here at calibration
+             (a faster or an idler machine: smaller); 1 without a calibration (a study on GPUs)
   busy CPU   busy(): a short Python loop against the idle 2-core machine; it says how much CPU trials
              crowd each other (crowding)
   per epoch  training images / training speed + (validation + test images) / evaluation speed
