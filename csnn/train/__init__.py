@@ -10,6 +10,7 @@ import contextlib
 import functools
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
