@@ -8,13 +8,16 @@ The model, in seconds:
              host-bound step of the reference; on a CPU measured here at start (calibrate: a few training
              and evaluation batches at the CALIBRATION sizes, with the threads a trial gets), fitted as
              T x (a C + b C^2) and divided by COMPILE_SPEEDUP where the trial compiles its kernels
-  busy CPU   busy(): a short Python loop against the idle 2-core machine; it scales the fixed costs
-             (the *_S constants, measured there) and how much CPU trials crowd each other (crowding)
+  fixed      the *_S constants: seconds on the 2-core machine where starting Python and importing torch
+             takes START_REF_S; scaled both ways by start_s(), that start measured here at calibration
+             (a faster or an idler machine: smaller); 1 without a calibration (a study on GPUs)
+  busy CPU   busy(): a short Python loop against the idle 2-core machine; it says how much CPU trials
+             crowd each other (crowding)
   per epoch  training images / training speed + (validation + test images) / evaluation speed
              + the cost counting (COST_IMAGES images) + EPOCH_OVERHEAD_S (report, checkpoint)
   per trial  TRIAL_START_S + the expected epochs: with ASHA a trial passes each rung with
              probability 1 / reduction_factor
-  search     the trials' sum over the trials running at once (study.run.plan), the first start of each
+  search     the trials' sum over the trials running at once (study.plan.plan), the first start of each
              Ray worker, and the mean over the search space (SAMPLES configurations drawn from its
              distributions, the tutorial's first when search.baseline)
   retrain    the seeds at once, retrain.epochs on all training images and the whole test set, compiled on
@@ -35,6 +38,7 @@ import types
 import numpy as np
 
 from csnn.config import COMPILE_AUTO_IMAGES, TUTORIAL, TrainConfig
+from study.plan import asha_rungs, plan as resource_plan
 
 # docs/gpucheck-h200.json: one NVIDIA H200, T 4, 128 channels, batch 128, AMP; one full epoch of
 # training ("epoch"), evaluation (bench "auto"), 1/2/4/8 trainers at once ("concurrency").
@@ -46,17 +50,23 @@ COMPILE_SPEEDUP = {"train": 2.6, "eval": 2.6}
 COMPILE_S = {"warm": 6.0, "cold": 40.0}  # torch.compile per process, with and without inductor's cache
 COUNT_PER_EVAL = 6.0  # the cost counting (reference formulas, float32) per image, in plain evaluations
 COST_IMAGES = 128  # csnn.train.COST_IMAGES: the images counted after every epoch
-STARTUP_S = 4.0  # python -m study.run's imports, loading Fashion-MNIST, the checks (barely slower on a busy CPU)
-RAY_START_S = 3.5  # ray.init of a local Ray on the 2-core machine, and the storage check
-CALIBRATE_S = 1.5  # calibrate() itself
+# The fixed costs below are seconds on the 2-core machine where starting Python and importing torch
+# (start_s) takes START_REF_S; predict() scales them by start_s() / START_REF_S, measured at
+# calibration, so that a faster or an idler machine gets smaller ones. Fitted on 2026-12-05 to tiny
+# studies (benchmarks/estimate_vs_actual.py) on that machine, shared then (start_s 2.3-3.9 s), and to
+# its earlier idle figures.
+START_REF_S = 1.8
+STARTUP_S = 2.4  # python -m study.run's imports, the checks
+LOAD_S = 1e-5  # loading (and fingerprinting) one image of Fashion-MNIST, in the startup
+RAY_START_S = 3.2  # ray.init of a local Ray on the 2-core machine, and the storage check
 WORKER_START_S = 3.0  # a new Ray worker: process start, imports of torch and SpikingJelly
 TRIAL_START_S = 0.3  # a trial on a reused worker: the data from the object store, split, network built
 EPOCH_OVERHEAD_S = 0.3  # tune.report, a checkpoint where one is due, Tune's bookkeeping
 TUNER_S = {"search": 2.0, "retrain": 1.5}  # a Tuner's start and end (Optuna's study, experiment state)
-EXPORT_S = 0.5  # trials.csv/.parquet, history.csv, best.yaml and the summary
+EXPORT_S = 0.15  # trials.csv/.parquet, history.csv, best.yaml and the summary
 RENDER_S = 0.2  # one test image's encoder spikes at one time step (three formats)
-# A pure-Python loop (what process starts and imports mostly are) on the idle 2-core machine: the
-# fixed costs above are scaled by how much slower it runs at calibration (a busier or slower CPU).
+# A pure-Python loop on the idle 2-core machine: how much slower it runs at calibration says how
+# much of the cores others take (crowding).
 BUSY_REF_S = 0.0047
 SAMPLES = 300  # configurations drawn from the space for its mean cost
 CALIBRATION = ((2, 8), (2, 24), (1, 64))  # (T, channels) timed on a CPU: small to larger networks, ~2 s in all
@@ -143,6 +153,19 @@ def _fit(points) -> list:
     return [float(a), float(b)]
 
 
+def start_s() -> float:
+    """Seconds to start a Python process that imports torch, here and now: what a Ray worker's start,
+    study.run's own start and much of Ray's are made of, and the unit the fixed costs scale by. One
+    process of a second or more: a moment's load or a slow clock averages out, which a short loop's
+    reading (busy) does not."""
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
 def busy(rounds: int = 5) -> float:
     """How much slower than on the idle 2-core machine (BUSY_REF_S) this CPU runs a short Python
     loop now, the median of a few rounds: 1 there when idle, 2 when another process takes half a core
@@ -210,9 +233,10 @@ def inductor_cache_warm() -> bool:
 
 # ------------------------------------------------------------ one trial, the space, the study
 
-def epoch_s(cfg: TrainConfig, device: str, cpu: dict | None, n_train: int, n_test: int, share: int = 1) -> float:
+def epoch_s(cfg: TrainConfig, device: str, cpu: dict | None, n_train: int, n_test: int, share: int = 1,
+            fixed: float = 1.0) -> float:
     """One epoch of cfg: training (the last partial batch dropped), validation and test evaluation,
-    the cost counting, the report."""
+    the cost counting, the report (`fixed`: fixed_scale())."""
     train_s, eval_s = per_image_s(cfg, device, cpu, share)
     images = cfg.train_size or n_train - cfg.val_size
     images -= images % cfg.batch_size if images >= cfg.batch_size else 0
@@ -222,14 +246,12 @@ def epoch_s(cfg: TrainConfig, device: str, cpu: dict | None, n_train: int, n_tes
     else:  # the counting runs the plain reference formulas, compiled or not
         plain = per_image_s(TrainConfig.from_dict({**cfg.to_dict(), "compile": False}), device, cpu)[1]
         count = COUNT_PER_EVAL * plain * min(COST_IMAGES, cfg.val_size or cfg.test_size or n_test)
-    return images * train_s + evaluated * eval_s + count + EPOCH_OVERHEAD_S
+    return images * train_s + evaluated * eval_s + count + fixed * EPOCH_OVERHEAD_S
 
 
 def epoch_fractions(spec, epochs: int) -> list[float]:
     """The expected share of trials that train each epoch: with ASHA, 1 / reduction_factor of them
-    pass each rung (study.run.asha_rungs) that lies before that epoch."""
-    from study.run import asha_rungs
-
+    pass each rung (study.plan.asha_rungs) that lies before that epoch."""
     rungs = [r for r in asha_rungs(spec) if r < spec.max_epochs]
     rf = spec.scheduler.get("reduction_factor", 1)
     return [(1 / rf) ** sum(r < e for r in rungs) for e in range(1, epochs + 1)]
@@ -265,7 +287,7 @@ def sample(spec, n: int = SAMPLES, seed: int = 0) -> list[TrainConfig]:
 def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: int = 60_000,
             n_test: int = 10_000, cpu: dict | None = None, note: str = "", do_retrain: bool = True) -> dict:
     """The study's predicted seconds per phase, GPU-hours and storage, on a cluster of `cpus` CPUs and
-    `gpus` GPUs with study.run.plan's resources `res`; `cpu`: calibrate()'s fit (needed when trials or
+    `gpus` GPUs with study.plan.plan's resources `res`; `cpu`: calibrate()'s fit (needed when trials or
     the retrain run on CPUs)."""
     n = spec.search["num_samples"]
     on_gpu = res["gpu"] > 0
@@ -275,19 +297,20 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
     share = max(1, math.ceil(running * res["gpu"] / max(gpus, 1) - 1e-9)) if on_gpu else 1
     # CPU trials slow each other once their threads (and others' work) outnumber the cores.
     f = cpu["busy"] if cpu else 1.0
+    fixed = fixed_scale(cpu)
     crowd = 1.0 if on_gpu else crowding(running * max(1, int(res["cpu"])), max(cpus, 1), f)
     configs = sample(spec)
     warm = inductor_cache_warm()
     fractions = epoch_fractions(spec, spec.max_epochs)
     trial_s, storage = [], []
     for cfg in configs:
-        e = epoch_s(cfg, device, cpu, n_train, n_test, share) * crowd
+        e = epoch_s(cfg, device, cpu, n_train, n_test, share, fixed) * crowd
         compile_s = COMPILE_S["warm" if warm else "cold"] if device == "cpu" and compiles(cfg, n_train) else 0
-        trial_s.append(f * (TRIAL_START_S + compile_s) + e * sum(fractions[: cfg.epochs]))
+        trial_s.append(fixed * (TRIAL_START_S + compile_s) + e * sum(fractions[: cfg.epochs]))
         storage.append(checkpoint_bytes(cfg.channels, cfg.optimizer))
     mean_trial = float(np.mean(trial_s))
     # Workers start `running` at once and share the cores while they import.
-    search_s = f * (TUNER_S["search"] + WORKER_START_S * (1 if on_gpu else max(1.0, running / max(cpus, 1)))) \
+    search_s = fixed * (TUNER_S["search"] + WORKER_START_S * (1 if on_gpu else max(1.0, running / max(cpus, 1)))) \
         + n * mean_trial / running
 
     seeds = spec.retrain["seeds"] if spec.retrain["epochs"] and do_retrain else []
@@ -306,15 +329,16 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
             r = TrainConfig.from_dict({**cfg.to_dict(), "epochs": spec.retrain["epochs"], "val_size": 0,
                                        "train_size": 0, "test_size": 0})
             compile_s = COMPILE_S["warm" if warm else "cold"] if r_device == "cpu" and compiles(r, n_train) else 0
-            per_config.append(f * compile_s + r.epochs * epoch_s(r, r_device, cpu, n_train, n_test, r_share) * r_crowd)
+            per_config.append(fixed * compile_s
+                              + r.epochs * epoch_s(r, r_device, cpu, n_train, n_test, r_share, fixed) * r_crowd)
             sizes.append(checkpoint_bytes(cfg.channels, cfg.optimizer))
-        retrain_s = f * (TUNER_S["retrain"] + WORKER_START_S + TRIAL_START_S) + waves * float(np.mean(per_config))
+        retrain_s = fixed * (TUNER_S["retrain"] + WORKER_START_S + TRIAL_START_S) + waves * float(np.mean(per_config))
         retrain_bytes = len(seeds) * float(np.mean(sizes))
         T = float(np.mean([c.T for c in configs]))
-        render_s = f * spec.render["images"] * T * RENDER_S
-    phases = {"startup": STARTUP_S, "ray_start": f * RAY_START_S + (CALIBRATE_S if cpu else 0), "search": search_s,
-              "export": f * EXPORT_S, "retrain": retrain_s,
-              "spikes": render_s}
+        render_s = fixed * spec.render["images"] * T * RENDER_S
+    phases = {"startup": fixed * (STARTUP_S + LOAD_S * (n_train + n_test)),
+              "ray_start": fixed * RAY_START_S + (cpu.get("calibrate_s", 0) if cpu else 0),
+              "search": search_s, "export": fixed * EXPORT_S, "retrain": retrain_s, "spikes": render_s}
     wall = sum(phases.values())
     gpu_s = (share_gpus(running, res["gpu"], gpus) * search_s
              + (min(len(seeds), int(gpus // res["retrain_gpu"]) or 1) * res["retrain_gpu"] * retrain_s
@@ -328,7 +352,8 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
         "nodes": nodes, "cpus": cpus, "gpus": gpus, "device": device,
         "speeds": "H200 figures (docs/gpucheck-h200.json) scaled by MACs" if on_gpu
                   else f"this CPU, calibrated with {cpu['threads'] if cpu else '?'} thread(s) a trial, "
-                       f"{f:.1f}x as busy as the idle 2-core machine",
+                       f"{f:.1f}x as busy as the idle 2-core machine; fixed costs {fixed:.2f}x the reference's "
+                       f"(python and torch start in {cpu['start_s'] if cpu else START_REF_S:.1f} s)",
         "cpu_fit": cpu,
         "note": note,
     }
@@ -340,11 +365,24 @@ def share_gpus(running: int, gpu: float, gpus: float) -> float:
 
 
 def cpu_speeds(spec) -> dict:
-    """calibrate() with the threads and batch size a trial of this study gets."""
+    """calibrate() with the threads and batch size a trial of this study gets, start_s() for the
+    fixed costs, and the seconds all that took (part of the study's ray_start phase)."""
     from study.spec import values
 
+    t0 = time.perf_counter()
     batch = int(np.median(values(spec, "batch_size")))
-    return calibrate(max(1, int(spec.resources["cpus_per_trial"])), batch)
+    fit = calibrate(max(1, int(spec.resources["cpus_per_trial"])), batch)
+    fit["start_s"] = round(start_s(), 3)
+    fit["calibrate_s"] = round(time.perf_counter() - t0, 2)
+    return fit
+
+
+def fixed_scale(cpu: dict | None) -> float:
+    """How much longer the fixed costs take here than on the reference machine: start_s() against
+    START_REF_S, within [0.25, 8]; 1 without a calibration (trials and retrain on GPUs)."""
+    if not cpu or not cpu.get("start_s"):
+        return 1.0
+    return min(8.0, max(0.25, cpu["start_s"] / START_REF_S))
 
 
 def may_need_cpu(spec) -> bool:
@@ -354,11 +392,12 @@ def may_need_cpu(spec) -> bool:
     return spec.resources["gpus_per_trial"] == 0 or not torch.cuda.is_available()
 
 
-def here(spec, n_train: int, n_test: int, plan, allow_cpu: bool = False, allow_pending_gpus: bool = False) -> dict:
+def here(spec, n_train: int, n_test: int, plan=resource_plan, allow_cpu: bool = False,
+         allow_pending_gpus: bool = False) -> dict:
     """predict() for this machine as a one-node cluster (--dry-run starts no Ray): its CPUs
-    (os.cpu_count) and CUDA GPUs, with study.run.plan's resources (`plan`: passed in, so that its
-    PlanError is the caller's, also where study.run runs as __main__). A study that asks for GPUs on
-    a machine without any is estimated on its CPUs, saying that it would need --allow-cpu."""
+    (os.cpu_count) and CUDA GPUs, with study.plan.plan's resources (`plan`, which study.run still
+    passes; its PlanError when this machine could not run a trial). A study that asks for GPUs on a
+    machine without any is estimated on its CPUs, saying that it would need --allow-cpu."""
     import warnings
 
     import torch

@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, env, study_cmd, tiny_spec, write_spec
 from csnn import data as fmnist
 from csnn.trainable import checkpoint_epochs, trial_device
-from study import analyze, results, run, spec as specs
+from study import analyze, plan as plans, results, run, spec as specs
 from study.storage import Location
 
 
@@ -33,36 +33,36 @@ def spans(folder: Location) -> list:
 def test_plan_spreads_trials_over_every_gpu():
     fmnist_spec = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
     # 8 GPUs, 64 CPUs: 4 trials on each GPU (fmnist.yaml: auto, trials_per_gpu 4, 2 CPUs a trial)
-    p = run.plan(fmnist_spec, gpus=8, cpus=64, node_gpus=8)
+    p = plans.plan(fmnist_spec, gpus=8, cpus=64, node_gpus=8)
     assert (p["gpu"], p["max_concurrent"], p["retrain_gpu"]) == (0.25, 32, 1.0)
     # fewer CPUs: fewer trials, but still spread over all 8 GPUs rather than packed on 4
-    p = run.plan(fmnist_spec, gpus=8, cpus=32, node_gpus=8)
+    p = plans.plan(fmnist_spec, gpus=8, cpus=32, node_gpus=8)
     assert (p["gpu"], p["max_concurrent"]) == (0.5, 16) and "on 8 of 8 GPUs" in p["summary"]
     spec = specs.parse(tiny_spec("p", search={"num_samples": 8, "max_concurrent": 4},
                                  resources={"gpus_per_trial": "auto"}))
-    assert run.plan(spec, gpus=4, cpus=8, node_gpus=4)["gpu"] == 1.0  # one trial per GPU
-    assert run.plan(spec, gpus=2, cpus=8, node_gpus=2)["gpu"] == 0.5  # two per GPU
-    assert run.plan(spec, gpus=3, cpus=8, node_gpus=3)["gpu"] == 0.5  # 2+2 (one GPU idle, said so)
-    assert "1 GPUs idle" in run.plan(spec, gpus=3, cpus=8, node_gpus=3)["summary"]
+    assert plans.plan(spec, gpus=4, cpus=8, node_gpus=4)["gpu"] == 1.0  # one trial per GPU
+    assert plans.plan(spec, gpus=2, cpus=8, node_gpus=2)["gpu"] == 0.5  # two per GPU
+    assert plans.plan(spec, gpus=3, cpus=8, node_gpus=3)["gpu"] == 0.5  # 2+2 (one GPU idle, said so)
+    assert "1 GPUs idle" in plans.plan(spec, gpus=3, cpus=8, node_gpus=3)["summary"]
     hungry = specs.parse(tiny_spec("p", resources={"cpus_per_trial": 100}))  # Ray would leave it pending for ever
-    with pytest.raises(run.PlanError, match="cpus_per_trial is 100 but no Ray node has more than 2 CPUs"):
-        run.plan(hungry, gpus=0, cpus=4, node_gpus=0, node_cpus=2)
+    with pytest.raises(plans.PlanError, match="cpus_per_trial is 100 but no Ray node has more than 2 CPUs"):
+        plans.plan(hungry, gpus=0, cpus=4, node_gpus=0, node_cpus=2)
     fixed = specs.parse(tiny_spec("p", resources={"gpus_per_trial": 2}))
-    with pytest.raises(run.PlanError, match="no Ray node has more than 1 GPUs"):
-        run.plan(fixed, gpus=4, cpus=8, node_gpus=1)
+    with pytest.raises(plans.PlanError, match="no Ray node has more than 1 GPUs"):
+        plans.plan(fixed, gpus=4, cpus=8, node_gpus=1)
 
 
 def test_gpu_study_without_gpus_is_refused_unless_allowed():
     spec = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
-    with pytest.raises(run.PlanError, match="quick.yaml.*--allow-cpu"):
-        run.plan(spec, gpus=0, cpus=16, node_gpus=0)
+    with pytest.raises(plans.PlanError, match="quick.yaml.*--allow-cpu"):
+        plans.plan(spec, gpus=0, cpus=16, node_gpus=0)
     with pytest.warns(UserWarning, match="runs on the CPU"):
-        p = run.plan(spec, gpus=0, cpus=16, node_gpus=0, allow_cpu=True)
+        p = plans.plan(spec, gpus=0, cpus=16, node_gpus=0, allow_cpu=True)
     assert p["gpu"] == 0 and p["max_concurrent"] == 8  # 16 CPUs, 2 a trial
-    with pytest.raises(run.PlanError, match="max_concurrent auto"):
-        run.plan(spec, gpus=0, cpus=16, node_gpus=0, allow_pending_gpus=True)
+    with pytest.raises(plans.PlanError, match="max_concurrent auto"):
+        plans.plan(spec, gpus=0, cpus=16, node_gpus=0, allow_pending_gpus=True)
     spec.search["max_concurrent"] = 8
-    p = run.plan(spec, gpus=0, cpus=16, node_gpus=0, allow_pending_gpus=True)
+    p = plans.plan(spec, gpus=0, cpus=16, node_gpus=0, allow_pending_gpus=True)
     assert p["gpu"] == 1.0 and p["max_concurrent"] == 8  # the requests stay: the autoscaler adds GPU nodes
 
 
@@ -141,7 +141,7 @@ def test_checkpoints_at_rungs_every_n_and_the_end():
     assert checkpoint_epochs(16, 4, (2, 6)) == {2, 4, 6, 8, 12, 16}
     assert checkpoint_epochs(5, 4) == {4, 5}
     spec = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
-    assert run.asha_rungs(spec) == (2, 6)  # grace 2, factor 3, 16 epochs
+    assert plans.asha_rungs(spec) == (2, 6)  # grace 2, factor 3, 16 epochs
 
 
 @pytest.mark.parametrize("gpus", [4, 2])

@@ -69,10 +69,12 @@ def test_a_real_study_against_its_estimate_and_its_output(tiny_study):
     assert set(est["phases_s"]) == set(act["phases_s"]) == {"startup", "ray_start", "search", "export", "retrain",
                                                              "spikes"}
     assert act["wall_s"] >= sum(act["phases_s"].values()) - 1
-    # Predicted against actual wall time within a factor of 2: the model is fitted on this 2-core machine
-    # idle, and a CI machine of 2 loaded cores (the suite, another developer's tests) may run slower or
-    # faster than that fit; a factor of 2 still catches a model that is off by a phase or an order.
-    assert 0.5 < act["wall_s"] / est["wall_s"] < 2, (est, act)
+    # Predicted against actual wall time within a factor of 3, not the model's goal of 25 % (measured by
+    # benchmarks/estimate_vs_actual.py): the fixed costs that dominate a study this small scale with one
+    # measured Python start, whose reading on a shared 2-core machine moved 1.7x between two runs minutes
+    # apart, so that a machine 2x faster or slower than the fit, or one that others load, still passes;
+    # a factor of 3 still catches a model that is off by an order, or a phase counted in the wrong unit.
+    assert 1 / 3 < act["wall_s"] / est["wall_s"] < 3, (est, act)
     assert act["phases_s"]["search"] > 0 and act["phases_s"]["retrain"] > act["phases_s"]["spikes"] > 0
 
     # the printed estimate is the one in estimate.yaml
@@ -118,11 +120,35 @@ def test_verbose_prints_rays_tables(tmp_path, tiny_data_dir):
     assert est["phases_s"]["retrain"] == 0  # no seeds: nothing predicted for it
 
 
+def test_the_fixed_costs_scale_both_ways_with_the_measured_python_start():
+    """A machine that starts Python and imports torch in half the reference's time gets half the
+    fixed costs (startup, Ray's start, export, spikes), one twice as slow twice them; the
+    calibration's own seconds are measured, not scaled; per-image work is left to the calibration."""
+    from study.plan import plan
+
+    spec = specs.parse(tiny_spec("scaled"))
+    res = plan(spec, gpus=0, cpus=2, node_gpus=0)
+    cpu = {"threads": 1, "busy": 1.0, "train": [2e-6, 1e-7], "eval": [5e-7, 2e-8],
+           "start_s": estimate.START_REF_S, "calibrate_s": 4.0}
+    at = {k: estimate.predict(spec, res, 2, 0, 1, 600, 200, {**cpu, "start_s": estimate.START_REF_S * k})
+          for k in (0.5, 1, 2)}
+    for phase in ("startup", "export", "spikes"):
+        assert at[0.5]["phases_s"][phase] == pytest.approx(at[1]["phases_s"][phase] / 2, abs=0.06), phase
+        assert at[2]["phases_s"][phase] == pytest.approx(at[1]["phases_s"][phase] * 2, abs=0.11), phase
+    ray = {k: e["phases_s"]["ray_start"] - 4.0 for k, e in at.items()}
+    assert ray[0.5] == pytest.approx(ray[1] / 2, abs=0.06) and ray[2] == pytest.approx(ray[1] * 2, abs=0.11)
+    assert at[0.5]["wall_s"] < at[1]["wall_s"] < at[2]["wall_s"]
+    assert at[1]["phases_s"]["startup"] == pytest.approx(estimate.STARTUP_S + 800 * estimate.LOAD_S, abs=0.06)
+    # no calibration (a GPU study): the reference's figures
+    assert estimate.fixed_scale(None) == 1 and estimate.fixed_scale({**cpu, "start_s": 100}) == 8
+
+
 def test_cpu_trials_crowd_each_other_and_a_busy_machine():
     assert estimate.crowding(2, 2, 1.0) == 1 and estimate.crowding(4, 2, 1.0) == 2  # idle: threads over cores
     # another process's core on a 2-core machine (busy 1.5): one trial has a core, two share what is left
     assert estimate.crowding(1, 2, 1.5) == pytest.approx(1) and estimate.crowding(2, 2, 1.5) == pytest.approx(1.5)
     assert 0.5 <= estimate.busy() <= 8
+    assert 0.05 < estimate.start_s() < 60  # a real Python process that imports torch
 
 
 def test_a_study_this_machine_cannot_run_is_still_valid_without_an_estimate(tmp_path, tiny_data_dir):

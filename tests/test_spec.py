@@ -151,7 +151,7 @@ def test_parsing_imports_neither_torch_nor_spikingjelly():
 
 def test_searched_epochs_set_the_retrain_and_ashas_horizon():
     from conftest import tiny_spec
-    from study import run
+    from study.plan import asha_rungs
 
     raw = tiny_spec("e", space={"epochs": {"type": "int", "low": 2, "high": 9}},
                     scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3})
@@ -159,6 +159,6 @@ def test_searched_epochs_set_the_retrain_and_ashas_horizon():
     raw["retrain"].pop("epochs")
     spec = specs.parse(raw)
     assert spec.max_epochs == 9 and spec.retrain["epochs"] == 9  # not TrainConfig's default 16
-    assert run.asha_rungs(spec) == (1, 3, 9)
+    assert asha_rungs(spec) == (1, 3, 9)
     raw["retrain"]["epochs"] = 4
     assert specs.parse(raw).retrain["epochs"] == 4  # given: kept

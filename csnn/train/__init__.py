@@ -2,7 +2,7 @@
 
 Everything that trains (the tutorial's command line in csnn.cli, the Ray
 trainable, the study's retrain and reproduce) calls `fit(config, data, ...)`.
-`python -m csnn.train` still runs the command line.
+`python -m csnn.train` still runs that command line: csnn/train/__main__.py.
 """
 from __future__ import annotations
 
@@ -591,9 +591,3 @@ def check_same_data(path, ckpt: dict, data: fmnist.FashionMNIST) -> None:
         raise CheckpointError(f"{path}: the run was trained on other images (data fingerprint {was}; "
                               f"{data.source} has {data.fingerprint}); resume it with the data it started on "
                               "(-data-dir), or start a new run")
-
-
-if __name__ == "__main__":  # the tutorial's command line, kept at its old name
-    from csnn.cli import main
-
-    sys.exit(main())
