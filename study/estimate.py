@@ -37,7 +37,7 @@ import types
 
 import numpy as np
 
-from csnn.config import COMPILE_AUTO_IMAGES, TUTORIAL, TrainConfig
+from csnn.config import COMPILE_AUTO_IMAGES, TrainConfig
 from study.plan import asha_rungs, plan as resource_plan
 
 # docs/gpucheck-h200.json: one NVIDIA H200, T 4, 128 channels, batch 128, AMP; one full epoch of

@@ -1,0 +1,217 @@
+"""The two Ray Tune runs of a study: the Optuna search, and the retrain of its best
+configuration per seed (study.run decides which runs; these run them)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from csnn import data as fmnist
+from csnn.config import METRICS, TrainConfig
+from csnn.train import load_model
+from study import results, spec as specs, warmstart
+from study.lifecycle import RETRAIN_PENDING
+from study.plan import asha_rungs
+from study.storage import Location, mount_type
+
+
+def optuna_url(spec: specs.StudySpec, study: Location, given: str | None) -> tuple[str, Path | None]:
+    """Optuna's storage URL and, for SQLite, its local file. SQLite's locking is
+    unreliable on NFS and impossible on an object store: unless --optuna-storage
+    names a database server, the file stays on the driver's local disk (in the
+    study folder when that is local, else under ~/.cache/csnn-study/), and a
+    copy goes to the study's storage when the search ends."""
+    if given:
+        return given, None
+    if study.local is not None and not on_network_fs(study.local):
+        db = study.local / "optuna.db"
+    else:
+        key = hashlib.sha1(study.shown.encode()).hexdigest()[:8]
+        db = Path.home() / ".cache" / "csnn-study" / "optuna" / f"{spec.name}-{key}.db"
+    return f"sqlite:///{db}", db
+
+
+def on_network_fs(path: Path) -> bool:
+    """Whether `path` lies on NFS, SMB or a FUSE mount."""
+    return mount_type(path).startswith(("nfs", "cifs", "smb", "fuse", "ceph", "glusterfs", "lustre", "9p"))
+
+
+def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, resume: bool, res: dict,
+           optuna_storage: str, warm: list = (), timing=None):
+    """Run (or continue) the Ray Tune + Optuna search; return its ResultGrid."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from csnn.trainable import trainable
+    from study.samplers import make_sampler
+    from study.stopping import MultiObjectiveASHA, ResumableASHA, SilentAwareOptunaSearch, arrivals
+
+    ray_dir = study / "ray"
+    trial_fn = tune.with_resources(
+        tune.with_parameters(trainable, data=data, fixed=spec.train,
+                             checkpoint_every=spec.resources["checkpoint_every"], rungs=asha_rungs(spec),
+                             silent_rate=spec.scheduler["silent_rate"]),
+        {"cpu": res["cpu"], "gpu": res["gpu"]})
+    if resume:
+        SilentAwareOptunaSearch.resume_url = optuna_storage  # this folder's database, wherever it started
+        ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = arrivals(ray_dir)  # the rungs as they were
+        try:
+            return tune.Tuner.restore(ray_dir.path, trainable=trial_fn, resume_unfinished=True, resume_errored=False,
+                                      storage_filesystem=ray_dir.fs).fit()
+        finally:
+            SilentAwareOptunaSearch.resume_url = ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = None
+
+    storage = optuna.storages.RDBStorage(optuna_storage)
+    sampler = make_sampler(spec.search["sampler"], spec.search["seed"])
+    # The Optuna study is made here and OptunaSearch loads it (same storage and name):
+    # so that optuna-dashboard names the objectives (not "Objective 0"), and so that
+    # the baseline can be enqueued (Ray ignores points_to_evaluate with a define-by-run space).
+    metrics = [o["metric"] for o in spec.objectives]
+    optuna_study = optuna.create_study(storage=storage, study_name=spec.name, sampler=sampler,
+                                       directions=["maximize" if o["mode"] == "max" else "minimize"
+                                                   for o in spec.objectives])
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what optuna-dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna_study.set_metric_names(metrics)
+    if warm:  # told and enqueued before the first trial; the record for the report
+        (study / "warm_start.yaml").write_text(yaml.safe_dump(warmstart.apply(optuna_study, warm), sort_keys=False))
+    if spec.search["baseline"]:
+        optuna_study.enqueue_trial(specs.baseline_params(spec))
+    # Several objectives: Optuna's multi-objective search on each trial's last
+    # report; Ray's own metric (progress table, ASHA when single) is the first.
+    modes = [o["mode"] for o in spec.objectives]
+    searcher = SilentAwareOptunaSearch(space=specs.define_by_run(spec), metric=metrics if spec.multi else metrics[0],
+                                       mode=modes if spec.multi else modes[0], sampler=sampler,
+                                       study_name=spec.name, storage=storage,
+                                       silent_rate=spec.scheduler["silent_rate"])
+    epochs = spec.max_epochs
+    rungs = dict(max_t=epochs, grace_period=min(spec.scheduler["grace_period"], epochs),
+                 reduction_factor=spec.scheduler["reduction_factor"])
+    scheduler = (FIFOScheduler() if spec.scheduler["type"] != "asha"
+                 else MultiObjectiveASHA(metrics, modes, **rungs) if spec.multi
+                 else ResumableASHA(time_attr="training_iteration", **rungs))
+    tuner = tune.Tuner(
+        trial_fn,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=spec.search["num_samples"],
+                                    max_concurrent_trials=res["max_concurrent"] or None,
+                                    # A trial's Ray worker goes on to the next trial (Ray's default: a new
+                                    # process per trial, ~4 s of start and imports, a fifth of a quick trial).
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(
+            name="ray", storage_path=study.path, storage_filesystem=study.fs,
+            failure_config=tune.FailureConfig(max_failures=1),  # one retry from the last checkpoint
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            **(timing.run_config(spec) if timing else {}),  # our progress lines; Ray's tables with --verbose
+        ),
+    )
+    return tuner.fit()
+
+
+
+
+def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study: Location, res: dict,
+            resume: bool, timing=None) -> dict:
+    """Retrain the best configuration from scratch per seed on train + validation
+    (all 60k training images) and test on the full test set: one Ray Tune trial
+    per seed, all at once, each with a trial's CPUs and a whole GPU (or the
+    study's gpus_per_trial), checkpointing into study/retrain/ (retrain-next/ for a --retrain). Then best/ is
+    assembled here from what they stored: metrics, checkpoints, placement, and
+    the encoder spikes rendered from seed 0's checkpoint on the CPU. --resume
+    continues an interrupted retrain (finished seeds are kept): RETRAIN_PENDING
+    marks one from its start until best/ is complete, and an earlier best/ stays
+    until then."""
+    from ray import tune
+
+    from csnn.trainable import trainable
+
+    # A --retrain of a study that has one trains into retrain-next/: the earlier retrain/
+    # and best/ stay until the new one is complete, then it takes retrain/'s place. The
+    # marker's first line names the folder, for --resume.
+    pending = study / RETRAIN_PENDING
+    if resume and pending.is_file() and pending.read_text().split("\n")[0] in ("retrain", "retrain-next"):
+        name = pending.read_text().split("\n")[0]
+    else:
+        name = "retrain-next" if (study / "retrain").exists() else "retrain"
+    pending.write_text(f"{name}\n# a retrain into {name}/ started {time.ctime()}; best/ is replaced when it ends\n")
+
+    fixed = {**best["config"], "epochs": spec.retrain["epochs"], "val_size": 0, "train_size": 0, "test_size": 0}
+    fixed.pop("seed")
+    seeds = spec.retrain["seeds"]
+    fn = tune.with_resources(tune.with_parameters(trainable, data=data, fixed=fixed,
+                                                  checkpoint_every=spec.resources["checkpoint_every"]),
+                             {"cpu": res["cpu"], "gpu": res["retrain_gpu"]})
+    where = study / name
+    about = timing.predicted("retrain") if timing else None
+    print(f"retraining the best configuration with seeds {seeds} at once ({fixed['epochs']} epochs, "
+          f"{len(data.train_y)} training images, {res['retrain_gpu']:g} GPU each)"
+          + (f", about {about / 60:.1f} min" if about else ""), flush=True)
+    quiet = timing.quiet() if timing else {}
+    if resume and tune.Tuner.can_restore(where.path, storage_filesystem=where.fs):
+        grid = tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
+                                  storage_filesystem=where.fs).fit()
+    else:
+        where.delete()
+        grid = tune.Tuner(fn, param_space={"seed": tune.grid_search(seeds)},
+                          tune_config=tune.TuneConfig(max_concurrent_trials=len(seeds)),
+                          run_config=tune.RunConfig(name=name, storage_path=study.path,
+                                                    storage_filesystem=study.fs,
+                                                    failure_config=tune.FailureConfig(max_failures=1),
+                                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                                    **quiet)).fit()
+    # A seed is done when it reported its last epoch: after Ctrl-C, Ray may
+    # list a seed that never started as terminated, without metrics.
+    failed = [f"{r.path}: {results.error_text(str(r.error))}" for r in grid if r.error]
+    unfinished = [r for r in grid if not r.error and r.metrics.get("epoch", -1) + 1 < fixed["epochs"]]
+    if failed or unfinished or len(grid) < len(seeds):
+        raise RuntimeError("the retrain did not finish (" + ("; ".join(failed) or "interrupted")
+                           + "); continue it with --resume")
+
+    with tempfile.TemporaryDirectory(prefix="csnn-best-") as tmp:
+        work = Path(tmp)
+        rows, placement = [], {}
+        for r in sorted(grid, key=lambda r: r.config["seed"]):
+            seed = r.config["seed"]
+            h = r.metrics_dataframe.drop_duplicates("epoch", keep="last").sort_values("epoch")
+            rows.append(h[[c for c in METRICS if c in h]].assign(seed=seed))
+            placement[seed] = {k: str(r.metrics.get(k, "")) for k in (*results.PLACEMENT, "run_device")}
+            r.checkpoint.to_directory(str(work / f"seed{seed}"))
+            cfg = TrainConfig.from_dict({**fixed, "seed": seed})
+            (work / f"seed{seed}" / "config.yaml").write_text(cfg.to_yaml())
+        table = pd.concat(rows, ignore_index=True)
+        table = table[["seed"] + [c for c in table.columns if c != "seed"]]
+        table.to_csv(work / "metrics.csv", index=False)
+        finals = table.groupby("seed")["test_acc"].last()
+        summary = {
+            "trial_id": best["trial_id"], "epochs": spec.retrain["epochs"], "seeds": seeds,
+            "test_acc": {int(s): float(a) for s, a in finals.items()},
+            "test_acc_mean": float(finals.mean()),
+            "test_acc_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+            "epoch_s_mean": float(table["epoch_s"].mean()),
+            "placement": placement,  # per seed: node_ip, hostname, gpu_ids, run_device
+        }
+        if spec.render["images"] > 0:
+            from csnn.spikes import render
+
+            net, _ = load_model(work / f"seed{seeds[0]}" / "checkpoint_latest.pth")
+            about = timing.predicted("spikes") if timing else None
+            print(f"rendering the encoder spikes of {spec.render['images']} test images at {net.T} time steps"
+                  + (f", about {about:.0f} s" if about else ""), flush=True)
+            with timing.phase("spikes") if timing else contextlib.nullcontext():
+                render(net, data.test_x[: spec.render["images"]], work / "spikes")
+        final = study / "best"
+        final.delete()
+        final.upload(work)  # summary.yaml last: best/ counts as complete only with it
+        (final / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+    if name == "retrain-next":
+        (study / "retrain").delete()
+        where.move_to(study / "retrain")
+    pending.delete()
+    return summary
