@@ -393,7 +393,7 @@ def may_need_cpu(spec) -> bool:
 
 
 def here(spec, n_train: int, n_test: int, plan=resource_plan, allow_cpu: bool = False,
-         allow_pending_gpus: bool = False) -> dict:
+         allow_pending_gpus: bool = False, do_retrain: bool = True) -> dict:
     """predict() for this machine as a one-node cluster (--dry-run starts no Ray): its CPUs
     (os.cpu_count) and CUDA GPUs, with study.plan.plan's resources (`plan`, which study.run still
     passes; its PlanError when this machine could not run a trial). A study that asks for GPUs on a
@@ -412,7 +412,7 @@ def here(spec, n_train: int, n_test: int, plan=resource_plan, allow_cpu: bool = 
         res = plan(spec, gpus, cpus, gpus, allow_cpu=allow_cpu, allow_pending_gpus=allow_pending_gpus,
                    node_cpus=cpus)
     cpu = cpu_speeds(spec) if res["gpu"] == 0 or res["retrain_gpu"] == 0 else None
-    return predict(spec, res, cpus, gpus, 1, n_train, n_test, cpu, note)
+    return predict(spec, res, cpus, gpus, 1, n_train, n_test, cpu, note, do_retrain=do_retrain)
 
 
 # ------------------------------------------------------------ words

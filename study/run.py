@@ -248,7 +248,7 @@ def _main(args) -> int:
               f"{lifecycle.ACTIONS[decision.action]})\n{yaml.safe_dump(spec.to_dict(), sort_keys=False)}", end="")
         try:
             print(estimate.line(estimate.here(spec, len(data.train_y), len(data.test_y), plan, args.allow_cpu,
-                                              args.allow_pending_gpus)), flush=True)
+                                              args.allow_pending_gpus, do_retrain=not args.no_retrain)), flush=True)
         except PlanError as e:  # this machine could not run it (too few CPUs a trial): the file is still valid
             print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from conftest import ROOT, tiny_spec, write_dataset
-from csnn import bench, cli
+from csnn import bench, cli, data as fmnist
 from csnn.atomic import write_atomic
 from csnn.config import TrainConfig, FIELD_TYPES
 from csnn.train import read_checkpoint
@@ -413,6 +413,8 @@ ROWS = [
     Row("27 --resume --optuna-storage of another database", "study.run",
         lambda c: finished_study(c, "--retrain", "--optuna-storage", f"sqlite:///{c.tmp}/other.db"), 2,
         "a study resumes with the database it started with", unchanged),
+    Row("27 --dry-run --no-retrain estimates no retrain", "study.run",
+        lambda c: c.dry(c.space(), "--no-retrain", data=fmnist.DEBIAN_DIR), 0, "retrain 0.0 min"),  # 0.4 without
     Row("27 epochs: 10**20 (the estimate would build a list that long)", "study.run",
         lambda c: c.dry(c.space(train={"epochs": 10**20})), 2, "train.epochs: 100000000000000000000 is not allowed; "
         "must be <= 100,000"),
