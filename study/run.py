@@ -170,9 +170,11 @@ def _main(args) -> int:
         spec.search["num_samples"] = args.num_samples
     try:
         storage = Location.parse(args.storage)
+        if storage.local is not None and storage.is_file():
+            raise UsageError(f"--storage {args.storage}: is a file; name a folder (or a URI) for the results")
+        storage.check_writable()  # before any other question to a remote storage: this one has a time limit
         if storage.is_file():
             raise UsageError(f"--storage {args.storage}: is a file; name a folder (or a URI) for the results")
-        storage.check_writable()
         study_dir = storage / spec.name
         if study_dir.is_file():
             raise UsageError(f"{study_dir}: is a file, not a study folder; remove it or choose another name or --storage")

@@ -20,6 +20,32 @@ class StorageError(ValueError):
     pass
 
 
+def bounded(fn, what: str):
+    """fn() in a thread of its own, waited for at most $CSNN_STORAGE_ANSWER_S (30 s): an object store
+    that cannot be reached (no network, no credentials) makes pyarrow retry for minutes, deaf to
+    Ctrl-C; from here a Ctrl-C meanwhile reaches this process."""
+    import threading
+
+    limit = float(os.environ.get("CSNN_STORAGE_ANSWER_S", 30))
+    out = {}
+
+    def call():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # re-raised here, in the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(limit)
+    if t.is_alive():
+        raise StorageError(f"{what}: no answer in {limit:g} s; is it reachable from this machine, with "
+                           "credentials (CSNN_STORAGE_ANSWER_S sets the wait)?")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 @dataclass(frozen=True)
 class Location:
     """A folder in a pyarrow filesystem. `shown` is how a person would write it."""
@@ -72,7 +98,8 @@ class Location:
                                    "name a folder of your own")
             return
         bucket = self.path.split("/", 1)[0]
-        if bucket and self.fs.get_file_info(bucket).type == pafs.FileType.NotFound \
+        info = bounded(lambda: self.fs.get_file_info(bucket), f"--storage {self.shown}") if bucket else None
+        if info is not None and info.type == pafs.FileType.NotFound \
                 and "allow_bucket_creation=true" not in self.shown.lower():
             raise StorageError(f"--storage {self.shown}: the bucket {bucket!r} does not exist; make it first, or add "
                                "allow_bucket_creation=true to the URI's options")

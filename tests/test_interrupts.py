@@ -33,3 +33,25 @@ def test_ctrl_c_is_one_line_and_130(command, tiny_study, tiny_data_dir, tmp_path
         assert p.returncode == 130 and "Traceback" not in p.stderr, (after_s, p.stderr[-3000:])
         lines = [line for line in p.stderr.splitlines() if "interrupted" in line]
         assert len(lines) == 1 and lines[0].startswith(f"{command}: interrupted"), p.stderr[-3000:]
+
+
+def test_an_unreachable_storage_answers_in_time_and_ctrl_c_reaches_it(tmp_path):
+    """gs:// with no network: pyarrow retried for minutes, deaf to Ctrl-C (140 s seen)."""
+    import yaml
+
+    from conftest import tiny_spec
+
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump(tiny_spec("s")))
+    argv = [sys.executable, "-m", "study.run", str(space), "--storage", "gs://missing-bucket/x", "--dry-run"]
+    t0 = time.time()
+    p = subprocess.run(argv, env={**env(), "CSNN_STORAGE_ANSWER_S": "3"}, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and "gs://missing-bucket/x: no answer in 3 s" in p.stderr, p.stderr[-2000:]
+    assert time.time() - t0 < 60
+    p = subprocess.Popen(argv, env={**env(), "CSNN_STORAGE_ANSWER_S": "600"}, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # past the imports, waiting for the storage
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err and err.count("interrupted") == 1, err[-2000:]
