@@ -14,7 +14,11 @@ firing rates (see check_equivalence).
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":
+    from csnn.argtypes import quiet_start
+
+    quiet_start("csnn.bench")
+import argparse  # noqa: E402
 import functools
 import json
 import os
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import functional
 
 from csnn import data as fmnist
-from csnn.argtypes import positive_int
+from csnn.argtypes import interruptible, positive_int
 from csnn.model import CSNN
 from csnn.config import SPIKING_LAYERS, TUTORIAL, TrainConfig
 from csnn.data import to_input
@@ -378,4 +382,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible(main, "csnn.bench", "no figures written"))

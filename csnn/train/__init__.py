@@ -16,7 +16,11 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import torch
+if sys.argv[:1] == ["-m"]:  # python -m csnn.train imports this package (torch: seconds) before its __main__
+    from csnn.argtypes import quiet_start
+
+    quiet_start("csnn.train")
+import torch  # noqa: E402
 import torch.nn.functional as F
 from spikingjelly.activation_based import functional
 
