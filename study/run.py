@@ -490,6 +490,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
     args = parse_args(argv)
     args.study_dir = None  # set by _main once known: what a Ctrl-C message advises depends on it
+    # A Ray its caller started (a notebook's, the tests') is the caller's to stop: left up.
+    ours = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     try:
         return _main(args)
     except (specs.SpecError, fmnist.DataError, results.StudyError, UsageError) as e:
@@ -499,7 +501,7 @@ def main(argv=None) -> int:
         print(f"interrupted; {next_step(args)}", file=sys.stderr)
         return 130
     finally:
-        if "ray" in sys.modules:  # here rather than at exit, where a second Ctrl-C would be a traceback
+        if ours and "ray" in sys.modules:  # here rather than at exit, where a second Ctrl-C would be a traceback
             try:
                 sys.modules["ray"].shutdown()
             except KeyboardInterrupt:
