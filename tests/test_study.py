@@ -8,6 +8,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import ray
 import yaml
 from PIL import Image
 
@@ -121,6 +122,7 @@ def test_errored_trial_is_recorded_and_others_finish(tmp_path, tiny_data_dir, lo
     space = write_spec(tmp_path, spec)
     p = run_study(capsys, space, tmp_path, tiny_data_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert ray.is_initialized()  # study.run's main left up the Ray that its caller (local_ray) started
     trials = pd.read_csv(tmp_path / "results" / "errors" / "trials.csv")
     bad = trials[trials["lr"] > 1]
     good = trials[trials["lr"] < 1]
