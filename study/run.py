@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     args.can_retrain = True
     args.lock = None  # the study folder's lock, once taken
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what the advice repeats
+    # A Ray its caller started (a notebook's, the tests') is the caller's to stop: left up.
+    ours = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     try:
         return _main(args)
     except (specs.SpecError, fmnist.DataError, results.StudyError, UsageError) as e:
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
         print(f"interrupted; {next_step(args)}", file=sys.stderr)
         return 130
     finally:
-        if "ray" in sys.modules:  # here rather than at exit, where a second Ctrl-C would be a traceback
+        if ours and "ray" in sys.modules:  # here rather than at exit, where a second Ctrl-C would be a traceback
             try:
                 sys.modules["ray"].shutdown()
             except KeyboardInterrupt:

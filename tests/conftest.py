@@ -98,6 +98,49 @@ def env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.fixture(scope="module")
+def _module_ray():
+    """Ends, with its module, the Ray that local_ray started: a test elsewhere may start its own."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_module_ray, monkeypatch):
+    """A local Ray in this process, started once for a module's in-process studies (main() of
+    study.run leaves up a Ray that its caller started): not ~5 s of Ray's start and stop a study."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "")  # as env() gives a subprocess
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+
+
+def in_process(capsys, main, *argv) -> subprocess.CompletedProcess:
+    """A command's main(argv) in this process (no interpreter start, no imports: seconds a
+    call), returned as subprocess.run would; its exit code, its stdout and stderr."""
+    argv = [str(a) for a in argv]
+    capsys.readouterr()
+    saved, sys.argv = sys.argv, [sys.modules[main.__module__].__file__, *argv]  # as python -m sets it
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    finally:
+        sys.argv = saved
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def run_study(capsys, space, tmp_path, data_dir, *extra) -> subprocess.CompletedProcess:
+    """study_cmd's command in this process: on the Ray of local_ray where the study starts one."""
+    from study import run
+
+    return in_process(capsys, run.main, *study_cmd(space, tmp_path, data_dir, *extra)[3:])
+
+
 @pytest.fixture(scope="session")
 def tiny_study(tiny_data_dir, tmp_path_factory):
     """A real 3-trial study (Ray Tune, Optuna, ASHA, retrain with 2 seeds, spikes)

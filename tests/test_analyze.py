@@ -9,13 +9,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, env, write_dataset
-from study import analyze, results
+from conftest import ROOT, env, in_process, write_dataset
+from study import analyze, reproduce, results
 
 
-def run(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env(), capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+@pytest.fixture
+def run(capsys):
+    """`python -m module *args`, in this process: its main(argv), seconds of imports saved a call."""
+    mains = {"study.analyze": analyze.main, "study.reproduce": reproduce.main}
+    return lambda module, *args: in_process(capsys, mains[module], *args)
 
 
 def test_load_gives_dataframes(tiny_study):
@@ -49,6 +51,11 @@ def test_load_reads_an_unfinished_study_from_ray_folders(tiny_study, tmp_path):
 
 
 def test_not_a_study_fails_clearly(tmp_path):
+    """As commands (python -m): exit 2 and one line, no traceback."""
+    def run(module, *args):
+        return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env(), capture_output=True,
+                              text=True, timeout=600, cwd=ROOT)
+
     with pytest.raises(results.StudyError, match="not a study folder \\(no spec.yaml\\)"):
         results.load(tmp_path)
     p = run("study.analyze", tmp_path)
@@ -57,7 +64,7 @@ def test_not_a_study_fails_clearly(tmp_path):
     assert p.returncode == 2 and "not a study folder" in p.stderr
 
 
-def test_analyze_writes_every_plot_and_the_report(tiny_study, tmp_path):
+def test_analyze_writes_every_plot_and_the_report(tiny_study, tmp_path, run):
     d = tmp_path / "e2e"
     shutil.copytree(tiny_study[0], d)
     p = run("study.analyze", d, "--top", 2)
@@ -80,7 +87,7 @@ def test_analyze_writes_every_plot_and_the_report(tiny_study, tmp_path):
         assert f"]({name})" in report
 
 
-def test_analyze_with_one_finished_and_errored_trials(tiny_study, tmp_path):
+def test_analyze_with_one_finished_and_errored_trials(tiny_study, tmp_path, run):
     d = tmp_path / "e2e"
     shutil.copytree(tiny_study[0], d)
     t = pd.read_csv(d / "trials.csv")
@@ -100,7 +107,7 @@ def test_analyze_with_one_finished_and_errored_trials(tiny_study, tmp_path):
     assert (d / "report" / "curves.png").is_file()
 
 
-def test_reproduce_matches_exactly_on_the_cpu_and_catches_a_doctored_record(tiny_study, tiny_data_dir, tmp_path):
+def test_reproduce_matches_exactly_on_the_cpu_and_catches_a_doctored_record(tiny_study, tiny_data_dir, tmp_path, run):
     d = tmp_path / "e2e"
     shutil.copytree(tiny_study[0], d)
     p = run("study.reproduce", d, "--data-dir", tiny_data_dir)

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -16,9 +17,24 @@ def run(*args, cwd):
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=600)
 
 
-def test_cli_trains_one_epoch_then_renders_encoder_spikes(tmp_path):
-    p = run("-T", "2", "-device", "cpu", "-b", "64", "-epochs", "1", "-opt", "sgd", "-lr", "0.1", "-channels", "12",
-            "-train-size", "640", "-test-size", "256", "-out-dir", str(tmp_path / "logs"), cwd=tmp_path)
+@pytest.fixture
+def run_here(capsys, monkeypatch):
+    """The same command line as run(), its main(argv) in this process: no interpreter start and imports a call
+    (test_cli_clear_errors and test_bad_inputs run it as a process)."""
+    from conftest import in_process
+    from csnn import cli
+
+    monkeypatch.delenv("CSNN_DATA", raising=False)
+
+    def call(*args, cwd):
+        monkeypatch.chdir(cwd)
+        return in_process(capsys, cli.main, *args)
+    return call
+
+
+def test_cli_trains_one_epoch_then_renders_encoder_spikes(tmp_path, run_here):
+    p = run_here("-T", "2", "-device", "cpu", "-b", "64", "-epochs", "1", "-opt", "sgd", "-lr", "0.1", "-channels",
+                 "12", "-train-size", "640", "-test-size", "256", "-out-dir", str(tmp_path / "logs"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     out = tmp_path / "logs" / "T2_b64_sgd_lr0.1_c12"
     assert "epoch = 0, train_loss =" in p.stdout and "test_acc =" in p.stdout
@@ -29,8 +45,8 @@ def test_cli_trains_one_epoch_then_renders_encoder_spikes(tmp_path):
     assert f"max_test_acc ={ckpt['max_test_acc']: .4f}" in p.stdout
     assert list(out.glob("events.out.tfevents.*")) and "-channels 12" in (out / "args.txt").read_text()
 
-    p = run("-device", "cpu", "-b", "3", "-resume", str(out / "checkpoint_latest.pth"),
-            "-save-es", str(tmp_path / "es"), cwd=tmp_path)
+    p = run_here("-device", "cpu", "-b", "3", "-resume", str(out / "checkpoint_latest.pth"),
+                 "-save-es", str(tmp_path / "es"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     vis = tmp_path / "es" / "visualization"
     assert sorted(d.name for d in vis.iterdir()) == ["0", "1", "2"]
@@ -44,8 +60,8 @@ def test_cli_trains_one_epoch_then_renders_encoder_spikes(tmp_path):
         assert (vis / str(i) / "s_1.pdf").read_bytes()[:4] == b"%PDF"
         assert b"<svg" in (vis / str(i) / "s_1.svg").read_bytes()[:1000]
 
-    p = run("-device", "cpu", "-b", "3", "-resume", str(out / "checkpoint_latest.pth"),
-            "-save-es", str(tmp_path / "es"), cwd=tmp_path)
+    p = run_here("-device", "cpu", "-b", "3", "-resume", str(out / "checkpoint_latest.pth"),
+                 "-save-es", str(tmp_path / "es"), cwd=tmp_path)
     assert p.returncode == 2 and "already exists and is not empty" in p.stderr
 
 
@@ -63,17 +79,17 @@ def test_grid_is_exact():
     assert grid(128) == (16, 8) and grid(16) == (2, 8) and grid(12) == (2, 6) and grid(5) == (1, 5)
 
 
-def test_cli_turns_cuda_graphs_off_and_a_run_resumes_either_way(tmp_path):
+def test_cli_turns_cuda_graphs_off_and_a_run_resumes_either_way(tmp_path, run_here):
     """-no-cuda-graphs is how the step runs, not what it computes: a run resumes with or without it."""
     args = ("-T", "2", "-device", "cpu", "-b", "64", "-epochs", "2", "-channels", "4", "-train-size", "320",
             "-test-size", "128", "-out-dir", str(tmp_path / "logs"))
-    p = run(*args, "-no-cuda-graphs", cwd=tmp_path)
+    p = run_here(*args, "-no-cuda-graphs", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     out = tmp_path / "logs" / "T2_b64_sgd_lr0.1_c4"
     ckpt = torch.load(out / "checkpoint_latest.pth", weights_only=False)
     assert ckpt["config"]["cuda_graphs"] is False and ckpt["metrics"]["cuda_graphs_used"] is False
     ckpt["epoch"] = 0  # as if stopped after its first epoch
     torch.save(ckpt, out / "checkpoint_latest.pth")
-    p = run(*args, "-resume", str(out / "checkpoint_latest.pth"), cwd=tmp_path)
+    p = run_here(*args, "-resume", str(out / "checkpoint_latest.pth"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "epoch = 1," in p.stdout and "epoch = 0," not in p.stdout

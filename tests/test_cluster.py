@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, env, study_cmd, tiny_spec, write_spec
+from conftest import ROOT, env, in_process, run_study, study_cmd, tiny_spec, write_spec
 from csnn import data as fmnist
 from csnn.trainable import checkpoint_epochs, trial_device
 from study import analyze, plan as plans, results, run, spec as specs
@@ -64,14 +64,6 @@ def test_gpu_study_without_gpus_is_refused_unless_allowed():
     spec.search["max_concurrent"] = 8
     p = plans.plan(spec, gpus=0, cpus=16, node_gpus=0, allow_pending_gpus=True)
     assert p["gpu"] == 1.0 and p["max_concurrent"] == 8  # the requests stay: the autoscaler adds GPU nodes
-
-
-def test_refused_on_a_real_gpu_less_ray(tmp_path, tiny_data_dir):
-    spec = tiny_spec("cpuonly", resources={"gpus_per_trial": "auto"})
-    p = subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir), env=env(),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "has no GPU" in p.stderr and "--allow-cpu" in p.stderr
-    assert not (tmp_path / "results" / "cpuonly" / "spec.yaml").exists()
 
 
 def test_trial_device_is_the_gpu_ray_assigned_or_the_cpu():
@@ -144,6 +136,7 @@ def test_checkpoints_at_rungs_every_n_and_the_end():
     assert plans.asha_rungs(spec) == (2, 6)  # grace 2, factor 3, 16 epochs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpus", [4, 2])
 def test_trials_spread_over_logical_gpus(gpus, tmp_path, tiny_data_dir):
     """4 trials at once: on 4 GPUs one each, on 2 GPUs two each; with 4 GPUs the
@@ -191,14 +184,16 @@ def s3(monkeypatch):
     server.stop()
 
 
-def test_a_bucket_that_does_not_exist_is_refused_before_anything_runs(s3, tmp_path, tiny_data_dir):
+def test_a_bucket_that_does_not_exist_is_refused_before_anything_runs(s3, tmp_path, tiny_data_dir, capsys,
+                                                                      monkeypatch):
     missing = s3.replace("s3://studies/", "s3://no-such-bucket/").replace("&allow_bucket_creation=true", "")
-    p = subprocess.run(study_cmd(write_spec(tmp_path, tiny_spec("nb")), tmp_path, tiny_data_dir)[:-4]
-                       + ["--storage", missing, "--data-dir", str(tiny_data_dir), "--dry-run"],
-                       env=env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    p = in_process(capsys, run.main, write_spec(tmp_path, tiny_spec("nb")), "--storage", missing, "--data-dir",
+                   tiny_data_dir, "--dry-run")
     assert p.returncode == 2 and "the bucket 'no-such-bucket' does not exist" in p.stderr, p.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_study_on_s3_end_to_end(s3, tmp_path, tiny_data_dir):
     spec = tiny_spec("s3", retrain={"epochs": 1, "seeds": [0]})
     p = subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir)[:-4]
@@ -246,6 +241,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 120) ->
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_readme_cluster_recipe_from_empty_homes(tmp_path, tiny_data_dir):
     """The guide's cluster lines (docs/gpu-and-clusters.md) as written, on a head, a worker and a driver whose
     HOMEs start empty (no token from an earlier Ray): the head makes the token and
@@ -311,10 +307,12 @@ def test_readme_cluster_recipe_from_empty_homes(tmp_path, tiny_data_dir):
                 p.wait(timeout=20)
 
 
-def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_dir):
+@pytest.mark.slow
+def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_dir, local_ray, capsys):
     """Ctrl-C after the first retrain seed finished (the seeds take all the CPUs,
     so they run one after the other here): --resume keeps that seed and trains
-    only the other, then assembles best/."""
+    only the other, then assembles best/. The interrupted runs are processes (a real
+    Ctrl-C); the --resume runs are study.run's main here, on this process's Ray."""
     cpus = os.cpu_count()
     spec = tiny_spec("reretrain", train={"epochs": 1}, search={"num_samples": 1, "max_concurrent": 1},
                      resources={"cpus_per_trial": cpus}, retrain={"epochs": 3, "seeds": [0, 1]},
@@ -334,8 +332,7 @@ def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_
     assert proc.returncode == 1 and "continue it with --resume" in out, out[-3000:]
     assert not (tmp_path / "results" / "reretrain" / "best" / "summary.yaml").exists()
 
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--resume"), env=env(), capture_output=True,
-                       text=True, timeout=600)
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--resume")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert done[0].read_text() == before  # the finished seed was not trained again
     summary = results.load(tmp_path / "results" / "reretrain").retrain_summary
@@ -355,10 +352,16 @@ def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "continue it with --resume" in out, out[-3000:]
     assert {p: (d / p).read_bytes() for p in old} == old  # nothing of the earlier retrain lost
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--resume"), env=env(), capture_output=True,
-                       text=True, timeout=600)
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--resume")
     assert p.returncode == 0 and "retrained best" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
     assert not (d / "retrain-next").exists() and not (d / "retrain.pending").exists()
     assert (d / "best" / "summary.yaml").read_bytes() != old[Path("best/summary.yaml")]
     assert len(list(d.glob("retrain/*/result.json"))) == 2 and not any(
         (d / p).exists() and (d / p).read_bytes() == b for p, b in old.items() if p.parts[0] == "retrain")
+
+
+def test_refused_on_a_real_gpu_less_ray(tmp_path, tiny_data_dir, local_ray, capsys):
+    spec = tiny_spec("cpuonly", resources={"gpus_per_trial": "auto"})
+    p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)
+    assert p.returncode == 2 and "has no GPU" in p.stderr and "--allow-cpu" in p.stderr
+    assert not (tmp_path / "results" / "cpuonly" / "spec.yaml").exists()

@@ -1,7 +1,4 @@
 """The cost metrics against a hand count, and a tiny real multi-objective study."""
-import subprocess
-import sys
-
 import numpy as np
 import optuna
 import pandas as pd
@@ -10,7 +7,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, env, study_cmd, tiny_spec, write_spec
+from conftest import in_process, run_study, tiny_spec, write_spec
 from csnn import efficiency
 from csnn.model import CSNN
 
@@ -62,7 +59,7 @@ def test_counting_leaves_the_model_as_it_was():
     assert isinstance(net.conv_fc[2].v, float)  # reset
 
 
-def test_tiny_multi_objective_study(tmp_path, tiny_data_dir):
+def test_tiny_multi_objective_study(tmp_path, tiny_data_dir, local_ray, capsys):
     spec = tiny_spec("pareto",
                      objective=[{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "min"}],
                      train={"epochs": 1},
@@ -73,7 +70,7 @@ def test_tiny_multi_objective_study(tmp_path, tiny_data_dir):
                      retrain={"seeds": [0], "pick": "knee"}, render={"images": 1})
     spec["train"].pop("T")
     space = write_spec(tmp_path, spec)
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True, timeout=600)
+    p = run_study(capsys, space, tmp_path, tiny_data_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Pareto front of max val_acc, min energy_uj" in p.stdout
     d = tmp_path / "results" / "pareto"
@@ -95,8 +92,9 @@ def test_tiny_multi_objective_study(tmp_path, tiny_data_dir):
     stored = optuna.load_study(study_name="pareto", storage=f"sqlite:///{d / 'optuna.db'}")
     assert stored.metric_names == ["val_acc", "energy_uj"]  # optuna-dashboard's labels for the two objectives
 
-    a = subprocess.run([sys.executable, "-m", "study.analyze", str(d)], env=env(), capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
+    from study import analyze
+
+    a = in_process(capsys, analyze.main, d)
     assert a.returncode == 0, a.stderr[-3000:]
     img = np.asarray(Image.open(d / "report" / "pareto.png").convert("L"))
     assert img.shape[1] >= 1000 and img.std() > 5

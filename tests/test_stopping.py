@@ -1,7 +1,6 @@
 """Early stopping for spiking networks and several objectives (study.stopping), on
 hand-made trial results, and in real Ray Tune studies on tiny real data."""
 import math
-import subprocess
 
 import numpy as np
 import optuna
@@ -10,7 +9,7 @@ import pytest
 import yaml
 from ray.tune.schedulers import TrialScheduler
 
-from conftest import env, study_cmd, tiny_spec, write_spec
+from conftest import run_study, tiny_spec, write_spec
 from study import analyze, results
 from study.stopping import MultiObjectiveASHA, crowding, fronts, keeps
 
@@ -78,14 +77,15 @@ SILENT = {  # measured: on these 600 images SGD lr 1000 leaves a layer of 4 chan
 }
 
 
-def test_silent_networks_stop_after_two_silent_epochs_and_are_told_as_infeasible(tmp_path, tiny_data_dir):
+@pytest.mark.slow
+def test_silent_networks_stop_after_two_silent_epochs_and_are_told_as_infeasible(tmp_path, tiny_data_dir, local_ray,
+                                                                                  capsys):
     # 500 training images an epoch: the silent stop may act from epoch 10 (SILENT_MIN_IMAGES 5,000)
     spec = tiny_spec("silent", train={"epochs": 12, "T": 2}, space=SILENT,
                      search={"sampler": "random", "seed": 0, "num_samples": 4, "max_concurrent": 2},  # sgd, adam, sgd, sgd
                      retrain={"seeds": []})
     del spec["train"]["optimizer"]  # searched
-    p = subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir), env=env(),
-                       capture_output=True, text=True, timeout=600)
+    p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     d = tmp_path / "results" / "silent"
     trials = pd.read_csv(d / "trials.csv")
@@ -114,8 +114,7 @@ def test_silent_networks_stop_after_two_silent_epochs_and_are_told_as_infeasible
     off = tiny_spec("loud", train={"epochs": 3, "T": 2, "optimizer": "sgd"}, search={"num_samples": 1},
                     scheduler={"silent_rate": 0}, retrain={"seeds": []})
     off["space"] = {"channels": SILENT["channels"], "lr": SILENT["lr"]["cases"]["sgd"]}
-    p = subprocess.run(study_cmd(write_spec(tmp_path, off), tmp_path, tiny_data_dir), env=env(),
-                       capture_output=True, text=True, timeout=600)
+    p = run_study(capsys, write_spec(tmp_path, off), tmp_path, tiny_data_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     loud = pd.read_csv(tmp_path / "results" / "loud" / "trials.csv")
     assert loud["status"].tolist() == ["finished"] and loud["epochs_run"].tolist() == [3]
@@ -123,15 +122,14 @@ def test_silent_networks_stop_after_two_silent_epochs_and_are_told_as_infeasible
     assert (h.filter(like="fr_").min(axis=1) == 0).all()  # silent all along, and not stopped
 
 
-def test_multi_objective_asha_in_a_real_study_stops_what_the_fronts_say(tmp_path, tiny_data_dir):
+def test_multi_objective_asha_in_a_real_study_stops_what_the_fronts_say(tmp_path, tiny_data_dir, local_ray, capsys):
     """One trial at a time, so trials reach each rung in their order: replaying the
     rung decisions from history.csv with keeps() gives exactly the trials Ray stopped."""
     spec = tiny_spec("moasha", objective=[{"metric": "val_acc", "mode": "max"},
                                           {"metric": "spikes_per_image", "mode": "min"}],
                      train={"epochs": 4}, search={"sampler": "random", "num_samples": 6, "max_concurrent": 1},
                      scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}, retrain={"seeds": []})
-    p = subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir), env=env(),
-                       capture_output=True, text=True, timeout=600)
+    p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     d = tmp_path / "results" / "moasha"
     trials = pd.read_csv(d / "trials.csv").sort_values("number")

@@ -8,14 +8,14 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import ray
 import yaml
 from PIL import Image
 
-from conftest import env, study_cmd, tiny_spec, write_spec
+from conftest import env, run_study, study_cmd, tiny_spec, write_spec
 
 
-
-def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir):
+def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir, capsys):
     d, p = tiny_study
     tmp_path = d.parent.parent
     space = tmp_path / "e2e.yaml"
@@ -68,11 +68,12 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir):
     assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert study.metric_names == ["val_acc"]  # optuna-dashboard's label for the objective
 
-    again = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True)
+    again = run_study(capsys, space, tmp_path, tiny_data_dir)  # refused before Ray would start
     assert again.returncode == 2 and "holds an ended study" in again.stderr and "study.analyze" in again.stderr
 
 
-def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_dir):
+@pytest.mark.slow
+def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_dir, local_ray, capsys):
     # 4 epochs a trial (about 2 s with Ray's worker reused): Ctrl-C lands while the second trial runs
     spec = tiny_spec("resume", train={"epochs": 4}, search={"num_samples": 4, "max_concurrent": 1},
                      retrain={"seeds": []})
@@ -99,8 +100,7 @@ def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_di
     assert "continue it with --resume" in out
     assert not (tmp_path / "results" / "resume" / "trials.csv").exists()  # nothing that looks finished
 
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--resume"), env=env(), capture_output=True,
-                       text=True, timeout=600)
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--resume")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     d = tmp_path / "results" / "resume"
     trials = pd.read_csv(d / "trials.csv")
@@ -114,14 +114,15 @@ def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_di
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4
 
 
-def test_errored_trial_is_recorded_and_others_finish(tmp_path, tiny_data_dir):
+def test_errored_trial_is_recorded_and_others_finish(tmp_path, tiny_data_dir, local_ray, capsys):
     # lr 1e38 overflows Adam's step: a real exception inside the trial.
     spec = tiny_spec("errors", space={"lr": {"type": "categorical", "choices": [0.01, 1e38]}},
                      search={"sampler": "random", "seed": 0, "num_samples": 4, "max_concurrent": 2},
                      retrain={"seeds": []})
     space = write_spec(tmp_path, spec)
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True, timeout=600)
+    p = run_study(capsys, space, tmp_path, tiny_data_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert ray.is_initialized()  # study.run's main left up the Ray that its caller (local_ray) started
     trials = pd.read_csv(tmp_path / "results" / "errors" / "trials.csv")
     bad = trials[trials["lr"] > 1]
     good = trials[trials["lr"] < 1]
@@ -133,30 +134,28 @@ def test_errored_trial_is_recorded_and_others_finish(tmp_path, tiny_data_dir):
     assert best["config"]["lr"] == 0.01
 
 
-def test_a_start_that_stopped_before_the_first_trial_is_started_afresh(tmp_path, tiny_data_dir):
+def test_a_start_that_stopped_before_the_first_trial_is_started_afresh(tmp_path, tiny_data_dir, local_ray, capsys):
     """A bad --optuna-storage used to fail after spec.yaml was written, and a Ctrl-C
     in that moment left spec.yaml and optuna.db: the folder was then refused both
     without --resume and with it. Now the URL is checked first, and such a folder starts afresh."""
     import optuna
 
     space = write_spec(tmp_path, tiny_spec("stuck", search={"num_samples": 2}, retrain={"seeds": []}))
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--optuna-storage", "sqlite:////nonexistent/o.db"),
-                       env=env(), capture_output=True, text=True, timeout=300)
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--optuna-storage", "sqlite:////nonexistent/o.db")
     assert p.returncode == 2 and "the folder /nonexistent does not exist" in p.stderr, p.stderr[-3000:]
     d = tmp_path / "results" / "stuck"
     assert not d.exists()  # checked before anything was written
     d.mkdir(parents=True)  # what a Ctrl-C right after the Optuna study was made left
     (d / "spec.yaml").write_text("name: stuck\n")
     optuna.create_study(study_name="stuck", storage=f"sqlite:///{d / 'optuna.db'}")
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True,
-                       timeout=300)
+    p = run_study(capsys, space, tmp_path, tiny_data_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "starting the study afresh" in p.stdout
     assert len(pd.read_csv(d / "trials.csv")) == 2
 
 
 @pytest.mark.parametrize("phase", ["imports", "first line"])
-def test_ctrl_c_early_prints_one_line_and_its_advice_works(phase, tmp_path, tiny_data_dir):
+def test_ctrl_c_early_prints_one_line_and_its_advice_works(phase, tmp_path, tiny_data_dir, local_ray, capsys):
     """Ctrl-C while study.run imports, and right after its first line (Ray started, the
     search about to begin): exit 130, one line and no traceback; the command it advises
     then runs the study to its end."""
@@ -173,7 +172,6 @@ def test_ctrl_c_early_prints_one_line_and_its_advice_works(phase, tmp_path, tiny
     advice = [line for line in err.splitlines() if "interrupted" in line]
     assert len(advice) == 1, err[-3000:]
     resume = ["--resume"] if "--resume" in advice[0] else []
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, *resume), env=env(), capture_output=True, text=True,
-                       timeout=300)
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, *resume)
     assert p.returncode == 0, advice[0] + "\n" + p.stdout[-3000:] + p.stderr[-3000:]
     assert len(pd.read_csv(tmp_path / "results" / "early" / "trials.csv")) == 2

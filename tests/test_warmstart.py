@@ -1,23 +1,20 @@
 """--warm-start: a real tiny study, then studies that start from it."""
-import subprocess
-
 import optuna
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import env, study_cmd, tiny_spec, write_dataset, write_spec
+from conftest import run_study, tiny_spec, write_dataset, write_spec
 from study import analyze, results
 
 
 def test_a_warm_started_study_runs_the_earlier_best_first_and_its_sampler_saw_the_earlier_trials(
-        tiny_study, tiny_data_dir, tmp_path):
+        tiny_study, tiny_data_dir, tmp_path, local_ray, capsys):
     e2e, _ = tiny_study
     first = pd.read_csv(e2e / "trials.csv")
     best = yaml.safe_load((e2e / "best.yaml").read_text())
     space = write_spec(tmp_path, tiny_spec("warm", search={"num_samples": 2, "max_concurrent": 1}, retrain={"seeds": []}))
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--warm-start", str(e2e)), env=env(),
-                       capture_output=True, text=True, timeout=600)
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--warm-start", e2e)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"warm start from {e2e}: 3 trials told to the sampler, 1 best configuration(s) run first" in p.stdout
 
@@ -40,13 +37,12 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_its_sampler_saw_th
     assert f"ran first here as trial {trials['trial_id'].iloc[0]}" in lines
 
 
-def test_warm_start_skips_other_settings_and_refuses_what_cannot_work(tiny_study, tiny_data_dir, tmp_path):
+def test_warm_start_skips_other_settings_and_refuses_what_cannot_work(tiny_study, tiny_data_dir, tmp_path, capsys):
     e2e, _ = tiny_study
 
-    def dry(spec, *extra):
-        return subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir, "--dry-run",
-                                        "--warm-start", str(e2e), *extra),
-                              env=env(), capture_output=True, text=True, timeout=300)
+    def dry(spec, *extra):  # study.run's main in this process: --dry-run starts no Ray
+        return run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir, "--dry-run", "--warm-start", e2e,
+                         *extra)
 
     p = dry(tiny_spec("longer", train={"epochs": 3}))  # trained for 2 epochs there
     assert p.returncode == 0, p.stderr[-3000:]
@@ -57,8 +53,8 @@ def test_warm_start_skips_other_settings_and_refuses_what_cannot_work(tiny_study
     p = dry(tiny_spec("energy", objective=[{"metric": "val_acc", "mode": "max"},
                                            {"metric": "energy_uj", "mode": "min"}]))
     assert p.returncode == 2 and "it optimised max val_acc, this study max val_acc, min energy_uj" in p.stderr
-    p = subprocess.run(study_cmd(write_spec(tmp_path, tiny_spec("nowhere")), tmp_path, tiny_data_dir, "--dry-run",
-                                 "--warm-start", str(tmp_path / "missing")), env=env(), capture_output=True, text=True)
+    p = run_study(capsys, write_spec(tmp_path, tiny_spec("nowhere")), tmp_path, tiny_data_dir, "--dry-run",
+                  "--warm-start", tmp_path / "missing")
     assert p.returncode == 2 and "--warm-start" in p.stderr and "not a study folder" in p.stderr
     searched = tiny_spec("searched_T", space={"T": {"type": "int", "low": 1, "high": 4}})
     del searched["train"]["T"]
@@ -69,11 +65,9 @@ def test_warm_start_skips_other_settings_and_refuses_what_cannot_work(tiny_study
     p = dry(tiny_spec("empty"), "--warm-start", "")
     assert p.returncode == 2 and "--warm-start '': name the folder of an earlier study" in p.stderr
     other = write_dataset(tmp_path / "other-data", n_train=700, n_test=200)
-    p = subprocess.run(study_cmd(write_spec(tmp_path, tiny_spec("otherdata")), tmp_path, other, "--dry-run",
-                                 "--warm-start", str(e2e)), env=env(), capture_output=True, text=True, timeout=300)
+    p = run_study(capsys, write_spec(tmp_path, tiny_spec("otherdata")), tmp_path, other, "--dry-run", "--warm-start", e2e)
     assert p.returncode == 0 and "skipped 3 × trained on other images (data fingerprint)" in p.stdout, p.stdout
     for dry_run in (["--dry-run"], []):  # refused alike, also where --resume alone would say "nothing to resume"
-        p = subprocess.run(study_cmd(write_spec(tmp_path, tiny_spec("e2e")), e2e.parent.parent, tiny_data_dir,
-                                     "--resume", "--warm-start", str(tmp_path), *dry_run),
-                           env=env(), capture_output=True, text=True, timeout=300)
+        p = run_study(capsys, write_spec(tmp_path, tiny_spec("e2e")), e2e.parent.parent, tiny_data_dir,
+                      "--resume", "--warm-start", tmp_path, *dry_run)
         assert p.returncode == 2 and "a study is warm-started when it begins" in p.stderr, p.stdout + p.stderr
