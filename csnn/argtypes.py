@@ -34,3 +34,5 @@ def interruptible(main, what: str, left: str) -> int:
     except KeyboardInterrupt:
         print(f"{what}: interrupted; {left}", file=sys.stderr)
         return 130
+    finally:  # the work is done (or said undone): a Ctrl-C while the interpreter exits changes nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

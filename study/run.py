@@ -155,6 +155,8 @@ def main(argv=None) -> int:
                 pass
         if args.lock:
             lifecycle.release_lock(args.study_dir, args.lock)
+        if __name__ == "__main__":  # done: a Ctrl-C while the interpreter exits changes nothing
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def next_step(args) -> str:
