@@ -57,7 +57,7 @@ def test_an_unreachable_storage_answers_in_time_and_ctrl_c_reaches_it(tmp_path):
     assert time.time() - t0 < 60
     p = subprocess.Popen(argv, env={**env(), "CSNN_STORAGE_ANSWER_S": "600"}, cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # past the imports, waiting for the storage
+    time.sleep(6)  # past the imports, waiting for the storage
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err and err.count("interrupted") == 1, err[-2000:]

@@ -98,22 +98,20 @@ def test_one_writer_per_study_folder(tiny_study, tiny_data_dir, tmp_path, capsys
     import socket
     import subprocess
 
-    from conftest import env, study_cmd, write_spec, tiny_spec
+    from conftest import in_process, study_cmd, tiny_spec, write_spec
+    from study import analyze, reproduce, run
 
     results_dir = tmp_path / "results"
     d = shutil.copytree(tiny_study[0], results_dir / "e2e", ignore=shutil.ignore_patterns("report"))
     space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
     mine = lifecycle.take_lock(Location.parse(str(d)), "python -m study.run this test")
     assert mine == f"{socket.gethostname()} pid {os.getpid()}: python -m study.run this test"
-    for flags in ([], ["--resume"], ["--retrain"]):
-        p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, *flags), env=env(), capture_output=True,
-                           text=True, timeout=300)
+    for flags in ([], ["--resume"], ["--retrain"]):  # in this process: refused before Ray or the data
+        p = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir, *flags)[3:])
         assert p.returncode == 2 and f"is being written by {mine}" in p.stderr, p.stderr[-2000:]
-    p = subprocess.run([*study_cmd(space, tmp_path, tiny_data_dir)[:2], "study.reproduce", str(d), "--data-dir",
-                        str(tiny_data_dir)], env=env(), capture_output=True, text=True, timeout=300)
+    p = in_process(capsys, reproduce.main, d, "--data-dir", tiny_data_dir)
     assert p.returncode == 2 and f"is being written by {mine}" in p.stderr and not (d / "reproduce").exists(), p.stderr
-    p = subprocess.run([*study_cmd(space, tmp_path, tiny_data_dir)[:2], "study.analyze", str(d)], env=env(),
-                       capture_output=True, text=True, timeout=300)
+    p = in_process(capsys, analyze.main, d)
     assert p.returncode == 0 and f"is being written by {mine}: this is the study so far" in p.stdout, p.stderr
     lifecycle.release_lock(Location.parse(str(d)), mine)
     assert not (d / lifecycle.LOCK).exists()
@@ -128,13 +126,14 @@ def test_one_writer_per_study_folder(tiny_study, tiny_data_dir, tmp_path, capsys
     assert (d / lifecycle.LOCK).read_text() == again + "\n"
 
 
-def test_two_identical_studies_at_once(tiny_data_dir, tmp_path):
+def test_two_identical_studies_at_once(tiny_data_dir, tmp_path, capsys):
     """The second of two identical commands is refused; it used to delete the first's optuna.db."""
     import signal
     import subprocess
     import time
 
-    from conftest import env, study_cmd, write_spec, tiny_spec
+    from conftest import env, in_process, study_cmd, tiny_spec, write_spec
+    from study import run
 
     space = write_spec(tmp_path, tiny_spec("twice", train={"epochs": 4}, search={"num_samples": 2, "max_concurrent": 1},
                                            retrain={"seeds": []}))
@@ -145,8 +144,7 @@ def test_two_identical_studies_at_once(tiny_data_dir, tmp_path):
     while not lock.exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
     assert lock.exists(), first.communicate()[0][-2000:]
-    second = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True,
-                            timeout=300)
+    second = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir)[3:])
     assert second.returncode == 2 and f"pid {first.pid}: python -m study.run" in second.stderr, second.stderr
     first.send_signal(signal.SIGINT)
     out = first.communicate(timeout=180)[0]
