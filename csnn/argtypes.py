@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 
@@ -36,3 +37,14 @@ def interruptible(main, what: str, left: str) -> int:
         return 130
     finally:  # the work is done (or said undone): a Ctrl-C while the interpreter exits changes nothing
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# The flags both command-line families have: the tutorial's (csnn.train: -data-dir) and the
+# study's (study.*, csnn.bench: --data-dir). Shared code names them one way; `spelled` turns a
+# message into the spelling of the command that prints it.
+SHARED_FLAGS = ("data-dir", "download", "device", "deterministic")
+
+
+def spelled(message: str, dashes: str) -> str:
+    """`message` with every shared flag written with `dashes` ('-' or '--')."""
+    return re.sub(r"(?<![\w-])--?(" + "|".join(SHARED_FLAGS) + r")\b", lambda m: dashes + m.group(1), message)

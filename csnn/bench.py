@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import functional
 
 from csnn import data as fmnist
-from csnn.argtypes import interruptible, positive_int
+from csnn.argtypes import interruptible, positive_int, spelled
 from csnn.model import CSNN
 from csnn.config import SPIKING_LAYERS, TUTORIAL, TrainConfig
 from csnn.data import to_input
@@ -363,10 +363,10 @@ def main(argv=None) -> int:
         msg = str(e)
         for name, flag in FLAGS.items():  # the flag to change, not the field it fills
             msg = msg.replace(name, flag)
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {spelled(msg, '--')}", file=sys.stderr)
         return 2
     except EquivalenceError as e:
-        print(f"error: {e}; no ratio printed", file=sys.stderr)
+        print(f"error: {spelled(str(e), '--')}; no ratio printed", file=sys.stderr)
         return 1
     for eq in filter(None, (result["equivalence"], result["equivalence_amp"])):
         print(f"equivalence{' under AMP' if eq['amp'] else ''}: {eq['differing_spikes']:.3%} of spikes differ "

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from csnn import data as fmnist
+from csnn.argtypes import spelled
 from csnn.config import TUTORIAL, TrainConfig, check_runnable
 from csnn.model import CSNN, set_backend
 from csnn.atomic import write_atomic
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     try:
         return run(args, progress)
     except (ValueError, RuntimeError, OSError) as e:  # DataError, CheckpointError: ValueErrors; FileExistsError: OSError
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {spelled(str(e), '-')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if "epoch" in progress:
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace, progress: dict) -> int:
     try:
         fit(cfg, data, None, report, resume=args.resume, on_epoch=on_epoch)  # on_epoch writes the checkpoints
     except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {spelled(str(e), '-')}", file=sys.stderr)
         return 1
     finally:
         writer.close()

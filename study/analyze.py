@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import estimate, lifecycle, results  # noqa: E402
-from csnn.argtypes import interruptible, positive_int  # noqa: E402
+from csnn.argtypes import interruptible, positive_int, spelled  # noqa: E402
 from study.spec import BASELINE, distribution  # noqa: E402
 
 LABELS = {"val_acc": "validation accuracy", "test_acc": "test accuracy", "train_acc": "training accuracy",
@@ -546,7 +546,7 @@ def main(argv=None) -> int:
             print("\n".join(compare(study, results.load(args.against))))
             return 0
     except results.StudyError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
         return 2
     held = lifecycle.holder(study.location)
     if held is not None:

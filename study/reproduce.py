@@ -29,7 +29,7 @@ from csnn import data as fmnist
 from csnn.config import RUN_INFO, TIMING_METRICS, TrainConfig
 from csnn.train import fit, load_model, resolve_device, set_deterministic
 from study import environment, lifecycle, results
-from csnn.argtypes import interruptible, positive_int
+from csnn.argtypes import interruptible, positive_int, spelled
 
 # When CUDA ran, per metric: (absolute, relative) tolerance, a difference passing
 # when it is within absolute + relative * |recorded|. Accuracies move by a few
@@ -121,7 +121,7 @@ def _main(argv, held: list) -> int:
         fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)  # the trial's sizes fit this data
         device = resolve_device(cfg.device)
     except (results.StudyError, fmnist.DataError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
         return 2
 
     # Float sums depend on how work is split across threads: use the trial's count.
@@ -143,7 +143,7 @@ def _main(argv, held: list) -> int:
             held.append((study.location, lifecycle.take_lock(study.location, "python -m study.reproduce "
                                                              + " ".join(sys.argv[1:] if argv is None else argv))))
         except lifecycle.Locked as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
             return 2
     env = environment.collect()
     changed = environment.warn_differences(study.location, "this reproduction", env)

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from csnn import data as fmnist, yamlio
-from csnn.argtypes import positive_int
+from csnn.argtypes import positive_int, spelled
 from csnn.config import TUTORIAL_ACC
 from study import analyze, environment, estimate, lifecycle, results, spec as specs, warmstart
 from study.plan import PlanError, check_machine, cluster, plan
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     try:
         return _main(args)
     except (specs.SpecError, fmnist.DataError, results.StudyError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside Ray Tune's own handling (imports, Ray's start, loading, exporting)
         print(f"interrupted; {next_step(args)}", file=sys.stderr)
@@ -318,7 +318,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         study.fs.create_dir(study.path, recursive=True)
         nodes = check_nodes_see(study, gpus=res["gpu"] > 0 or res["retrain_gpu"] > 0)  # GPUs torch sees
     except (PlanError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
         return 2
     print(f"study {spec.name}: {res['summary']}; {len(nodes)} Ray node(s); results in {study}", flush=True)
     if fresh:  # what it runs on, beside spec.yaml; a later run on other versions says so
@@ -379,7 +379,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         try:
             s = retrain(spec, best, data, study, res, resume and not fresh_retrain, timing)
         except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
             return 1
         print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
               f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study / 'best'}", flush=True)

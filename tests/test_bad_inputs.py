@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from conftest import ROOT, tiny_spec, write_dataset
-from csnn import bench, cli, data as fmnist
+from csnn import argtypes, bench, cli, data as fmnist
 from csnn.atomic import write_atomic
 from csnn.config import TrainConfig, FIELD_TYPES
 from csnn.train import read_checkpoint
@@ -286,7 +286,7 @@ ROWS = [
         "holds an ended study: nothing to resume", unchanged),
     # ---- 5-15: silently wrong
     Row("5 -data-dir /nonexistent", "csnn.train", lambda c: c.cli(data="/nonexistent"), 2,
-        "/nonexistent (--data-dir): no Fashion-MNIST"),
+        "/nonexistent (-data-dir): no Fashion-MNIST"),
     Row("5 --data-dir a file", "study.run", lambda c: (with_data_file(c), [str(c.space()), "--data-dir", str(c.tmp / "afile"),
                                                                          "--dry-run"])[1], 2, "(--data-dir): is a file"),
     Row("5 CSNN_DATA a file", "study.run", lambda c: (with_data_file(c), [str(c.space()), "--dry-run"])[1], 2,
@@ -800,3 +800,31 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path)
         p.wait(timeout=30)
         ckpt = read_checkpoint(tmp_path / "checkpoint_latest.pth")
         assert ckpt["epoch"] >= first + 1 and ckpt["config"]["channels"] == 64
+
+
+# Every message that names a flag spells it as the command that prints it: the tutorial's
+# command line (csnn.train) with one dash, the study's commands and csnn.bench with two.
+SPELLINGS = [
+    ("csnn.train", lambda c: c.cli(data=str(c.tmp / "none")), "-"),
+    ("csnn.train", lambda c: c.cli("-device", "cuda:99"), "-"),
+    ("study.run", lambda c: [str(c.space()), "--data-dir", str(c.tmp / "none"), "--dry-run"], "--"),
+    ("study.reproduce", lambda c: [str(c.study()), "--device", "cuda:99", "--data-dir", str(c.data)], "--"),
+    ("csnn.bench", lambda c: ["--device", "cuda:99", "--data-dir", str(c.data)], "--"),
+    ("csnn.bench", lambda c: ["--data-dir", str(c.tmp / "none")], "--"),
+]
+
+
+@pytest.mark.parametrize("cmd,setup,dashes", SPELLINGS, ids=[f"{s[0]}-{i}" for i, s in enumerate(SPELLINGS)])
+def test_messages_spell_flags_as_their_command_does(cmd, setup, dashes, shared, tmp_path, capsys):
+    data, ckpt = shared
+    c = Ctx(tmp_path, data, ckpt)
+    argv = setup(c)
+    capsys.readouterr()
+    try:
+        code = COMMANDS[cmd](argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    names = "|".join(argtypes.SHARED_FLAGS)
+    flags = re.findall(rf"(?<![\w-])(--?)(?:{names})\b", err)
+    assert code == 2 and flags and set(flags) == {dashes}, err  # named, and only in this command's spelling
