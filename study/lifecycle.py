@@ -32,6 +32,7 @@ STATES = {
 # no restorable Ray state) is started afresh rather than refused.
 LEFTOVERS = ("spec.yaml", "environment.yaml", "optuna.db", "ray", "estimate.yaml", "warm_start.yaml", "report")
 LOCK = "study.lock"  # the one process that writes the folder: its host, pid and command
+LOG = "study.log"  # Ray's and Optuna's own log lines (study.run --verbose prints them instead)
 RETRAIN_PENDING = "retrain.pending"  # in the study folder while a retrain has not ended
 TABLES = ("trials.parquet", "trials.csv")  # either one: the search ended and was exported
 
@@ -40,7 +41,7 @@ def read(d: Location) -> str:
     """The state of study folder `d` (a local folder or a URI), from what it holds."""
     if d.is_empty_dir():
         return "absent"
-    names = {Path(i.path).name for i in d.fs.get_file_info(pafs.FileSelector(d.path))} - {LOCK}
+    names = {Path(i.path).name for i in d.fs.get_file_info(pafs.FileSelector(d.path))} - {LOCK, LOG}
     if not names:
         return "absent"
     if "spec.yaml" in names and names & set(TABLES):

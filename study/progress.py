@@ -66,7 +66,7 @@ class Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.ended[trial.trial_id] = "errored"
-        self.say(trials, f" (trial {trial.trial_id} errored: {_error(trial)})")
+        self.say(trials, f" (trial {trial.trial_id} errored: {_error(trial)}; {trial.error_file or 'its error.txt'})")
 
     def say(self, trials, extra: str = "") -> None:
         try:
@@ -115,6 +115,31 @@ def process_start() -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return time.time()
+
+
+@contextlib.contextmanager
+def library_logs(log_file, verbose: bool):
+    """Ray's and Optuna's own log lines (INFO and WARNING: "A new study created in RDB", "Wrote the
+    latest version of all result files", snapshot warnings) go to the study's log file, not to the
+    terminal, unless --verbose; errored trials still get their line from Progress."""
+    import logging
+
+    if verbose:
+        yield
+        return
+    handler = logging.FileHandler(log_file) if log_file is not None else logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = {}
+    for name in ("ray", "optuna"):
+        lg = logging.getLogger(name)
+        saved[name] = (lg.handlers[:], lg.propagate)
+        lg.handlers, lg.propagate = [handler], False
+    try:
+        yield
+    finally:
+        for name, (handlers, propagate) in saved.items():
+            logging.getLogger(name).handlers, logging.getLogger(name).propagate = handlers, propagate
+        handler.close()
 
 
 @contextlib.contextmanager

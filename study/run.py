@@ -279,10 +279,14 @@ def _main(args) -> int:
 
 
 def run(*args, verbose: bool = False, **kwargs) -> int:
-    """_run with Ray's output engine chosen for this call only (progress.ray_output: its tables with --verbose)."""
-    from study.progress import ray_output
+    """_run with Ray's output engine chosen for this call only (progress.ray_output: its tables with
+    --verbose) and Ray's and Optuna's own log lines in the study's study.log (on the terminal with --verbose)."""
+    from study.progress import library_logs, ray_output
 
-    with ray_output(verbose):
+    study = args[2] if isinstance(args[2], Location) else Location.parse(args[2])
+    if study.local is not None:
+        study.local.mkdir(parents=True, exist_ok=True)
+    with ray_output(verbose), library_logs(study.local / lifecycle.LOG if study.local else None, verbose):
         return _run(*args, verbose=verbose, **kwargs)
 
 
