@@ -46,14 +46,22 @@ def read(d: Location) -> str:
         return "absent"
     if "spec.yaml" in names and names & set(TABLES):
         return "retrain_cut" if RETRAIN_PENDING in names else "ended"
-    if "ray" in names and "spec.yaml" in names:
-        from ray import tune
-
-        if tune.Tuner.can_restore((d / "ray").path, storage_filesystem=d.fs):
-            return "interrupted"
+    if "ray" in names and "spec.yaml" in names and restorable(d / "ray"):
+        return "interrupted"
     if all(n in LEFTOVERS or n == LOCK or n.startswith(".storage-check-") or n.endswith(".tmp") for n in names):
         return "unstarted"
     return "foreign"
+
+
+def restorable(ray_dir: Location) -> bool:
+    """Whether Ray Tune can continue the search recorded in `ray_dir`: its Tuner state (tuner.pkl,
+    not empty: a crash while Ray wrote it left 0 bytes) and a saved experiment state (before Ray's
+    first save, a restore starts with no trials and misbehaves). Else the search never recorded a
+    trial, and the study starts afresh."""
+    info = {Path(i.path).name: i for i in ray_dir.fs.get_file_info(pafs.FileSelector(ray_dir.path))}
+    tuner = info.get("tuner.pkl")
+    return (tuner is not None and tuner.type == pafs.FileType.File and (tuner.size or 0) > 0
+            and any(n.startswith("experiment_state") and n.endswith(".json") for n in info))
 
 
 @dataclass(frozen=True)

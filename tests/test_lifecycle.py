@@ -75,6 +75,14 @@ def test_the_state_of_real_folders(tiny_study, tmp_path):
     assert read(cut) == "retrain_cut"
     searching = shutil.copytree(ended, tmp_path / "searching", ignore=shutil.ignore_patterns("trials.*"))
     assert read(searching) == "interrupted"
+    # killed while Ray wrote its Tuner state (0 bytes), or before its first save: nothing to continue
+    first = lambda folder, names: [n for n in names if folder == str(searching) and n not in lifecycle.LEFTOVERS]  # noqa: E731
+    empty = shutil.copytree(searching, tmp_path / "empty-pkl", ignore=first)
+    assert read(empty) == "interrupted"
+    (empty / "ray" / "tuner.pkl").write_bytes(b"")
+    unsaved = shutil.copytree(searching, tmp_path / "unsaved", ignore=lambda f, names: first(f, names) + [
+        n for n in names if n.startswith("experiment_state")])
+    assert read(empty) == read(unsaved) == "unstarted"
     unstarted = tmp_path / "unstarted"
     unstarted.mkdir()
     for name in ("spec.yaml", "environment.yaml", "estimate.yaml", "warm_start.yaml"):
