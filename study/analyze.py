@@ -392,6 +392,11 @@ def pareto_lines(study: results.Study) -> list[str]:
 def best_lines(study: results.Study) -> list[str]:
     spec, b = study.spec, study.best
     if not b:
+        t = study.trials
+        if spec.multi and len(t) and "silent" in t and t["silent"].fillna("").astype(str).ne("").all():
+            # every trial reported its objectives, but a silent network is on no Pareto front
+            return ["Every trial ended silent (a spiking layer below scheduler.silent_rate): none is on a Pareto "
+                    "front, so there is no picked trial; widen the search toward what fires, or lower silent_rate.", ""]
         return ["No trial reported the objective: there is no best trial.", ""]
     objs = b["objective"] if spec.multi else [b["objective"]]
     return [f"## Picked trial ({spec.retrain['pick']}): {b['trial_id']}" if spec.multi else f"## Best trial: {b['trial_id']}",

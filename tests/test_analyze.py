@@ -154,3 +154,23 @@ def test_the_report_says_which_trials_fell_back_from_cuda_graphs(tiny_study):
     assert lines[0] == ("CUDA graphs off in 2 of 3 trials (they trained with eager steps): 2 × training step: "
                         "replaying failed (RuntimeError: x).")
     assert lines[0] in analyze.header(s)
+
+
+def test_a_study_of_silent_networks_says_so_not_that_nothing_was_reported():
+    """Two objectives, every trial silent at its last epoch: each reported both objectives, but
+    none is on a Pareto front (a silent network's cost would look best)."""
+    import pandas as pd
+
+    from conftest import tiny_spec
+    from study import analyze, results, spec as specs
+    from study.storage import Location
+
+    spec = specs.parse(tiny_spec("quiet", objective=[{"metric": "val_acc", "mode": "max"},
+                                                     {"metric": "energy_uj", "mode": "min"}],
+                                 retrain={"pick": "knee"}), "quiet.yaml")
+    trials = pd.DataFrame({"trial_id": ["a", "b"], "status": ["silent", "finished"], "val_acc": [0.1, 0.1],
+                           "energy_uj": [0.0, 0.01], "silent": ["fr_12", "fr_10,fr_12"]})
+    study = results.Study(Location.parse("/tmp/quiet"), spec, trials, pd.DataFrame(), None, None, None)
+    assert analyze.best_lines(study)[0].startswith("Every trial ended silent")
+    trials.loc[1, "silent"] = ""
+    assert analyze.best_lines(study)[0].startswith("No trial reported the objective")
