@@ -258,6 +258,13 @@ def _main(args) -> int:
         except PlanError as e:  # this machine could not run it (too few CPUs a trial): the file is still valid
             print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0
+    began = (environment.read(study_dir) or {}).get("folder")
+    if decision.action in ("search", "finish_retrain") and state != "absent" and began and began != study_dir.shown:
+        # Ray Tune's saved trials keep the folder they began in: a resume elsewhere writes there (a copy) or
+        # fails (a move). Optuna's database is re-pointed (stopping.SilentAwareOptunaSearch); Ray's is not yet.
+        raise UsageError(f"{study_dir}: the study began in {began}, and Ray Tune's saved trials still write there; "
+                         f"resume it in {began} (move it back), or start it afresh under another name; its ended "
+                         f"trials stay readable: python -m study.analyze {study_dir}")
     try:  # before anything is written; released by main
         args.lock = lifecycle.take_lock(study_dir, "python -m study.run " + " ".join(args.argv))
     except lifecycle.Locked as e:
@@ -326,7 +333,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         return 2
     print(f"study {spec.name}: {res['summary']}; {len(nodes)} Ray node(s); results in {study}", flush=True)
     if fresh:  # what it runs on, beside spec.yaml; a later run on other versions says so
-        environment.write(study)
+        environment.write(study, {**environment.collect(), "folder": study.shown})  # where it began, too
     else:
         environment.warn_differences(study, "--retrain" if fresh_retrain else "--resume")
     if fresh:  # the prediction, kept beside what each phase then took (timing.yaml)

@@ -70,9 +70,9 @@ def test_a_two_trial_study_with_every_sampler(name, objectives, local_ray, tiny_
 
 @pytest.mark.smoke
 def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny_data_dir):
-    """Ctrl-C, then --resume of a copy of the folder: Ray unpickles the searcher (a fresh lock), which
-    connects to the copy's optuna.db, and the study ends with every trial; environment.yaml, edited to
-    say another Optuna ran it, gives one warning line."""
+    """Ctrl-C, then --resume: Ray unpickles the searcher (a fresh lock) and the study ends with every
+    trial; environment.yaml, edited to say another Optuna ran it, gives one warning line; a copy of
+    the folder elsewhere is refused (Ray's saved trials would write into the original)."""
     spec = tiny_spec("nsga2", objective=TWO, train={"epochs": 3}, retrain={"seeds": [], "pick": "knee"},
                      search={"sampler": "nsga2", "num_samples": 3, "max_concurrent": 1})
     space = write_spec(tmp_path, spec)
@@ -91,14 +91,15 @@ def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny
     assert recorded["packages"]["optuna"] == optuna.__version__ and recorded["cpus"] >= 1
     recorded["packages"]["optuna"] = "5.0.0"
     (d / "environment.yaml").write_text(yaml.safe_dump(recorded))
-    # the folder copied elsewhere, and the copy resumed: into its own optuna.db, the original untouched
-    original = d
-    d = shutil.copytree(tmp_path / "results", tmp_path / "copy") / "nsga2"
-    before = (original / "optuna.db").read_bytes()
+    # a copy elsewhere is not resumed: Ray Tune's saved trials would write into the original
+    copy = shutil.copytree(tmp_path / "results", tmp_path / "copy")
+    before = (d / "optuna.db").read_bytes()
+    argv = study_cmd(space, tmp_path, tiny_data_dir, "--resume")
+    p = subprocess.run([*argv[:5], str(copy), *argv[6:]], env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and f"the study began in {d}, and Ray Tune's saved trials still write there" in p.stderr
+    assert (d / "optuna.db").read_bytes() == before
 
-    p = subprocess.run([*study_cmd(space, tmp_path, tiny_data_dir, "--resume")[:5], str(tmp_path / "copy"),
-                        *study_cmd(space, tmp_path, tiny_data_dir, "--resume")[6:]], env=env(), capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     warnings = [line for line in p.stderr.splitlines() if "another environment" in line]
     assert warnings == [f"warning: --resume runs on another environment than {d / 'environment.yaml'} records: "
@@ -111,7 +112,6 @@ def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny
     assert [t.state.name for t in db.trials] == ["COMPLETE"] * 3
     # NSGA-II's generation is kept in the Optuna storage: the resumed trials continue the first population
     assert [t.system_attrs.get("NSGAIISampler:generation") for t in db.trials] == [0, 0, 0]
-    assert (original / "optuna.db").read_bytes() == before
     trials = pd.read_csv(d / "trials.csv")  # number is creation order, as Optuna numbered the trials, resume or not
     assert sorted(trials["number"]) == [1, 2, 3]
     for _, row in trials.iterrows():
