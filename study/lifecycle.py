@@ -94,9 +94,11 @@ def _refuse(why: str, advice: Command | None) -> Decision:
 ANALYZE = Command("analyze")
 
 
-def decide(state: str, cmd: Command) -> Decision:
-    """The table: what `cmd` does in a folder in `state`. The state decides which verb may
-    run; then the flags (--warm-start, --no-retrain) are checked against that verb."""
+def decide(state: str, cmd: Command, can_retrain: bool = True) -> Decision:
+    """The table: what `cmd` does in a folder in `state`, for a space that retrains its best
+    configuration or not. The state decides which verb may run; then the flags (--warm-start,
+    --no-retrain) are checked against that verb."""
+    again = "retrain its best configuration again with --retrain, " if can_retrain else ""
     if cmd.verb == "analyze":
         return Decision("read") if state in ("interrupted", "ended", "retrain_cut") else \
             _refuse(f"holds {STATES[state]}: nothing to read", None)
@@ -112,8 +114,10 @@ def decide(state: str, cmd: Command) -> Decision:
     if cmd.verb == "start":  # ended, retrain_cut
         if state == "retrain_cut":
             return _refuse(f"holds {STATES[state]}; finish its retrain", Command("resume"))
-        return _refuse(f"holds {STATES[state]}; read it, retrain its best configuration again with --retrain, "
-                       "or choose another name or --storage", ANALYZE)
+        return _refuse(f"holds {STATES[state]}; read it, {again}or choose another name or --storage", ANALYZE)
+    if cmd.verb == "retrain" and not can_retrain:  # ended, retrain_cut
+        return _refuse(f"holds {STATES[state]}, but its space sets no retrain (retrain.seeds empty or "
+                       "retrain.epochs 0); read it", ANALYZE)
     # the verb fits the state; now the flags
     if cmd.warm_start:
         return _refuse("--warm-start: a study is warm-started when it begins, and this one has; leave --warm-start "
@@ -124,10 +128,10 @@ def decide(state: str, cmd: Command) -> Decision:
         return Decision("search")
     if cmd.verb == "retrain":
         return Decision("retrain")
-    if state == "retrain_cut" and not cmd.no_retrain:
+    if state == "retrain_cut" and not cmd.no_retrain and can_retrain:
         return Decision("finish_retrain")
-    return Decision("nothing", f"holds {STATES[state]}: nothing to resume. Retrain its best configuration again "
-                               "with --retrain; read it with python -m study.analyze")
+    retrain = "Retrain its best configuration again with --retrain; read" if can_retrain else "Read"
+    return Decision("nothing", f"holds {STATES[state]}: nothing to resume. {retrain} it with python -m study.analyze")
 
 
 def command(args) -> Command:

@@ -208,11 +208,8 @@ def _main(args) -> int:
                          f"{study_dir / lifecycle.LOCK}")
     # What the folder holds, and what this command may do there: lifecycle's table.
     state = lifecycle.read(study_dir)
-    decision = lifecycle.decide(state, lifecycle.command(args))
     args.can_retrain = bool(spec.retrain["seeds"]) and spec.retrain["epochs"] > 0
-    if decision.action == "retrain" and not args.can_retrain:
-        decision = lifecycle.Decision("refuse", f"holds {lifecycle.STATES[state]}, but {args.space} sets no retrain "
-                                      "(retrain.seeds empty or retrain.epochs 0); read it", lifecycle.ANALYZE)
+    decision = lifecycle.decide(state, lifecycle.command(args), args.can_retrain)
     if decision.action == "refuse":  # --dry-run too: it says what the command would do
         raise UsageError(lifecycle.refusal(decision, args.argv, study_dir))
     if decision.action in ("search", "retrain", "finish_retrain", "nothing") and state != "absent":

@@ -21,15 +21,18 @@ def typed(cmd: Command) -> list[str]:
                                    ("--no-retrain", cmd.no_retrain)) if on]
 
 
-@pytest.mark.parametrize("state,cmd", list(itertools.product(STATES, COMMANDS)))
-def test_every_refusal_advises_a_command_its_state_accepts(state, cmd):
+@pytest.mark.parametrize("state,cmd,can_retrain", list(itertools.product(STATES, COMMANDS, (True, False))))
+def test_every_refusal_advises_a_command_its_state_accepts(state, cmd, can_retrain):
     """No dead end: what a refusal tells the user to run is accepted in that same state, and the
-    command line it prints means that command."""
-    d = decide(state, cmd)
+    command line it prints means that command; a message that mentions --retrain is said only
+    where --retrain is accepted."""
+    d = decide(state, cmd, can_retrain)
     assert d.action in lifecycle.ACTIONS
+    if "--retrain" in d.why and "--no-retrain" not in d.why:
+        assert decide(state, Command("retrain"), can_retrain).action == "retrain", (state, cmd, d.why)
     if d.action != "refuse" or d.advice is None:
         return
-    assert decide(state, d.advice).action != "refuse", (state, cmd, d)
+    assert decide(state, d.advice, can_retrain).action != "refuse", (state, cmd, d)
     line = lifecycle.command_line(d.advice, typed(cmd), "res/x")
     if d.advice.verb == "analyze":
         assert line == "python -m study.analyze res/x"
@@ -46,7 +49,7 @@ def test_the_advice_after_an_interruption_is_accepted(state, can_retrain, argv):
     cmd = lifecycle.continuation(state, argv, can_retrain)
     if state == "foreign":  # no study.run leaves one: only another folder will do
         return
-    assert decide(state, cmd).action != "refuse", (state, cmd)
+    assert decide(state, cmd, can_retrain).action != "refuse", (state, cmd)
     assert cmd.verb != "retrain" or can_retrain
 
 
