@@ -25,7 +25,7 @@ from csnn.argtypes import positive_int, spelled
 from csnn.config import TUTORIAL_ACC
 from study import analyze, environment, estimate, lifecycle, results, spec as specs, warmstart
 from study.plan import PlanError, check_machine, cluster, plan
-from study.tuning import optuna_url, retrain, search
+from study.tuning import RetrainInterrupted, optuna_url, retrain, search
 from study.storage import Location, StorageError, check_nodes_see
 
 
@@ -386,6 +386,11 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
     if best and (do_retrain or retrain_only) and spec.retrain["seeds"] and spec.retrain["epochs"] > 0:
         try:
             s = retrain(spec, best, data, study, res, resume and not fresh_retrain, timing)
+        except RetrainInterrupted:
+            step = lifecycle.next_step(study, argv, True)
+            print(f"study {spec.name}: the retrain was interrupted; {step}", file=sys.stderr)
+            timing.save(study, timing.record(resumed=not fresh, interrupted=True), fresh)
+            return 130
         except RuntimeError as e:
             print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
             return 1

@@ -117,6 +117,10 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
 
 
 
+class RetrainInterrupted(Exception):
+    """Ctrl-C during the retrain: Ray Tune saved it, and --resume continues it."""
+
+
 def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study: Location, res: dict,
             resume: bool, timing=None) -> dict:
     """Retrain the best configuration from scratch per seed on train + validation
@@ -170,9 +174,10 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     # list a seed that never started as terminated, without metrics.
     failed = [f"{r.path}: {results.error_text(str(r.error))}" for r in grid if r.error]
     unfinished = [r for r in grid if not r.error and r.metrics.get("epoch", -1) + 1 < fixed["epochs"]]
-    if failed or unfinished or len(grid) < len(seeds):
-        raise RuntimeError("the retrain did not finish (" + ("; ".join(failed) or "interrupted")
-                           + "); continue it with --resume")
+    if failed:
+        raise RuntimeError("the retrain did not finish (" + "; ".join(failed) + "); continue it with --resume")
+    if unfinished or len(grid) < len(seeds):  # Ctrl-C: Ray saved the seeds' state and returned early
+        raise RetrainInterrupted
 
     with tempfile.TemporaryDirectory(prefix="csnn-best-") as tmp:
         work = Path(tmp)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from conftest import ROOT, env, in_process, run_study, study_cmd, tiny_spec, write_spec
@@ -329,7 +330,8 @@ def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_
     before = done[0].read_text()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "continue it with --resume" in out, out[-3000:]
+    assert proc.returncode == 130 and "the retrain was interrupted; continue it with --resume (python -m study.run" \
+        in out, out[-3000:]
     assert not (tmp_path / "results" / "reretrain" / "best" / "summary.yaml").exists()
 
     p = run_study(capsys, space, tmp_path, tiny_data_dir, "--resume")
@@ -337,6 +339,8 @@ def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_
     assert done[0].read_text() == before  # the finished seed was not trained again
     summary = results.load(tmp_path / "results" / "reretrain").retrain_summary
     assert set(summary["test_acc"]) == {0, 1}
+    runs = yaml.safe_load((tmp_path / "results" / "reretrain" / "timing.yaml").read_text())["runs"]
+    assert [r.get("interrupted", False) for r in runs] == [True, False]  # the interrupted run's time is kept
 
     # Ctrl-C during --retrain: the earlier retrain/ and best/ survive, --resume finishes the new one
     d = tmp_path / "results" / "reretrain"
@@ -350,7 +354,7 @@ def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_
     assert started, "the new retrain reported nothing in time"
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "continue it with --resume" in out, out[-3000:]
+    assert proc.returncode == 130 and "the retrain was interrupted; continue it with --resume" in out, out[-3000:]
     assert {p: (d / p).read_bytes() for p in old} == old  # nothing of the earlier retrain lost
     p = run_study(capsys, space, tmp_path, tiny_data_dir, "--resume")
     assert p.returncode == 0 and "retrained best" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
