@@ -160,7 +160,12 @@ def check_runnable(backend: str) -> None:
     backend cupy needs a CuPy that compiles our kernels (csnn.cupy_if.compile_error, no GPU
     needed); whether a CUDA GPU exists is train.resolve_device's check."""
     import importlib.util
+    import os
 
+    graphs = os.environ.get("CSNN_CUDA_GRAPHS", "").strip().lower()
+    if graphs not in ("", "0", "false", "off", "no", "1", "true", "on", "yes"):  # train.GRAPHS_ENV
+        raise ValueError(f"CSNN_CUDA_GRAPHS={os.environ['CSNN_CUDA_GRAPHS']} in the environment is not allowed; "
+                         "0 (false, off, no) turns CUDA graphs off; leave it unset (or 1) to follow cuda_graphs")
     if backend != "cupy":
         return
     if importlib.util.find_spec("cupy") is None:

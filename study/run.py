@@ -249,6 +249,11 @@ def _main(args) -> int:
         print(f"# {args.space}: valid; data {data.source} ({len(data.train_y)} training, {len(data.test_y)} test "
               f"images); results would go to {study_dir} ({lifecycle.STATES[state]}: "
               f"{lifecycle.ACTIONS[decision.action]})\n{yaml.safe_dump(spec.to_dict(), sort_keys=False)}", end="")
+        if decision.action not in ("search", "restart"):  # the estimate is of a whole study, as it begins
+            prior = study_dir / "estimate.yaml"
+            print("estimate: none for " + ("nothing to run" if decision.action == "nothing" else "a retrain alone")
+                  + (f"; the study's own, made when it began: {prior}" if prior.is_file() else ""), flush=True)
+            return 0
         try:
             print(estimate.line(estimate.here(spec, len(data.train_y), len(data.test_y), plan, args.allow_cpu,
                                               args.allow_pending_gpus, do_retrain=not args.no_retrain)), flush=True)

@@ -415,6 +415,14 @@ ROWS = [
         "a study resumes with the database it started with", unchanged),
     Row("27 --dry-run --no-retrain estimates no retrain", "study.run",
         lambda c: c.dry(c.space(), "--no-retrain", data=fmnist.DEBIAN_DIR), 0, "retrain 0.0 min"),  # 0.4 without
+    Row("27 CSNN_CUDA_GRAPHS=maybe", "study.run", lambda c: c.dry(c.space()), 2,
+        "CSNN_CUDA_GRAPHS=maybe in the environment is not allowed", env={"CSNN_CUDA_GRAPHS": "maybe"}),
+    Row("27 CSNN_CUDA_GRAPHS=maybe (csnn.train)", "csnn.train", lambda c: c.cli(), 2,
+        "CSNN_CUDA_GRAPHS=maybe in the environment is not allowed", env={"CSNN_CUDA_GRAPHS": "maybe"}),
+    Row("27 --resume --dry-run of an ended study estimates nothing", "study.run",
+        lambda c: finished_study(c, "--resume", "--dry-run"), 0, "estimate: none for nothing to run", unchanged),
+    Row("27 --retrain --dry-run estimates no search", "study.run",
+        lambda c: finished_study(c, "--retrain", "--dry-run"), 0, "estimate: none for a retrain alone", unchanged),
     Row("27 epochs: 10**20 (the estimate would build a list that long)", "study.run",
         lambda c: c.dry(c.space(train={"epochs": 10**20})), 2, "train.epochs: 100000000000000000000 is not allowed; "
         "must be <= 100,000"),
