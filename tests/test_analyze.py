@@ -107,6 +107,7 @@ def test_analyze_with_one_finished_and_errored_trials(tiny_study, tmp_path, run)
     assert (d / "report" / "curves.png").is_file()
 
 
+@pytest.mark.smoke  # .ci/run's newest-versions set
 def test_reproduce_matches_exactly_on_the_cpu_and_catches_a_doctored_record(tiny_study, tiny_data_dir, tmp_path, run):
     d = tmp_path / "e2e"
     shutil.copytree(tiny_study[0], d)

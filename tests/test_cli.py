@@ -79,6 +79,7 @@ def test_grid_is_exact():
     assert grid(128) == (16, 8) and grid(16) == (2, 8) and grid(12) == (2, 6) and grid(5) == (1, 5)
 
 
+@pytest.mark.smoke  # .ci/run's newest-versions set
 def test_cli_turns_cuda_graphs_off_and_a_run_resumes_either_way(tmp_path, run_here):
     """-no-cuda-graphs is how the step runs, not what it computes: a run resumes with or without it."""
     args = ("-T", "2", "-device", "cpu", "-b", "64", "-epochs", "2", "-channels", "4", "-train-size", "320",

@@ -122,6 +122,7 @@ def test_silent_networks_stop_after_two_silent_epochs_and_are_told_as_infeasible
     assert (h.filter(like="fr_").min(axis=1) == 0).all()  # silent all along, and not stopped
 
 
+@pytest.mark.smoke  # .ci/run's newest-versions set
 def test_multi_objective_asha_in_a_real_study_stops_what_the_fronts_say(tmp_path, tiny_data_dir, local_ray, capsys):
     """One trial at a time, so trials reach each rung in their order: replaying the
     rung decisions from history.csv with keeps() gives exactly the trials Ray stopped."""
