@@ -187,6 +187,10 @@ def next_step(d, argv: list[str] | None, can_retrain: bool = True) -> str:
     return say[cmd.verb] + (f" ({command_line(cmd, argv, d)})" if argv is not None else "")
 
 
+class UsageError(Exception):
+    """A flag that does not fit the study folder; study.run exits 2 with the message."""
+
+
 class Locked(Exception):
     """Another process writes the study folder."""
 

@@ -25,7 +25,8 @@ from csnn.argtypes import positive_int, spelled
 from csnn.config import TUTORIAL_ACC
 from study import analyze, environment, estimate, lifecycle, results, spec as specs, warmstart
 from study.plan import PlanError, check_machine, cluster, plan
-from study.tuning import RetrainInterrupted, optuna_url, retrain, search
+from study.lifecycle import UsageError
+from study.tuning import RetrainInterrupted, check_optuna_storage, optuna_url, retrain, search
 from study.storage import Location, StorageError, check_nodes_see
 
 
@@ -56,57 +57,6 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $CSNN_DATA, then Debian's)")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if not found")
     return p.parse_args(argv)
-
-
-class UsageError(Exception):
-    """A flag that does not fit the study folder; exit 2 with the message."""
-
-
-def check_optuna_storage(url: str, name: str, resume: bool) -> None:
-    """--optuna-storage checked before anything is written (and by --dry-run): a URL
-    SQLAlchemy opens with an installed driver; for SQLite, an existing folder and a
-    file that is a database; and for a new study, no Optuna study of its name there
-    yet (one of another --storage, which OptunaSearch would silently continue)."""
-    import sqlalchemy
-
-    def bad(why):
-        return UsageError(f"--optuna-storage {url}: {why}")
-    try:
-        u = sqlalchemy.engine.make_url(url)
-        engine = sqlalchemy.create_engine(u)  # loads the dialect and its driver; connects to nothing
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
-        raise bad(f"not a database URL Optuna can use ({str(e).splitlines()[0]}); e.g. "
-                  "postgresql://user:password@host/db, mysql+pymysql://..., sqlite:////abs/path/optuna.db") from None
-    except ImportError as e:
-        raise bad(f"its database driver is not installed ({e}); install it (for postgresql:// with SQLAlchemy 2.1: "
-                  "pip install 'psycopg[binary]')") from None
-    if u.get_backend_name() == "sqlite":
-        if not u.database or u.database == ":memory:":
-            raise bad("an in-memory database ends with this process; name a file")
-        db = Path(u.database)
-        if not db.parent.is_dir():
-            raise bad(f"the folder {db.parent} does not exist")
-        if db.is_dir() or (db.exists() and db.open("rb").read(16) != b"SQLite format 3\x00"):
-            raise bad(f"{db} is not a SQLite database")
-        if not db.exists() and not resume:
-            return  # a new file: nothing in it yet
-        if not db.exists():
-            raise bad(f"{db} does not exist; a study resumes with the database it started with (leave the flag out "
-                      "when that was its own optuna.db)")
-    try:
-        with engine.connect() as c:
-            names = (c.execute(sqlalchemy.text("SELECT study_name FROM studies")).scalars().all()
-                     if "studies" in sqlalchemy.inspect(c).get_table_names() else [])
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        raise bad(f"cannot open it ({str(e).splitlines()[0]})") from None
-    finally:
-        engine.dispose()
-    if name not in names and resume:
-        raise bad(f"holds no Optuna study named {name!r}; a study resumes with the database it started with (leave "
-                  "the flag out when that was its own optuna.db)")
-    if name in names and not resume:
-        raise bad(f"already holds an Optuna study named {name!r} (of another --storage?); give the study another "
-                  "name, or another database")
 
 
 def check_address(address: str | None, source: str = "--address", timeout_s: float = 10) -> None:

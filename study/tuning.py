@@ -16,7 +16,7 @@ from csnn import data as fmnist
 from csnn.config import METRICS, TrainConfig
 from csnn.train import load_model
 from study import results, spec as specs, warmstart
-from study.lifecycle import RETRAIN_PENDING
+from study.lifecycle import RETRAIN_PENDING, UsageError
 from study.plan import asha_rungs
 from study.storage import Location, mount_type
 
@@ -220,3 +220,50 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
         where.move_to(study / "retrain")
     pending.delete()
     return summary
+
+
+def check_optuna_storage(url: str, name: str, resume: bool) -> None:
+    """--optuna-storage checked before anything is written (and by --dry-run): a URL
+    SQLAlchemy opens with an installed driver; for SQLite, an existing folder and a
+    file that is a database; and for a new study, no Optuna study of its name there
+    yet (one of another --storage, which OptunaSearch would silently continue)."""
+    import sqlalchemy
+
+    def bad(why):
+        return UsageError(f"--optuna-storage {url}: {why}")
+    try:
+        u = sqlalchemy.engine.make_url(url)
+        engine = sqlalchemy.create_engine(u)  # loads the dialect and its driver; connects to nothing
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
+        raise bad(f"not a database URL Optuna can use ({str(e).splitlines()[0]}); e.g. "
+                  "postgresql://user:password@host/db, mysql+pymysql://..., sqlite:////abs/path/optuna.db") from None
+    except ImportError as e:
+        raise bad(f"its database driver is not installed ({e}); install it (for postgresql:// with SQLAlchemy 2.1: "
+                  "pip install 'psycopg[binary]')") from None
+    if u.get_backend_name() == "sqlite":
+        if not u.database or u.database == ":memory:":
+            raise bad("an in-memory database ends with this process; name a file")
+        db = Path(u.database)
+        if not db.parent.is_dir():
+            raise bad(f"the folder {db.parent} does not exist")
+        if db.is_dir() or (db.exists() and db.open("rb").read(16) != b"SQLite format 3\x00"):
+            raise bad(f"{db} is not a SQLite database")
+        if not db.exists() and not resume:
+            return  # a new file: nothing in it yet
+        if not db.exists():
+            raise bad(f"{db} does not exist; a study resumes with the database it started with (leave the flag out "
+                      "when that was its own optuna.db)")
+    try:
+        with engine.connect() as c:
+            names = (c.execute(sqlalchemy.text("SELECT study_name FROM studies")).scalars().all()
+                     if "studies" in sqlalchemy.inspect(c).get_table_names() else [])
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise bad(f"cannot open it ({str(e).splitlines()[0]})") from None
+    finally:
+        engine.dispose()
+    if name not in names and resume:
+        raise bad(f"holds no Optuna study named {name!r}; a study resumes with the database it started with (leave "
+                  "the flag out when that was its own optuna.db)")
+    if name in names and not resume:
+        raise bad(f"already holds an Optuna study named {name!r} (of another --storage?); give the study another "
+                  "name, or another database")
