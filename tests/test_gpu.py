@@ -15,7 +15,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # CuPy is optional: without it these skip with this reason, the one skip gpucheck allows; a CuPy that is
 # installed but broken (cannot compile, no NVRTC) runs them, and they fail.
 CUPY_MISSING = "CuPy not installed"
-needs_cupy = pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason=CUPY_MISSING)
+# (on a machine without a GPU the module's own reason is the one reported)
+needs_cupy = pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("cupy") is None,
+                                reason=CUPY_MISSING)
 CUPY = pytest.param("cupy", marks=needs_cupy)
 
 
@@ -281,3 +283,16 @@ def test_a_skipped_first_step_leaves_the_momentum_at_zero():
     finally:
         torch.use_deterministic_algorithms(False)
     assert all(p.isfinite().all() and opt.state[p]["momentum_buffer"].isfinite().all() for p in net.parameters())
+
+
+@needs_cupy
+def test_cupy_compiles_our_kernels():
+    """What a cupy study's validation checks (config.check_runnable), and gpucheck first: NVRTC needs
+    no GPU, but CuPy is an optional extra that CI does not install, so this runs where gpucheck does."""
+    from csnn import cupy_if
+    from csnn.config import check_runnable
+
+    assert cupy_if.compile_error() is None
+    check_runnable("cupy")
+    broken = cupy_if.compile_error(cupy_if._SOURCE.replace("h_seq[k] = h;", "h_seq[k] = h"))
+    assert "cannot compile our kernels" in broken and 'error: expected a ";"' in broken
