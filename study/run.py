@@ -170,7 +170,11 @@ def _main(args) -> int:
                              f"({started_with}; Ray Tune cannot change it on --resume); leave the flag out")
         if isinstance(started_with, int):  # with or without the --num-samples it started with
             spec.search["num_samples"] = started_with
-        if yaml.safe_dump(spec.to_dict(), sort_keys=False) != stored:
+        try:  # as parsed: a key added since the study began takes its default (stopping.py keeps its old meaning)
+            same_spec = specs.parse(yamlio.load(stored), str(study_dir / "spec.yaml")).to_dict() == spec.to_dict()
+        except specs.SpecError:
+            same_spec = False
+        if not same_spec:
             raise UsageError(f"--{'resume' if args.resume else 'retrain'}: {args.space} differs from the study stored in {study_dir / 'spec.yaml'}; "
                              "resume with the same file")
     if decision.action == "nothing" and not args.dry_run:

@@ -29,7 +29,7 @@ DIST_TYPES = ("int", "float", "categorical")
 # The tutorial's configuration, enqueued as the first trial when search.baseline is true.
 BASELINE = {k: TUTORIAL[k] for k in ("T", "channels", "optimizer", "lr", "momentum")}
 DEFAULTS = {
-    "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False},
+    "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False, "in_order": False},
     # silent_rate: a trial ends as silent when a spiking layer fires below it two epochs in a row (0: never)
     "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3, "silent_rate": 0.001},
     # gpus_per_trial auto: an equal share per trial that spreads the concurrent
@@ -298,6 +298,8 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
         raise _err(where, "search.seed", f"{search['seed']} is not allowed; must be < 2**32")
     _number(where, "search.num_samples", search["num_samples"], integer=True, minimum=1, maximum=MAX_SAMPLES)
     _number(where, "search.max_concurrent", search["max_concurrent"], integer=True, minimum=0, auto=True)
+    if not isinstance(search["in_order"], bool):
+        raise _err(where, "search.in_order", f"{search['in_order']!r} is not allowed; must be true or false")
     if not isinstance(search["baseline"], bool):
         raise _err(where, "search.baseline", f"{search['baseline']!r} is not allowed; must be true or false")
     if search["baseline"]:

@@ -21,9 +21,11 @@ import math
 
 import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search.optuna import OptunaSearch
 
 from csnn.config import silent_layers
+from study.results import creation_number
 
 
 def silent(result: dict, rate: float) -> str:
@@ -47,9 +49,16 @@ class SilentAwareOptunaSearch(OptunaSearch):
     # database, never the one at the path it started at.
     resume_url: str | None = None
 
-    def __init__(self, *args, silent_rate: float = 0.0, **kwargs):
+    def __init__(self, *args, silent_rate: float = 0.0, in_order: int = 0, num_samples: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.silent_rate = silent_rate
+        # search.in_order (with k = in_order trials at once): the n-th trial is asked for only when
+        # trials 1..n-k have ended, and Optuna is told their results in trial order just then, so
+        # the sampler sees the same results before each ask however the trials' timing fell.
+        self.in_order, self.num_samples = in_order, num_samples
+        self.asked: list[str] = []  # Ray's trial ids in the order their configurations were asked
+        self.ended: dict = {}  # trial id -> (result, error) of trials ended but not yet told
+        self.told = 0  # how many of `asked` Optuna was told
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -59,7 +68,7 @@ class SilentAwareOptunaSearch(OptunaSearch):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update({"in_order": 0, "asked": [], "ended": {}, "told": 0, **state})  # a study from before in_order
         url = self.resume_url or state.get("_storage_url")  # a copy made while the study runs keeps its storage
         if url is not None and self._ot_study is None:
             import optuna
@@ -80,10 +89,41 @@ class SilentAwareOptunaSearch(OptunaSearch):
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
 
+    def suggest(self, trial_id):
+        if self.in_order and trial_id not in self._ot_trials:
+            if not self.tell_through(len(self.asked) - self.in_order + 1):
+                return None  # Ray asks again once a trial has ended
+            self.asked.append(trial_id)
+        return super().suggest(trial_id)
+
+    def tell_through(self, count: int) -> bool:
+        """Tell Optuna the first `count` asked trials, in order; False while one has not ended."""
+        while self.told < count:
+            trial_id = self.asked[self.told]
+            if trial_id not in self.ended:
+                return False
+            self.tell(trial_id, *self.ended.pop(trial_id))
+            self.told += 1
+        return True
+
     def on_trial_complete(self, trial_id, result=None, error=False):
+        if not self.in_order or trial_id not in self.asked:
+            return self.tell(trial_id, result, error)
+        if self.asked.index(trial_id) >= self.told:
+            self.ended[trial_id] = (result, error)
+        if len(self.asked) >= self.num_samples:  # nothing more will be asked: tell the rest as they end
+            self.tell_through(len(self.asked))
+
+    def tell(self, trial_id, result=None, error=False):
+        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]  # OptunaSearch's own record of its Optuna trials
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            # told before a kill that came before Ray saved the study: the resumed trial ran again
+            self._completed_trials.add(trial_id)
+            return
         quiet = silent(result or {}, self.silent_rate)
-        if quiet and trial_id in self._ot_trials and trial_id not in self._completed_trials:
-            ot_trial = self._ot_trials[trial_id]  # OptunaSearch's own record of its Optuna trials
+        if quiet:
             ot_trial.set_user_attr("silent", quiet)
             ot_trial.set_constraint("silent", 1.0)
         super().on_trial_complete(trial_id, result, error)
@@ -142,14 +182,37 @@ class _Trial:
         self.trial_id = trial_id
 
 
+class _InOrderBracket(_Bracket):
+    """Ray's ASHA rungs, whose cutoff reads only the trials a decision may see (search.in_order)."""
+
+    visible: set | None = None  # set by the scheduler before each decision; None: every trial
+
+    def cutoff(self, recorded):
+        return super().cutoff({t: v for t, v in recorded.items() if self.visible is None or t in self.visible})
+
+
 class _Replayed:
     """Ray Tune saves no scheduler state: a resumed study's rungs would start empty, and its
     later trials would be stopped otherwise than in the study run straight through. study.run
     sets `replay_from` (the results Ray recorded, in the order they arrived) before
     Tuner.restore unpickles the scheduler, which then records them at its rungs again."""
 
-    replay_from: list | None = None  # [(trial_id, result)]
+    replay_from: list | None = None  # [(trial_id, creation number, result)]
     pending: list | tuple = ()  # what is still to be recorded (a fresh scheduler: nothing)
+    # search.in_order with k trials at once: trial n is ranked at a rung against trials 1..n-k alone,
+    # which had all ended when it was asked for (SilentAwareOptunaSearch), so that no decision
+    # depends on which trials happened to reach the rung first.
+    in_order = 0
+    numbers: dict | None = None  # trial id -> creation number
+
+    def visible(self, trial_id: str, number: int) -> set | None:
+        """The trials whose rung records a decision for trial `number` may read (None: all)."""
+        if not self.in_order:
+            return None
+        if self.numbers is None:
+            self.numbers = {}
+        self.numbers[trial_id] = number
+        return {t for t, m in self.numbers.items() if m <= number - self.in_order}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -159,13 +222,23 @@ class _Replayed:
     def catch_up(self) -> None:
         """Record the pending results, once the scheduler knows its metric."""
         if self.pending and self.ready():
-            for trial_id, result in self.pending:
-                self.replay(trial_id, result)
+            for trial_id, number, result in self.pending:
+                self.replay(trial_id, number, result)
             self.pending = []
 
 
 class ResumableASHA(_Replayed, ASHAScheduler):
     """Ray's ASHA (one bracket, as study.run makes it), whose rungs survive a resume."""
+
+    def __init__(self, *args, in_order: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.in_order = in_order
+        for bracket in self._brackets:
+            bracket.__class__ = _InOrderBracket
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._brackets[0].visible = self.visible(trial.trial_id, creation_number(trial, 0))
+        return super().on_trial_result(tune_controller, trial, result)
 
     def ready(self) -> bool:  # Tune tells it the metric after unpickling it
         return bool(self._metric)
@@ -175,7 +248,8 @@ class ResumableASHA(_Replayed, ASHAScheduler):
         self.catch_up()
         return ok
 
-    def replay(self, trial_id: str, result: dict) -> None:
+    def replay(self, trial_id: str, number: int, result: dict) -> None:
+        self._brackets[0].visible = self.visible(trial_id, number)
         if self._time_attr in result and self._metric in result:
             self._brackets[0].on_result(_Trial(trial_id), result[self._time_attr], self._metric_op * result[self._metric])
 
@@ -184,8 +258,9 @@ class MultiObjectiveASHA(_Replayed, FIFOScheduler):
     """Ray Tune TrialScheduler: one ASHA bracket whose rungs rank by Pareto front."""
 
     def __init__(self, metrics: list[str], modes: list[str], max_t: int, grace_period: int = 1,
-                 reduction_factor: float = 3, time_attr: str = "training_iteration"):
+                 reduction_factor: float = 3, time_attr: str = "training_iteration", in_order: int = 0):
         super().__init__()
+        self.in_order = in_order
         self.metrics, self.signs = metrics, [1.0 if m == "min" else -1.0 for m in modes]
         self.max_t, self.rf, self.time_attr = max_t, reduction_factor, time_attr
         count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
@@ -205,7 +280,7 @@ class MultiObjectiveASHA(_Replayed, FIFOScheduler):
             return None
         return [s * float(v) for s, v in zip(self.signs, values)]
 
-    def decide(self, trial_id: str, result: dict) -> str:
+    def decide(self, trial_id: str, result: dict, visible: set | None = None) -> str:
         t = result.get(self.time_attr)
         if t is None:
             return TrialScheduler.CONTINUE
@@ -214,20 +289,20 @@ class MultiObjectiveASHA(_Replayed, FIFOScheduler):
         recorded = self.rungs[max(reached)] if reached and action == TrialScheduler.CONTINUE else None
         if recorded is not None and trial_id not in recorded:  # the highest rung reached, decided once
             new = self.costs(result)
-            if not keeps(list(recorded.values()), new, self.rf):
+            if not keeps([v for t, v in recorded.items() if visible is None or t in visible], new, self.rf):
                 action = TrialScheduler.STOP
                 self.num_stopped += 1
             recorded[trial_id] = new
         return action
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self.decide(trial.trial_id, result)
+        return self.decide(trial.trial_id, result, self.visible(trial.trial_id, creation_number(trial, 0)))
 
     def ready(self) -> bool:  # its objectives are its own
         return True
 
-    def replay(self, trial_id: str, result: dict) -> None:
-        self.decide(trial_id, result)
+    def replay(self, trial_id: str, number: int, result: dict) -> None:
+        self.decide(trial_id, result, self.visible(trial_id, number))
 
     def debug_string(self) -> str:
         return f"MultiObjectiveASHA on {', '.join(self.metrics)}: {self.num_stopped} stopped, rungs " + ", ".join(
@@ -235,9 +310,9 @@ class MultiObjectiveASHA(_Replayed, FIFOScheduler):
 
 
 def arrivals(ray_dir) -> list:
-    """Every result Ray recorded for the study's trials, as (trial_id, result) in the order they
+    """Every result Ray recorded for the study's trials, as (trial_id, creation number, result) in the order they
     arrived: by their timestamp (whole seconds), then the order the search made the trials."""
-    from study.results import creation_number, trial_results
+    from study.results import trial_results
 
     events = []
     for n, (trial, result) in enumerate(trial_results(ray_dir)):
@@ -247,4 +322,4 @@ def arrivals(ray_dir) -> list:
         for row in h.to_dict("records"):
             events.append((row.get("timestamp", 0), creation_number(trial, n), row.get("training_iteration", 0),
                            trial.trial_id, row))
-    return [(trial_id, row) for *_, trial_id, row in sorted(events, key=lambda e: e[:3])]
+    return [(trial_id, number, row) for _, number, _, trial_id, row in sorted(events, key=lambda e: e[:3])]

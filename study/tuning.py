@@ -87,13 +87,17 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     # Several objectives: Optuna's multi-objective search on each trial's last
     # report; Ray's own metric (progress table, ASHA when single) is the first.
     modes = [o["mode"] for o in spec.objectives]
+    # search.in_order: the sampler and the rungs read results in trial order (stopping.py), with as many
+    # trials at once as the plan runs, so that the study does not depend on the trials' timing.
+    in_order = res["running"] if spec.search["in_order"] else 0
     searcher = SilentAwareOptunaSearch(space=specs.define_by_run(spec), metric=metrics if spec.multi else metrics[0],
                                        mode=modes if spec.multi else modes[0], sampler=sampler,
                                        study_name=spec.name, storage=storage,
-                                       silent_rate=spec.scheduler["silent_rate"])
+                                       silent_rate=spec.scheduler["silent_rate"], in_order=in_order,
+                                       num_samples=spec.search["num_samples"])
     epochs = spec.max_epochs
     rungs = dict(max_t=epochs, grace_period=min(spec.scheduler["grace_period"], epochs),
-                 reduction_factor=spec.scheduler["reduction_factor"])
+                 reduction_factor=spec.scheduler["reduction_factor"], in_order=in_order)
     scheduler = (FIFOScheduler() if spec.scheduler["type"] != "asha"
                  else MultiObjectiveASHA(metrics, modes, **rungs) if spec.multi
                  else ResumableASHA(time_attr="training_iteration", **rungs))
@@ -101,7 +105,7 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
         trial_fn,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=spec.search["num_samples"],
-                                    max_concurrent_trials=res["max_concurrent"] or None,
+                                    max_concurrent_trials=in_order or res["max_concurrent"] or None,
                                     # A trial's Ray worker goes on to the next trial (Ray's default: a new
                                     # process per trial, ~4 s of start and imports, a fifth of a quick trial).
                                     reuse_actors=True),

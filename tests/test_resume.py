@@ -36,7 +36,7 @@ def ended(capsys, space, tmp_path, data, interrupt_at: int | None) -> pd.DataFra
 @pytest.mark.parametrize("objectives", [1, 2])
 def test_an_interrupted_study_stops_the_same_trials_as_the_straight_one(objectives, tmp_path, tiny_data_dir,
                                                                         local_ray, capsys):
-    spec = dict(train={"epochs": 3}, search={"num_samples": 5, "max_concurrent": 1, "seed": 0},
+    spec = dict(train={"epochs": 3}, search={"num_samples": 5, "max_concurrent": 2, "seed": 0, "in_order": True},
                 scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2, "silent_rate": 0},
                 retrain={"seeds": []})
     if objectives == 2:

@@ -24,7 +24,8 @@ def test_shipped_files_parse(name):
 
 def test_fmnist_resolved():
     s = specs.load(ROOT / "search_spaces" / "fmnist.yaml")
-    assert s.search == {"sampler": "tpe", "seed": 0, "num_samples": 48, "max_concurrent": "auto", "baseline": True}
+    assert s.search == {"sampler": "tpe", "seed": 0, "num_samples": 48, "max_concurrent": "auto", "baseline": True,
+                        "in_order": False}
     assert s.resources == {"gpus_per_trial": "auto", "cpus_per_trial": 2, "trials_per_gpu": 4, "checkpoint_every": 4}
     assert s.retrain == {"epochs": 16, "seeds": [0, 1, 2], "pick": "most_accurate"}
     assert specs.baseline_params(s) == {"T": 4, "channels": 128, "optimizer": "sgd", "lr[optimizer=sgd]": 0.1,
