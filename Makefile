@@ -48,6 +48,9 @@ quick: setup
 	$(PY) -m study.run search_spaces/quick.yaml
 	$(PY) -m study.analyze results/quick
 
-# No setup here: the suite runs against whatever $(PY) has (a developer's checkout too).
+# No setup here: the suite runs against whatever $(PY) has (a developer's checkout too). Two
+# workers, a test module each at a time (pytest-xdist; the longest modules first: tests/conftest.py):
+# the studies the tests run wait on Ray and on subprocesses, so two share 2 cores well.
+TEST_WORKERS ?= 2
 test:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
