@@ -1,5 +1,6 @@
 """An interrupted study, resumed, ends as the straight one would: the same trials stopped at the
-same rungs (Ray saves no scheduler state; study.run records the rungs again on --resume)."""
+same rungs (Ray saves no scheduler state; study.run records the rungs again on --resume), with two trials
+at once: search.in_order makes what the sampler and the rungs read independent of timing."""
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ TWO = [{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "mi
 
 
 def ended(capsys, space, tmp_path, data, interrupt_at: int | None) -> pd.DataFrame:
-    """The study, one trial at a time; with `interrupt_at`, first a process Ctrl-C'd once that
+    """The study, two trials at once in trial order (search.in_order); with `interrupt_at`, first a process Ctrl-C'd once that
     trial has begun (the ones before it ended), then --resume."""
     name = space.stem
     ray_dir = tmp_path / "results" / name / "ray"
