@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import functional
 
 from csnn import data as fmnist
-from csnn.argtypes import interruptible, positive_int, spelled
+from csnn.argtypes import interruptible, leave, positive_int, spelled
 from csnn.model import CSNN
 from csnn.config import SPIKING_LAYERS, TUTORIAL, TrainConfig
 from csnn.data import to_input
@@ -382,4 +382,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(interruptible(main, "csnn.bench", "no figures written"))
+    leave(interruptible(main, "csnn.bench", "no figures written"))

@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import estimate, lifecycle, results  # noqa: E402
-from csnn.argtypes import interruptible, positive_int, spelled  # noqa: E402
+from csnn.argtypes import interruptible, leave, positive_int, spelled  # noqa: E402
 from study.spec import BASELINE, distribution  # noqa: E402
 
 LABELS = {"val_acc": "validation accuracy", "test_acc": "test accuracy", "train_acc": "training accuracy",
@@ -568,4 +568,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(interruptible(main, "study.analyze", "the report in report/ may be incomplete; run it again"))
+    leave(interruptible(main, "study.analyze", "the report in report/ may be incomplete; run it again"))

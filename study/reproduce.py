@@ -29,7 +29,7 @@ from csnn import data as fmnist
 from csnn.config import RUN_INFO, TIMING_METRICS, TrainConfig
 from csnn.train import fit, load_model, resolve_device, set_deterministic
 from study import environment, lifecycle, results
-from csnn.argtypes import interruptible, positive_int, spelled
+from csnn.argtypes import interruptible, leave, positive_int, spelled
 
 # When CUDA ran, per metric: (absolute, relative) tolerance, a difference passing
 # when it is within absolute + relative * |recorded|. Accuracies move by a few
@@ -175,5 +175,5 @@ def _main(argv, held: list) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(interruptible(main, "study.reproduce", "the reproduction did not finish (it writes comparison.csv last); "
-                           "run it again"))
+    leave(interruptible(main, "study.reproduce", "the reproduction did not finish (it writes comparison.csv last); "
+                        "run it again"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from csnn import data as fmnist, yamlio
-from csnn.argtypes import positive_int, spelled
+from csnn.argtypes import leave, positive_int, spelled
 from csnn.config import TUTORIAL_ACC
 from study import analyze, environment, estimate, lifecycle, results, spec as specs, warmstart
 from study.plan import PlanError, check_machine, cluster, plan
@@ -358,4 +358,4 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
