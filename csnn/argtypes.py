@@ -58,3 +58,10 @@ SHARED_FLAGS = ("data-dir", "download", "device", "deterministic")
 def spelled(message: str, dashes: str) -> str:
     """`message` with every shared flag written with `dashes` ('-' or '--')."""
     return re.sub(r"(?<![\w-])--?(" + "|".join(SHARED_FLAGS) + r")\b", lambda m: dashes + m.group(1), message)
+
+
+def worded(message: str, words: dict) -> str:
+    """`message` with each of `words`' keys (TrainConfig's fields, the data's sizes, as the shared code
+    names them) written as the command that prints it names them (its flags); whole words only."""
+    keys = "|".join(map(re.escape, sorted(words, key=len, reverse=True)))
+    return re.sub(rf"(?<![\w.-])(?:{keys})(?![\w-])", lambda m: words[m.group(0)], message)

@@ -29,7 +29,7 @@ from csnn import data as fmnist
 from csnn.config import RUN_INFO, TIMING_METRICS, TrainConfig
 from csnn.train import fit, load_model, resolve_device, set_deterministic
 from study import environment, lifecycle, results
-from csnn.argtypes import interruptible, leave, positive_int, spelled
+from csnn.argtypes import interruptible, leave, positive_int, spelled, worded
 
 # When CUDA ran, per metric: (absolute, relative) tolerance, a difference passing
 # when it is within absolute + relative * |recorded|. Accuracies move by a few
@@ -120,8 +120,8 @@ def _main(argv, held: list) -> int:
         data = fmnist.load(args.data_dir)
         fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)  # the trial's sizes fit this data
         device = resolve_device(cfg.device)
-    except (results.StudyError, fmnist.DataError, ValueError, RuntimeError) as e:
-        print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
+    except (results.StudyError, fmnist.DataError, ValueError, RuntimeError) as e:  # --device's value: the flag's
+        print(f"error: {spelled(worded(str(e), {'TrainConfig.device': '--device'}), '--')}", file=sys.stderr)
         return 2
 
     # Float sums depend on how work is split across threads: use the trial's count.
