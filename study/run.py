@@ -210,7 +210,8 @@ def _main(args) -> int:
         except PlanError as e:  # this machine could not run it (too few CPUs a trial): the file is still valid
             print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0
-    began = (environment.read(study_dir) or {}).get("folder")
+    began = (environment.read(study_dir) or {}).get("folder")  # unknown where the file is damaged (a warning, later)
+    began = began if isinstance(began, str) else None
     if decision.action in ("search", "finish_retrain") and state != "absent" and began and began != study_dir.shown:
         # Ray Tune's saved trials keep the folder they began in: a resume elsewhere writes there (a copy) or
         # fails (a move). Optuna's database is re-pointed (stopping.SilentAwareOptunaSearch); Ray's is not yet.

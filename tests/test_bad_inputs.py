@@ -30,7 +30,7 @@ from csnn import argtypes, bench, cli, data as fmnist
 from csnn.atomic import write_atomic
 from csnn.config import TrainConfig, FIELD_TYPES
 from csnn.train import read_checkpoint
-from study import analyze, reproduce, results, run, spec as specs
+from study import analyze, environment, reproduce, results, run, spec as specs
 
 
 def load_cmd(argv) -> int:
@@ -788,6 +788,37 @@ def test_a_damaged_study_raises_only_study_error(damage, shared, tmp_path, capsy
         # no data there: reproduce stops at the data at the latest, before training
         assert reproduce.main([str(d), "--data-dir", str(tmp_path / "none")]) == 2
     assert "Traceback" not in "".join(capsys.readouterr())
+
+
+# environment.yaml damaged as a copy or an editor may leave it; a study's record, which nothing needs to run
+ENV_DAMAGES = {"not UTF-8": b"\x00\xff{[: \n", "not YAML": b"python: [3.11,\n", "a list": b"- 1\n",
+               "cut short": b"python: 3.11.2\ngit_commit: null\ngit_dirty: null\npackages:\n  torch: 2.9.0\ntorch_cu"}
+
+
+def test_a_damaged_environment_yaml_is_one_warning_and_the_command_goes_on(shared, tmp_path, capsys):
+    """study.reproduce and study.run --resume/--retrain compare it (warn_differences): one line naming
+    the file, then on (was: silent, a line per key of a cut file, or a UnicodeDecodeError traceback)."""
+    c = Ctx(tmp_path, *shared)
+    argv = finished_study(c, "--resume")
+    d = c.tmp / "results" / "hand"
+    f = d / "environment.yaml"
+    for damage, content in ENV_DAMAGES.items():
+        f.write_bytes(content)
+        capsys.readouterr()
+        changed = environment.warn_differences(d, "--resume")  # as study.run --resume and --retrain call it
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"warning: {f}: ") and "goes on" in err, (damage, err)
+        assert changed == [f"environment.yaml unreadable: {err.split(': ', 2)[2].split('; --resume')[0]}"], changed
+        assert results.load(d).environment is None
+    f.write_bytes(ENV_DAMAGES["not UTF-8"])
+    assert run.main(argv) == 0 and "nothing to resume" in capsys.readouterr().out
+    assert reproduce.main([str(d), "--epochs", "1", "--data-dir", str(c.data)]) in (0, 1)  # (a hand-made record)
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "environment" in line] == [
+        f"warning: {f}: not YAML ('utf-8' codec can't decode byte 0xff in position 1: invalid start byte); this "
+        "reproduction goes on without comparing its environment with the study's"], err
+    table = pd.read_csv(next((d / "reproduce").glob("*/comparison.csv")))
+    assert table["environment_differs"].str.startswith("environment.yaml unreadable: not YAML").all()
 
 
 def wrong_value(types: tuple):
