@@ -112,7 +112,10 @@ def _main(argv, held: list) -> int:
             # our CuPy kernels and the CPU's compute the same formulas, and CUDA graphs replay the eager
             # step: a cupy or graphed trial reproduces on the CPU
             cpu = {"backend": "auto", "cuda_graphs": "auto"} if args.device == "cpu" else {}
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": args.device, **cpu})
+            try:
+                cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": args.device, **cpu})
+            except ValueError as e:  # the flag's value: the flag, not the field it fills
+                raise ValueError(worded(str(e), {"TrainConfig.device": "--device"})) from None
         recorded = study.history[study.history["trial_id"].astype(str) == str(trial_id)].sort_values("epoch")
         if recorded.empty:
             raise results.StudyError(f"{args.study}: trial {trial_id} recorded no epoch")
@@ -120,8 +123,8 @@ def _main(argv, held: list) -> int:
         data = fmnist.load(args.data_dir)
         fmnist.split(data, cfg.val_size, cfg.train_size, cfg.test_size, cfg.split_seed)  # the trial's sizes fit this data
         device = resolve_device(cfg.device)
-    except (results.StudyError, fmnist.DataError, ValueError, RuntimeError) as e:  # --device's value: the flag's
-        print(f"error: {spelled(worded(str(e), {'TrainConfig.device': '--device'}), '--')}", file=sys.stderr)
+    except (results.StudyError, fmnist.DataError, ValueError, RuntimeError) as e:
+        print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
         return 2
 
     # Float sums depend on how work is split across threads: use the trial's count.
