@@ -40,10 +40,11 @@ def interruptible(main, what: str, left: str) -> int:
 def leave(code: int):
     """sys.exit(code), how every command ends (under `if __name__ == "__main__":`): its work is done
     or said undone, so a Ctrl-C from here on changes nothing, and the exit code is `code`.
-    CPython (3.11, and the same code later) marks a KeyboardInterrupt that ends a string exec() or eval() as unhandled
-    even where a caller catches it (run_eval_code_obj), and under `python -m` then kills itself with
-    SIGINT as it exits (rc -2) whatever sys.exit said: a Ctrl-C that lands in torch's generated code
-    (compile guards, fx) did just that. Every string eval first clears the mark: an empty one does."""
+    CPython (3.11 here; later ones have the same code) marks a KeyboardInterrupt that ends a string
+    exec() or eval() as unhandled even where a caller catches it (run_eval_code_obj), and under
+    `python -m` then kills itself with SIGINT as it exits (rc -2) whatever sys.exit said: a Ctrl-C
+    that lands in torch's generated code (compile guards, fx) did just that. Every string eval first
+    clears the mark: an empty one does."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     exec("")  # noqa: S102 -- clears the mark (see above); nothing else runs
     sys.exit(code)
