@@ -35,8 +35,19 @@ def interruptible(main, what: str, left: str) -> int:
     except KeyboardInterrupt:
         print(f"{what}: interrupted; {left}", file=sys.stderr)
         return 130
-    finally:  # the work is done (or said undone): a Ctrl-C while the interpreter exits changes nothing
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def leave(code: int):
+    """sys.exit(code), how every command ends (under `if __name__ == "__main__":`): its work is done
+    or said undone, so a Ctrl-C from here on changes nothing, and the exit code is `code`.
+    CPython (3.11 here; later ones have the same code) marks a KeyboardInterrupt that ends a string
+    exec() or eval() as unhandled even where a caller catches it (run_eval_code_obj), and under
+    `python -m` then kills itself with SIGINT as it exits (rc -2) whatever sys.exit said: a Ctrl-C
+    that lands in torch's generated code (compile guards, fx) did just that. Every string eval first
+    clears the mark: an empty one does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exec("")  # noqa: S102 -- clears the mark (see above); nothing else runs
+    sys.exit(code)
 
 
 # The flags both command-line families have: the tutorial's (csnn.train: -data-dir) and the
@@ -48,3 +59,10 @@ SHARED_FLAGS = ("data-dir", "download", "device", "deterministic")
 def spelled(message: str, dashes: str) -> str:
     """`message` with every shared flag written with `dashes` ('-' or '--')."""
     return re.sub(r"(?<![\w-])--?(" + "|".join(SHARED_FLAGS) + r")\b", lambda m: dashes + m.group(1), message)
+
+
+def worded(message: str, words: dict) -> str:
+    """`message` with each of `words`' keys (TrainConfig's fields, the data's sizes, as the shared code
+    names them) written as the command that prints it names them (its flags); whole words only."""
+    keys = "|".join(map(re.escape, sorted(words, key=len, reverse=True)))
+    return re.sub(rf"(?<![\w.-])(?:{keys})(?![\w-])", lambda m: words[m.group(0)], message)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from csnn import data as fmnist
-from csnn.argtypes import spelled
+from csnn.argtypes import spelled, worded
 from csnn.config import TUTORIAL, TrainConfig, check_runnable
 from csnn.model import CSNN, set_backend
 from csnn.atomic import write_atomic
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     try:
         return run(args, progress)
     except (ValueError, RuntimeError, OSError) as e:  # DataError, CheckpointError: ValueErrors; FileExistsError: OSError
-        print(f"error: {spelled(str(e), '-')}", file=sys.stderr)
+        print(f"error: {spelled(worded(str(e), WORDS), '-')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if "epoch" in progress:
@@ -72,20 +72,19 @@ def main(argv=None) -> int:
 FLAGS = {"T": "-T", "channels": "-channels", "batch_size": "-b", "epochs": "-epochs", "optimizer": "-opt",
          "lr": "-lr", "momentum": "-momentum", "weight_decay": "-weight-decay", "seed": "-seed", "device": "-device",
          "val_size": "-val-size", "train_size": "-train-size", "test_size": "-test-size", "backend": "-cupy"}
+# ... and the shared code's words for them (TrainConfig's, the data split's, the backend's checks)
+WORDS = {**{f"TrainConfig.{k}": v for k, v in FLAGS.items()}, **{k: v for k, v in FLAGS.items() if "_" in k},
+         "TrainConfig.backend: 'cupy'": "-cupy:", "backend 'cupy'": "-cupy", "use backend 'auto'": "leave -cupy out",
+         "device is": "-device is"}
 
 
 def run(args: argparse.Namespace, progress: dict) -> int:
     """Check every input, then train; nothing is written before all the checks pass."""
-    try:
-        cfg = TrainConfig(T=args.T, channels=args.channels, batch_size=args.b, epochs=args.epochs,
-                          optimizer=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                          amp=args.amp, seed=args.seed, device=args.device, val_size=args.val_size,
-                          train_size=args.train_size, test_size=args.test_size,
-                          backend="cupy" if args.cupy else "auto", cuda_graphs=False if args.no_cuda_graphs else "auto")
-    except ValueError as e:
-        field, _, msg = str(e).partition(": ")
-        flag = FLAGS.get(field.removeprefix("TrainConfig."))
-        raise ValueError(f"{flag}: {msg}" if flag else str(e)) from None
+    cfg = TrainConfig(T=args.T, channels=args.channels, batch_size=args.b, epochs=args.epochs,
+                      optimizer=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                      amp=args.amp, seed=args.seed, device=args.device, val_size=args.val_size,
+                      train_size=args.train_size, test_size=args.test_size,  # main() names the flags (WORDS)
+                      backend="cupy" if args.cupy else "auto", cuda_graphs=False if args.no_cuda_graphs else "auto")
     resolve_device(cfg.device)
     check_runnable(cfg.backend)
     set_backend(CSNN(1, 1), cfg.backend)  # fail before loading anything
@@ -168,7 +167,7 @@ def run(args: argparse.Namespace, progress: dict) -> int:
     try:
         fit(cfg, data, None, report, resume=args.resume, on_epoch=on_epoch)  # on_epoch writes the checkpoints
     except FloatingPointError as e:
-        print(f"error: {spelled(str(e), '-')}", file=sys.stderr)
+        print(f"error: {spelled(worded(str(e), WORDS), '-')}", file=sys.stderr)
         return 1
     finally:
         writer.close()

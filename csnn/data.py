@@ -190,8 +190,8 @@ def split(data: FashionMNIST, val_size: int = 0, train_size: int = 0, test_size:
     rest[val_idx] = False
     rest_idx = torch.nonzero(rest).squeeze(1)
     if train_size > len(rest_idx):
-        raise ValueError(f"train_size {train_size} is more than the {len(rest_idx)} training images "
-                         f"left after val_size {val_size}")
+        raise ValueError(f"train_size {train_size} is more than the {len(rest_idx)} training images"
+                         + (f" left after val_size {val_size}" if val_size else ""))
     if test_size > len(data.test_y):
         raise ValueError(f"test_size {test_size} is more than the {len(data.test_y)} test images")
     train_idx = rest_idx[stratified_subset(data.train_y[rest_idx], train_size, g)]

@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import estimate, lifecycle, results  # noqa: E402
-from csnn.argtypes import interruptible, positive_int, spelled  # noqa: E402
+from csnn.argtypes import interruptible, leave, positive_int, spelled  # noqa: E402
 from study.spec import BASELINE, distribution  # noqa: E402
 
 LABELS = {"val_acc": "validation accuracy", "test_acc": "test accuracy", "train_acc": "training accuracy",
@@ -41,7 +41,27 @@ def leaderboard(study: results.Study, top: int) -> str:
     spec = study.spec
     cols = ["number", "trial_id", "status", *spec.space, study.objective_column, "test_acc", "epochs_run", "time_s"]
     t = study.ranked()[[c for c in cols if c in study.trials]].head(top)
+    if t.empty:  # not pandas' "Empty DataFrame" and its columns
+        return "no trial reported the objective: there is no best trial"
     return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def unreported(study: results.Study, state: str, held: str | None) -> str | None:
+    """What a study folder holds, as one line, when no trial of it has reported an epoch (a study
+    interrupted, or still running, before its first report, or whose trials all errored at once):
+    nothing to draw or rank. None when one has."""
+    if not study.history.empty:
+        return None
+    t, errored = study.trials, study.errored()
+    holds = f"{study.path} holds {lifecycle.STATES[state]}" + (f" (being written by {held})" if held else "")
+    then = "; continue it with study.run's --resume" if state == "interrupted" and not held else ""
+    first = f"trial {errored.iloc[0]['trial_id']}: {errored.iloc[0]['error']}" if len(errored) else ""
+    if len(t) and len(errored) == len(t):
+        which = f"{len(t)} trials all" if len(t) > 1 else "one trial"
+        return f"{holds} whose {which} errored before their first epoch ({first}): nothing to read{then}"
+    trials = f"none of its {len(t)} trials" if len(t) else "no trial"
+    return (f"{holds}, and {trials} has reported an epoch yet"
+            f"{f' ({len(errored)} errored; {first})' if len(errored) else ''}: nothing to read yet{then}")
 
 
 def _save(fig, path: Path) -> Path:
@@ -322,7 +342,9 @@ def header(study: results.Study) -> list[str]:
 def graphs_lines(study: results.Study) -> list[str]:
     """The trials whose CUDA graphs were turned off or fell back to eager steps (cuda_graphs_fallback), by reason."""
     t = study.trials
-    why = t["cuda_graphs_fallback"].fillna("").astype(str) if "cuda_graphs_fallback" in t else pd.Series(dtype=str)
+    # (read from trials.csv an all-empty column is float NaN, which pandas will not fill with text)
+    why = t["cuda_graphs_fallback"].map(lambda v: "" if results.missing(v) else str(v)) if "cuda_graphs_fallback" in t \
+        else pd.Series(dtype=str)
     why = why[why != ""]
     if why.empty:
         return []
@@ -547,6 +569,8 @@ def main(argv=None) -> int:
         state = lifecycle.read(study.location)
         if lifecycle.decide(state, lifecycle.ANALYZE).action == "refuse":  # writing report/ there would make it foreign
             raise results.StudyError(f"{study.path} holds {lifecycle.STATES[state]}: nothing to read yet")
+        if unreported(study, state, lifecycle.holder(study.location)):
+            raise results.StudyError(unreported(study, state, lifecycle.holder(study.location)))
         if args.against:
             print("\n".join(compare(study, results.load(args.against))))
             return 0
@@ -568,4 +592,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(interruptible(main, "study.analyze", "the report in report/ may be incomplete; run it again"))
+    leave(interruptible(main, "study.analyze", "the report in report/ may be incomplete; run it again"))

@@ -71,16 +71,35 @@ def write(folder: Location | Path, env: dict | None = None, name: str = FILE) ->
     return env
 
 
-def read(folder: Location | Path) -> dict | None:
-    """The recorded environment; None for a study from before it was recorded (or a damaged file)."""
+# what collect() records (but the optional `folder`): a file without one of them was cut short
+KEYS = ("python", "git_commit", "git_dirty", "packages", "torch_cuda", "cudnn", "nvidia_driver", "platform", "cpus",
+        "gpus")
+
+
+def load(folder: Location | Path) -> tuple[dict | None, str | None]:
+    """(the recorded environment, None); (None, why it cannot be read) for a damaged file;
+    (None, None) for a study from before it was recorded."""
     f = folder / FILE
     if not f.is_file():
-        return None
+        return None, None
     try:
         env = yaml.safe_load(f.read_text())
-    except yaml.YAMLError:
-        return None
-    return env if isinstance(env, dict) else None
+    except (yaml.YAMLError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        return None, f"not YAML ({str(e).splitlines()[0]})"
+    if not isinstance(env, dict):
+        return None, f"not a mapping (a {type(env).__name__})"
+    lacks = [k for k in KEYS if k not in env]
+    if lacks:
+        return None, f"has no {', '.join(lacks)} (cut short?)"
+    if not isinstance(env["packages"], dict) or not isinstance(env["gpus"], list):
+        return None, "its packages are not a mapping or its gpus not a list"
+    return env, None
+
+
+def read(folder: Location | Path) -> dict | None:
+    """The recorded environment; None for a study from before it was recorded, or a damaged file
+    (which warn_differences names: what a study ran on is a record, nothing needs it to run)."""
+    return load(folder)[0]
 
 
 def _flat(env: dict) -> dict:
@@ -102,10 +121,15 @@ def differences(recorded: dict, now: dict) -> list[str]:
 
 
 def warn_differences(folder: Location | Path, what: str, now: dict | None = None) -> list[str]:
-    """Print one warning line per difference between the study's environment.yaml and this one."""
+    """Print one warning line per difference between the study's environment.yaml and this one
+    (one line naming the file when it is damaged), and return them."""
     import sys
 
-    recorded = read(folder)
+    recorded, damaged = load(folder)
+    if damaged:
+        print(f"warning: {folder / FILE}: {damaged}; {what} goes on without comparing its environment with the "
+              "study's", file=sys.stderr)
+        return [f"{FILE} unreadable: {damaged}"]
     if recorded is None:
         return []
     lines = differences(recorded, now if now is not None else collect())

@@ -29,7 +29,7 @@ from csnn import data as fmnist
 from csnn.config import RUN_INFO, TIMING_METRICS, TrainConfig
 from csnn.train import fit, load_model, resolve_device, set_deterministic
 from study import environment, lifecycle, results
-from csnn.argtypes import interruptible, positive_int, spelled
+from csnn.argtypes import interruptible, leave, positive_int, spelled, worded
 
 # When CUDA ran, per metric: (absolute, relative) tolerance, a difference passing
 # when it is within absolute + relative * |recorded|. Accuracies move by a few
@@ -112,7 +112,10 @@ def _main(argv, held: list) -> int:
             # our CuPy kernels and the CPU's compute the same formulas, and CUDA graphs replay the eager
             # step: a cupy or graphed trial reproduces on the CPU
             cpu = {"backend": "auto", "cuda_graphs": "auto"} if args.device == "cpu" else {}
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": args.device, **cpu})
+            try:
+                cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": args.device, **cpu})
+            except ValueError as e:  # the flag's value: the flag, not the field it fills
+                raise ValueError(worded(str(e), {"TrainConfig.device": "--device"})) from None
         recorded = study.history[study.history["trial_id"].astype(str) == str(trial_id)].sort_values("epoch")
         if recorded.empty:
             raise results.StudyError(f"{args.study}: trial {trial_id} recorded no epoch")
@@ -175,5 +178,5 @@ def _main(argv, held: list) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(interruptible(main, "study.reproduce", "the reproduction did not finish (it writes comparison.csv last); "
-                           "run it again"))
+    leave(interruptible(main, "study.reproduce", "the reproduction did not finish (it writes comparison.csv last); "
+                        "run it again"))

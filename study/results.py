@@ -87,14 +87,28 @@ def trial_results(ray_dir: Location) -> list:
     """(trial, Result) of every trial Ray Tune recorded in its experiment folder,
     in creation order, read through Ray's own API (any storage pyarrow reads).
     A study that has not saved its state yet has none."""
+    import logging
+
     from ray import tune
 
+    ray_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    ray_log.addFilter(_reported)
     try:
         analysis = tune.ExperimentAnalysis(ray_dir.path, storage_filesystem=ray_dir.fs)
     except ValueError:  # no experiment_state*.json yet
         return []
+    finally:
+        ray_log.removeFilter(_reported)
     pairs = list(zip(analysis.trials, tune.ResultGrid(analysis)))
     return sorted(pairs, key=lambda p: creation_number(p[0], 0))  # stable: untagged trials keep Ray's order
+
+
+def _reported(record) -> bool:
+    """Drops Ray's warning that trials have no result file (FileNotFoundError): they have not reported
+    an epoch yet, and frames lists them so (unfinished, 0 epochs). Its other failures (a damaged
+    result.json) still reach the log."""
+    lines = record.getMessage().splitlines()[1:]
+    return not (lines and all("FileNotFoundError(" in line for line in lines))
 
 
 def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataFrame, pd.DataFrame]:

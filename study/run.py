@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from csnn import data as fmnist, yamlio
-from csnn.argtypes import positive_int, spelled
+from csnn.argtypes import leave, positive_int, spelled
 from csnn.config import TUTORIAL_ACC
 from study import analyze, environment, estimate, lifecycle, results, spec as specs, warmstart
 from study.plan import PlanError, check_machine, cluster, plan
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     args.study_dir = None  # set by _main once known: what a Ctrl-C message advises depends on it
     args.can_retrain = True
     args.lock = None  # the study folder's lock, once taken
+    args.made = []  # the folders taking it made
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what the advice repeats
     # A Ray its caller started (a notebook's, the tests') is the caller's to stop: left up.
     ours = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
                 pass
         if args.lock:
             lifecycle.release_lock(args.study_dir, args.lock)
+            for folder in args.made:  # a refused command leaves no empty folder behind (deepest first)
+                with contextlib.suppress(OSError):  # not empty (written meanwhile): kept
+                    folder.rmdir()
         if __name__ == "__main__":  # done: a Ctrl-C while the interpreter exits changes nothing
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -151,11 +156,14 @@ def _main(args) -> int:
             raise UsageError(f"--warm-start {w}: that is this study's own folder; name an earlier study")
         if [same(x) for x in sources].count(same(loc)) > 1:
             raise UsageError(f"--warm-start {w}: given twice; its trials would be told twice")
-    held = lifecycle.holder(study_dir)
-    if held is not None and not args.dry_run:  # one writer per folder: say who, before what the folder holds
-        raise UsageError(f"{study_dir} is being written by {held}; wait for it to end (python -m study.analyze "
-                         f"{study_dir} reads it meanwhile), or stop that process; if it is gone, delete "
-                         f"{study_dir / lifecycle.LOCK}")
+    if not args.dry_run:  # one writer per folder, from before its state is read to the end (main releases it):
+        # no other process acts between what this one reads and what it does. Said before what the folder holds.
+        args.made = [p for p in (study_dir.local, *study_dir.local.parents) if not p.exists()] \
+            if study_dir.local is not None else []  # folders the lock makes: removed again if left empty
+        try:
+            args.lock = lifecycle.take_lock(study_dir, "python -m study.run " + " ".join(args.argv))
+        except lifecycle.Locked as e:
+            raise UsageError(str(e)) from None
     # What the folder holds, and what this command may do there: lifecycle's table.
     state = lifecycle.read(study_dir)
     args.can_retrain = bool(spec.retrain["seeds"]) and spec.retrain["epochs"] > 0
@@ -214,17 +222,14 @@ def _main(args) -> int:
         except PlanError as e:  # this machine could not run it (too few CPUs a trial): the file is still valid
             print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0
-    began = (environment.read(study_dir) or {}).get("folder")
+    began = (environment.read(study_dir) or {}).get("folder")  # unknown where the file is damaged (a warning, later)
+    began = began if isinstance(began, str) else None
     if decision.action in ("search", "finish_retrain") and state != "absent" and began and began != study_dir.shown:
         # Ray Tune's saved trials keep the folder they began in: a resume elsewhere writes there (a copy) or
         # fails (a move). Optuna's database is re-pointed (stopping.SilentAwareOptunaSearch); Ray's is not yet.
         raise UsageError(f"{study_dir}: the study began in {began}, and Ray Tune's saved trials still write there; "
                          f"resume it in {began} (move it back), or start it afresh under another name; its ended "
                          f"trials stay readable: python -m study.analyze {study_dir}")
-    try:  # before anything is written; released by main
-        args.lock = lifecycle.take_lock(study_dir, "python -m study.run " + " ".join(args.argv))
-    except lifecycle.Locked as e:
-        raise UsageError(str(e)) from None
     retrain_only = decision.action in ("retrain", "finish_retrain")
     if retrain_only and results.load(study_dir).best is None:
         raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain (read it: "
@@ -362,4 +367,4 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

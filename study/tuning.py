@@ -226,6 +226,12 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     return summary
 
 
+# The pip package of each database driver module SQLAlchemy loads for a URL's dialect+driver
+DRIVERS = {"MySQLdb": "mysqlclient", "pymysql": "pymysql", "mysql": "mysql-connector-python", "mariadb": "mariadb",
+           "psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "pg8000": "pg8000", "oracledb": "oracledb",
+           "pyodbc": "pyodbc", "pymssql": "pymssql"}
+
+
 def check_optuna_storage(url: str, name: str, resume: bool) -> None:
     """--optuna-storage checked before anything is written (and by --dry-run): a URL
     SQLAlchemy opens with an installed driver; for SQLite, an existing folder and a
@@ -241,9 +247,12 @@ def check_optuna_storage(url: str, name: str, resume: bool) -> None:
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
         raise bad(f"not a database URL Optuna can use ({str(e).splitlines()[0]}); e.g. "
                   "postgresql://user:password@host/db, mysql+pymysql://..., sqlite:////abs/path/optuna.db") from None
-    except ImportError as e:
-        raise bad(f"its database driver is not installed ({e}); install it (for postgresql:// with SQLAlchemy 2.1: "
-                  "pip install 'psycopg[binary]')") from None
+    except ImportError as e:  # the module the URL's dialect+driver loads (mysql:// MySQLdb, postgresql:// psycopg)
+        module = (e.name or "").split(".")[0]
+        other = (f"; or name a pure-Python driver in the URL: {u.get_backend_name()}+pymysql://... with pip install "
+                 "pymysql") if u.drivername in ("mysql", "mariadb") else ""
+        raise bad(f"its database driver is not installed (No module named {module!r}, which {u.drivername}:// "
+                  f"loads): pip install {DRIVERS.get(module, module)}{other}") from None
     if u.get_backend_name() == "sqlite":
         if not u.database or u.database == ":memory:":
             raise bad("an in-memory database ends with this process; name a file")

@@ -107,6 +107,39 @@ def test_analyze_with_one_finished_and_errored_trials(tiny_study, tmp_path, run)
     assert (d / "report" / "curves.png").is_file()
 
 
+def test_analyze_of_a_study_in_which_no_trial_reported_an_epoch_says_so_in_one_line(tiny_study, tmp_path, run):
+    """Interrupted before its first trial reported, or ended with every trial errored at once: one
+    line of what the folder holds (lifecycle's words), exit 2, no report (was: Ray's FileNotFoundError
+    warnings, pandas' "Empty DataFrame" and a report of nothing)."""
+    import logging
+
+    early = tmp_path / "early"  # as a kill leaves it before any trial reported: Ray's state, no result files
+    shutil.copytree(tiny_study[0], early, ignore=shutil.ignore_patterns(
+        "trials.*", "history.csv", "best.yaml", "best", "report", "result.json", "progress.csv"))
+    errored = tmp_path / "errored"  # ended, every trial errored at its start
+    shutil.copytree(tiny_study[0], errored, ignore=shutil.ignore_patterns("best.yaml", "best", "report"))
+    t = pd.read_parquet(errored / "trials.parquet")
+    for name in ("trials.parquet", "trials.csv"):
+        results.write_table(errored / name, t.assign(status="errored", epochs_run=0, error="RuntimeError: boom",
+                                                     **{c: np.nan for c in t if c.startswith("best_")}))
+    results.write_table(errored / "history.csv", pd.DataFrame(columns=["trial_id", "epoch"]))
+    ray_said = []
+    catch = logging.Handler()
+    catch.emit = ray_said.append
+    logging.getLogger("ray").addHandler(catch)
+    try:
+        for d, line in ((early, f"{early} holds a study whose search has not ended, and none of its 3 trials has "
+                                "reported an epoch yet: nothing to read yet; continue it with study.run's --resume"),
+                        (errored, f"{errored} holds an ended study whose 3 trials all errored before their first "
+                                  f"epoch (trial {t['trial_id'].iloc[0]}: RuntimeError: boom): nothing to read")):
+            p = run("study.analyze", d)
+            assert (p.returncode, p.stderr.strip(), p.stdout) == (2, f"error: {line}", ""), p.stderr
+            assert not (d / "report").exists()
+    finally:
+        logging.getLogger("ray").removeHandler(catch)
+    assert not [r.getMessage() for r in ray_said if r.levelno >= logging.WARNING]
+
+
 @pytest.mark.smoke  # .ci/run's newest-versions set
 def test_reproduce_matches_exactly_on_the_cpu_and_catches_a_doctored_record(tiny_study, tiny_data_dir, tmp_path, run):
     d = tmp_path / "e2e"

@@ -30,7 +30,7 @@ from csnn import argtypes, bench, cli, data as fmnist
 from csnn.atomic import write_atomic
 from csnn.config import TrainConfig, FIELD_TYPES
 from csnn.train import read_checkpoint
-from study import analyze, reproduce, results, run, spec as specs
+from study import analyze, environment, reproduce, results, run, spec as specs
 
 
 def load_cmd(argv) -> int:
@@ -581,6 +581,23 @@ ROWS = [
         "resources.gpus_per_trial: 1.5 is not allowed; above 1 Ray grants whole GPUs only"),
     Row("19 --retrain --no-retrain", "study.run", lambda c: finished_study(c, "--retrain", "--no-retrain"), 2,
         "--retrain and --no-retrain contradict each other"),
+    # the shared code's words (train_size, backend 'auto', TrainConfig.device) as the command's flags
+    Row("27 -train-size beyond the data after -val-size names both flags", "csnn.train",
+        lambda c: c.cli("-val-size", 100, "-train-size", 250), 2,
+        "error: -train-size 250 is more than the 200 training images left after -val-size 100"),
+    Row("27 -cupy -device cpu speaks of -cupy", "csnn.train", lambda c: c.cli("-cupy"), 2,
+        "error: -cupy: runs on a CUDA GPU, and -device is 'cpu'; leave -cupy out on the CPU"),
+    Row("27 reproduce --device tpu names the flag", "study.reproduce",
+        lambda c: [str(c.study()), "--device", "tpu", "--data-dir", str(c.data)], 2,
+        "error: --device: 'tpu' is not allowed; allowed: auto, cpu, cuda, cuda:N"),
+    Row("27 --optuna-storage mysql:// without its driver names the MySQL driver", "study.run",
+        lambda c: c.dry(c.space(), "--optuna-storage", "mysql://u:p@127.0.0.1:1/db"), 2,
+        "(No module named 'MySQLdb', which mysql:// loads): pip install mysqlclient; or name a pure-Python driver"),
+    Row("27 bench --backend cupy on the CPU names bench's flags", "csnn.bench", lambda c: ["--backend", "cupy"], 2,
+        "error: --backend cupy: runs on a CUDA GPU, and --device is 'cpu'; use --backend auto on the CPU"),
+    Row("27 bench too silent to compare at -T 1 advises more time steps", "csnn.bench",
+        lambda c: ["-T", "1", "--channels", "2", "--compile", "off", "--train-images", "100", "--eval-images", "50",
+                   "--data-dir", str(c.data)], 1, "too silent to compare (the deeper layers fire with more time steps: -T 4"),
 ]
 
 
@@ -681,8 +698,36 @@ def shared(tmp_path_factory):
     return data, logs / "T1_b16_sgd_lr0.1_c2" / "checkpoint_latest.pth"
 
 
+@pytest.fixture(scope="module")
+def options() -> dict:
+    """Each command's option strings, as its --help's usage lists them."""
+    import contextlib
+    import io
+
+    found = {}
+    for cmd, main in COMMANDS.items():
+        if cmd == "results.load":
+            continue
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            main(["-h"])
+        usage = out.getvalue().split("\n\n")[0].replace(f"python -m {cmd}", "")
+        found[cmd] = set(re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", usage)) - {"-h", "--help"}
+    return found
+
+
+def misspelled(cmd: str, text: str, options: dict) -> set:
+    """The flags `text` (what `cmd` printed) names in the other command line's spelling: a
+    tutorial-style flag (-data-dir, -epochs) in a study command's or csnn.bench's message
+    (but its own -T, -j), or a study-style one (--data-dir) in csnn.train's."""
+    tutorial = options["csnn.train"]
+    study = set().union(*(v for k, v in options.items() if k != "csnn.train"))
+    other = study - tutorial if cmd == "csnn.train" else tutorial - options.get(cmd, set())
+    return set(re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", text)) & other
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
-def test_bad_input(row: Row, shared, tmp_path, monkeypatch, capsys):
+def test_bad_input(row: Row, shared, options, tmp_path, monkeypatch, capsys):
     data, ckpt = shared
     ctx = Ctx(tmp_path, data, ckpt)
     monkeypatch.delenv("CSNN_DATA", raising=False)
@@ -701,6 +746,7 @@ def test_bad_input(row: Row, shared, tmp_path, monkeypatch, capsys):
     text = err if row.code else out + err
     assert row.fragment in text, f"{row.fragment!r} not in:\n{text[-2000:]}"
     assert "Traceback" not in out + err
+    assert not misspelled(row.cmd, out + err, options), f"{misspelled(row.cmd, out + err, options)} in:\n{err[-2000:]}"
     if row.code == 2:
         lines = [line for line in err.strip().splitlines() if line.startswith("error:") or ": error:" in line]
         assert len(lines) == 1, err  # one line that says what is wrong
@@ -742,6 +788,37 @@ def test_a_damaged_study_raises_only_study_error(damage, shared, tmp_path, capsy
         # no data there: reproduce stops at the data at the latest, before training
         assert reproduce.main([str(d), "--data-dir", str(tmp_path / "none")]) == 2
     assert "Traceback" not in "".join(capsys.readouterr())
+
+
+# environment.yaml damaged as a copy or an editor may leave it; a study's record, which nothing needs to run
+ENV_DAMAGES = {"not UTF-8": b"\x00\xff{[: \n", "not YAML": b"python: [3.11,\n", "a list": b"- 1\n",
+               "cut short": b"python: 3.11.2\ngit_commit: null\ngit_dirty: null\npackages:\n  torch: 2.9.0\ntorch_cu"}
+
+
+def test_a_damaged_environment_yaml_is_one_warning_and_the_command_goes_on(shared, tmp_path, capsys):
+    """study.reproduce and study.run --resume/--retrain compare it (warn_differences): one line naming
+    the file, then on (was: silent, a line per key of a cut file, or a UnicodeDecodeError traceback)."""
+    c = Ctx(tmp_path, *shared)
+    argv = finished_study(c, "--resume")
+    d = c.tmp / "results" / "hand"
+    f = d / "environment.yaml"
+    for damage, content in ENV_DAMAGES.items():
+        f.write_bytes(content)
+        capsys.readouterr()
+        changed = environment.warn_differences(d, "--resume")  # as study.run --resume and --retrain call it
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"warning: {f}: ") and "goes on" in err, (damage, err)
+        assert changed == [f"environment.yaml unreadable: {err.split(': ', 2)[2].split('; --resume')[0]}"], changed
+        assert results.load(d).environment is None
+    f.write_bytes(ENV_DAMAGES["not UTF-8"])
+    assert run.main(argv) == 0 and "nothing to resume" in capsys.readouterr().out
+    assert reproduce.main([str(d), "--epochs", "1", "--data-dir", str(c.data)]) in (0, 1)  # (a hand-made record)
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "environment" in line] == [
+        f"warning: {f}: not YAML ('utf-8' codec can't decode byte 0xff in position 1: invalid start byte); this "
+        "reproduction goes on without comparing its environment with the study's"], err
+    table = pd.read_csv(next((d / "reproduce").glob("*/comparison.csv")))
+    assert table["environment_differs"].str.startswith("environment.yaml unreadable: not YAML").all()
 
 
 def wrong_value(types: tuple):
@@ -823,7 +900,7 @@ SPELLINGS = [
 
 
 @pytest.mark.parametrize("cmd,setup,dashes", SPELLINGS, ids=[f"{s[0]}-{i}" for i, s in enumerate(SPELLINGS)])
-def test_messages_spell_flags_as_their_command_does(cmd, setup, dashes, shared, tmp_path, capsys):
+def test_messages_spell_flags_as_their_command_does(cmd, setup, dashes, shared, options, tmp_path, capsys):
     data, ckpt = shared
     c = Ctx(tmp_path, data, ckpt)
     argv = setup(c)
@@ -836,3 +913,4 @@ def test_messages_spell_flags_as_their_command_does(cmd, setup, dashes, shared, 
     names = "|".join(argtypes.SHARED_FLAGS)
     flags = re.findall(rf"(?<![\w-])(--?)(?:{names})\b", err)
     assert code == 2 and flags and set(flags) == {dashes}, err  # named, and only in this command's spelling
+    assert not misspelled(cmd, err, options), err

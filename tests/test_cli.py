@@ -70,7 +70,7 @@ def test_cli_clear_errors(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "no CUDA GPU is available" in p.stderr or "CUDA GPU(s)" in p.stderr
     p = run("-device", "cpu", "-cupy", "-epochs", "1", cwd=tmp_path)
-    assert p.returncode == 2 and "'cupy' runs on a CUDA GPU, and device is 'cpu'" in p.stderr
+    assert p.returncode == 2 and "error: -cupy: runs on a CUDA GPU, and -device is 'cpu'" in p.stderr  # its flags
     p = run("-device", "cpu", "-lr", "-1", cwd=tmp_path)
     assert p.returncode == 2 and "error: -lr: -1.0 is not allowed" in p.stderr  # the flag, not the field
 

@@ -41,6 +41,31 @@ def test_ctrl_c_is_one_line_and_130(command, tiny_study, tiny_data_dir, tmp_path
                                     and lines[0].startswith("interrupted ")), p.stderr[-3000:]
 
 
+PROBE = """
+import os, signal, time
+from csnn.argtypes import interruptible, leave
+
+def main():  # the Ctrl-C lands in code run by a string exec, as in torch's compiled guards and fx code
+    exec("os.kill(os.getpid(), signal.SIGINT); time.sleep(30)")
+    return 0
+
+leave(interruptible(main, "probe", "nothing written"))
+"""
+COMMANDS = ("csnn/bench.py", "csnn/train/__main__.py", "study/analyze.py", "study/reproduce.py", "study/run.py")
+
+
+def test_ctrl_c_caught_in_a_string_exec_still_exits_130(tmp_path):
+    """CPython marks a KeyboardInterrupt out of a string exec as unhandled even when it is caught, and
+    under python -m then kills itself with SIGINT at exit: csnn.bench printed its line, then rc -2."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    p = subprocess.run([sys.executable, "-m", "probe"], env={**env(), "PYTHONPATH": f"{tmp_path}:{ROOT}"},
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130 and p.stderr.strip() == "probe: interrupted; nothing written", (p.returncode, p.stderr)
+    for name in COMMANDS:  # and every command ends through leave()
+        main_block = (ROOT / name).read_text().rsplit('if __name__ == "__main__":', 1)[-1]
+        assert "leave(" in main_block, f"{name} exits otherwise than through argtypes.leave"
+
+
 def test_an_unreachable_storage_answers_in_time_and_ctrl_c_reaches_it(tmp_path):
     """gs:// with no network: pyarrow retried for minutes, deaf to Ctrl-C (140 s seen)."""
     import yaml

@@ -161,3 +161,28 @@ def test_two_identical_studies_at_once(tiny_data_dir, tmp_path, capsys):
     out = first.communicate(timeout=180)[0]
     assert first.returncode in (0, 130) and "Traceback" not in out, out[-3000:]
     assert not lock.exists()
+
+
+def test_study_run_reads_the_folder_under_its_lock(tiny_study, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """study.run takes the lock before it reads the folder's state (no other process acts between what it
+    reads and what it does), but for --dry-run, which writes nothing; a refused command leaves no folder
+    behind. (lifecycle.read is watched, not replaced: it reads the real folder.)"""
+    from conftest import in_process, study_cmd, tiny_spec, write_spec
+    from study import run
+
+    d = shutil.copytree(tiny_study[0], tmp_path / "results" / "e2e", ignore=shutil.ignore_patterns("report"))
+    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    locked, real_read = [], lifecycle.read
+    monkeypatch.setattr(lifecycle, "read", lambda folder: (locked.append((folder / lifecycle.LOCK).is_file()),
+                                                           real_read(folder))[1])
+    p = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir, "--resume")[3:])
+    assert p.returncode == 0 and "nothing to resume" in p.stdout, p.stderr
+    assert locked == [True] and not (d / lifecycle.LOCK).exists()
+    locked.clear()
+    p = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir, "--resume", "--dry-run")[3:])
+    assert p.returncode == 0 and locked == [False], p.stderr
+    locked.clear()
+    fresh = tmp_path / "fresh"  # a --storage that does not exist yet: --resume there is refused
+    p = in_process(capsys, run.main, space, "--storage", fresh / "results", "--data-dir", tiny_data_dir, "--resume")
+    assert p.returncode == 2 and "holds no study yet; start the study" in p.stderr, p.stderr
+    assert locked == [True] and not fresh.exists()
