@@ -1,7 +1,7 @@
 """Early stopping that understands spiking networks and several objectives.
 
 SilentAwareOptunaSearch: Ray's OptunaSearch, telling Optuna which trials were
-silent networks (csnn.trainable ends them).
+silent or dead networks (csnn.trainable ends them).
 
 MultiObjectiveASHA: asynchronous successive halving for several objectives, Ray
 Tune's ASHA with Pareto fronts in place of one metric's quantile.
@@ -23,7 +23,7 @@ import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from csnn.config import silent_layers
+from csnn.config import dead_network, silent_layers
 
 
 def silent(result: dict, rate: float) -> str:
@@ -39,7 +39,9 @@ class SilentAwareOptunaSearch(OptunaSearch):
     trial, so the sampler learns the region, and a user attribute naming the layers.
     Not as failed: Optuna's samplers leave failed trials out of what they learn from.
     Its values are told too (a silent network's accuracy is chance; its near-zero
-    energy would make it look good on a cost objective, were it not infeasible)."""
+    energy would make it look good on a cost objective, were it not infeasible).
+    So is a dead network (one class for every training image, csnn.trainable): the
+    constraint `dead` and a user attribute saying why."""
 
     # The Optuna storage a restored searcher connects to: set by study.run before Tuner.restore.
     # The searcher is pickled without its storage (OptunaSearch's own state held the study's
@@ -81,11 +83,14 @@ class SilentAwareOptunaSearch(OptunaSearch):
             self.__setstate__(pickle.load(f))
 
     def on_trial_complete(self, trial_id, result=None, error=False):
-        quiet = silent(result or {}, self.silent_rate)
-        if quiet and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+        why = {"silent": silent(result or {}, self.silent_rate),
+               "dead": (result or {}).get("dead") or dead_network(result or {}, self.silent_rate)}
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
             ot_trial = self._ot_trials[trial_id]  # OptunaSearch's own record of its Optuna trials
-            ot_trial.set_user_attr("silent", quiet)
-            ot_trial.set_constraint("silent", 1.0)
+            for key, text in why.items():
+                if text:
+                    ot_trial.set_user_attr(key, text)
+                    ot_trial.set_constraint(key, 1.0)
         super().on_trial_complete(trial_id, result, error)
 
 
