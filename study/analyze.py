@@ -361,7 +361,7 @@ def learnt_nothing_lines(study: results.Study, kind: str, what: str, why: str) -
     name says why) were: per searched parameter, their share at each choice, or the range of
     their values against the others."""
     t = study.trials
-    hit = t[kind].fillna("").astype(str) != "" if kind in t else pd.Series(False, index=t.index)
+    hit = results.said(t, kind)
     those, ended = t[hit], t[t["status"] == kind] if len(t) else t
     if those.empty:
         return []

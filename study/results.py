@@ -181,13 +181,17 @@ def pareto(trials: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     return front.sort_values(spec.metric, ascending=spec.mode == "min")
 
 
+def said(trials: pd.DataFrame, column: str) -> pd.Series:
+    """Which trials have a text in `column` (silent, dead): read back from a csv, an empty one is NaN,
+    and a column with none is float."""
+    if column not in trials:
+        return pd.Series(False, index=trials.index)
+    return trials[column].map(lambda v: isinstance(v, str) and v != "").astype(bool)
+
+
 def learns_nothing(trials: pd.DataFrame) -> pd.Series:
     """The trials silent or dead at their last epoch (the silent and dead columns say why)."""
-    out = pd.Series(False, index=trials.index)
-    for col in ("silent", "dead"):
-        if col in trials:
-            out |= trials[col].fillna("").astype(str) != ""
-    return out
+    return said(trials, "silent") | said(trials, "dead")
 
 
 def hypervolumes(studies: list, spec: StudySpec) -> list[float]:
