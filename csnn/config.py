@@ -68,6 +68,8 @@ def dead_network(metrics, silent_rate: float) -> str:
     if not silent_rate or share is None or share != share or share < DEAD_SHARE or silent_layers(metrics, silent_rate):
         return ""
     return f"predicts class {int(metrics['top_class'])} for {share:.1%} of training images"
+
+
 COMPILE_AUTO_IMAGES = 50_000  # measured break-even on 2 CPU cores: ~13k images warm, ~80k cold
 
 
