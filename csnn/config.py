@@ -32,8 +32,11 @@ SPIKING_LAYERS = (2, 6, 10, 12)
 # max_test_acc is the command line's own (csnn.cli), never a study's.
 COST_METRICS = ("spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj")
 TIMING_METRICS = ("train_img_s", "epoch_s")
+# The class the network predicted most often for the epoch's training images, and its share of
+# them: ~1 is a dead network that fires for one class whatever the image (csnn.trainable).
+PREDICTION_METRICS = ("top_class", "top_class_share")
 METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-           *TIMING_METRICS, *(f"fr_{i}" for i in SPIKING_LAYERS), *COST_METRICS)
+           *TIMING_METRICS, *(f"fr_{i}" for i in SPIKING_LAYERS), *COST_METRICS, *PREDICTION_METRICS)
 # Where and how each epoch ran, reported with the metrics (not objectives): what
 # study.reproduce reads to choose its tolerance, and what a user needs to find a
 # slow or different trial (neuron_impl: the IF kernels that ran in training).
@@ -51,6 +54,22 @@ MAX_EPOCHS = 100_000
 def silent_layers(metrics, below: float) -> list[str]:
     """The spiking layers (fr_<i>) of one epoch's metrics (a dict or a row) that fired below `below`."""
     return [k for k in metrics.keys() if k.startswith("fr_") and metrics[k] == metrics[k] and metrics[k] < below]  # NaN: not reported
+
+
+DEAD_SHARE = 0.999  # of the training images predicted as one class; measured: see csnn.trainable
+
+
+def dead_network(metrics, silent_rate: float) -> str:
+    """Why one epoch's metrics (a dict or a row) are a dead network's, one that fires yet
+    predicts one class for (nearly) every training image, e.g. 'predicts class 3 for 100.0%
+    of training images'; '' when not, or when a layer is silent (a silent network: its own
+    label), or when silent_rate is 0 (which turns off both stops and both labels)."""
+    share = metrics.get("top_class_share") if hasattr(metrics, "get") else None
+    if not silent_rate or share is None or share != share or share < DEAD_SHARE or silent_layers(metrics, silent_rate):
+        return ""
+    return f"predicts class {int(metrics['top_class'])} for {share:.1%} of training images"
+
+
 COMPILE_AUTO_IMAGES = 50_000  # measured break-even on 2 CPU cores: ~13k images warm, ~80k cold
 
 

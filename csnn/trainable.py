@@ -12,7 +12,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from csnn.config import TrainConfig, silent_layers, trial_fields
+from csnn.config import TrainConfig, dead_network, silent_layers, trial_fields
 from csnn.data import FashionMNIST
 from csnn.gpus import cuda_refusal, nvidia_driver
 from csnn.train import fit, read_checkpoint
@@ -62,10 +62,34 @@ def placement() -> dict:
 # SGD lr 2 and 10 after one epoch of 600; with 3,000 images an epoch, every trial silent at
 # two epoch ends (6,000 images) stayed so to its sixth epoch.
 SILENT_MIN_IMAGES = 5_000
+# Dead networks (csnn.config.DEAD_SHARE), measured on real images (SGD momentum 0.9, T 1 or 2,
+# 4 or 8 channels, lr 50 to 300): once dead they predicted one class for exactly 100% of the
+# training images at every epoch (500 or 3,000 an epoch; fr_12 0.1 to 0.4: one to four output
+# neurons firing at every step, whatever the image; val_acc 0.100 to the last epoch). Networks
+# that fired and were learning came closest in their first epoch (Adam lr 1e-4, 3,000 images:
+# 0.997 while firing, 0.559 after the second) or in the first epoch they fired after being silent
+# (SGD lr 0.01 momentum 0.8, 8 channels, 6,000 images: silent, then 0.992, then 0.906; Adam lr
+# 1e-4 on 500: 0.984, then 0.948); else 0.956 at most. Hence 0.999, two epochs in a row, and an
+# epoch with a silent layer never counts as dead.
 
 
-class _Silent(Exception):
-    """Ends a silent trial's training loop after its last report."""
+def ended(before: dict, now: dict, seen: int, silent_rate: float) -> dict:
+    """What ends a trial at the report of epoch `now` (`before`: the epoch before it, {} for none),
+    once it has trained on `seen` images: {"silent": "fr_10,fr_12"}, the layers silent at both
+    epochs; else {"dead": why} (csnn.config.dead_network), a network dead at both: every layer
+    fired, yet it predicted one class for at least DEAD_SHARE of the training images; else {} (it
+    goes on; also before SILENT_MIN_IMAGES images, and always with silent_rate 0)."""
+    if seen < SILENT_MIN_IMAGES:
+        return {}
+    silent = sorted(set(silent_layers(before, silent_rate)) & set(silent_layers(now, silent_rate)))
+    if silent:
+        return {"silent": ",".join(silent)}
+    dead = dead_network(now, silent_rate) if dead_network(before, silent_rate) else ""
+    return {"dead": dead} if dead else {}
+
+
+class _Ended(Exception):
+    """Ends a silent or dead trial's training loop after its last report."""
 
 
 def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None, checkpoint_every: int = 1,
@@ -77,7 +101,10 @@ def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None, check
     A silent network (a spiking layer whose firing rate stays below `silent_rate`,
     0: never) learns nothing: the trial ends when a layer was silent at the end of
     two epochs in a row and it has trained on SILENT_MIN_IMAGES, its last report
-    saying `silent: fr_<i>`."""
+    saying `silent: fr_<i>`. So does a dead network, one that fires but predicts one class
+    for at least DEAD_SHARE of the epoch's training images (its output does not depend on
+    its input), its last report saying why: `dead: predicts class 3 for 100.0% of training
+    images`. silent_rate 0 turns off both."""
     cfg = TrainConfig.from_dict({**(fixed or {}), **trial_fields(config)})
     import torch
 
@@ -97,23 +124,21 @@ def trainable(config: dict, data: FashionMNIST, fixed: dict | None = None, check
             resume = Path(checkpoint.to_directory(str(Path(work) / "restored"))) / "checkpoint_latest.pth"
         out = Path(work) / "ckpt"
 
-        # the layers silent at the previous epoch: a restored trial's, from its checkpoint's epoch
-        quiet = set(silent_layers(read_checkpoint(resume).get("metrics") or {}, silent_rate)) if resume else set()
+        before = (read_checkpoint(resume).get("metrics") or {}) if resume else {}  # a restored trial's last epoch
         n_train = cfg.train_size or len(data.train_y) - cfg.val_size
 
         def report(metrics: dict) -> None:
-            nonlocal quiet
-            seen = (metrics["epoch"] + 1) * n_train
-            silent = sorted(quiet & set(silent_layers(metrics, silent_rate))) if seen >= SILENT_MIN_IMAGES else []
-            quiet = set(silent_layers(metrics, silent_rate))
+            nonlocal before
+            end = ended(before, metrics, (metrics["epoch"] + 1) * n_train, silent_rate)
+            before = metrics
             # Ray copies the checkpoint folder into the trial's storage before returning.
             saved = metrics["epoch"] + 1 in save_at
-            tune.report({**metrics, **where, **({"silent": ",".join(silent)} if silent else {})},
+            tune.report({**metrics, **where, **end},
                         checkpoint=tune.Checkpoint.from_directory(str(out)) if saved else None)
-            if silent:
-                raise _Silent
+            if end:
+                raise _Ended
 
         try:
             fit(cfg, data, out, report, resume=resume, save_when=lambda epoch: epoch + 1 in save_at)
-        except _Silent:
+        except _Ended:
             pass

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from csnn.atomic import write_atomic  # noqa: E402
-from csnn.config import TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
+from csnn.config import DEAD_SHARE, TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import estimate, lifecycle, results  # noqa: E402
 from csnn.argtypes import interruptible, leave, positive_int, spelled  # noqa: E402
 from study.spec import BASELINE, distribution  # noqa: E402
@@ -370,30 +370,39 @@ def warm_lines(study: results.Study) -> list[str]:
 
 
 def silent_lines(study: results.Study) -> list[str]:
-    """Where in the space the silent networks were: per searched parameter, the share
-    of silent trials at each choice, or the range of silent values against the others."""
+    """Where in the space the silent networks were, then the dead ones (each its own section)."""
+    rate = study.spec.scheduler["silent_rate"]
+    return (learnt_nothing_lines(study, "silent", f"A spiking layer fired below {rate:g} at the trial's last epoch",
+                                 "Layers")
+            + learnt_nothing_lines(study, "dead", f"The network fired, but predicted one class for at least "
+                                   f"{DEAD_SHARE:.1%} of its training images at the trial's last epoch", "Why"))
+
+
+def learnt_nothing_lines(study: results.Study, kind: str, what: str, why: str) -> list[str]:
+    """Where in the space the trials of `kind` (silent or dead: the trials table's column of that
+    name says why) were: per searched parameter, their share at each choice, or the range of
+    their values against the others."""
     t = study.trials
-    quiet = t["silent"].fillna("").astype(str) != "" if "silent" in t else pd.Series(False, index=t.index)
-    silent, ended = t[quiet], t[t["status"] == "silent"] if len(t) else t
-    if silent.empty:
+    hit = results.said(t, kind)
+    those, ended = t[hit], t[t["status"] == kind] if len(t) else t
+    if those.empty:
         return []
     planned = sum(study.spec.config({k: r[k] for k in study.spec.space if not results.missing(r[k])}).epochs
                   for _, r in ended.iterrows())
-    lines = [f"## Silent networks: {len(silent)} of {len(t)} trials", "",
-             f"A spiking layer fired below {study.spec.scheduler['silent_rate']:g} at the trial's last epoch: "
-             f"{len(ended)} were ended so by the silent stop (they ran {int(ended['epochs_run'].sum())} epochs of "
-             f"the {planned} planned), the others stopped or finished so. Layers: "
-             + ", ".join(f"{k} {n}" for k, n in silent["silent"].value_counts().items()) + ".", ""]
+    lines = [f"## {kind.capitalize()} networks: {len(those)} of {len(t)} trials", "",
+             f"{what}: {len(ended)} were ended so by the {kind} stop (they ran {int(ended['epochs_run'].sum())} "
+             f"epochs of the {planned} planned), the others stopped or finished so. {why}: "
+             + ", ".join(f"{n} × {k}" for k, n in those[kind].value_counts().items()) + ".", ""]
     for name in study.spec.space:
-        col, others = silent[name].dropna(), t.loc[~quiet, name].dropna()
+        col, others = those[name].dropna(), t.loc[~hit, name].dropna()
         if col.empty:
             continue
         if pd.api.types.is_numeric_dtype(t[name]) and t[name].nunique() > 6:
-            lines.append(f"- `{name}`: silent at {col.min():.4g} to {col.max():.4g} (median {col.median():.4g}); "
+            lines.append(f"- `{name}`: {kind} at {col.min():.4g} to {col.max():.4g} (median {col.median():.4g}); "
                          + (f"the others {others.min():.4g} to {others.max():.4g}" if len(others) else "no other trial"))
         else:
             counts = t[name].value_counts(dropna=True)
-            lines.append(f"- `{name}`: " + ", ".join(f"{_fmt(v)} {int((col == v).sum())}/{n} silent"
+            lines.append(f"- `{name}`: " + ", ".join(f"{_fmt(v)} {int((col == v).sum())}/{n} {kind}"
                                                      for v, n in counts.sort_index().items()))
     return lines + [""]
 
@@ -415,10 +424,11 @@ def best_lines(study: results.Study) -> list[str]:
     spec, b = study.spec, study.best
     if not b:
         t = study.trials
-        if spec.multi and len(t) and "silent" in t and t["silent"].fillna("").astype(str).ne("").all():
-            # every trial reported its objectives, but a silent network is on no Pareto front
-            return ["Every trial ended silent (a spiking layer below scheduler.silent_rate): none is on a Pareto "
-                    "front, so there is no picked trial; widen the search toward what fires, or lower silent_rate.", ""]
+        if spec.multi and len(t) and results.learns_nothing(t).all():
+            # every trial reported its objectives, but a silent or dead network is on no Pareto front
+            return ["Every trial ended silent (a spiking layer below scheduler.silent_rate) or dead (one class for "
+                    "every image): none is on a Pareto front, so there is no picked trial; widen the search toward "
+                    "what learns, or lower silent_rate.", ""]
         return ["No trial reported the objective: there is no best trial.", ""]
     objs = b["objective"] if spec.multi else [b["objective"]]
     return [f"## Picked trial ({spec.retrain['pick']}): {b['trial_id']}" if spec.multi else f"## Best trial: {b['trial_id']}",

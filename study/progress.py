@@ -33,7 +33,7 @@ class Progress(tune.Callback):
         self.spec, self.trial_s, self.running, self.after_s = spec, trial_s, max(1, running), after_s
         self.fixed_s = fixed_s  # the search's own start (Tuner, Ray workers), before any trial's work
         self.start = time.time()
-        self.ended: dict = {}  # trial_id -> finished | stopped | silent | errored
+        self.ended: dict = {}  # trial_id -> finished | stopped | silent | dead | errored
         self.best = None  # (value, trial_id)
 
     def setup(self, **info):
@@ -56,8 +56,9 @@ class Progress(tune.Callback):
 
     def _kind(self, trial) -> str:
         last = trial.last_result or {}
-        if last.get("silent"):  # ended by the silent stop (csnn.trainable)
-            return "silent"
+        for kind in ("silent", "dead"):  # ended by the silent or the dead stop (csnn.trainable)
+            if last.get(kind):
+                return kind
         return "finished" if last.get("training_iteration", 0) >= self._epochs(trial) else "stopped"
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -93,8 +94,8 @@ class Progress(tune.Callback):
         remaining = f", ~{clock(left)} left" if self.trial_s else ""
         best = (f"; best {self.spec.metric} {self.best[0]:.4g} (trial {self.best[1]})" if self.best else "")
         print(f"[{clock(elapsed)}{remaining}] trials {len(kinds)}/{total}: "
-              + ", ".join(f"{kinds.count(k)} {k}" for k in ("finished", "stopped", "silent") if k != "silent"
-                          or k in kinds) + f", {running} running, "
+              + ", ".join(f"{kinds.count(k)} {k}" for k in ("finished", "stopped", "silent", "dead")
+                          if k in ("finished", "stopped") or k in kinds) + f", {running} running, "
               f"{kinds.count('errored')} errored{best}{extra}", flush=True)
 
 

@@ -34,8 +34,11 @@ from csnn.argtypes import interruptible, leave, positive_int, spelled, worded
 # When CUDA ran, per metric: (absolute, relative) tolerance, a difference passing
 # when it is within absolute + relative * |recorded|. Accuracies move by a few
 # images' worth; losses, firing rates and counts move with the spikes, relatively.
+# top_class: which class a learning network predicts most often may change with the last bits of a
+# step (its share, a fraction of images like an accuracy, says whether one class dominates).
 CUDA_TOLERANCES = {"acc": (0.02, 0.0), "loss": (0.002, 0.10), "fr_": (0.005, 0.10), "per_image": (0.0, 0.05),
-                   "energy_uj": (0.0, 0.05), "lr": (0.0, 1e-6)}
+                   "energy_uj": (0.0, 0.05), "lr": (0.0, 1e-6), "top_class_share": (0.02, 0.0),
+                   "top_class": (9.0, 0.0)}
 
 
 def tolerance(metric: str, exact: bool) -> tuple[float, float]:

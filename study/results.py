@@ -24,13 +24,14 @@ import yaml
 
 from csnn import yamlio
 from csnn.atomic import write_atomic
-from csnn.config import METRICS, RUN_INFO, silent_layers, trial_fields
+from csnn.config import METRICS, RUN_INFO, dead_network, silent_layers, trial_fields
 from study import storage
 from study.spec import StudySpec
 from study.storage import Location, read_table
 
-# silent: ended by the trainable as a silent network (a spiking layer stopped firing)
-STATUSES = ("finished", "stopped", "silent", "errored", "unfinished")
+# silent: ended by the trainable as a silent network (a spiking layer stopped firing);
+# dead: ended by it as a dead network (it fires, but predicts one class for every image)
+STATUSES = ("finished", "stopped", "silent", "dead", "errored", "unfinished")
 
 
 
@@ -135,12 +136,14 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
             h = h.drop_duplicates("epoch", keep="last").sort_values("epoch")  # a retried epoch counts once
         error = error_text(str(result.error)) if result.error else None
         ran = len(h)
-        # status silent: the trainable ended it so. The silent column: the layers silent at
-        # its last epoch, for whatever reason it ended (then it is off the Pareto front).
+        # status silent (dead): the trainable ended it so. The silent column: the layers silent at
+        # its last epoch, for whatever reason it ended (then it is off the Pareto front); the dead
+        # column, likewise: why its last epoch was a dead network's.
         quiet = _text(last.get("silent")) or ",".join(
             silent_layers(h.iloc[-1], spec.scheduler["silent_rate"]) if len(h) else [])
-        status = ("errored" if error else "silent" if _text(last.get("silent")) else "finished" if ran >= cfg.epochs
-                  else "stopped" if complete else "unfinished")
+        dead = _text(last.get("dead")) or (dead_network(h.iloc[-1], spec.scheduler["silent_rate"]) if len(h) else "")
+        status = ("errored" if error else "silent" if _text(last.get("silent")) else "dead" if _text(last.get("dead"))
+                  else "finished" if ran >= cfg.epochs else "stopped" if complete else "unfinished")
         row = {"trial_id": trial_id, "number": number, "status": status}
         row.update({k: params.get(k) for k in spec.space})
         for m in (*METRICS, *RUN_INFO):
@@ -155,6 +158,7 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
         row.update({k: _text(last.get(k)) for k in PLACEMENT})
         row["error"] = error
         row["silent"] = quiet  # the layers that fired below scheduler.silent_rate at the last epoch, e.g. fr_12
+        row["dead"] = dead  # why its last epoch was a dead network's, e.g. 'predicts class 3 for 100.0% of ...'
         row["config"] = yaml.safe_dump(cfg.to_dict(), default_flow_style=True, width=10_000).strip()
         rows.append(row)
         if len(h):
@@ -182,14 +186,26 @@ def pareto(trials: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     names = [o["metric"] for o in spec.objectives]
     if trials.empty or not set(names) <= set(trials.columns):
         return trials.iloc[0:0]
-    # Nor a network silent at its last epoch: its output no longer depends on its input, and
-    # its near-zero energy would take the cheap end of the front.
-    quiet = trials["silent"].fillna("").astype(str) != "" if "silent" in trials else False
-    ok = trials[(trials["status"] != "errored") & ~quiet].dropna(subset=names)
+    # Nor a network silent or dead at its last epoch: its output no longer depends on its input,
+    # and its low energy would take the cheap end of the front.
+    ok = trials[(trials["status"] != "errored") & ~learns_nothing(trials)].dropna(subset=names)
     costs = np.stack([ok[o["metric"]].to_numpy(float) * (1 if o["mode"] == "min" else -1) for o in spec.objectives], 1)
     dominated = [((costs <= c).all(1) & (costs < c).any(1)).any() for c in costs]
     front = ok[~np.array(dominated, dtype=bool)]
     return front.sort_values(spec.metric, ascending=spec.mode == "min")
+
+
+def said(trials: pd.DataFrame, column: str) -> pd.Series:
+    """Which trials have a text in `column` (silent, dead): read back from a csv, an empty one is NaN,
+    and a column with none is float."""
+    if column not in trials:
+        return pd.Series(False, index=trials.index)
+    return trials[column].map(lambda v: isinstance(v, str) and v != "").astype(bool)
+
+
+def learns_nothing(trials: pd.DataFrame) -> pd.Series:
+    """The trials silent or dead at their last epoch (the silent and dead columns say why)."""
+    return said(trials, "silent") | said(trials, "dead")
 
 
 def hypervolumes(studies: list, spec: StudySpec) -> list[float]:
@@ -357,9 +373,9 @@ class Study:
         return t[t[key].notna()].sort_values(key, ascending=self.spec.mode == "min")
 
     def status_counts(self) -> dict:
-        """{status: number of trials} in STATUSES order, unfinished only when there are some."""
+        """{status: number of trials} in STATUSES order, dead and unfinished only when there are some."""
         n = self.trials["status"].value_counts() if len(self.trials) else {}
-        return {s: int(n.get(s, 0)) for s in STATUSES if n.get(s, 0) or s != "unfinished"}
+        return {s: int(n.get(s, 0)) for s in STATUSES if n.get(s, 0) or s not in ("dead", "unfinished")}
 
     def errored(self) -> pd.DataFrame:
         return self.trials[self.trials["status"] == "errored"] if len(self.trials) else self.trials

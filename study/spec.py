@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from csnn import yamlio
-from csnn.config import COST_METRICS, METRICS, TUTORIAL, TrainConfig, check_runnable, yaml_number_hint
+from csnn.config import COST_METRICS, METRICS, PREDICTION_METRICS, TUTORIAL, TrainConfig, check_runnable, yaml_number_hint
 
 TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
             "scheduler": False, "resources": False, "retrain": False, "render": False}
@@ -23,14 +23,17 @@ NAME_FORBIDDEN = "/\\?#%&*:;\"'<>|` "  # read otherwise by a URL, a shell or a f
 PICKS = "most_accurate, knee or index N"
 SCHEDULERS = ("asha", "none")
 # What a study can optimise: every reported metric but the epoch counter and the
-# scheduled learning rate, which no trial controls, and the test set's (see _objectives).
-OBJECTIVE_METRICS = tuple(m for m in METRICS if m not in ("epoch", "lr") and not m.startswith("test_"))
+# scheduled learning rate, which no trial controls, the test set's (see _objectives), and the
+# predicted class (a label and its share: what tells a dead network, not a goal).
+OBJECTIVE_METRICS = tuple(m for m in METRICS if m not in ("epoch", "lr", *PREDICTION_METRICS)
+                          and not m.startswith("test_"))
 DIST_TYPES = ("int", "float", "categorical")
 # The tutorial's configuration, enqueued as the first trial when search.baseline is true.
 BASELINE = {k: TUTORIAL[k] for k in ("T", "channels", "optimizer", "lr", "momentum")}
 DEFAULTS = {
     "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False, "in_order": False},
-    # silent_rate: a trial ends as silent when a spiking layer fires below it two epochs in a row (0: never)
+    # silent_rate: a trial ends as silent when a spiking layer fires below it two epochs in a row, and as
+    # dead when it predicts one class for every training image two epochs in a row (0: neither)
     "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3, "silent_rate": 0.001},
     # gpus_per_trial auto: an equal share per trial that spreads the concurrent
     # trials over every GPU of the cluster, at most trials_per_gpu on one GPU

@@ -1,7 +1,7 @@
 """Early stopping that understands spiking networks and several objectives.
 
 SilentAwareOptunaSearch: Ray's OptunaSearch, telling Optuna which trials were
-silent networks (csnn.trainable ends them).
+silent or dead networks (csnn.trainable ends them).
 
 MultiObjectiveASHA: asynchronous successive halving for several objectives, Ray
 Tune's ASHA with Pareto fronts in place of one metric's quantile.
@@ -24,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search.optuna import OptunaSearch
 
-from csnn.config import silent_layers
+from csnn.config import dead_network, silent_layers
 from study.results import creation_number
 
 
@@ -41,7 +41,9 @@ class SilentAwareOptunaSearch(OptunaSearch):
     trial, so the sampler learns the region, and a user attribute naming the layers.
     Not as failed: Optuna's samplers leave failed trials out of what they learn from.
     Its values are told too (a silent network's accuracy is chance; its near-zero
-    energy would make it look good on a cost objective, were it not infeasible)."""
+    energy would make it look good on a cost objective, were it not infeasible).
+    So is a dead network (one class for every training image, csnn.trainable): the
+    constraint `dead` and a user attribute saying why."""
 
     # The Optuna storage a restored searcher connects to: set by study.run before Tuner.restore.
     # The searcher is pickled without its storage (OptunaSearch's own state held the study's
@@ -122,10 +124,12 @@ class SilentAwareOptunaSearch(OptunaSearch):
             # told before a kill that came before Ray saved the study: the resumed trial ran again
             self._completed_trials.add(trial_id)
             return
-        quiet = silent(result or {}, self.silent_rate)
-        if quiet:
-            ot_trial.set_user_attr("silent", quiet)
-            ot_trial.set_constraint("silent", 1.0)
+        why = {"silent": silent(result or {}, self.silent_rate),
+               "dead": (result or {}).get("dead") or dead_network(result or {}, self.silent_rate)}
+        for key, text in why.items():
+            if text:
+                ot_trial.set_user_attr(key, text)
+                ot_trial.set_constraint(key, 1.0)
         super().on_trial_complete(trial_id, result, error)
 
 

@@ -18,7 +18,7 @@ from csnn.config import TrainConfig
 from study import results
 from study.spec import StudySpec, define_by_run
 
-TOLD = ("finished", "stopped", "silent")  # trials that reported their objectives; errored/unfinished are skipped
+TOLD = ("finished", "stopped", "silent", "dead")  # trials that reported their objectives; errored/unfinished are skipped
 
 
 class WarmStartError(ValueError):
@@ -122,8 +122,9 @@ def plan(spec: StudySpec, sources: list[str], data_sha: str = "") -> list[dict]:
                     params=given.params, distributions=given.distributions,
                     values=[float(row[m]) for m in metrics],  # each trial's last report, as OptunaSearch tells it
                     user_attrs={"warm_start": f"{other.path} trial {row['trial_id']}"},
-                    # infeasible as there: a layer silent at its last epoch (the silent column)
-                    constraints={"silent": 1.0} if isinstance(row.get("silent"), str) and row["silent"] else None))
+                    # infeasible as there: a layer silent, or a dead network, at its last epoch (the
+                    # silent and dead columns)
+                    constraints={k: 1.0 for k in ("silent", "dead") if isinstance(row.get(k), str) and row[k]} or None))
         best = (other.best or {}).get("pareto") or ([other.best] if other.best else [])
         enqueue = []
         for b in best[: max(1, spec.search["num_samples"] // 2)]:  # the search still explores

@@ -79,9 +79,10 @@ def test_tiny_multi_objective_study(tmp_path, tiny_data_dir, local_ray, capsys):
     front = {e["trial_id"] for e in best["pareto"]}
     assert front and best["trial_id"] in front and best["pick"] == "knee"
     # every trial on the front is beaten by no trial; every other trial is
-    # a network silent at its last epoch is on no front (its output does not depend on its input)
-    ok = trials[(trials["status"] != "errored") & trials["silent"].isna()]
-    assert not front & set(trials.loc[trials["silent"].notna(), "trial_id"])
+    # a network silent or dead at its last epoch is on no front (its output does not depend on its input)
+    nothing = trials["silent"].notna() | trials["dead"].notna()
+    ok = trials[(trials["status"] != "errored") & ~nothing]
+    assert not front & set(trials.loc[nothing, "trial_id"])
     for _, r in ok.iterrows():
         beaten = ((ok["val_acc"] >= r["val_acc"]) & (ok["energy_uj"] <= r["energy_uj"])
                   & ((ok["val_acc"] > r["val_acc"]) | (ok["energy_uj"] < r["energy_uj"]))).any()

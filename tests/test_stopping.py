@@ -1,16 +1,22 @@
 """Early stopping for spiking networks and several objectives (study.stopping), on
 hand-made trial results, and in real Ray Tune studies on tiny real data."""
 import math
+import re
 
 import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import torch
 import yaml
 from ray.tune.schedulers import TrialScheduler
 
 from conftest import run_study, tiny_spec, write_spec
-from study import analyze, results
+from csnn import data as fmnist
+from csnn.config import DEAD_SHARE, TrainConfig, dead_network
+from csnn.train import fit
+from csnn.trainable import SILENT_MIN_IMAGES, ended
+from study import analyze, results, warmstart
 from study.stopping import MultiObjectiveASHA, crowding, fronts, keeps
 
 STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
@@ -120,6 +126,66 @@ def test_silent_networks_stop_after_two_silent_epochs_and_are_told_as_infeasible
     assert loud["status"].tolist() == ["finished"] and loud["epochs_run"].tolist() == [3]
     h = pd.read_csv(tmp_path / "results" / "loud" / "history.csv")
     assert (h.filter(like="fr_").min(axis=1) == 0).all()  # silent all along, and not stopped
+
+
+def test_the_dead_stop_on_real_training_ends_networks_that_fire_for_one_class(real_data):
+    """The rule csnn.trainable applies at each report, on what fit reports for a real dead network on
+    the tiny study's 500 training images (SGD lr 300: from its second epoch on, one output neuron fires
+    at every step, fr_12 0.1, whatever the image)."""
+    s = fmnist.split(real_data, train_size=600, test_size=200, seed=0)  # tiny_data_dir's images
+    data = fmnist.FashionMNIST(*s["train"], *s["test"])
+    torch.set_num_threads(1)  # as a trial trains (Ray's OMP_NUM_THREADS=1); two contend on a loaded machine (x10 time)
+    dead = fit(TrainConfig(T=2, channels=4, optimizer="sgd", lr=300.0, epochs=3, batch_size=50, val_size=100,
+                           test_size=100, device="cpu"), data)  # a learning network: the study below
+    a, b = dead[1], dead[2]
+    assert a["top_class_share"] == b["top_class_share"] == 1.0 and b["fr_12"] > 0.001 and b["val_acc"] == 0.1
+    # every image predicted as top_class: it was right exactly for the images of that class
+    train_y = fmnist.split(data, 100, 0, 100, 0)["train"][1]
+    assert b["train_acc"] == int((train_y == b["top_class"]).sum()) / len(train_y)
+    assert ended(a, b, SILENT_MIN_IMAGES, 0.001) == {"dead": f"predicts class {b['top_class']} for 100.0% of training images"}
+    assert ended(a, b, SILENT_MIN_IMAGES - 1, 0.001) == {}  # not before 5,000 images
+    assert ended(a, b, SILENT_MIN_IMAGES, 0) == {}  # silent_rate 0 turns both stops off
+    assert dead[0]["top_class_share"] < DEAD_SHARE and ended(dead[0], dead[1], SILENT_MIN_IMAGES, 0.001) == {}
+    # a silent output layer predicts class 0 (every output 0) for every image too: that network is silent, not dead
+    silent = {**dead[2], "fr_12": 0.0, "top_class": 0}
+    assert dead_network(silent, 0.001) == "" and ended(silent, silent, SILENT_MIN_IMAGES, 0.001) == {"silent": "fr_12"}
+    assert ended(dead[1], silent, SILENT_MIN_IMAGES, 0.001) == ended(silent, dead[2], SILENT_MIN_IMAGES, 0.001) == {}
+
+
+DEAD = {"channels": SILENT["channels"], "lr": {"type": "categorical", "choices": [300.0, 1.0]}}  # SGD: dead, learning
+
+
+def test_dead_networks_stop_after_two_dead_epochs_and_are_told_as_infeasible(tmp_path, tiny_data_dir, local_ray,
+                                                                              capsys):
+    # 500 training images an epoch: the dead stop may act from epoch 10 (SILENT_MIN_IMAGES 5,000)
+    spec = tiny_spec("dead", train={"epochs": 11, "T": 2, "optimizer": "sgd"}, space=DEAD,
+                     search={"sampler": "random", "seed": 0, "num_samples": 2, "max_concurrent": 2},  # lr 1, lr 300
+                     retrain={"seeds": []})
+    p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = tmp_path / "results" / "dead"
+    trials = pd.read_csv(d / "trials.csv").set_index("lr")
+    assert sorted(trials.index) == [1.0, 300.0], trials[["status", "epochs_run"]]
+    dead, learns = trials.loc[300.0], trials.loc[1.0]
+    assert (dead["status"], dead["epochs_run"], dead["val_acc"]) == ("dead", 10, 0.1) and dead["fr_12"] > 0.001
+    assert dead["dead"] == f"predicts class {dead['top_class']} for 100.0% of training images"
+    assert pd.isna(dead["silent"]) and pd.isna(learns["dead"])
+    assert (learns["status"], learns["epochs_run"]) == ("finished", 11) and learns["top_class_share"] < 0.5
+
+    study = optuna.load_study(study_name="dead", storage=f"sqlite:///{d / 'optuna.db'}")
+    told = {t.params["lr"]: t for t in study.trials}
+    assert told[300.0].constraints == {"dead": 1.0} and told[300.0].user_attrs["dead"] == dead["dead"]
+    assert told[1.0].constraints == {} and told[1.0].state.name == "COMPLETE"
+    # and a study warm-started from this one tells its sampler the same
+    s = results.load(d)
+    warm = {t.params["lr"]: t for t in warmstart.plan(s.spec, [str(d)])[0]["told"]}
+    assert warm[300.0].constraints == {"dead": 1.0} and warm[1.0].constraints == {}
+
+    lines = "\n".join(analyze.summary(s))
+    assert "Trials: 2 — 1 finished, 0 stopped, 0 silent, 1 dead, 0 errored" in lines, lines
+    assert "Dead networks: 1 of 2 trials" in lines and "1 were ended so by the dead stop (they ran 10 epochs of the 11" \
+        in lines and "- `lr`: 1 0/1 dead, 300 1/1 dead" in lines, lines
+    assert re.search(r"trials 2/2: 1 finished, 0 stopped, 1 dead, 0 running", p.stdout), p.stdout  # study.run's line
 
 
 @pytest.mark.smoke  # .ci/run's newest-versions set

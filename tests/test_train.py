@@ -45,7 +45,7 @@ def test_training_lowers_the_loss_and_reports_every_metric(real_data):
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
                                "test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12",
                                "spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj",
-                               "run_device", "run_amp", "cuda_graphs_used", "cuda_graphs_fallback", "neuron_impl",
+                               "top_class", "top_class_share", "run_device", "run_amp", "cuda_graphs_used", "cuda_graphs_fallback", "neuron_impl",
                                "deterministic", "torch_version", "spikingjelly_version", "cuda_version", "data_sha"}
     assert set(history[0]) == set(METRICS) | set(RUN_INFO)
     assert history[0]["data_sha"] == real_data.fingerprint and len(real_data.fingerprint) == 16

@@ -294,6 +294,7 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
     """`train_epoch(order_gen)`: one pass over (x, y) in the order drawn from order_gen,
     dropping the last partial batch as the tutorial. Returns (loss sum, correct) as
     tensors on the device and the number of images: nothing in it waits for the GPU.
+    `train_epoch.predicted` (on the device) counts the epoch's images per predicted class.
     With `graphs` (True: strict, or "auto"; CUDA), the whole step (forward, loss, scaled
     backward, optimizer step, scaler update, metric sums) is one CUDA graph after
     WARMUP_STEPS eager steps, captured and checked (cuda_graph; `status` and `capture`
@@ -302,6 +303,7 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
     and kind of step: model.observe_if_kernels_once)."""
     device = x.device
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    predicted = torch.zeros(10, device=device)  # images per predicted class (a dead network's: all in one)
     lr = torch.zeros((), device=device)  # what a CUDA optimizer step reads (_lr_from)
     lr_tensor = functools.partial(_lr_from, optimizer, lr) if device.type == "cuda" else contextlib.nullcontext
 
@@ -321,6 +323,8 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
         functional.reset_net(net)  # the one place membrane potentials are cleared
         loss_sum.add_(loss.detach() * len(idx))
         correct.add_((fr.argmax(1) == label).sum())
+        # one_hot, not bincount: on CUDA bincount reads its maximum on the host (a sync) and cannot be captured
+        predicted.add_(F.one_hot(fr.argmax(1), 10).sum(0))
 
     def first_observed(idx):
         if "kernels" in observe:
@@ -330,7 +334,7 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
 
     fn = first_observed if observe is not None else step
     if graphs:
-        state = graph_state(net, optimizer, scaler, {"loss_sum": loss_sum, "correct": correct})
+        state = graph_state(net, optimizer, scaler, {"loss_sum": loss_sum, "correct": correct, "predicted": predicted})
         run = cuda_graph(fn, torch.zeros(min(batch_size, len(y)), dtype=torch.long, device=device), mode=graphs,
                          state=state, status=status, what="training step", capture=capture)
     else:
@@ -338,13 +342,14 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
 
     def train_epoch(order_gen: torch.Generator):
         net.train()
-        loss_sum.zero_(), correct.zero_()
+        loss_sum.zero_(), correct.zero_(), predicted.zero_()
         lr.fill_(optimizer.param_groups[0]["lr"])
         order = fmnist.batch_order(len(y), batch_size, order_gen, device)
         for idx in order:
             run(idx)
         return loss_sum, correct, order.numel()
 
+    train_epoch.predicted = predicted
     return train_epoch
 
 
@@ -422,7 +427,8 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
             break
         t0 = time.perf_counter()
         loss_sum, correct, n_train = train_epoch(order_gen)
-        loss_sum, correct = loss_sum.item(), correct.item()  # the epoch's one wait for the GPU
+        loss_sum, correct, *predicted = torch.cat([loss_sum.view(1), correct.view(1), train_epoch.predicted]).tolist()
+        # (the epoch's one wait for the GPU)
         train_s = time.perf_counter() - t0
         if epoch == start_epoch:
             info = {**run_info(net, device, use_amp, graphs_info(graphs, status)["cuda_graphs_used"], observed), "data_sha": data.fingerprint}
@@ -430,6 +436,8 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         scheduler.step()
 
         m = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / n_train, "train_acc": correct / n_train}
+        # what the network said on the training images as it trained (never the test set's: a trial's stop may read it)
+        m.update(top_class=max(range(10), key=predicted.__getitem__), top_class_share=max(predicted) / n_train)
         # Spikes are 0/1 even from NaN potentials, so divergence can hide in the weights.
         finite = torch.stack([p.isfinite().all() for p in net.parameters()]).all().item()
         if not (math.isfinite(m["train_loss"]) and finite):
