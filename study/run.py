@@ -26,8 +26,8 @@ from csnn.config import TUTORIAL_ACC
 from study import analyze, environment, estimate, lifecycle, results, spec as specs, warmstart
 from study.plan import PlanError, check_machine, cluster, plan
 from study.lifecycle import UsageError
-from study.tuning import (RetrainInterrupted, check_optuna_storage, optuna_url, own_optuna_storage, retrain, search,
-                          shown_url)
+from study.tuning import (RetrainInterrupted, check_moved, check_optuna_storage, optuna_url, own_optuna_storage,
+                          retrain, search, shown_url)
 from study.storage import Location, StorageError, check_nodes_see
 
 
@@ -174,8 +174,10 @@ def _main(args) -> int:
         if yaml.safe_dump(spec.to_dict(), sort_keys=False) != stored:
             raise UsageError(f"--{'resume' if args.resume else 'retrain'}: {args.space} differs from the study stored in {study_dir / 'spec.yaml'}; "
                              "resume with the same file")
-        args.optuna_storage = own_optuna_storage(args.optuna_storage, environment.read(study_dir) or {}, spec,
-                                                 study_dir)
+        began = environment.read(study_dir) or {}
+        args.optuna_storage = own_optuna_storage(args.optuna_storage, began, spec, study_dir)
+        if decision.action == "search":
+            check_moved(began, spec, study_dir)
     if decision.action == "nothing" and not args.dry_run:
         if results.load(study_dir).best is None:  # then --retrain, which the line advises, has nothing to train
             print(f"study {spec.name}: {study_dir} holds {lifecycle.STATES[state]} in which no trial reported the "

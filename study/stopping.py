@@ -263,13 +263,13 @@ class MultiObjectiveASHA(_Replayed, _InFolder, FIFOScheduler):
             f"{m:g}: {len(r)}" for m, r in sorted(self.rungs.items()))
 
 
-def arrivals(ray_dir) -> list:
-    """Every result Ray recorded for the study's trials, as (trial_id, result) in the order they
-    arrived: by their timestamp (whole seconds), then the order the search made the trials."""
-    from study.results import creation_number, trial_results
+def arrivals(trials: list) -> list:
+    """Every result Ray recorded for the study's trials (results.trial_results), as (trial_id, result)
+    in the order they arrived: by their timestamp (whole seconds), then the order the search made them."""
+    from study.results import creation_number
 
     events = []
-    for n, (trial, result) in enumerate(trial_results(ray_dir)):
+    for n, (trial, result) in enumerate(trials):
         h = result.metrics_dataframe
         if h is None or not len(h):
             continue

@@ -60,8 +60,9 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
         {"cpu": res["cpu"], "gpu": res["gpu"]})
     if resume:
         SilentAwareOptunaSearch.resume_url = optuna_storage  # this folder's database, wherever it started
-        ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = arrivals(ray_dir)  # the rungs as they were
-        with trials_in(study, ray_dir):  # this folder's trials, wherever it started
+        past = results.trial_results(ray_dir)
+        ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = arrivals(past)  # the rungs as they were
+        with trials_in(study, past):  # this folder's trials, wherever it started
             try:
                 return tune.Tuner.restore(ray_dir.path, trainable=trial_fn, resume_unfinished=True,
                                           resume_errored=False, storage_filesystem=ray_dir.fs).fit()
@@ -118,10 +119,11 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
 
 
 @contextlib.contextmanager
-def trials_in(study: Location, experiment: Location):
-    """Around a Tuner.restore(...).fit() of `experiment` (ray/ or retrain/ of the study folder `study`):
-    the trials made after the restore go into this folder too, not the one the study began in
-    (stopping._InFolder says why), and Ray reads this folder's state alone.
+def trials_in(study: Location, past: list):
+    """Around a Tuner.restore(...).fit() of an experiment (ray/ or retrain/ of the study folder `study`;
+    `past`: its trials, as results.trial_results read them): the trials made after the restore go into
+    this folder too, not the one the study began in (stopping._InFolder says why), and Ray reads this
+    folder's state alone.
 
     Ray Tune stages an experiment's state and its trials' logs on the driver, in <Ray session>/artifacts/
     <the time the experiment began>/<ray or retrain>/, copies them to the folder, and on a restore copies
@@ -129,10 +131,12 @@ def trials_in(study: Location, experiment: Location):
     in the Ray session that ran the other (a cluster's, --address), it would read the other's newer
     searcher state and append to its logs. The folder is the record: what is staged is dropped first,
     and Ray stages the folder's own again."""
+    import ray
+
     from study.stopping import _InFolder
 
-    for trial, _ in results.trial_results(experiment)[:1]:  # the staging folder is the experiment's
-        shutil.rmtree(trial.local_experiment_path, ignore_errors=True)
+    for trial, _ in past[:1] if not ray.util.client.ray.is_connected() else []:  # (Ray Client: staged on the head)
+        shutil.rmtree(trial.local_experiment_path, ignore_errors=True)  # the staging folder is the experiment's
     _InFolder.folder = (study.fs, study.path)
     try:
         yield
@@ -183,7 +187,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
           + (f", about {about / 60:.1f} min" if about else ""), flush=True)
     quiet = timing.quiet() if timing else {}
     if resume and tune.Tuner.can_restore(where.path, storage_filesystem=where.fs):
-        with trials_in(study, where):
+        with trials_in(study, results.trial_results(where)):
             grid = tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
                                       storage_filesystem=where.fs).fit()
     else:
@@ -280,6 +284,19 @@ def own_optuna_storage(given: str | None, began: dict, spec: specs.StudySpec, st
         raise UsageError(f"--optuna-storage {given}: the study in {study} began with --optuna-storage {started}; "
                          "a study resumes with the database it started with: give that one")
     return given
+
+
+def check_moved(began: dict, spec: specs.StudySpec, study: Location) -> None:
+    """--resume of a search moved or copied from where it began: refused for a study an earlier
+    csnn-study began (its environment.yaml has no optuna_storage) without successive halving. Its saved
+    Tuner holds Ray's own FIFOScheduler, not stopping.FIFO, so the trials made after the restore would
+    be written into the folder it began in; its ASHA schedulers unpickle as today's classes, which
+    point them here."""
+    folder = began.get("folder")
+    if spec.scheduler["type"] != "asha" and "optuna_storage" not in began and folder not in (None, study.shown):
+        raise UsageError(f"{study}: the study began in {folder} with an earlier csnn-study, whose saved search "
+                         f"would write its new trials there; resume it in {folder} (move it back), or start it "
+                         f"afresh under another name; its ended trials stay readable: python -m study.analyze {study}")
 
 
 def check_optuna_storage(url: str, name: str, resume: bool) -> None:

@@ -59,75 +59,85 @@ def files(folder) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_copied_or_moved_interrupted_study_resumes_into_its_own_folder(tmp_path, tiny_data_dir, local_ray, capsys):
-    """One study Ctrl-C'd as its second trial begins (its third is made after the resume, from the search's
-    saved state, which holds the folder it began in). A copy resumes while the original stays: the
-    original is byte for byte what it was. The original, moved (its old path gone, so that a write or
-    read there fails), resumes; its retrain is stopped as Ctrl-C stops it, the folder moved again, and
-    --resume finishes the retrain there. --optuna-storage naming another folder's database is refused."""
-    from study import run
+def stopped_when(cue, run, *argv):
+    """run(*argv) (a study.run in this process), stopped as Ctrl-C stops it once cue() holds: Ray Tune
+    ends its run on SIGUSR1 as on SIGINT, saving its state (the handler it sets while a run goes on;
+    a cue that holds only while trials run is sent to it, never to pytest)."""
+    done = threading.Event()
 
-    spec = tiny_spec("moves", train={"epochs": 1}, search={"num_samples": 3, "max_concurrent": 1},
-                     retrain={"epochs": 4, "seeds": [0]}, render={"images": 1},
-                     resources={"checkpoint_every": 1})  # a retrain checkpoint each epoch: the stop's cue
-    space = write_spec(tmp_path, spec)
-    first = tmp_path / "results" / "moves"
-    p = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None and len(list(first.glob("ray/*/progress.csv"))) < 2:
-        time.sleep(0.05)  # the second trial has begun: the first has ended
-    p.send_signal(signal.SIGINT)
-    out = p.communicate(timeout=180)[0]
-    assert p.returncode == 130 and "continue it with --resume" in out, out[-3000:]
-    ended = {Path(t.path).name: (Path(t.path) / "progress.csv").read_bytes()
-             for t, _ in results.trial_results(Location.parse(first / "ray")) if t.status == "TERMINATED"}
-    assert ended, out[-3000:]
-
-    def resume(storage, *extra):
-        return in_process(capsys, run.main, space, "--storage", storage, "--data-dir", tiny_data_dir, "--resume",
-                          *extra)
-
-    def complete(d):
-        trials = pd.read_csv(d / "trials.csv")
-        assert len(trials) == 3 and (trials["status"] == "finished").all(), trials
-        assert len(list(d.glob("ray/*/checkpoint_*/checkpoint_latest.pth"))) == 3  # every trial's, here
-        for name, progress in ended.items():  # the trial ended before Ctrl-C was not run again
-            assert (d / "ray" / name / "progress.csv").read_bytes() == progress
-        db = optuna.load_study(study_name="moves", storage=f"sqlite:///{d / 'optuna.db'}")
-        assert [t.state.name for t in db.trials] == ["COMPLETE"] * 3
-        assert (d / "best" / "summary.yaml").is_file() and not (d / "retrain.pending").exists()
-
-    copy = shutil.copytree(tmp_path / "results", tmp_path / "copy") / "moves"
-    before = files(first)
-    p = resume(copy.parent, "--optuna-storage", f"sqlite:///{first / 'optuna.db'}")  # the original's database
-    assert p.returncode == 2 and "keeps its Optuna trials in its own optuna.db" in p.stderr, p.stderr
-    p = resume(copy.parent, "--optuna-storage", f"sqlite:///{copy / 'optuna.db'}")  # its own: as if left out
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    complete(copy)
-    assert files(first) == before  # nothing written into the original
-
-    moved = shutil.move(tmp_path / "results", tmp_path / "moved") / "moves"
-    stop = threading.Event()
-
-    def stop_the_retrain():  # as Ctrl-C does: Ray Tune ends the run on SIGUSR1 too, saving its state
-        while not stop.is_set():
-            if list(moved.glob("retrain/*/checkpoint_*")):  # its first epoch is saved
+    def watch():
+        while not done.is_set():
+            if cue():
                 os.kill(os.getpid(), signal.SIGUSR1)
                 return
             time.sleep(0.02)
 
-    watcher = threading.Thread(target=stop_the_retrain)
+    watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        p = resume(moved.parent)
+        return run(*argv)
     finally:
-        stop.set()
+        done.set()
         watcher.join()
+
+
+def test_a_copied_or_moved_interrupted_study_resumes_into_its_own_folder(tmp_path, tiny_data_dir, local_ray, capsys):
+    """One study stopped as its second trial begins (its third is made after the resume, from the
+    search's saved state, which holds the folder it began in). A copy resumes while the original stays:
+    the original is byte for byte what it was. The original, moved (its old path gone, so that a write
+    or read there fails), resumes; its retrain is stopped too, the folder moved again, and --resume
+    finishes the retrain there. --optuna-storage naming another folder's database is refused, and so
+    is a moved study an earlier csnn-study began (its saved Ray scheduler would write there)."""
+    from study import run
+
+    spec = tiny_spec("moves", train={"epochs": 1}, search={"num_samples": 3, "max_concurrent": 1},
+                     retrain={"epochs": 3, "seeds": [0]}, render={"images": 1},
+                     resources={"checkpoint_every": 1})  # a retrain checkpoint each epoch: the stop's cue
+    space = write_spec(tmp_path, spec)
+
+    def study(storage, *extra):
+        return in_process(capsys, run.main, space, "--storage", storage, "--data-dir", tiny_data_dir, *extra)
+
+    first = tmp_path / "results" / "moves"
+    p = stopped_when(lambda: len(list(first.glob("ray/*/progress.csv"))) >= 2,  # the first trial has ended
+                     study, first.parent)
+    assert p.returncode == 130 and "continue it with --resume" in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
+    ended = {Path(t.path).name: (Path(t.path) / "progress.csv").read_bytes()
+             for t, _ in results.trial_results(Location.parse(first / "ray")) if t.status == "TERMINATED"}
+    assert ended and len(list(first.glob("ray/trainable_*"))) == 2, p.stderr[-3000:]  # the third: not made yet
+
+    def complete(d, retrained=True):
+        trials = pd.read_csv(d / "trials.csv")
+        assert len(trials) == 3 and (trials["status"] == "finished").all(), trials
+        assert len(list(d.glob("ray/*/checkpoint_*/checkpoint_latest.pth"))) == 3  # every trial's, here
+        for name, progress in ended.items():  # the trial ended before the stop was not run again
+            assert (d / "ray" / name / "progress.csv").read_bytes() == progress
+        db = optuna.load_study(study_name="moves", storage=f"sqlite:///{d / 'optuna.db'}")
+        assert [t.state.name for t in db.trials] == ["COMPLETE"] * 3
+        assert (d / "best" / "summary.yaml").is_file() == retrained and not (d / "retrain.pending").exists()
+
+    copy = shutil.copytree(tmp_path / "results", tmp_path / "copy") / "moves"
+    before = files(first)
+    p = study(copy.parent, "--resume", "--optuna-storage", f"sqlite:///{first / 'optuna.db'}")  # the original's
+    assert p.returncode == 2 and "keeps its Optuna trials in its own optuna.db" in p.stderr, p.stderr
+    p = study(copy.parent, "--resume", "--optuna-storage", f"sqlite:///{copy / 'optuna.db'}", "--no-retrain")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]  # its own database: as if left out
+    complete(copy, retrained=False)
+    assert files(first) == before  # nothing written into the original
+
+    moved = shutil.move(tmp_path / "results", tmp_path / "moved") / "moves"
+    recorded = (moved / "environment.yaml").read_text()  # as an earlier csnn-study wrote it: refused
+    (moved / "environment.yaml").write_text("".join(line for line in recorded.splitlines(keepends=True)
+                                                    if not line.startswith("optuna_storage:")))
+    p = study(moved.parent, "--resume")
+    assert p.returncode == 2 and f"the study began in {first} with an earlier csnn-study" in p.stderr, p.stderr
+    (moved / "environment.yaml").write_text(recorded)
+    p = stopped_when(lambda: bool(list(moved.glob("retrain/*/checkpoint_*"))),  # its first epoch is saved
+                     study, moved.parent, "--resume")
     assert p.returncode == 130 and "the retrain was interrupted" in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
     assert not (tmp_path / "results").exists()  # nothing made again where it began
     again = shutil.move(moved.parent, tmp_path / "again") / "moves"
-    p = resume(again.parent)
+    p = study(again.parent, "--resume")
     assert p.returncode == 0 and "retrained best" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
     complete(again)
     assert not (tmp_path / "results").exists() and not (tmp_path / "moved").exists()
