@@ -115,7 +115,8 @@ def _flat(env: dict) -> dict:
 def differences(recorded: dict, now: dict) -> list[str]:
     """One 'name: recorded then, now now' per difference, packages by their own name."""
     a, b = _flat(recorded), _flat(now)
-    a.pop("folder", None), b.pop("folder", None)  # where a study began: study.run compares it itself
+    for k in ("folder", "optuna_storage"):  # where a study began and its Optuna storage: not the machine's
+        a.pop(k, None), b.pop(k, None)
     show = lambda v: "none" if v is None or v == [] else ", ".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
     return [f"{k}: {show(a.get(k))} then, {show(b.get(k))} now" for k in dict.fromkeys([*b, *a]) if a.get(k) != b.get(k)]
 

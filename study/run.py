@@ -27,7 +27,8 @@ from csnn.config import TUTORIAL_ACC
 from study import analyze, environment, estimate, lifecycle, results, spec as specs, warmstart
 from study.plan import PlanError, check_machine, cluster, plan
 from study.lifecycle import UsageError
-from study.tuning import RetrainInterrupted, check_optuna_storage, optuna_url, retrain, search
+from study.tuning import (RetrainInterrupted, check_moved, check_optuna_storage, optuna_url, own_optuna_storage,
+                          retrain, search, shown_url)
 from study.storage import Location, StorageError, check_nodes_see
 
 
@@ -185,6 +186,10 @@ def _main(args) -> int:
         if not same_spec:
             raise UsageError(f"--{'resume' if args.resume else 'retrain'}: {args.space} differs from the study stored in {study_dir / 'spec.yaml'}; "
                              "resume with the same file")
+        began = environment.read(study_dir) or {}
+        args.optuna_storage = own_optuna_storage(args.optuna_storage, began, spec, study_dir)
+        if decision.action == "search":
+            check_moved(began, spec, study_dir)
     if decision.action == "nothing" and not args.dry_run:
         if results.load(study_dir).best is None:  # then --retrain, which the line advises, has nothing to train
             print(f"study {spec.name}: {study_dir} holds {lifecycle.STATES[state]} in which no trial reported the "
@@ -222,14 +227,6 @@ def _main(args) -> int:
         except PlanError as e:  # this machine could not run it (too few CPUs a trial): the file is still valid
             print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0
-    began = (environment.read(study_dir) or {}).get("folder")  # unknown where the file is damaged (a warning, later)
-    began = began if isinstance(began, str) else None
-    if decision.action in ("search", "finish_retrain") and state != "absent" and began and began != study_dir.shown:
-        # Ray Tune's saved trials keep the folder they began in: a resume elsewhere writes there (a copy) or
-        # fails (a move). Optuna's database is re-pointed (stopping.SilentAwareOptunaSearch); Ray's is not yet.
-        raise UsageError(f"{study_dir}: the study began in {began}, and Ray Tune's saved trials still write there; "
-                         f"resume it in {began} (move it back), or start it afresh under another name; its ended "
-                         f"trials stay readable: python -m study.analyze {study_dir}")
     retrain_only = decision.action in ("retrain", "finish_retrain")
     if retrain_only and results.load(study_dir).best is None:
         raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain (read it: "
@@ -294,7 +291,9 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         return 2
     print(f"study {spec.name}: {res['summary']}; {len(nodes)} Ray node(s); results in {study}", flush=True)
     if fresh:  # what it runs on, beside spec.yaml; a later run on other versions says so
-        environment.write(study, {**environment.collect(), "folder": study.shown})  # where it began, too
+        # where it began (a record: moved or copied, it resumes where it is) and with which Optuna storage
+        environment.write(study, {**environment.collect(), "folder": study.shown,
+                                  "optuna_storage": shown_url(optuna_storage)})
     else:
         environment.warn_differences(study, "--retrain" if fresh_retrain else "--resume")
     if fresh:  # the prediction, kept beside what each phase then took (timing.yaml)

@@ -3,6 +3,9 @@
 SilentAwareOptunaSearch: Ray's OptunaSearch, telling Optuna which trials were
 silent or dead networks (csnn.trainable ends them).
 
+FIFO, and the ASHA schedulers below: their trials go into the study folder as it is
+now, after a moved or copied study's Tuner.restore (_InFolder).
+
 MultiObjectiveASHA: asynchronous successive halving for several objectives, Ray
 Tune's ASHA with Pareto fronts in place of one metric's quantile.
 
@@ -17,6 +20,7 @@ decision is never revisited.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -179,6 +183,31 @@ def keeps(recorded: list, new, reduction_factor: float) -> bool:
     return ranked.index(len(points) - 1) < math.ceil(len(points) / reduction_factor)
 
 
+class _InFolder:
+    """Ray Tune restores a moved or copied experiment's trials into the folder Tuner.restore reads
+    (its _restore_trials re-points their StorageContext and checkpoint paths), but the trials made
+    after the restore take the StorageContext saved with the trial generator (search_gen_state-*.json
+    and basic-variant-state-*.json keep the Experiment as it began, the absolute folder of its
+    start): their checkpoints, which the trial's worker writes itself, would land in the original (a
+    copy) or make the old path again (a move). study.run sets `folder` (the study folder's filesystem
+    and path, which holds ray/ and retrain/) before Tuner.restore, and every trial added is pointed
+    there as Ray points the restored ones, before it starts; nothing saved is rewritten."""
+
+    folder: tuple | None = None  # (pyarrow filesystem, path): set around a Tuner.restore(...).fit()
+
+    def on_trial_add(self, tune_controller, trial):
+        here = type(self).folder
+        if here is not None and trial.storage.storage_fs_path != here[1]:
+            storage = copy.copy(trial.storage)
+            storage.storage_filesystem, storage.storage_fs_path = here
+            trial.set_storage(storage)  # Ray's own setter: the checkpoints it tracks move with it
+        super().on_trial_add(tune_controller, trial)
+
+
+class FIFO(_InFolder, FIFOScheduler):
+    """Ray's scheduler without early stopping, whose trials stay in the folder resumed."""
+
+
 class _Trial:
     """What a rung needs of a Ray Trial: its id."""
 
@@ -231,7 +260,7 @@ class _Replayed:
             self.pending = []
 
 
-class ResumableASHA(_Replayed, ASHAScheduler):
+class ResumableASHA(_Replayed, _InFolder, ASHAScheduler):
     """Ray's ASHA (one bracket, as study.run makes it), whose rungs survive a resume."""
 
     def __init__(self, *args, in_order: int = 0, **kwargs):
@@ -258,7 +287,7 @@ class ResumableASHA(_Replayed, ASHAScheduler):
             self._brackets[0].on_result(_Trial(trial_id), result[self._time_attr], self._metric_op * result[self._metric])
 
 
-class MultiObjectiveASHA(_Replayed, FIFOScheduler):
+class MultiObjectiveASHA(_Replayed, _InFolder, FIFOScheduler):
     """Ray Tune TrialScheduler: one ASHA bracket whose rungs rank by Pareto front."""
 
     def __init__(self, metrics: list[str], modes: list[str], max_t: int, grace_period: int = 1,
@@ -313,13 +342,12 @@ class MultiObjectiveASHA(_Replayed, FIFOScheduler):
             f"{m:g}: {len(r)}" for m, r in sorted(self.rungs.items()))
 
 
-def arrivals(ray_dir) -> list:
-    """Every result Ray recorded for the study's trials, as (trial_id, creation number, result) in the order they
-    arrived: by their timestamp (whole seconds), then the order the search made the trials."""
-    from study.results import trial_results
-
+def arrivals(trials: list) -> list:
+    """Every result Ray recorded for the study's trials (results.trial_results), as (trial_id, creation
+    number, result) in the order they arrived: by their timestamp (whole seconds), then the order the
+    search made them."""
     events = []
-    for n, (trial, result) in enumerate(trial_results(ray_dir)):
+    for n, (trial, result) in enumerate(trials):
         h = result.metrics_dataframe
         if h is None or not len(h):
             continue

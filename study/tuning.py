@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
 import tempfile
 import time
 import warnings
@@ -47,11 +48,9 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     """Run (or continue) the Ray Tune + Optuna search; return its ResultGrid."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
-
     from csnn.trainable import trainable
     from study.samplers import make_sampler
-    from study.stopping import MultiObjectiveASHA, ResumableASHA, SilentAwareOptunaSearch, arrivals
+    from study.stopping import FIFO, MultiObjectiveASHA, ResumableASHA, SilentAwareOptunaSearch, arrivals
 
     ray_dir = study / "ray"
     trial_fn = tune.with_resources(
@@ -61,12 +60,14 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
         {"cpu": res["cpu"], "gpu": res["gpu"]})
     if resume:
         SilentAwareOptunaSearch.resume_url = optuna_storage  # this folder's database, wherever it started
-        ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = arrivals(ray_dir)  # the rungs as they were
-        try:
-            return tune.Tuner.restore(ray_dir.path, trainable=trial_fn, resume_unfinished=True, resume_errored=False,
-                                      storage_filesystem=ray_dir.fs).fit()
-        finally:
-            SilentAwareOptunaSearch.resume_url = ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = None
+        past = results.trial_results(ray_dir)
+        ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = arrivals(past)  # the rungs as they were
+        with trials_in(study, past):  # this folder's trials, wherever it started
+            try:
+                return tune.Tuner.restore(ray_dir.path, trainable=trial_fn, resume_unfinished=True,
+                                          resume_errored=False, storage_filesystem=ray_dir.fs).fit()
+            finally:
+                SilentAwareOptunaSearch.resume_url = ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = None
 
     storage = optuna.storages.RDBStorage(optuna_storage)
     sampler = make_sampler(spec.search["sampler"], spec.search["seed"])
@@ -98,7 +99,7 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     epochs = spec.max_epochs
     rungs = dict(max_t=epochs, grace_period=min(spec.scheduler["grace_period"], epochs),
                  reduction_factor=spec.scheduler["reduction_factor"], in_order=in_order)
-    scheduler = (FIFOScheduler() if spec.scheduler["type"] != "asha"
+    scheduler = (FIFO() if spec.scheduler["type"] != "asha"
                  else MultiObjectiveASHA(metrics, modes, **rungs) if spec.multi
                  else ResumableASHA(time_attr="training_iteration", **rungs))
     tuner = tune.Tuner(
@@ -121,6 +122,32 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
 
 
 
+@contextlib.contextmanager
+def trials_in(study: Location, past: list):
+    """Around a Tuner.restore(...).fit() of an experiment (ray/ or retrain/ of the study folder `study`;
+    `past`: its trials, as results.trial_results read them): the trials made after the restore go into
+    this folder too, not the one the study began in (stopping._InFolder says why), and Ray reads this
+    folder's state alone.
+
+    Ray Tune stages an experiment's state and its trials' logs on the driver, in <Ray session>/artifacts/
+    <the time the experiment began>/<ray or retrain>/, copies them to the folder, and on a restore copies
+    the folder's in there and reads the newest. A copy of a study has its original's start time: resumed
+    in the Ray session that ran the other (a cluster's, --address), it would read the other's newer
+    searcher state and append to its logs. The folder is the record: what is staged is dropped first,
+    and Ray stages the folder's own again."""
+    import ray
+
+    from study.stopping import _InFolder
+
+    for trial, _ in past[:1] if not ray.util.client.ray.is_connected() else []:  # (Ray Client: staged on the head)
+        shutil.rmtree(trial.local_experiment_path, ignore_errors=True)  # the staging folder is the experiment's
+    _InFolder.folder = (study.fs, study.path)
+    try:
+        yield
+    finally:
+        _InFolder.folder = None
+
+
 class RetrainInterrupted(Exception):
     """Ctrl-C during the retrain: Ray Tune saved it, and --resume continues it."""
 
@@ -139,6 +166,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     from ray import tune
 
     from csnn.trainable import trainable
+    from study.stopping import FIFO
 
     # A --retrain of a study that has one trains into retrain-next/: the earlier retrain/
     # and best/ stay until the new one is complete, then it takes retrain/'s place. The
@@ -163,12 +191,13 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
           + (f", about {about / 60:.1f} min" if about else ""), flush=True)
     quiet = timing.quiet() if timing else {}
     if resume and tune.Tuner.can_restore(where.path, storage_filesystem=where.fs):
-        grid = tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
-                                  storage_filesystem=where.fs).fit()
+        with trials_in(study, results.trial_results(where)):
+            grid = tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
+                                      storage_filesystem=where.fs).fit()
     else:
         where.delete()
         grid = tune.Tuner(fn, param_space={"seed": tune.grid_search(seeds)},
-                          tune_config=tune.TuneConfig(max_concurrent_trials=len(seeds)),
+                          tune_config=tune.TuneConfig(max_concurrent_trials=len(seeds), scheduler=FIFO()),
                           run_config=tune.RunConfig(name=name, storage_path=study.path,
                                                     storage_filesystem=study.fs,
                                                     failure_config=tune.FailureConfig(max_failures=1),
@@ -230,6 +259,54 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
 DRIVERS = {"MySQLdb": "mysqlclient", "pymysql": "pymysql", "mysql": "mysql-connector-python", "mariadb": "mariadb",
            "psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "pg8000": "pg8000", "oracledb": "oracledb",
            "pyodbc": "pyodbc", "pymssql": "pymssql"}
+
+
+def shown_url(url: str | None) -> str | None:
+    """An Optuna storage URL as environment.yaml records it: its password hidden."""
+    import sqlalchemy
+
+    return None if url is None else sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def own_optuna_storage(given: str | None, began: dict, spec: specs.StudySpec, study: Location) -> str | None:
+    """The --optuna-storage that --resume or --retrain of the study in `study` uses: its own database.
+    `began`: its environment.yaml, whose optuna_storage is what the study started with (None: its own
+    optuna.db, which optuna_url finds in the folder as it is now, moved or copied); a study from before
+    that record keeps check_optuna_storage's test alone. Another database is refused: a copy given the
+    original's optuna.db would write its trials there."""
+    if "optuna_storage" not in began:
+        return given
+    started = began["optuna_storage"]
+    if started is None:
+        import sqlalchemy
+
+        _, db = optuna_url(spec, study, None)
+        u = sqlalchemy.engine.make_url(given) if given is not None else None
+        if u is None or (u.get_backend_name() == "sqlite" and Path(u.database or "").resolve() == db.resolve()):
+            return None  # the flag named the study's own file: the same as leaving it out
+        raise UsageError(f"--optuna-storage {given}: the study in {study} keeps its Optuna trials in its own "
+                         "optuna.db (it began without --optuna-storage); a study resumes with the database it "
+                         "started with: leave the flag out")
+    if given is None:
+        raise UsageError(f"{study}: the study began with --optuna-storage {started}; a study resumes with the "
+                         "database it started with: give that --optuna-storage again")
+    if shown_url(given) != started:
+        raise UsageError(f"--optuna-storage {given}: the study in {study} began with --optuna-storage {started}; "
+                         "a study resumes with the database it started with: give that one")
+    return given
+
+
+def check_moved(began: dict, spec: specs.StudySpec, study: Location) -> None:
+    """--resume of a search moved or copied from where it began: refused for a study an earlier
+    csnn-study began (its environment.yaml has no optuna_storage) without successive halving. Its saved
+    Tuner holds Ray's own FIFOScheduler, not stopping.FIFO, so the trials made after the restore would
+    be written into the folder it began in; its ASHA schedulers unpickle as today's classes, which
+    point them here."""
+    folder = began.get("folder")
+    if spec.scheduler["type"] != "asha" and "optuna_storage" not in began and folder not in (None, study.shown):
+        raise UsageError(f"{study}: the study began in {folder} with an earlier csnn-study, whose saved search "
+                         f"would write its new trials there; resume it in {folder} (move it back), or start it "
+                         f"afresh under another name; its ended trials stay readable: python -m study.analyze {study}")
 
 
 def check_optuna_storage(url: str, name: str, resume: bool) -> None:
