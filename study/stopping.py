@@ -67,6 +67,12 @@ class SilentAwareOptunaSearch(OptunaSearch):
             self._storage = optuna.storages.RDBStorage(url)
             self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
             self._ot_trials = {k: optuna.trial.Trial(self._ot_study, i) for k, i in self._ot_trials.items()}
+            # A trial told to Optuna after Ray's last save of this searcher (a kill right after a trial
+            # ended): Ray runs it again from its last checkpoint and tells its end again, which Optuna
+            # refused (UpdateFinishedTrialError), and Ray then marked the finished trial errored. Told once
+            # is enough: OptunaSearch ignores what comes later for a trial it counts as completed.
+            ended = {t._trial_id for t in self._ot_study.get_trials(deepcopy=False) if t.state.is_finished()}
+            self._completed_trials |= {k for k, t in self._ot_trials.items() if t._trial_id in ended}
 
     def save(self, checkpoint_path: str):  # OptunaSearch's pickles its __dict__, storage included
         import pickle
