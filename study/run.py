@@ -226,10 +226,10 @@ def _main(args) -> int:
         raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain (read it: "
                          f"{lifecycle.command_line(lifecycle.ANALYZE, args.argv, study_dir)})")
     if decision.action == "restart":  # what the stopped run left: the study starts afresh
-        tuner = study_dir / "ray" / "tuner.pkl"  # Ray's own state, unreadable when empty (a run cut while Ray wrote it)
-        empty = tuner.is_file() and not tuner.fs.get_file_info(tuner.path).size
-        print(f"{study_dir} holds only what an earlier run wrote before its first trial was recorded"
-              f"{f' ({tuner} is empty: Ray cannot continue it)' if empty else ''}; starting the study afresh", flush=True)
+        tuner = study_dir / "ray" / "tuner.pkl"  # Ray's own state: empty when a run was cut while Ray wrote it
+        why = f" ({tuner} is empty: Ray cannot continue it)" if tuner.is_file() and not tuner.read_bytes() else ""
+        print(f"{study_dir} holds only what an earlier run wrote before its first trial was recorded{why}; "
+              "starting the study afresh", flush=True)
         for name in lifecycle.LEFTOVERS:
             (study_dir / name).delete()
     # --retrain, or --resume of a study whose retrain did not finish: the retrain alone
