@@ -16,6 +16,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from conftest import ROOT, env, in_process, study_cmd, tiny_spec, write_spec
 from study import lifecycle, run
@@ -107,6 +108,7 @@ def killed_at(argv: list, d: Path, when, log: Path) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_a_study_killed_at_each_instant_ends_whole_by_the_advised_command(tmp_path, tiny_data_dir, local_ray,
                                                                          capsys):
     spec = tiny_spec("k", train={"epochs": 1}, search={"num_samples": NUM_SAMPLES, "max_concurrent": 2},
