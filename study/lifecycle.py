@@ -33,8 +33,9 @@ STATES = {
 LEFTOVERS = ("spec.yaml", "environment.yaml", "optuna.db", "ray", "estimate.yaml", "warm_start.yaml", "report")
 LOCK = "study.lock"  # the one process that writes the folder: its host, pid and command
 LOG = "study.log"  # Ray's and Optuna's own log lines (study.run --verbose prints them instead)
-RETRAIN_PENDING = "retrain.pending"  # in the study folder while a retrain has not ended
+RETRAIN_PENDING = "retrain.pending"  # from the search's export until its retrain has ended (or a --retrain's)
 TABLES = ("trials.parquet", "trials.csv")  # either one: the search ended and was exported
+EXPORT = ("history.csv", *TABLES)  # what the export writes, trials.csv last (best.yaml before them)
 
 
 def read(d: Location) -> str:
@@ -44,9 +45,12 @@ def read(d: Location) -> str:
     names = {Path(i.path).name for i in d.fs.get_file_info(pafs.FileSelector(d.path))} - {LOCK, LOG}
     if not names:
         return "absent"
-    if "spec.yaml" in names and names & set(TABLES):
+    ray = "ray" in names and "spec.yaml" in names and restorable(d / "ray")
+    # An export cut short (killed between its files) is not an ended study: --resume, whose Ray
+    # Tune has nothing left to run, exports again. A table without Ray's state is read as written.
+    if "spec.yaml" in names and names & set(TABLES) and (set(EXPORT) <= names or not ray):
         return "retrain_cut" if RETRAIN_PENDING in names else "ended"
-    if "ray" in names and "spec.yaml" in names and restorable(d / "ray"):
+    if ray:
         return "interrupted"
     if all(n in LEFTOVERS or n == LOCK or n.startswith(".storage-check-") or n.endswith(".tmp") for n in names):
         return "unstarted"
@@ -54,11 +58,13 @@ def read(d: Location) -> str:
 
 
 def restorable(ray_dir: Location) -> bool:
-    """Whether Ray Tune can continue the search recorded in `ray_dir`: its Tuner state (tuner.pkl,
-    not empty: a crash while Ray wrote it left 0 bytes) and a saved experiment state (before Ray's
-    first save, a restore starts with no trials and misbehaves). Else the search never recorded a
-    trial, and the study starts afresh."""
-    info = {Path(i.path).name: i for i in ray_dir.fs.get_file_info(pafs.FileSelector(ray_dir.path))}
+    """Whether Ray Tune can continue the run recorded in `ray_dir` (the search's ray/, a retrain's
+    folder): its Tuner state (tuner.pkl, not empty: a crash while Ray wrote it left 0 bytes) and a
+    saved experiment state (before Ray's first save, a restore starts with no trials and misbehaves:
+    a retrain's trials came back without their seed). Else that run never recorded a trial, and it
+    starts afresh."""
+    info = {Path(i.path).name: i for i in ray_dir.fs.get_file_info(pafs.FileSelector(ray_dir.path,
+                                                                                     allow_not_found=True))}
     tuner = info.get("tuner.pkl")
     return (tuner is not None and tuner.type == pafs.FileType.File and (tuner.size or 0) > 0
             and any(n.startswith("experiment_state") and n.endswith(".json") for n in info))

@@ -270,9 +270,6 @@ def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataF
     trials, history = frames(study_dir / "ray", spec, complete=True)
     if (study_dir / "warm_start.yaml").is_file() and len(trials):
         trials["warm_start"] = warm_origins(trials, yamlio.load((study_dir / "warm_start.yaml").read_text()))
-    storage.write_table(study_dir / "history.csv", history)
-    storage.write_table(study_dir / "trials.parquet", trials)
-    storage.write_table(study_dir / "trials.csv", trials)
     row = best_row(trials, spec)
     best = None
     if row is not None:
@@ -280,7 +277,13 @@ def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataF
         if spec.multi:
             best["pick"] = spec.retrain["pick"]
             best["pareto"] = [_best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
+    # The trials tables last, trials.csv the very last: a study counts as ended only with all of
+    # them (lifecycle.EXPORT), so a kill in between leaves a study that --resume exports again.
+    storage.write_table(study_dir / "history.csv", history)
+    if best is not None:
         (study_dir / "best.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
+    storage.write_table(study_dir / "trials.parquet", trials)
+    storage.write_table(study_dir / "trials.csv", trials)
     return trials, history, best
 
 

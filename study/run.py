@@ -27,8 +27,8 @@ from csnn.config import TUTORIAL_ACC
 from study import analyze, environment, estimate, lifecycle, results, spec as specs, warmstart
 from study.plan import PlanError, check_machine, cluster, plan
 from study.lifecycle import UsageError
-from study.tuning import (RetrainInterrupted, check_moved, check_optuna_storage, optuna_url, own_optuna_storage,
-                          retrain, search, shown_url)
+from study.tuning import (RetrainInterrupted, check_moved, check_optuna_storage, mark_retrain, optuna_url,
+                          own_optuna_storage, retrain, search, shown_url)
 from study.storage import Location, StorageError, check_nodes_see
 
 
@@ -232,7 +232,9 @@ def _main(args) -> int:
         raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain (read it: "
                          f"{lifecycle.command_line(lifecycle.ANALYZE, args.argv, study_dir)})")
     if decision.action == "restart":  # what the stopped run left: the study starts afresh
-        print(f"{study_dir} holds only what an earlier run wrote before its first trial was recorded; "
+        tuner = study_dir / "ray" / "tuner.pkl"  # Ray's own state: empty when a run was cut while Ray wrote it
+        why = f" ({tuner} is empty: Ray cannot continue it)" if tuner.is_file() and not tuner.read_bytes() else ""
+        print(f"{study_dir} holds only what an earlier run wrote before its first trial was recorded{why}; "
               "starting the study afresh", flush=True)
         for name in lifecycle.LEFTOVERS:
             (study_dir / name).delete()
@@ -335,7 +337,12 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
                   file=sys.stderr)
             timing.save(study, timing.record(resumed=not fresh, interrupted=True), fresh)
             return 130
+        will_retrain = do_retrain and spec.retrain["seeds"] and spec.retrain["epochs"] > 0
+        if will_retrain:  # before the export: from here a kill leaves a retrain that --resume finishes
+            mark_retrain(study, resume=True)
         trials, history, best = results.export(spec, study)
+        if will_retrain and not best:  # nothing to retrain after all
+            (study / lifecycle.RETRAIN_PENDING).delete()
         # The top of the report the analysis writes: the same lines, one place.
         warm_file = study / "warm_start.yaml"
         print("\n".join(analyze.summary(results.Study(

@@ -83,17 +83,40 @@ class SilentAwareOptunaSearch(OptunaSearch):
             self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
             self._ot_trials = {k: optuna.trial.Trial(self._ot_study, i) for k, i in self._ot_trials.items()}
 
+    def reconcile(self) -> None:
+        """On --resume, what Optuna recorded after Ray's last save of this searcher (then a kill).
+        A trial told its end: Ray runs it again from its last checkpoint and tells its end again,
+        which Optuna refused (UpdateFinishedTrialError), and Ray then marked the finished trial
+        errored; told once is enough, and OptunaSearch ignores what comes later for a trial it counts
+        as completed. A trial asked: Ray never runs it, and it would stay RUNNING in Optuna's record
+        for ever; it is failed (the samplers leave failed trials out), and an enqueued configuration
+        (the baseline, a warm start's best) is enqueued again, so that it still runs."""
+        from optuna.trial import TrialState
+
+        trials = self._ot_study.get_trials(deepcopy=False)
+        ended = {t._trial_id for t in trials if t.state.is_finished()}
+        self._completed_trials |= {k for k, t in self._ot_trials.items() if t._trial_id in ended}
+        known = {t._trial_id for t in self._ot_trials.values()}
+        for t in trials:
+            if t.state == TrialState.RUNNING and t._trial_id not in known:
+                self._storage.set_trial_user_attr(t._trial_id, "orphan", "asked before a kill, never run by Ray")
+                self._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                if "fixed_params" in t.system_attrs:
+                    self._ot_study.enqueue_trial(t.system_attrs["fixed_params"], user_attrs=t.user_attrs)
+
     def save(self, checkpoint_path: str):  # OptunaSearch's pickles its __dict__, storage included
         import pickle
 
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__getstate__(), f)
 
-    def restore(self, checkpoint_path: str):
+    def restore(self, checkpoint_path: str):  # Ray's restore of the searcher's last saved state
         import pickle
 
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
+        if self.resume_url:  # a --resume (no trial of the study runs now: study.lock)
+            self.reconcile()
 
     def suggest(self, trial_id):
         if self.in_order and trial_id not in self._ot_trials:
@@ -124,10 +147,6 @@ class SilentAwareOptunaSearch(OptunaSearch):
         if trial_id not in self._ot_trials or trial_id in self._completed_trials:
             return
         ot_trial = self._ot_trials[trial_id]  # OptunaSearch's own record of its Optuna trials
-        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
-            # told before a kill that came before Ray saved the study: the resumed trial ran again
-            self._completed_trials.add(trial_id)
-            return
         why = {"silent": silent(result or {}, self.silent_rate),
                "dead": (result or {}).get("dead") or dead_network(result or {}, self.silent_rate)}
         for key, text in why.items():

@@ -17,7 +17,7 @@ from csnn import data as fmnist
 from csnn.config import METRICS, TrainConfig
 from csnn.train import load_model
 from study import results, spec as specs, warmstart
-from study.lifecycle import RETRAIN_PENDING, UsageError
+from study.lifecycle import RETRAIN_PENDING, UsageError, restorable
 from study.plan import asha_rungs
 from study.storage import Location, mount_type
 
@@ -120,6 +120,20 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     return tuner.fit()
 
 
+def mark_retrain(study: Location, resume: bool) -> str:
+    """Write RETRAIN_PENDING (a retrain is due, and into which folder) and return that folder's
+    name. A --retrain of a study that has one trains into retrain-next/: the earlier retrain/
+    and best/ stay until the new one is complete, then it takes retrain/'s place. study.run
+    marks a retrain before the search's export, so that a kill anywhere from there to best/
+    being complete leaves a study whose retrain --resume finishes."""
+    pending = study / RETRAIN_PENDING
+    if resume and pending.is_file() and pending.read_text().split("\n")[0] in ("retrain", "retrain-next"):
+        name = pending.read_text().split("\n")[0]
+    else:
+        name = "retrain-next" if (study / "retrain").exists() else "retrain"
+    pending.write_text(f"{name}\n# a retrain into {name}/ is due since {time.ctime()}; best/ is replaced when it "
+                       "ends\n")
+    return name
 
 
 @contextlib.contextmanager
@@ -168,16 +182,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     from csnn.trainable import trainable
     from study.stopping import FIFO
 
-    # A --retrain of a study that has one trains into retrain-next/: the earlier retrain/
-    # and best/ stay until the new one is complete, then it takes retrain/'s place. The
-    # marker's first line names the folder, for --resume.
-    pending = study / RETRAIN_PENDING
-    if resume and pending.is_file() and pending.read_text().split("\n")[0] in ("retrain", "retrain-next"):
-        name = pending.read_text().split("\n")[0]
-    else:
-        name = "retrain-next" if (study / "retrain").exists() else "retrain"
-    pending.write_text(f"{name}\n# a retrain into {name}/ started {time.ctime()}; best/ is replaced when it ends\n")
-
+    name = mark_retrain(study, resume)
     fixed = {**best["config"], "epochs": spec.retrain["epochs"], "val_size": 0, "train_size": 0, "test_size": 0}
     fixed.pop("seed")
     seeds = spec.retrain["seeds"]
@@ -190,7 +195,9 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
           f"{len(data.train_y)} training images, {res['retrain_gpu']:g} GPU each)"
           + (f", about {about / 60:.1f} min" if about else ""), flush=True)
     quiet = timing.quiet() if timing else {}
-    if resume and tune.Tuner.can_restore(where.path, storage_filesystem=where.fs):
+    # Ray's own can_restore asks only for tuner.pkl: killed before Ray saved the seeds' state,
+    # its restore ran trials without their seed (KeyError: 'seed'). Then the retrain starts again.
+    if resume and restorable(where):
         with trials_in(study, results.trial_results(where)):
             grid = tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
                                       storage_filesystem=where.fs).fit()
@@ -251,7 +258,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     if name == "retrain-next":
         (study / "retrain").delete()
         where.move_to(study / "retrain")
-    pending.delete()
+    (study / RETRAIN_PENDING).delete()
     return summary
 
 

@@ -78,6 +78,12 @@ def test_the_state_of_real_folders(tiny_study, tmp_path):
     assert read(cut) == "retrain_cut"
     searching = shutil.copytree(ended, tmp_path / "searching", ignore=shutil.ignore_patterns("trials.*"))
     assert read(searching) == "interrupted"
+    # killed between the export's files (trials.csv is its last): --resume exports again; a table
+    # without Ray's state is read as it was written
+    exporting = shutil.copytree(ended, tmp_path / "exporting", ignore=shutil.ignore_patterns("trials.csv"))
+    assert read(exporting) == "interrupted"
+    shutil.rmtree(exporting / "ray")
+    assert read(exporting) == "ended"
     # killed while Ray wrote its Tuner state (0 bytes), or before its first save: nothing to continue
     first = lambda folder, names: [n for n in names if folder == str(searching) and n not in lifecycle.LEFTOVERS]  # noqa: E731
     empty = shutil.copytree(searching, tmp_path / "empty-pkl", ignore=first)

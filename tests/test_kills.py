@@ -1,0 +1,184 @@
+"""SIGKILL study.run at a sweep of instants, then run what the folder's state advises: the study
+ends with exactly num_samples trials, no trial that had finished lost, best/ complete (issue 27).
+
+One study is killed at each instant in turn: each kill's advised command (read off the folder as
+study.run reads it) runs in a new process, which is killed at the next instant; the last advised
+command runs to the end in this process. Each row names the instant, the state the folder must
+then read as, and the found case it guards."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, env, in_process, study_cmd, tiny_spec, write_spec
+from study import lifecycle, run
+from study.storage import Location
+
+NUM_SAMPLES = 3
+
+
+def told(d: Path) -> int:
+    """How many trials Optuna has been told the end of (its own record, read without a lock)."""
+    try:
+        with closing(sqlite3.connect(f"file:{d / 'optuna.db'}?mode=ro", uri=True, timeout=0.1)) as c:
+            return c.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.Error:  # not there yet, or being written
+        return 0
+
+
+def finished(d: Path) -> set[str]:
+    """The trials whose last epoch Ray recorded (their result.json): what a kill must not lose."""
+    out = set()
+    for f in d.glob("ray/*/result.json"):
+        lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip().endswith("}")]
+        if any(r.get("training_iteration", 0) >= 1 for r in lines):  # 1 epoch a trial
+            out.add(lines[-1]["trial_id"])
+    return out
+
+
+# (instant, when to kill, what then to do to the folder, the state it must read as, what the advised
+# command must say). Found cases: a kill soon after the Tuner starts left a folder refused by the same
+# command, whose --resume ran one trial and said "interrupted" with exit 130; an empty tuner.pkl (a
+# crash while Ray wrote it) was refused, and --resume failed with EOFError; a kill right after a
+# trial ended made it errored on --resume (UpdateFinishedTrialError: its end told to Optuna twice); a
+# kill as the retrain started made every --resume fail with KeyError: 'seed'; a kill in the export
+# left an ended study without trials.csv, which only --retrain went on from.
+INSTANTS = [
+    ("Ray wrote tuner.pkl; then it is emptied", lambda d, n0: (d / "ray" / "tuner.pkl").exists(),
+     lambda d: (d / "ray" / "tuner.pkl").write_bytes(b""), "unstarted",
+     "tuner.pkl is empty: Ray cannot continue it); starting the study afresh"),
+    ("Ray saved its first experiment state", lambda d, n0: any(d.glob("ray/experiment_state*.json")), None,
+     "interrupted", ""),
+    ("a trial's end told to Optuna", lambda d, n0: told(d) > n0, None, "interrupted", ""),
+    ("the export began", lambda d, n0: (d / "history.csv").exists(), None, "interrupted", ""),
+    ("the retrain's Tuner started", lambda d, n0: (d / "retrain" / "tuner.pkl").exists(), None, "retrain_cut", ""),
+    ("best/ being assembled", lambda d, n0: (d / "best").exists(), None, "retrain_cut", ""),
+]
+
+
+def session(sid: int) -> list[int]:
+    """The live processes of session `sid`: the killed study.run's, Ray's among them."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # a zombie holds nothing
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def killed_at(argv: list, d: Path, when, log: Path) -> str:
+    """Run `argv` as its own session and SIGKILL all of it (study.run, its Ray, the trials) once
+    `when(d, trials told at the start)` holds; its output."""
+    n0 = told(d)
+    with log.open("w") as out:
+        p = subprocess.Popen(argv, env=env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while p.poll() is None and time.time() < deadline and not when(d, n0):
+            time.sleep(0.005)
+    finally:
+        alive = p.poll() is None
+        os.killpg(p.pid, signal.SIGKILL)  # study.run and Ray's raylet, GCS, ...
+        p.wait()
+        for _ in range(100):  # Ray's workers run in process groups of their own
+            left = session(p.pid)
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not left:
+                break
+            time.sleep(0.05)
+    text = log.read_text()
+    assert alive, f"it ended (exit {p.returncode}) before the instant:\n{text[-3000:]}"
+    assert not session(p.pid), "processes of the killed run are left"
+    return text
+
+
+@pytest.mark.slow
+def test_a_study_killed_at_each_instant_ends_whole_by_the_advised_command(tmp_path, tiny_data_dir, local_ray,
+                                                                         capsys):
+    spec = tiny_spec("k", train={"epochs": 1}, search={"num_samples": NUM_SAMPLES, "max_concurrent": 2},
+                     retrain={"epochs": 1, "seeds": [0]}, render={"images": 1})
+    space = write_spec(tmp_path, spec)
+    d = tmp_path / "results" / "k"
+    argv = study_cmd(space, tmp_path, tiny_data_dir)[3:]
+    advised, says, done, ran = argv, "", set(), []
+    for i, (instant, when, then, state, then_says) in enumerate(INSTANTS):
+        t0 = time.time()
+        out = killed_at([sys.executable, "-m", "study.run", *advised], d, when, tmp_path / f"run{i}.txt")
+        ran.append(f"{instant} ({time.time() - t0:.0f} s)")
+        assert "Traceback" not in out and "error:" not in out and says in out, (ran, out[-3000:])
+        if i:  # the previous run's lock, left by the kill: taken over with one line
+            assert out.count("taking over the lock of a process that no longer runs") == 1, (ran, out[-3000:])
+        done |= finished(d)  # the trials finished by this kill
+        if then:
+            then(d)
+        where = Location.parse(str(d))
+        assert lifecycle.read(where) == state, (ran, lifecycle.read(where))
+        # what study.run prints after an interruption; the same command, if refused, advises it too
+        cmd = lifecycle.continuation(state, argv, can_retrain=True)
+        same = lifecycle.decide(state, lifecycle.command(run.parse_args(argv)))
+        assert cmd.verb == "start" if same.action != "refuse" else same.advice == cmd, (instant, same, cmd)
+        advised, says = lifecycle.command_line(cmd, argv, where).split()[3:], then_says
+    p = in_process(capsys, run.main, *advised)  # the last advice runs to the end, here on the module's Ray
+    assert p.returncode == 0 and "taking over the lock" in p.stdout, (ran, p.stdout[-3000:] + p.stderr[-3000:])
+    trials = pd.read_csv(d / "trials.csv")
+    assert len(trials) == NUM_SAMPLES and trials["trial_id"].is_unique, (ran, trials)
+    status = dict(zip(trials["trial_id"], trials["status"]))
+    assert done and all(status.get(t) == "finished" for t in done), (ran, done, status)
+    assert (trials["status"] == "finished").all(), (ran, status)
+    with closing(sqlite3.connect(d / "optuna.db")) as c:  # Optuna's record too: each trial once, none left running
+        states = [s for (s,) in c.execute("SELECT state FROM trials")]
+    assert states == ["COMPLETE"] * NUM_SAMPLES, (ran, states)
+    assert (d / "best" / "summary.yaml").is_file() and (d / "best" / "spikes").is_dir(), ran
+    assert lifecycle.read(Location.parse(str(d))) == "ended" and not (d / lifecycle.LOCK).exists(), ran
+
+
+def test_a_resumed_searcher_keeps_what_optuna_recorded_after_its_last_save(tmp_path):
+    """What the sweep's kill right after a trial's end hits by chance, every time: Optuna was told
+    a trial's end, and asked a new trial, after Ray last saved the searcher. Restored from that
+    save, the ended trial's repeated end and results change nothing (they raised
+    UpdateFinishedTrialError, and Ray marked the finished trial errored); the trial Ray never ran
+    is failed, its enqueued configuration enqueued again."""
+    import optuna
+
+    from study import spec as specs
+    from study.stopping import SilentAwareOptunaSearch
+
+    spec = specs.parse(tiny_spec("s"), "s.yaml")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="s", direction="maximize")
+    searcher = SilentAwareOptunaSearch(space=specs.define_by_run(spec), metric="val_acc", mode="max",
+                                       study_name="s", storage=optuna.storages.RDBStorage(url), silent_rate=0.001)
+    searcher.suggest("a")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Ray's last save; then, before the kill:
+    study.enqueue_trial({"channels": 6, "lr": 0.01}, user_attrs={"warm_start": "x"})  # a warm start's best
+    asked = searcher.suggest("b")  # the enqueued configuration, asked
+    ended = {"val_acc": 0.5, "fr_12": 0.0, "training_iteration": 1}  # a silent output layer: told so too
+    searcher.on_trial_result("a", ended)
+    searcher.on_trial_complete("a", ended)
+    SilentAwareOptunaSearch.resume_url = url
+    try:
+        searcher.restore(str(tmp_path / "searcher.pkl"))
+    finally:
+        SilentAwareOptunaSearch.resume_url = None
+    searcher.on_trial_result("a", ended)  # Ray runs trial a's end again
+    searcher.on_trial_complete("a", ended)
+    states = [(t.state.name, t.values, t.user_attrs) for t in study.get_trials()]
+    assert states[0] == ("COMPLETE", [0.5], {"silent": "fr_12"}), states
+    assert states[1][0] == "FAIL" and "orphan" in states[1][2] and states[2][0] == "WAITING", states
+    assert searcher.suggest("c") == asked and study.trials[-1].user_attrs["warm_start"] == "x"
