@@ -25,7 +25,7 @@ def pytest_configure(config):
 # The modules that take longest (each runs several real studies) first: `make test` gives whole modules
 # to two workers (pytest -n 2 --dist loadfile) in this order, and a long module started last would
 # keep one worker busy while the other has nothing left.
-LONGEST_FIRST = ("test_cluster.py", "test_samplers.py", "test_resume.py", "test_study.py", "test_stopping.py",
+LONGEST_FIRST = ("test_cluster.py", "test_kills.py", "test_samplers.py", "test_resume.py", "test_study.py", "test_stopping.py",
                  "test_lifecycle.py", "test_interrupts.py", "test_analyze.py", "test_estimate.py")
 
 
