@@ -74,7 +74,9 @@ def test_a_real_study_against_its_estimate_and_its_output(tiny_study):
     # measured Python start, whose reading on a shared 2-core machine moved 1.7x between two runs minutes
     # apart, so that a machine 2x faster or slower than the fit, or one that others load, still passes;
     # a factor of 3 still catches a model that is off by an order, or a phase counted in the wrong unit.
-    assert 1 / 3 < act["wall_s"] / est["wall_s"] < 3, (est, act)
+    # a sanity band (the +-25 % goal is benchmarks/estimate_vs_actual.py's): make test's other worker shares
+    # the cores with this study (x3.0 seen with four workers), as a slower machine would
+    assert 1 / 4 < act["wall_s"] / est["wall_s"] < 4, (est, act)
     assert act["phases_s"]["search"] > 0 and act["phases_s"]["retrain"] > act["phases_s"]["spikes"] > 0
 
     # the printed estimate is the one in estimate.yaml

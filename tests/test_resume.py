@@ -100,8 +100,8 @@ def test_a_copied_or_moved_interrupted_study_resumes_into_its_own_folder(tmp_pat
         return in_process(capsys, run.main, space, "--storage", storage, "--data-dir", tiny_data_dir, *extra)
 
     first = tmp_path / "results" / "moves"
-    p = stopped_when(lambda: len(list(first.glob("ray/*/progress.csv"))) >= 2,  # the first trial has ended
-                     study, first.parent)
+    # as the second trial starts (one at a time: the first has ended), long before the third is made
+    p = stopped_when(lambda: len(list(first.glob("ray/trainable_*"))) >= 2, study, first.parent)
     assert p.returncode == 130 and "continue it with --resume" in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
     ended = {Path(t.path).name: (Path(t.path) / "progress.csv").read_bytes()
              for t, _ in results.trial_results(Location.parse(first / "ray")) if t.status == "TERMINATED"}
