@@ -28,7 +28,7 @@ from study import analyze, environment, estimate, lifecycle, results, spec as sp
 from study.plan import PlanError, check_machine, cluster, plan
 from study.lifecycle import UsageError
 from study.tuning import (RetrainInterrupted, check_moved, check_optuna_storage, mark_retrain, optuna_url,
-                          own_optuna_storage, retrain, search, shown_url)
+                          own_database, own_optuna_storage, retrain, search, shown_url)
 from study.storage import Location, StorageError, check_nodes_see
 
 
@@ -294,8 +294,10 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
     print(f"study {spec.name}: {res['summary']}; {len(nodes)} Ray node(s); results in {study}", flush=True)
     if fresh:  # what it runs on, beside spec.yaml; a later run on other versions says so
         # where it began (a record: moved or copied, it resumes where it is) and with which Optuna storage
-        environment.write(study, {**environment.collect(), "folder": study.shown,
-                                  "optuna_storage": shown_url(optuna_storage)})
+        # (a URL naming the folder's own optuna.db is recorded as none: it moves with the folder)
+        environment.write(study, {**environment.collect(), "folder": study.shown, "optuna_storage": None
+                                  if optuna_storage is None or own_database(optuna_storage, spec, study)
+                                  else shown_url(optuna_storage)})
     else:
         environment.warn_differences(study, "--retrain" if fresh_retrain else "--resume")
     if fresh:  # the prediction, kept beside what each phase then took (timing.yaml)

@@ -275,6 +275,14 @@ def shown_url(url: str | None) -> str | None:
     return None if url is None else sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
+def own_database(url: str, spec: specs.StudySpec, study: Location) -> bool:
+    """Whether an --optuna-storage URL names the study folder's own optuna.db (where optuna_url puts it)."""
+    import sqlalchemy
+
+    u, (_, db) = sqlalchemy.engine.make_url(url), optuna_url(spec, study, None)
+    return u.get_backend_name() == "sqlite" and db is not None and Path(u.database or "").resolve() == db.resolve()
+
+
 def own_optuna_storage(given: str | None, began: dict, spec: specs.StudySpec, study: Location) -> str | None:
     """The --optuna-storage that --resume or --retrain of the study in `study` uses: its own database.
     `began`: its environment.yaml, whose optuna_storage is what the study started with (None: its own
@@ -285,11 +293,7 @@ def own_optuna_storage(given: str | None, began: dict, spec: specs.StudySpec, st
         return given
     started = began["optuna_storage"]
     if started is None:
-        import sqlalchemy
-
-        _, db = optuna_url(spec, study, None)
-        u = sqlalchemy.engine.make_url(given) if given is not None else None
-        if u is None or (u.get_backend_name() == "sqlite" and Path(u.database or "").resolve() == db.resolve()):
+        if given is None or own_database(given, spec, study):
             return None  # the flag named the study's own file: the same as leaving it out
         raise UsageError(f"--optuna-storage {given}: the study in {study} keeps its Optuna trials in its own "
                          "optuna.db (it began without --optuna-storage); a study resumes with the database it "

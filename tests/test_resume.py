@@ -149,7 +149,7 @@ def test_resume_takes_the_optuna_storage_the_study_began_with(tmp_path):
     wherever the folder is now; a URL with its password hidden); --resume and --retrain take that one."""
     from study import spec as specs
     from study.lifecycle import UsageError
-    from study.tuning import own_optuna_storage, shown_url
+    from study.tuning import own_database, own_optuna_storage, shown_url
 
     spec = specs.parse(tiny_spec("own"), "own.yaml")
     d = Location.parse(tmp_path / "results" / "own")
@@ -159,6 +159,9 @@ def test_resume_takes_the_optuna_storage_the_study_began_with(tmp_path):
     assert own_optuna_storage(f"sqlite:///{tmp_path}/results/./own/optuna.db", began, spec, d) is None
     with pytest.raises(UsageError, match="keeps its Optuna trials in its own optuna.db"):
         own_optuna_storage(f"sqlite:///{tmp_path}/optuna.db", began, spec, d)
+    # a study begun with --optuna-storage naming its own folder's optuna.db records none (it moves with the folder)
+    assert own_database(f"sqlite:///{tmp_path}/results/own/optuna.db", spec, d)
+    assert not own_database(f"sqlite:///{tmp_path}/optuna.db", spec, d) and not own_database("postgresql://u@h/o", spec, d)
     server = "postgresql://user:secret@dbhost/optuna"
     began = {"optuna_storage": shown_url(server)}
     assert "secret" not in began["optuna_storage"]
