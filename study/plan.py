@@ -25,9 +25,8 @@ class PlanError(ValueError):
 
 def plan(spec: specs.StudySpec, gpus: float, cpus: float, node_gpus: float, allow_cpu: bool = False,
          allow_pending_gpus: bool = False, node_cpus: float | None = None) -> dict:
-    """Per-trial resources and trials at once (max_concurrent: Ray's limit, 0 for none; running:
-    how many the cluster runs at once), from the spec and the cluster's totals (GPUs, CPUs, most
-    GPUs on one node).
+    """Per-trial resources and trials at once, from the spec and the cluster's
+    totals (GPUs, CPUs, most GPUs on one node).
 
     gpus_per_trial auto: Ray packs fractional GPU requests onto as few GPUs as it
     can (ray-project/ray #28679), so each trial gets 1/k of a GPU with k the
@@ -49,8 +48,7 @@ def plan(spec: specs.StudySpec, gpus: float, cpus: float, node_gpus: float, allo
                 raise PlanError(f"{where}: search.max_concurrent auto needs the cluster's GPUs, and it has none yet "
                                 "(--allow-pending-gpus); give search.max_concurrent a number")
             g = 1.0 if want == "auto" else want
-            return {"gpu": g, "cpu": cpt, "max_concurrent": conc, "running": min(conc or n, n),
-                    "retrain_gpu": max(g, 1.0) if want == "auto" else g,
+            return {"gpu": g, "cpu": cpt, "max_concurrent": conc, "retrain_gpu": max(g, 1.0) if want == "auto" else g,
                     "summary": f"up to {conc or n} trials at once, {g:g} GPU and {cpt:g} CPUs each, "
                                "on GPUs the autoscaler has still to add"}
         if gpus == 0 and not allow_cpu:
@@ -64,7 +62,7 @@ def plan(spec: specs.StudySpec, gpus: float, cpus: float, node_gpus: float, allo
     if not (want == "auto" or want > 0) or gpus == 0:
         conc = min(cpu_slots, n) if conc == "auto" else conc
         running = min(conc or n, n, cpu_slots)
-        return {"gpu": 0, "cpu": cpt, "max_concurrent": conc, "running": running, "retrain_gpu": 0,
+        return {"gpu": 0, "cpu": cpt, "max_concurrent": conc, "retrain_gpu": 0,
                 "summary": f"{running} trials at once on CPUs ({cpt:g} each), no GPU"}
     whole = max(1, int(gpus))
     if want == "auto":
@@ -85,7 +83,7 @@ def plan(spec: specs.StudySpec, gpus: float, cpus: float, node_gpus: float, allo
         running = min(conc or n, n, cpu_slots, int(gpus // want))
         retrain_gpu = want
     used = min(whole, math.ceil(running * g - 1e-9))
-    return {"gpu": g, "cpu": cpt, "max_concurrent": conc, "running": running, "retrain_gpu": retrain_gpu,
+    return {"gpu": g, "cpu": cpt, "max_concurrent": conc, "retrain_gpu": retrain_gpu,
             "summary": f"{running} trials at once on {used} of {whole} GPUs ({g:g} GPU and {cpt:g} CPUs each)"
                        + ("" if used == whole or running == n else
                           f"; {whole - used} GPUs idle: Ray packs GPU shares, make max_concurrent a multiple of {whole}")}

@@ -303,6 +303,10 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     _number(where, "search.max_concurrent", search["max_concurrent"], integer=True, minimum=0, auto=True)
     if not isinstance(search["in_order"], bool):
         raise _err(where, "search.in_order", f"{search['in_order']!r} is not allowed; must be true or false")
+    if search["in_order"] and not (isinstance(search["max_concurrent"], int) and search["max_concurrent"] > 0):
+        # k, the trials at once, is part of what the trials depend on: the file's, not the machine's
+        raise _err(where, "search.in_order", f"true needs search.max_concurrent as a number of trials at once "
+                   f"(it is {search['max_concurrent']!r}); give it one, or set in_order: false")
     if not isinstance(search["baseline"], bool):
         raise _err(where, "search.baseline", f"{search['baseline']!r} is not allowed; must be true or false")
     if search["baseline"]:

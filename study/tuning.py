@@ -88,9 +88,9 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
     # Several objectives: Optuna's multi-objective search on each trial's last
     # report; Ray's own metric (progress table, ASHA when single) is the first.
     modes = [o["mode"] for o in spec.objectives]
-    # search.in_order: the sampler and the rungs read results in trial order (stopping.py), with as many
-    # trials at once as the plan runs, so that the study does not depend on the trials' timing.
-    in_order = res["running"] if spec.search["in_order"] else 0
+    # search.in_order: the sampler and the rungs read results in trial order (stopping.py), k the file's
+    # max_concurrent (not what this machine runs at once), so that the study depends on neither timing nor machine.
+    in_order = spec.search["max_concurrent"] if spec.search["in_order"] else 0
     searcher = SilentAwareOptunaSearch(space=specs.define_by_run(spec), metric=metrics if spec.multi else metrics[0],
                                        mode=modes if spec.multi else modes[0], sampler=sampler,
                                        study_name=spec.name, storage=storage,

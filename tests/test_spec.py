@@ -68,6 +68,9 @@ def bad(path: str, value, delete=False):
     (bad("train.epochs", 16), None, None),  # the good file itself (control)
     (bad("resources.gpus_per_trial", "all"), "resources.gpus_per_trial", "must be a number or auto"),
     (bad("search.max_concurrent", "many"), "search.max_concurrent", "must be an integer or auto"),
+    (bad("search.in_order", "yes please"), "search.in_order", "must be true or false"),
+    (bad("search.in_order", True), "search.in_order", "needs search.max_concurrent as a number of trials at once "
+                                                      "(it is 'auto')"),  # fmnist.yaml's auto: the machine's
     (bad("resources.trials_per_gpu", 0), "resources.trials_per_gpu", "must be >= 1"),
     (bad("resources.checkpoint_every", 0), "resources.checkpoint_every", "must be >= 1"),
     (bad("train.epoch", 16), "train.epoch", "TrainConfig has no field 'epoch'"),
