@@ -753,4 +753,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from csnn.argtypes import interruptible, leave
+
+    leave(interruptible(main, "csnn.gpucheck", "the checks that ended are in --out's file, if given"))

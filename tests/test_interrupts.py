@@ -51,7 +51,8 @@ def main():  # the Ctrl-C lands in code run by a string exec, as in torch's comp
 
 leave(interruptible(main, "probe", "nothing written"))
 """
-COMMANDS = ("csnn/bench.py", "csnn/train/__main__.py", "study/analyze.py", "study/reproduce.py", "study/run.py")
+COMMANDS = ("csnn/bench.py", "csnn/gpucheck.py", "csnn/train/__main__.py", "study/analyze.py", "study/reproduce.py",
+            "study/run.py")
 
 
 def test_ctrl_c_caught_in_a_string_exec_still_exits_130(tmp_path):
