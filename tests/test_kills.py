@@ -60,8 +60,19 @@ INSTANTS = [
     ("a trial's end told to Optuna", lambda d, n0: told(d) > n0, None, "interrupted", ""),
     ("the export began", lambda d, n0: (d / "history.csv").exists(), None, "interrupted", ""),
     ("the retrain's Tuner started", lambda d, n0: (d / "retrain" / "tuner.pkl").exists(), None, "retrain_cut", ""),
-    ("best/ being assembled", lambda d, n0: (d / "best").exists(), None, "retrain_cut", ""),
+    # as best/ is assembled (in a folder of its own, then moved into place: best/ itself appears only
+    # moments before the study ends, too late to kill it reliably; seen in CI)
+    ("the retrain's seed ended, best/ to assemble", lambda d, n0: seed_ended(d), None, "retrain_cut", ""),
 ]
+
+
+def seed_ended(d: Path) -> bool:
+    """Whether a retrain seed recorded its last epoch (1 epoch): the driver then assembles best/."""
+    for f in d.glob("retrain/*/result.json"):
+        lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip().endswith("}")]
+        if any(r.get("training_iteration", 0) >= 1 for r in lines):
+            return True
+    return False
 
 
 def session(sid: int) -> list[int]:
