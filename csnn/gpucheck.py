@@ -111,7 +111,7 @@ def versions() -> dict:
     return out
 
 
-CUPY_MISSING = "CuPy not installed"  # the one skip that passes (CuPy is optional); tests/test_gpu.py says the same
+CUPY_MISSING = "CuPy not installed"  # gpucheck's own CuPy checks skip with it (tests/test_gpu.py's cupy tests fail)
 
 
 def cupy_missing() -> bool:

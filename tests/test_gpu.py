@@ -12,13 +12,17 @@ from csnn.model import ALPHA, CSNN, observe_if_kernels, set_backend
 from csnn.train import fit, make_optimizer, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run python -m csnn.gpucheck on one)")
-# CuPy is optional: without it these skip with this reason, the one skip gpucheck allows; a CuPy that is
-# installed but broken (cannot compile, no NVRTC) runs them, and they fail.
-CUPY_MISSING = "CuPy not installed"
-# (on a machine without a GPU the module's own reason is the one reported)
-needs_cupy = pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("cupy") is None,
-                                reason=CUPY_MISSING)
+# The cupy backend's tests (marker `cupy`) need CuPy, the optional extra: on a GPU without it they fail,
+# saying how to install it (a missing dependency is never a skip); a broken CuPy fails them too.
+needs_cupy = pytest.mark.cupy
 CUPY = pytest.param("cupy", marks=needs_cupy)
+
+
+@pytest.fixture(autouse=True)
+def _cupy_installed(request):
+    if request.node.get_closest_marker("cupy") and importlib.util.find_spec("cupy") is None:
+        pytest.fail("CuPy not installed: the cupy backend's tests need it: pip install -e '.[cupy]' "
+                    "(cupy-cuda13x; cupy-cuda12x for a torch built for CUDA 12)")
 
 
 def amp_step(net, x):
