@@ -64,7 +64,7 @@ def dead_network(metrics, silent_rate: float) -> str:
     predicts one class for (nearly) every training image, e.g. 'predicts class 3 for 100.0%
     of training images'; '' when not, or when a layer is silent (a silent network: its own
     label), or when silent_rate is 0 (which turns off both stops and both labels)."""
-    share = metrics.get("top_class_share") if hasattr(metrics, "get") else None
+    share = metrics.get("top_class_share")
     if not silent_rate or share is None or share != share or share < DEAD_SHARE or silent_layers(metrics, silent_rate):
         return ""
     return f"predicts class {int(metrics['top_class'])} for {share:.1%} of training images"

@@ -579,15 +579,16 @@ def main(argv=None) -> int:
         state = lifecycle.read(study.location)
         if lifecycle.decide(state, lifecycle.ANALYZE).action == "refuse":  # writing report/ there would make it foreign
             raise results.StudyError(f"{study.path} holds {lifecycle.STATES[state]}: nothing to read yet")
-        if unreported(study, state, lifecycle.holder(study.location)):
-            raise results.StudyError(unreported(study, state, lifecycle.holder(study.location)))
+        held = lifecycle.holder(study.location)
+        nothing = unreported(study, state, held)
+        if nothing:
+            raise results.StudyError(nothing)
         if args.against:
             print("\n".join(compare(study, results.load(args.against))))
             return 0
     except results.StudyError as e:
         print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
         return 2
-    held = lifecycle.holder(study.location)
     if held is not None:
         print(f"note: {study.path} is being written by {held}: this is the study so far")
     print(f"trials read from {study.trials_file or study.path / 'ray'}")

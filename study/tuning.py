@@ -127,8 +127,9 @@ def mark_retrain(study: Location, resume: bool) -> str:
     marks a retrain before the search's export, so that a kill anywhere from there to best/
     being complete leaves a study whose retrain --resume finishes."""
     pending = study / RETRAIN_PENDING
-    if resume and pending.is_file() and pending.read_text().split("\n")[0] in ("retrain", "retrain-next"):
-        name = pending.read_text().split("\n")[0]
+    marked = pending.read_text().split("\n")[0] if resume and pending.is_file() else None
+    if marked in ("retrain", "retrain-next"):
+        name = marked
     else:
         name = "retrain-next" if (study / "retrain").exists() else "retrain"
     pending.write_text(f"{name}\n# a retrain into {name}/ is due since {time.ctime()}; best/ is replaced when it "
