@@ -34,12 +34,13 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir, capsys):
     assert set(trials["status"]) <= {"finished", "stopped", "silent"} and (trials["status"] == "finished").any()
     assert trials["lr"].between(0.003, 0.03).all() and set(trials["channels"]) <= {4, 6}
     # all empty (no error; no GPU id on the CPU): '' or None in parquet, NaN in csv
-    cols = [c for c in trials.columns if c not in ("error", "gpu_ids", "silent", "dead", "cuda_graphs_fallback")]
+    cols = [c for c in trials.columns if c not in ("error", "gpu_ids", "silent", "dead", "cuda_graphs_fallback",
+                                                  "capture_diff")]
     parquet = pd.read_parquet(d / "trials.parquet")[cols]
     text = [c for c in cols if not pd.api.types.is_numeric_dtype(parquet[c])]  # csv reads '13.0' as 13.0
     pd.testing.assert_frame_equal(parquet.drop(columns=text), trials[cols].drop(columns=text), check_dtype=False)
     assert (parquet[text].astype(str) == trials[text].astype(str)).all().all()
-    assert trials["error"].isna().all() and trials["cuda_graphs_fallback"].isna().all()
+    assert trials["error"].isna().all() and trials["cuda_graphs_fallback"].isna().all() and trials["capture_diff"].isna().all()
     # where each trial ran: Ray's node, no GPU id, the CPU
     assert trials["node_ip"].notna().all() and trials["hostname"].notna().all()
     assert trials["gpu_ids"].isna().all() and (trials["run_device"] == "cpu").all()

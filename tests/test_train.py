@@ -46,11 +46,12 @@ def test_training_lowers_the_loss_and_reports_every_metric(real_data):
                                "test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12",
                                "spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj",
                                "top_class", "top_class_share", "run_device", "run_amp", "cuda_graphs_used", "cuda_graphs_fallback", "neuron_impl",
-                               "deterministic", "torch_version", "spikingjelly_version", "cuda_version", "data_sha"}
+                               "deterministic", "torch_version", "spikingjelly_version", "cuda_version", "data_sha",
+                               "cuda_graphs_eval_used", "capture_diff"}
     assert set(history[0]) == set(METRICS) | set(RUN_INFO)
     assert history[0]["data_sha"] == real_data.fingerprint and len(real_data.fingerprint) == 16
     assert history[0]["run_device"] == "cpu" and history[0]["run_amp"] is False and history[0]["cuda_graphs_used"] is False
-    assert history[0]["cuda_graphs_fallback"] == ""  # graphs are for CUDA: on the CPU nothing fell back
+    assert history[0]["cuda_graphs_fallback"] == "" == history[0]["capture_diff"]  # graphs are for CUDA: on the CPU nothing fell back
     assert history[0]["neuron_impl"] == "spikingjelly-cpu" and history[0]["torch_version"] == torch.__version__
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1

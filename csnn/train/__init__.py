@@ -68,25 +68,139 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 WARMUP_STEPS = 3  # eager calls before capture: Triton compiles, cuDNN autotunes, the optimizer makes its state
 GRAPHS_ENV = "CSNN_CUDA_GRAPHS"  # 0 (false, off, no): no CUDA graphs in this process, whatever the config says
-# A replayed graph is checked once against the eager step on the same batch. Not yet measured on a GPU:
-# wide enough for the last bits that cuDNN's non-deterministic backward (atomics) may change in one step,
-# far too narrow for a replay that reads or writes the wrong memory. gpucheck's "graphs" check measures it.
-GRAPH_RTOL, GRAPH_ATOL = 1e-4, 1e-6
+# A replayed graph is checked once against the eager step on the same batch, per tensor:
+# max |replayed - eager| <= rtol * max |eager| (the tensor's largest value) + atol, by what the tensor holds.
+# Not yet measured on a GPU: each capture records the margin it saw (capture_diff in the run info).
+GRAPH_TOLERANCE = {  # group: (rtol, atol)
+    # Computed by the forward pass alone (BatchNorm's running statistics, the metric sums) or from it (the
+    # scaler: its scale changes only on an inf gradient): the same kernels on the same inputs, deterministic
+    # in cuDNN's forward algorithms too, so equal but for the odd spike that a float32 reordering flips at the
+    # threshold. A replay that reads other images moves these by 1e-2 and more (its loss, its counts).
+    "bn_stats": (1e-4, 1e-6), "sums": (1e-4, 1e-6), "scaler": (1e-4, 0.0),
+    # Computed from the backward pass: with cudnn.benchmark cuDNN may pick weight-gradient algorithms that sum
+    # with atomics, in another order at each run, and under AMP those gradients are float16, where a reordered
+    # sum moves an element by a unit or a few (5e-4 to 1e-3 of it; more where a sum nearly cancels, but those
+    # elements are far below the tensor's largest). 1e-2 of the largest element is ten times that; a step on
+    # other images moves the moments (SGD's momentum, Adam's first moment) by 1e-1 to 1 of their largest.
+    "params": (1e-2, 1e-6), "optimizer": (1e-2, 1e-6),
+}
 
 
-def capture_cuda_graph(fn: Callable, static: tuple) -> Callable:
-    """Capture fn(*static) as a CUDA graph (recorded, not run); returns what replays it.
-    The one function that captures: tests hand cuda_graph another (the check and the
-    fallback around it run the same on the CPU)."""
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=torch.cuda.current_stream(), capture_error_mode="thread_local"):
-        fn(*static)
+def tensor_group(name: str) -> str:
+    """The GRAPH_TOLERANCE group of a graph_state name (net.*, optimizer.*, scaler.*, anything else: sums)."""
+    if name.startswith("net."):
+        return "bn_stats" if "running_" in name or "num_batches" in name else "params"
+    return name.split(".")[0] if name.startswith(("optimizer.", "scaler.")) else "sums"
+
+
+def relative_differences(replayed: dict, eager: dict) -> dict:
+    """{tensor name: max |replayed - eager| / max |eager|} (0 where both are 0; the absolute difference where
+    only eager is 0): the figure GRAPH_TOLERANCE bounds, and gpucheck's."""
+    out = {}
+    for k, b in eager.items():
+        a = replayed[k]
+        if not b.numel():
+            out[k] = 0.0
+            continue
+        a, b = a.double(), b.double()
+        d = (a - b).abs().nan_to_num(0.0).max().item() if a.is_floating_point() or b.is_floating_point() \
+            else float(not torch.equal(a, b))
+        if (a.isnan() != b.isnan()).any():
+            d = math.inf
+        scale = b.abs().nan_to_num(0.0).max().item()
+        out[k] = d / scale if scale > 0 else d
+    return out
+
+
+def group_differences(replayed: dict, eager: dict) -> dict:
+    """{group: the largest relative difference over its tensors} (capture_diff; gpucheck's comparisons)."""
+    out: dict = {}
+    for k, d in relative_differences(replayed, eager).items():
+        g = tensor_group(k)
+        out[g] = max(out.get(g, 0.0), d)
+    return out
+
+
+def _graph_differs(replayed: dict, eager: dict) -> str | None:
+    """Why the replayed state is not the eager one (the tensor furthest past its GRAPH_TOLERANCE), or None."""
+    if replayed.keys() != eager.keys():
+        return f"the replay changed other tensors ({', '.join(sorted(replayed.keys() ^ eager.keys()))})"
+    for k, a in replayed.items():
+        b = eager[k]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{k}: replayed {a.dtype} {tuple(a.shape)}, eager {b.dtype} {tuple(b.shape)}"
+    worst, over = None, 1.0
+    for k, d in relative_differences(replayed, eager).items():
+        rtol, atol = GRAPH_TOLERANCE[tensor_group(k)]
+        scale = eager[k].double().abs().nan_to_num(0.0).max().item() if eager[k].numel() else 0.0
+        allowed = rtol + atol / scale if scale > 0 else atol
+        if d > allowed and (worst is None or d / max(allowed, 1e-30) > over):
+            worst, over = (k, d, rtol, atol), d / max(allowed, 1e-30)
+    if worst is None:
+        return None
+    k, d, rtol, atol = worst
+    return (f"replayed step differs from the eager one in {k} (max |difference| {d:.3g} of its largest value; "
+            f"allowed {rtol:g} of it + {atol:g})")
+
+
+class _TorchGraphs:
+    """What capture_cuda_graph asks of torch: a graph, a memory pool of its own, and the two allocator calls
+    that torch.cuda.use_mem_pool makes on leaving (torch/cuda/memory.py, in torch 2.11 as in 2.14;
+    tests/test_dependencies.py checks them). Tests hand capture_cuda_graph another (a CPU model of the allocator)."""
+
+    CUDAGraph = staticmethod(lambda: torch.cuda.CUDAGraph())
+    pool = staticmethod(lambda: torch.cuda.graph_pool_handle())
+    graph = staticmethod(lambda g, pool: torch.cuda.graph(g, pool=pool, stream=torch.cuda.current_stream(),
+                                                           capture_error_mode="thread_local"))
+    end_allocate = staticmethod(lambda device, pool: torch._C._cuda_endAllocateToPool(device, pool))
+    release_pool = staticmethod(lambda device, pool: torch._C._cuda_releasePool(device, pool))
+    device = staticmethod(lambda: torch.cuda.current_device())
+
+
+# Set when a failed capture could not be cleaned up: the caching allocator may still believe a capture is under
+# way, and every later capture (each begins with empty_cache) would fail on it; this process captures no more.
+_graphs_broken: list[str] = []
+
+
+def capture_cuda_graph(fn: Callable, static: tuple, api=_TorchGraphs) -> Callable:
+    """Capture fn(*static) as a CUDA graph (recorded, not run) into a memory pool of its own; returns what
+    replays it. The one function that captures: tests hand cuda_graph another, or this one with `api` a model
+    of torch's allocator (the check and the fallback around it run the same on the CPU).
+
+    A capture that raises is cleaned up here: torch's capture_end raises, after an invalidated capture, before
+    it ends the allocation into the graph's pool, and the caching allocator then believes a capture is under
+    way for good (every later empty_cache, and its free-and-retry on out of memory, fails an internal assert).
+    So: end the allocation into the pool if it is still under way, and release the pool unless the graph,
+    which releases it when dropped, ended its capture."""
+    g, pool, device = api.CUDAGraph(), api.pool(), api.device()
+    try:
+        with api.graph(g, pool):
+            fn(*static)
+    except BaseException as e:
+        try:
+            _end_failed_capture(api, g, device, pool)
+        except Exception as cleanup:  # noqa: BLE001 - say why, and capture no more in this process
+            _graphs_broken.append(f"a failed capture's memory pool could not be released ("
+                                  f"{type(cleanup).__name__}: {_first_line(cleanup)}) after {_reason(e)}")
+        raise
     return g.replay
+
+
+def _end_failed_capture(api, g, device: int, pool) -> None:
+    try:
+        api.end_allocate(device, pool)
+    except RuntimeError:  # "not currently recording to mempool_id": capture_end ended it
+        try:
+            g.pool()  # raises unless the capture ended: then the graph releases the pool when it is dropped
+            return
+        except RuntimeError:
+            pass
+    api.release_pool(device, pool)
 
 
 def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS, mode: bool | str = True,
                state: Callable[[], dict] | None = None, status: dict | None = None, what: str = "training step",
-               capture: Callable | None = None) -> Callable:
+               capture: Callable | None = None, undo: Callable[[], None] | None = None) -> Callable:
     """`run(*inputs)`: copies `inputs` into the `static` tensors, then calls `fn(*static)`:
     eagerly (on a side stream on CUDA) for the first `warmup` calls, then captures it once
     as a CUDA graph and from then on replays it. Every call does the work exactly once.
@@ -94,11 +208,13 @@ def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS, 
 
     At capture the graph is checked: `state()` ({name: tensor}, what fn changes) is saved,
     fn runs eagerly, the saved state is copied back in place (the captured addresses stay
-    valid), the graph replays the same batch, and the two results must agree (GRAPH_RTOL,
-    GRAPH_ATOL). With `mode` "auto" a capture error (but out of memory) or a disagreement
-    prints one warning line, appends the reason to status["fallback"], and fn runs eagerly
-    from then on (the eager step's result kept); with `mode` True it raises. status["used"]:
-    a checked graph replays; status["capture_s"][what]: how long capture and check took."""
+    valid), the graph replays the same batch, and the two results must agree (GRAPH_TOLERANCE;
+    the largest relative difference per group goes to status["capture_diff"][what]). With `mode`
+    "auto" a capture error, out of memory in the capture or its check, or a disagreement prints
+    one warning line, appends the reason to status["fallback"], and fn runs eagerly from then on
+    (the eager step's result kept); with `mode` True it raises. `undo()`, after a capture that
+    raised, puts back what the cut-short step left in Python objects before the batch runs eagerly.
+    status["used"][what]: a checked graph replays; status["capture_s"][what]: how long capture and check took."""
     device = static[0].device
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     status = {} if status is None else status
@@ -125,10 +241,15 @@ def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS, 
         if calls <= warmup:
             return on_side(lambda: fn(*static))
         t0 = time.perf_counter()
-        replay, why = on_side(lambda: _capture_checked(fn, static, state or (lambda: {}), capture or capture_cuda_graph))
+        if _graphs_broken:  # an earlier capture in this process left the allocator unusable for capture
+            replay, why = None, f"off in this process: {_graphs_broken[0]}"
+            on_side(lambda: fn(*static))
+        else:
+            replay, why = on_side(lambda: _capture_checked(fn, static, state or (lambda: {}),
+                                                           capture or capture_cuda_graph, mode, status, what, undo))
         status.setdefault("capture_s", {})[what] = time.perf_counter() - t0  # capture and check (gpucheck's figure)
         if why is None:
-            status["used"] = True
+            status.setdefault("used", {})[what] = True
             return
         if mode is True:
             raise RuntimeError(f"CUDA graphs: {what}: {why}; train without CUDA graphs: -no-cuda-graphs "
@@ -141,32 +262,61 @@ def cuda_graph(fn: Callable, *static: torch.Tensor, warmup: int = WARMUP_STEPS, 
     return run
 
 
-def _capture_checked(fn: Callable, static: tuple, state: Callable[[], dict], capture: Callable):
+def _capture_checked(fn: Callable, static: tuple, state: Callable[[], dict], capture: Callable, mode,
+                     status: dict, what: str, undo: Callable[[], None] | None):
     """(replay, None) for a graph that replays what fn computes eagerly; else (None, why). Either
-    way this batch's work is done once (by the replay, or by fn when the graph is not used)."""
+    way this batch's work is done once (by the replay, or by fn when the graph is not used).
+    Out of memory in the capture or its check raises with `mode` True; else the graph is dropped,
+    its pool freed, and the batch runs eagerly from the state it started from."""
+    before, oom = None, None
     try:
-        replay = capture(fn, static)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
-        fn(*static)  # capture recorded without running: this batch is still to do
-        return None, f"capturing failed ({type(e).__name__}: {_first_line(e)})"
-    # state() is detached (state_dict's tensors): copy_ writes in place without autograd
-    tensors = state()
-    before = {k: t.clone() for k, t in tensors.items()}
-    fn(*static)
-    tensors = state()  # the same tensors, unless fn made new ones (a difference below)
-    eager = {k: t.clone() for k, t in tensors.items()}
-    for k, t in tensors.items():
-        if k in before:
-            t.copy_(before[k])
-    try:
-        replay()
-        why = _graph_differs(state(), eager)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        why = f"replaying failed ({type(e).__name__}: {_first_line(e)})"
+        try:
+            replay = capture(fn, static)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
+            if undo is not None:
+                undo()
+            fn(*static)  # capture recorded without running: this batch is still to do
+            return None, f"capturing failed ({_reason(e)})"
+        # state() is detached (state_dict's tensors): copy_ writes in place without autograd
+        tensors = state()
+        before = {k: t.clone() for k, t in tensors.items()}
+        fn(*static)
+        tensors = state()  # the same tensors, unless fn made new ones (a difference below)
+        eager = {k: t.clone() for k, t in tensors.items()}
+        for k, t in tensors.items():
+            if k in before:
+                t.copy_(before[k])
+        try:
+            replay()
+            replayed = state()
+            if replayed.keys() == eager.keys():
+                diff = group_differences(replayed, eager)
+                status.setdefault("capture_diff", {})[what] = {k: float(f"{v:.3g}") for k, v in sorted(diff.items())}
+            why = _graph_differs(replayed, eager)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            why = f"replaying failed ({_reason(e)})"
+    except torch.OutOfMemoryError as e:
+        if mode is True:
+            raise
+        oom = _reason(e)  # (leaving this block drops the exception, whose traceback holds the graph)
+    if oom is not None:
+        # the graph, and with it its pool, goes with the last reference to it; empty_cache hands the pool back
+        replay = eager = tensors = None
+        if static[0].is_cuda:
+            torch.cuda.empty_cache()
+        if before is not None:  # out of memory in the check: start the batch again from where it began
+            for k, t in state().items():
+                if k in before:
+                    t.copy_(before[k])
+        before = None
+        if undo is not None:
+            undo()
+        fn(*static)  # eager training that does not fit either raises here, as it would without graphs
+        return None, f"out of memory in the capture or its check, which needs about twice a step's memory ({oom})"
     if why is not None:  # keep the eager step's result
         for k, t in state().items():
             if k in eager:
@@ -179,23 +329,14 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
 
-def _graph_differs(replayed: dict, eager: dict) -> str | None:
-    """Why the replayed state is not the eager one (the first tensor that differs, with its max |difference|), or None."""
-    if replayed.keys() != eager.keys():
-        return f"the replay changed other tensors ({', '.join(sorted(replayed.keys() ^ eager.keys()))})"
-    for k, a in replayed.items():
-        b = eager[k]
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return f"{k}: replayed {a.dtype} {tuple(a.shape)}, eager {b.dtype} {tuple(b.shape)}"
-        if a.is_floating_point():
-            ok = torch.allclose(a, b, rtol=GRAPH_RTOL, atol=GRAPH_ATOL, equal_nan=True)
-        else:
-            ok = torch.equal(a, b)
-        if not ok:
-            d = (a.double() - b.double()).abs().max().item()
-            return (f"replayed step differs from the eager one in {k} (max |difference| {d:.3g}; "
-                    f"allowed {GRAPH_ATOL:g} + {GRAPH_RTOL:g} x |value|)")
-    return None
+def _reason(e: BaseException) -> str:
+    """What an exception says, and first the one it was raised while handling (__context__, as torch's
+    capture_end raises after the capture's own error: that error is the cause)."""
+    this = f"{type(e).__name__}: {_first_line(e)}"
+    cause = e.__cause__ or e.__context__
+    if cause is None or cause is e:
+        return this
+    return f"{type(cause).__name__}: {_first_line(cause)}; then {this}"
 
 
 def graph_state(*modules_and_tensors) -> Callable[[], dict]:
@@ -336,7 +477,8 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
     if graphs:
         state = graph_state(net, optimizer, scaler, {"loss_sum": loss_sum, "correct": correct, "predicted": predicted})
         run = cuda_graph(fn, torch.zeros(min(batch_size, len(y)), dtype=torch.long, device=device), mode=graphs,
-                         state=state, status=status, what="training step", capture=capture)
+                         state=state, status=status, what="training step", capture=capture,
+                         undo=functools.partial(_scaler_between_steps, scaler))
     else:
         run = fn
 
@@ -353,6 +495,16 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
     return train_epoch
 
 
+def _scaler_between_steps(scaler: torch.amp.GradScaler) -> None:
+    """Forget a step() whose update() never came: a capture that failed past scaler.step() leaves it recorded
+    (GradScaler's per-optimizer state), and the eager step that retries the batch would be refused
+    ("step() has already been called since the last update()"). update() would clear it too, but would read
+    found_inf tensors that the failed capture recorded and never computed."""
+    states = getattr(scaler, "_per_optimizer_states", None)  # only an enabled scaler has it
+    if states is not None:
+        states.clear()  # a defaultdict: the next step starts afresh, as after update()
+
+
 def use_cuda_graphs(cfg: TrainConfig, device: torch.device) -> tuple[bool | str, str]:
     """(mode, why off): mode True (strict: a graph that fails raises), "auto" (a graph that fails
     falls back to eager steps) or False; why off names what turned graphs off on CUDA (GRAPHS_ENV)."""
@@ -367,10 +519,16 @@ def use_cuda_graphs(cfg: TrainConfig, device: torch.device) -> tuple[bool | str,
 
 
 def graphs_info(mode: bool | str, status: dict) -> dict:
-    """config.RUN_INFO's cuda_graphs_*: whether graphs replay (one was captured and checked, and none
-    fell back), and else why not (on CUDA)."""
-    return {"cuda_graphs_used": bool(mode) and bool(status.get("used")) and not status.get("fallback"),
-            "cuda_graphs_fallback": "; ".join(status.get("fallback", []))}
+    """config.RUN_INFO's cuda_graphs_*: whether the training step (cuda_graphs_used) and the evaluation
+    (cuda_graphs_eval_used) replay a checked graph, and nothing fell back; else why not (on CUDA); the
+    largest relative difference per group of tensors that each capture's check saw (capture_diff, JSON)."""
+    import json
+
+    used, clean = status.get("used", {}), bool(mode) and not status.get("fallback")
+    return {"cuda_graphs_used": clean and bool(used.get("training step")),
+            "cuda_graphs_eval_used": clean and bool(used.get("evaluation")),
+            "cuda_graphs_fallback": "; ".join(status.get("fallback", [])),
+            "capture_diff": json.dumps(status["capture_diff"], sort_keys=True) if status.get("capture_diff") else ""}
 
 
 def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None = None,
