@@ -37,7 +37,7 @@ from csnn.argtypes import interruptible, leave, positive_int, spelled, worded
 from csnn.model import CSNN
 from csnn.config import SPIKING_LAYERS, TUTORIAL, TrainConfig
 from csnn.data import to_input
-from csnn.train import evaluate, make_optimizer, make_trainer, resolve_device
+from csnn.train import evaluate, graphs_info, make_optimizer, make_trainer, resolve_device
 
 
 def reference_loaders(train, test, batch_size: int, root: Path, workers: int):
@@ -228,9 +228,12 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
     train_x, train_y = (t.to(dev) for t in s["train"])
     test_x, test_y = (t.to(dev) for t in s["test"])
     gen = torch.Generator().manual_seed(0)
-    # ours as fit runs it: on CUDA with CUDA graphs (cuda_graphs: auto)
-    ours_train = make_trainer(ours, ours_opt, ours_scaler, train_x, train_y, cfg.batch_size, amp_dtype, graphs=cuda)
-    eval_graphs = {} if cuda else None
+    # ours as fit runs it: on CUDA with CUDA graphs (cuda_graphs: auto: a graph that fails falls back to eager
+    # steps, recorded in the result as fit records it, rather than leaving no figure)
+    graphs_status: dict = {}
+    ours_train = make_trainer(ours, ours_opt, ours_scaler, train_x, train_y, cfg.batch_size, amp_dtype,
+                              graphs="auto" if cuda else False, status=graphs_status)
+    eval_graphs = {"mode": "auto", "status": graphs_status} if cuda else None
     times: dict[str, list] = {k: [] for k in ("ours_train", "ref_train", "ours_eval", "ref_eval")}
     impls, ref_seen = {}, watch_reference(ref)
     with tempfile.TemporaryDirectory() as root:
@@ -265,7 +268,7 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
             "train_ratio": round(med["ours_train"] / med["ref_train"], 3),
             "ours_eval_img_s": round(med["ours_eval"], 1), "ref_eval_img_s": round(med["ref_eval"], 1),
             "eval_ratio": round(med["ours_eval"] / med["ref_eval"], 3), "implementations": impls, "equivalence": eq,
-            "equivalence_amp": eq_amp}
+            "equivalence_amp": eq_amp, **(graphs_info("auto", graphs_status) if cuda else {})}
     equivalent(eq, eq_amp, result)
     return result
 

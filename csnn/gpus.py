@@ -56,3 +56,48 @@ def torch_cannot_see_gpus() -> str | None:
         return None
     driver = nvidia_driver()
     return cuda_refusal(driver) if driver else None
+
+
+# What the GPU path was tested with: constraints.txt's pins (CuPy, optional, is not pinned there: the floor of
+# pyproject.toml's cupy extra). A GPU machine's preinstalled torch is often older (the H200 image: torch 2.11,
+# Triton 3.6, torchvision 0.26): said once at a study's start and by gpucheck, recorded, never refused (the code
+# calls no torch API newer than 2.11: tests/test_dependencies.py lists the private ones).
+TESTED_PACKAGES = ("torch", "triton", "torchvision", "spikingjelly")
+CUPY_TESTED = "14"  # pyproject.toml: cupy = ["cupy-cuda13x>=14,<15"]
+
+
+def _release(v: str) -> tuple:
+    """'2.11.0+cu130' -> (2, 11, 0): the numbers of a release, enough to order these packages' versions."""
+    m = re.match(r"\d+(?:\.\d+)*", v or "")
+    return tuple(int(x) for x in m[0].split(".")) if m else ()
+
+
+def older_than_tested(root: Path = Path(__file__).resolve().parents[1]) -> list[str]:
+    """'torch 2.11.0 (tested: 2.14.1)' for each package of the GPU path installed older than the version tested
+    (constraints.txt in the checkout `root`; none without one, as in an installed wheel)."""
+    import importlib.metadata as md
+
+    try:
+        pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (root / "constraints.txt").read_text(), re.M))
+    except OSError:
+        return []
+    tested = {name: pins[name] for name in TESTED_PACKAGES if name in pins}
+    tested.update({d.metadata["Name"]: CUPY_TESTED for d in md.distributions()
+                   if (d.metadata["Name"] or "").lower().startswith("cupy-")})
+    out = []
+    for name, want in tested.items():
+        try:
+            have = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+        if _release(have) < _release(want):
+            out.append(f"{name} {have} (tested: {want})")
+    return out
+
+
+def older_line(older: list[str]) -> str | None:
+    """The one line that says so, or None."""
+    if not older:
+        return None
+    return (f"csnn: note: older than the versions tested (constraints.txt): {', '.join(older)}; the GPU path "
+            "relies on no API newer than torch 2.11, but these versions were not tested together")

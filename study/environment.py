@@ -51,7 +51,11 @@ def collect() -> dict:
     commit = _git("rev-parse", "HEAD") if (ROOT / ".git").exists() else None
     driver = Path("/proc/driver/nvidia/version")
     cuda = torch.cuda.is_available()
+    from csnn.gpus import older_than_tested
+
+    older = older_than_tested()
     return {
+        **({"older_than_tested": older} if older else {}),  # (csnn.gpus) only when some are: nothing to compare else
         "python": platform.python_version(),
         "git_commit": commit,
         "git_dirty": None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no")),

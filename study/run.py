@@ -24,6 +24,7 @@ import yaml
 from csnn import data as fmnist, yamlio
 from csnn.argtypes import leave, positive_int, spelled
 from csnn.config import TUTORIAL_ACC
+from csnn.gpus import older_line, older_than_tested
 from study import analyze, environment, estimate, lifecycle, results, spec as specs, warmstart
 from study.plan import PlanError, check_machine, cluster, plan
 from study.lifecycle import UsageError
@@ -292,6 +293,9 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
         return 2
     print(f"study {spec.name}: {res['summary']}; {len(nodes)} Ray node(s); results in {study}", flush=True)
+    older = older_line(older_than_tested())  # torch & co. older than tested: said, recorded in environment.yaml
+    if older:
+        print(older, file=sys.stderr, flush=True)
     if fresh:  # what it runs on, beside spec.yaml; a later run on other versions says so
         # where it began (a record: moved or copied, it resumes where it is) and with which Optuna storage
         # (a URL naming the folder's own optuna.db is recorded as none: it moves with the folder)

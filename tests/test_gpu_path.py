@@ -632,3 +632,24 @@ def test_the_eager_retry_after_a_capture_that_failed_past_the_scalers_step_train
     assert status["fallback"] == ["training step: capturing failed (RuntimeError: CUDA error: operation not permitted "
                                   "when stream is capturing)"]
     assert all(t.isfinite().all() for t in state.values()) and state["correct"] > 0
+
+
+def test_packages_older_than_tested_are_said_and_recorded(tmp_path, monkeypatch):
+    """A GPU machine's preinstalled torch & co. (the H200 image: torch 2.11, Triton 3.6, torchvision 0.26):
+    one line at a study's start and in gpucheck, recorded in environment.yaml; never a refusal."""
+    from importlib.metadata import version
+
+    from csnn import gpus
+    from study import environment
+
+    assert gpus.older_than_tested() == []  # this checkout's environment is the tested one
+    assert gpus.older_line([]) is None and "older_than_tested" not in environment.collect()
+    (tmp_path / "constraints.txt").write_text(f"# header\ntorch==99.1.0\ntorchvision=={version('torchvision')}\n"
+                                              "triton==1.0\nnumpy==99.0\n")
+    older = gpus.older_than_tested(tmp_path)
+    assert older == [f"torch {version('torch')} (tested: 99.1.0)"]
+    assert gpus.older_line(older).startswith(f"csnn: note: older than the versions tested (constraints.txt): torch ")
+    assert gpus.older_than_tested(tmp_path / "no-checkout") == []  # an installed wheel: nothing to compare with
+    assert gpus._release("2.11.0+cu130") == (2, 11, 0) < gpus._release("2.14.1")
+    monkeypatch.setattr(gpus, "older_than_tested", lambda: older)
+    assert environment.collect()["older_than_tested"] == older
