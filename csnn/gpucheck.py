@@ -1,42 +1,58 @@
-"""python -m csnn.gpucheck: what only a GPU can show about the GPU path, in about 5 minutes, on one GPU.
+"""python -m csnn.gpucheck: what only a GPU can show about the GPU path, in under 5 minutes, on one GPU.
+
+Run first, on a GPU you have for minutes only (about 3 minutes; the checks that decide whether studies can run):
+
+    python -m csnn.gpucheck --quick --out gpucheck-quick.json
+
+then the rest (about 2 minutes: `--rest`), or everything in one go (no option, about 5 minutes). The minutes
+are planned for one H100/H200, not yet measured together (docs/gpu-and-clusters.md).
 
 Needs neither Ray nor Optuna (the study check skips without them), nor CuPy (its parts
-say "skipped: CuPy not installed"; a CuPy that is installed but broken fails them).
-In order, each check recording its figures and, if it failed, its error (a failed
-check does not stop the others; the GPU tests and the trainer processes have time
-limits, so a hang there fails its check); every warning printed goes into "warnings":
+say "skipped: CuPy not installed", and the CuPy tests are deselected, said in the result; a
+CuPy that is installed but broken fails them). Every check records its figures and judges them;
+a failed check does not stop the others (the GPU tests and the trainer processes have time limits,
+so a hang there fails its check); every warning printed goes into "warnings". The trainers use
+cuda_graphs: auto, as studies do: a graph that falls back is recorded (and fails `graphs`), and the
+other checks still measure. A line (and versions.older_than_tested) says when torch, Triton,
+torchvision, SpikingJelly or CuPy is older than the versions tested (constraints.txt).
 
-  tests        the GPU-only tests (tests/test_gpu.py), when run from a checkout: each by
-               name with its outcome; fails when one failed or skipped (but for CuPy missing)
+--quick (about 3 minutes), in this order:
+  tests        the GPU-only tests (tests/test_gpu.py), when run from a checkout, sharing Triton's
+               compiled kernels with this process (TRITON_CACHE_DIR): each by name with its outcome;
+               fails when one failed or skipped (but for CuPy missing, whose tests are deselected)
+  graphs       graphed against eager at the tutorial's size: 50 training steps under deterministic
+               cuDNN (every group of tensors within GRAPH_STEPS_BOUND of the eager run's largest
+               value), and evaluation of the same weights (accuracy equal to the image, loss within
+               EVAL_LOSS_BOUND); then, as studies run (cudnn.benchmark, AMP), capture success, time and
+               capture_diff (the check's margin per group) per optimizer and backend; fails when
+               cuda_graphs: auto fell back anywhere
+  speed        train and eval images/s at the tutorial's setting (T 4, 128 channels, batch 128, AMP),
+               backend auto, against SpikingJelly's example as the tutorial runs it (python -m csnn.bench);
+               fails when ours is slower or computes another function in float32 (under AMP the
+               differences are figures, marked unmeasured)
+  study        a two-trial Ray study on this GPU: each trial's run_device, neuron_impl,
+               cuda_graphs_used (training) and cuda_graphs_eval_used, status (skipped where Ray or
+               Optuna is missing)
+--rest (about 2 minutes):
   kernels      the IF kernels the profiler sees in one training step (AMP) and one
                float32 evaluation forward: every layer's, forward and backward, fused
                (SpikingJelly's Triton or CUDA kernels; ours with backend cupy)
   cupy         our CuPy kernels against SpikingJelly's reference loop, float32
                and float16, one input per step and one repeated: the same spikes,
                gradients within tolerance
+  speed_cupy   speed's figures with backend cupy
   counts       cost counts of the same weights on the CPU and on CUDA
   busy         the share of each training step's wall time the GPU was busy
                (kernel time in a profile of 20 steps) and kernels per step, CUDA graphs
                off and on: fails outside (0, 1] or with fewer kernels seen graphed than eager
-  graphs       graphed against eager at the tutorial's size: 50 training steps (max |difference|
-               of weights, BatchNorm statistics, optimizer state, scale, sums) and evaluation
-               (loss, accuracy, fr_*); capture success and time per optimizer and backend;
-               fails when cuda_graphs: auto fell back anywhere
-  speed        train and eval images/s at the tutorial's setting (T 4, 128
-               channels, batch 128, AMP): backend auto, backend cupy, and
-               SpikingJelly's example as the tutorial runs it (python -m csnn.bench);
-               fails when ours is slower than the example or computes another function
-               in float32 (under AMP the differences are figures, marked unmeasured)
   epoch        fit at that setting on the real data: two epochs (epoch 0 against 1), a
                second fit in the same process, one without graphs; peak memory of each;
-               test accuracy (fails under 0.80) and graphs used
-  concurrency  1, 2, 4 and 8 such trainers at once on the GPU (plain processes,
-               started once), and 1 and 4 without graphs: total images/s, to set
+               test accuracy (fails under 0.80) and graphs used in training and evaluation
+  concurrency  1, 4 and 8 such trainers at once on the GPU (plain processes, started
+               once), and 1 and 4 of them without graphs: total images/s, to set
                trials_per_gpu from a measurement
-  deterministic  one trainer with -deterministic, against the single trainer above;
-               and 30 batches trained twice from one seed, with and without it
-  study        a two-trial Ray study on this GPU: each trial's run_device, neuron_impl,
-               cuda_graphs_used, status (skipped where Ray or Optuna is missing)
+  deterministic  one trainer with -deterministic: 30 batches trained twice from one seed
+               (must be equal), then its images/s against the single trainer above
 
 Prints one JSON object with every figure (also written to --out) and exits 1
 if any check failed or a check that ran lacks a figure (FIGURES), 2 when there
@@ -86,7 +102,7 @@ def versions() -> dict:
     """The GPU, its driver and every library version the GPU path depends on."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from csnn.gpus import nvidia_driver
+    from csnn.gpus import nvidia_driver, older_than_tested
 
     def of(name):
         try:
@@ -98,7 +114,7 @@ def versions() -> dict:
            "capability": ".".join(map(str, torch.cuda.get_device_capability(0))), "driver": nvidia_driver(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
            "triton": of("triton"), "spikingjelly": of("spikingjelly"), "python": sys.version.split()[0],
-           "cupy": None, "nvrtc": None}
+           "cupy": None, "nvrtc": None, "older_than_tested": older_than_tested()}
     try:
         import cupy
         from cupy_backends.cuda.libs import nvrtc
@@ -111,7 +127,7 @@ def versions() -> dict:
     return out
 
 
-CUPY_MISSING = "CuPy not installed"  # gpucheck's own CuPy checks skip with it (tests/test_gpu.py's cupy tests fail)
+CUPY_MISSING = "CuPy not installed"  # gpucheck's own CuPy checks skip with it; tests/test_gpu.py's are deselected
 
 
 def cupy_missing() -> bool:
@@ -120,23 +136,30 @@ def cupy_missing() -> bool:
     return importlib.util.find_spec("cupy") is None
 
 
-TESTS_LIMIT_S = 300  # the GPU tests took about a minute when planned: a hang fails the check, not the whole run
+TESTS_LIMIT_S = 240  # the GPU tests took about a minute when planned: a hang fails the check, not the whole run
 
 
 def check_tests(data_dir=None, tests: Path = ROOT / "tests" / "test_gpu.py") -> dict:
     """Each GPU test by name with its outcome. Fails when any failed, none passed, or one skipped for
-    another reason than CUPY_MISSING (the GPU path was then not checked)."""
+    another reason than CUPY_MISSING (the GPU path was then not checked). Without CuPy the cupy backend's
+    tests (marker cupy), which fail there, are deselected and the result says so."""
     if not tests.exists():
         return {"skipped": f"{tests} not found (run from a checkout)"}
-    env = {**os.environ, **({"CSNN_DATA": str(data_dir)} if data_dir else {})}  # the tests' real data: --data-dir's
+    # the tests' real data: --data-dir's; Triton's kernels: this process's (shared_environment)
+    env = {**os.environ, **({"CSNN_DATA": str(data_dir)} if data_dir else {})}
+    deselect = ["-m", "not cupy"] if cupy_missing() else []
     with tempfile.TemporaryDirectory(prefix="gpucheck-tests-") as work:
         report = Path(work) / "junit.xml"  # each test's name, outcome and skip reason
         p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}",
-                            str(tests)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=TESTS_LIMIT_S)
+                            *deselect, str(tests)], cwd=ROOT, capture_output=True, text=True, env=env,
+                           timeout=TESTS_LIMIT_S)
         outcomes = test_outcomes(report.read_text()) if report.exists() else {}
     last = (p.stdout.strip().splitlines() or [""])[-1]
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", last)}
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|deselected)", last)}
     out = {"result": last, **counts, "outcomes": outcomes}
+    if deselect:
+        out["cupy_tests"] = f"deselected: {CUPY_MISSING} (pip install -e '.[cupy]' to run them)"
+        print(f"gpucheck: the cupy backend's GPU tests {out['cupy_tests']}", file=sys.stderr, flush=True)
     require(p.returncode == 0, f"GPU tests failed: {last}\n{p.stdout[-3000:]}{p.stderr[-2000:]}", out)
     # pytest exits 0 when every test skipped: here a skip means the GPU path was not checked, but for CuPy's
     other = {t: o for t, o in outcomes.items() if o.startswith("SKIPPED") and o != f"SKIPPED ({CUPY_MISSING})"}
@@ -263,8 +286,9 @@ def check_busy(data_dir, steps: int = 20) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
-    for graphs in (False, True):
-        train_epoch, gen, _ = trainer(data_dir, steps * TUTORIAL["batch_size"], graphs)
+    for graphs in (False, "auto"):
+        status: dict = {}
+        train_epoch, gen, _ = trainer(data_dir, steps * TUTORIAL["batch_size"], graphs, status=status)
         train_epoch(gen)[0].item()  # warm-up (and capture)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -275,7 +299,9 @@ def check_busy(data_dir, steps: int = 20) -> dict:
         busy_us = sum(e.time_range.elapsed_us() for e in kernels)
         out["graphs" if graphs else "eager"] = {"busy_share": round(busy_us / 1e6 / wall, 3),
                                                 "kernels_per_step": round(len(kernels) / steps, 1),
-                                                "ms_per_step": round(wall * 1e3 / steps, 3)}
+                                                "ms_per_step": round(wall * 1e3 / steps, 3),
+                                                **({"cuda_graphs_fallback": status["fallback"]}
+                                                   if status.get("fallback") else {})}
     for mode, r in out.items():
         require(0 < r["busy_share"] <= 1, f"{mode}: busy share {r['busy_share']} is outside (0, 1]", out)
     require(out["graphs"]["kernels_per_step"] >= out["eager"]["kernels_per_step"],
@@ -284,22 +310,21 @@ def check_busy(data_dir, steps: int = 20) -> dict:
     return out
 
 
-def check_speed(data_dir) -> dict:
+def check_speed(data_dir, backend: str) -> dict:
+    """python -m csnn.bench's figures for `backend` at the tutorial's setting (speed: auto; speed_cupy: cupy)."""
     from csnn import bench
 
+    if backend == "cupy" and cupy_missing():
+        return {"skipped": CUPY_MISSING}
     out, different = {}, []
-    for backend in ("auto", "cupy"):
-        if backend == "cupy" and cupy_missing():
-            out[backend] = {"skipped": CUPY_MISSING}
-            continue
-        try:
-            out[backend] = bench.run(device="cuda", T=4, channels=128, batch_size=128, backend=backend, amp=True,
-                                     train_images=12800, eval_images=10000, reps=2, data_dir=data_dir, workers=4,
-                                     time_anyway=True)
-        except bench.EquivalenceError as e:  # timed all the same: keep the figures, and fail
-            out[backend], different = e.result, different + [f"backend {backend}: {e}"]
-    slower = {f"{b} {k}": r[f"{k}_ratio"] for b, r in out.items() if "skipped" not in r for k in ("train", "eval")
-              if r[f"{k}_ratio"] < 1}
+    try:
+        out[backend] = bench.run(device="cuda", T=4, channels=128, batch_size=128, backend=backend, amp=True,
+                                 train_images=12800, eval_images=10000, reps=2, data_dir=data_dir, workers=4,
+                                 time_anyway=True)
+    except bench.EquivalenceError as e:  # timed all the same: keep the figures, and fail
+        out[backend], different = e.result, [f"backend {backend}: {e}"]
+    r = out[backend]
+    slower = {f"{backend} {k}": r[f"{k}_ratio"] for k in ("train", "eval") if r[f"{k}_ratio"] < 1}
     require(not different, "; ".join(different), out)
     require(not slower, f"ours is slower than SpikingJelly's example (ratios {slower})", out)
     return out
@@ -317,7 +342,7 @@ def check_epoch(data_dir) -> dict:
 
     data = load_data(data_dir)
     keys = ("train_img_s", "epoch_s", "test_acc", "train_acc", "energy_uj", "neuron_impl", "cuda_graphs_used",
-            "cuda_graphs_fallback")
+            "cuda_graphs_eval_used", "cuda_graphs_fallback", "capture_diff")
     out = {}
     for name, epochs, graphs in (("first_fit", 2, "auto"), ("second_fit", 1, "auto"), ("no_graphs", 1, False)):
         torch.cuda.reset_peak_memory_stats()
@@ -330,7 +355,8 @@ def check_epoch(data_dir) -> dict:
     first = out["first_fit"]["epochs"]
     out.update(train_img_s=first[0]["train_img_s"], test_acc=first[0]["test_acc"],
                epoch0_over_epoch1_s=round(first[0]["epoch_s"] / first[1]["epoch_s"], 3),
-               cuda_graphs_used=all(e["cuda_graphs_used"] for f in ("first_fit", "second_fit") for e in out[f]["epochs"]))
+               cuda_graphs_used=all(e["cuda_graphs_used"] and e["cuda_graphs_eval_used"]
+                                    for f in ("first_fit", "second_fit") for e in out[f]["epochs"]))
     require(first[0]["test_acc"] >= MIN_EPOCH_ACC,
             f"one epoch reached test accuracy {first[0]['test_acc']}, under {MIN_EPOCH_ACC}", out)
     require(out["cuda_graphs_used"], "fit fell back from CUDA graphs at the tutorial's setting: " + "; ".join(
@@ -346,9 +372,10 @@ def load_data(data_dir):
     return fmnist.load(data_dir)
 
 
-def trainer(data_dir, images: int, graphs: bool | str = True, seed: int = 0, optimizer: str = "sgd",
+def trainer(data_dir, images: int, graphs: bool | str = "auto", seed: int = 0, optimizer: str = "sgd",
             backend: str = "auto", status: dict | None = None, parts: dict | None = None):
-    """(train_epoch, order_gen, net) of csnn.train.make_trainer at the tutorial's setting, as fit makes it;
+    """(train_epoch, order_gen, net) of csnn.train.make_trainer at the tutorial's setting, as fit makes it,
+    with cuda_graphs: auto (a graph that fails falls back, in `status`, and the caller still measures);
     `parts` (a dict) receives the net, optimizer and scaler."""
     from csnn import data as fmnist
     from csnn.config import TrainConfig
@@ -370,50 +397,66 @@ def trainer(data_dir, images: int, graphs: bool | str = True, seed: int = 0, opt
 
 
 GRAPH_STEPS = 50  # graphed against eager training, at the tutorial's size
+# Under deterministic cuDNN a replay runs the same kernels on the same inputs as the eager step: the two runs
+# should be equal. The bound, relative to each tensor's largest value, leaves room for float32 reordering only.
+GRAPH_STEPS_BOUND = 1e-5
+# The evaluation of the same weights, graphed and eager (float32, cuDNN's deterministic forward): the same
+# spikes, so the accuracy equal to the image (a count), and the loss and firing rates within float32 summation.
+EVAL_LOSS_BOUND = 1e-5  # relative
 
 
 def max_differences(a: dict, b: dict) -> dict:
-    """{group: max |a - b|} over tensors named group.*, and each scalar by name."""
+    """{group: max |a - b|} over tensors named group.* (csnn.train.tensor_group), absolute."""
+    from csnn.train import tensor_group
+
     out: dict = {}
     for k in a:
-        group = k.split(".")[0] if k.startswith(("net.", "optimizer.", "scaler.")) else k
-        if group == "net":
-            group = "bn_stats" if "running_" in k or "num_batches" in k else "params"
         d = (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0
-        out[group] = max(out.get(group, 0.0), d)
+        out[tensor_group(k)] = max(out.get(tensor_group(k), 0.0), d)
     return out
 
 
 def check_graphs(data_dir) -> dict:
-    """Graphed against eager at the tutorial's setting: GRAPH_STEPS training steps from one seed
-    (max |difference| of weights, BatchNorm statistics, optimizer state, scale, loss and correct
-    sums), then evaluation of 10,000 images (loss, accuracy, fr_*); and, for each optimizer and
-    backend, whether training and evaluation captured (cuda_graphs: auto, so a capture that fails
-    or replays something else falls back, and says why) and how long capture and check took.
-    Fails when any fell back: the fallback must not trigger at the tutorial's setting."""
+    """Graphed against eager at the tutorial's setting: GRAPH_STEPS training steps from one seed under
+    deterministic cuDNN (every group within GRAPH_STEPS_BOUND of its largest value: weights, BatchNorm
+    statistics, optimizer state, scale, sums), then evaluation of the same 10,000 test images (accuracy
+    equal to the image, loss within EVAL_LOSS_BOUND); then, as studies run (cudnn.benchmark, AMP), for each
+    optimizer and backend, whether training and evaluation captured (cuda_graphs: auto, so a capture that
+    fails or replays something else falls back, and says why), how long capture and check took, and the
+    check's margin per group (capture_diff, bounded by csnn.train.GRAPH_TOLERANCE).
+    Fails when any fell back (the fallback must not trigger at the tutorial's setting) or a bound is passed."""
     from csnn import data as fmnist
-    from csnn.train import evaluate, graph_state
+    from csnn.train import evaluate, graph_state, group_differences, set_deterministic
 
-    out: dict = {"steps": GRAPH_STEPS}
+    out: dict = {"steps": GRAPH_STEPS, "bounds": {"train_relative": GRAPH_STEPS_BOUND, "eval_loss_relative":
+                                                  EVAL_LOSS_BOUND, "eval_acc": "equal"}}
     runs = {}
-    for graphs in (False, "auto"):
-        parts, status = {}, {}
-        train_epoch, gen, net = trainer(data_dir, GRAPH_STEPS * TUTORIAL["batch_size"], graphs, status=status,
-                                        parts=parts)
-        loss, correct, _ = train_epoch(gen)
-        state = graph_state(net, parts["optimizer"], parts["scaler"], {"loss_sum": loss, "correct": correct})()
-        runs[graphs] = ({k: v.clone() for k, v in state.items()}, net, status)
+    set_deterministic(True)
+    try:
+        for graphs in (False, "auto"):
+            parts, status = {}, {}
+            train_epoch, gen, net = trainer(data_dir, GRAPH_STEPS * TUTORIAL["batch_size"], graphs, status=status,
+                                            parts=parts)
+            loss, correct, _ = train_epoch(gen)
+            state = graph_state(net, parts["optimizer"], parts["scaler"], {"loss_sum": loss, "correct": correct})()
+            runs[graphs] = ({k: v.clone() for k, v in state.items()}, net, status)
+    finally:
+        set_deterministic(False)
+    out["train_relative_diff"] = group_differences(runs["auto"][0], runs[False][0])
     out["train_max_abs_diff"] = max_differences(runs["auto"][0], runs[False][0])
     out["train_status"] = runs["auto"][2]
     test_x, test_y = (t.cuda() for t in fmnist.split(load_data(data_dir))["test"])
     net = runs["auto"][1]
     eval_status: dict = {}
+    torch.backends.cudnn.benchmark = True  # as fit runs (not deterministic)
     graphed = evaluate(net, test_x, test_y, TUTORIAL["batch_size"], {"mode": "auto", "status": eval_status})
     eager = evaluate(net, test_x, test_y, TUTORIAL["batch_size"])
-    out["eval_abs_diff"] = {k: abs(graphed[k] - eager[k]) for k in eager}
+    out["eval_diff"] = {k: abs(graphed[k] - eager[k]) for k in eager}
+    out["eval_images_differing"] = round(out["eval_diff"]["acc"] * len(test_y))
     out["eval_status"] = eval_status
-    fell_back = [f"training: {runs['auto'][2].get('fallback')}"] if not runs["auto"][2].get("used") else []
-    fell_back += [f"evaluation: {eval_status.get('fallback')}"] if not eval_status.get("used") else []
+    fell_back = [f"training: {runs['auto'][2].get('fallback')}"] \
+        if not runs["auto"][2].get("used", {}).get("training step") else []
+    fell_back += [f"evaluation: {eval_status.get('fallback')}"] if not eval_status.get("used", {}).get("evaluation") else []
 
     captures = {}
     for backend in ("auto", "cupy"):
@@ -428,13 +471,26 @@ def check_graphs(data_dir) -> dict:
             train_epoch(gen)[0].item()
             evaluate(net, test_x[:4 * TUTORIAL["batch_size"]], test_y[:4 * TUTORIAL["batch_size"]],
                      TUTORIAL["batch_size"], {"mode": "auto", "status": status})
-            captures[name] = {"used": bool(status.get("used")) and not status.get("fallback"),
-                              "fallback": status.get("fallback", []),
+            used = status.get("used", {})
+            captures[name] = {"used": bool(used.get("training step")) and bool(used.get("evaluation"))
+                              and not status.get("fallback"), "fallback": status.get("fallback", []),
+                              "capture_diff": status.get("capture_diff", {}),
                               "capture_s": {k: round(v, 3) for k, v in status.get("capture_s", {}).items()}}
             if not captures[name]["used"]:
                 fell_back.append(f"{name}: {status.get('fallback')}")
     out["captures"] = captures
     require(not fell_back, "CUDA graphs fell back at the tutorial's setting: " + "; ".join(map(str, fell_back)), out)
+    over = {k: v for k, v in out["train_relative_diff"].items() if v > GRAPH_STEPS_BOUND}
+    require(not over, f"{GRAPH_STEPS} graphed steps under deterministic cuDNN differ from the eager ones by more "
+                      f"than {GRAPH_STEPS_BOUND:g} of each tensor's largest value: {over}", out)
+    require(out["eval_images_differing"] == 0, f"the graphed evaluation of the same weights classified "
+                                               f"{out['eval_images_differing']} image(s) otherwise than the eager one", out)
+    loss_rel = out["eval_diff"]["loss"] / max(abs(eager["loss"]), 1e-12)
+    out["eval_loss_relative_diff"] = loss_rel
+    require(loss_rel <= EVAL_LOSS_BOUND and all(v <= EVAL_LOSS_BOUND for k, v in out["eval_diff"].items()
+                                                if k.startswith("fr_")),
+            f"the graphed evaluation's loss or firing rates differ from the eager one's by more than "
+            f"{EVAL_LOSS_BOUND:g} (loss: {loss_rel:.3g} relative)", out)
     return out
 
 
@@ -467,56 +523,59 @@ def check_study(data_dir) -> dict:
         if trials.is_file():
             import csv
 
-            cols = ("trial_id", "status", "run_device", "neuron_impl", "cuda_graphs_used", "cuda_graphs_fallback",
-                    "gpu_ids", "train_img_s", "val_acc")
+            cols = ("trial_id", "status", "run_device", "neuron_impl", "cuda_graphs_used", "cuda_graphs_eval_used",
+                    "cuda_graphs_fallback", "capture_diff", "gpu_ids", "train_img_s", "val_acc")
             out["trials"] = [{k: r.get(k) for k in cols} for r in csv.DictReader(trials.open())]
     require(p.returncode == 0 and len(out.get("trials", [])) == 2, f"the study failed: {p.stderr[-800:]}", out)
-    require(all(t["run_device"].startswith("cuda") and t["cuda_graphs_used"] == "True" for t in out["trials"]),
-            "a trial did not train on the GPU with CUDA graphs", out)
+    require(all(t["run_device"].startswith("cuda") and t["cuda_graphs_used"] == "True" == t["cuda_graphs_eval_used"]
+                for t in out["trials"]), "a trial did not train and evaluate on the GPU with CUDA graphs", out)
     return out
 
 
 STUDY_LIMIT_S = 240
 
 
-def worker(data_dir, deterministic: bool, eager: bool = False) -> None:
-    """One trainer at the tutorial's setting, warm (captured), waiting on stdin: each line
-    `go SECONDS` trains epochs of 2,560 images for that long and prints its images/s."""
-    from csnn.train import set_deterministic
-
-    set_deterministic(deterministic)
-    train_epoch, gen, _ = trainer(data_dir, 2560, graphs=not eager)
-    train_epoch(gen)[0].item()
-    print("ready", flush=True)
+def worker(data_dir) -> None:
+    """One trainer at the tutorial's setting, warm, graphed (cuda_graphs: auto) and eager, waiting on stdin:
+    each line `go SECONDS [eager]` trains epochs of 2,560 images for that long and prints its images/s.
+    Its first line: `ready` and, as JSON, what its graphs did (a fallback is recorded, not fatal)."""
+    status: dict = {}
+    trainers = {"graphs": trainer(data_dir, 2560, "auto", status=status), "eager": trainer(data_dir, 2560, False)}
+    for train_epoch, gen, _ in trainers.values():
+        train_epoch(gen)[0].item()
+    print("ready " + json.dumps({"cuda_graphs_fallback": status.get("fallback", [])}), flush=True)
     for line in sys.stdin:
-        seconds = float(line.split()[1])
+        _, seconds, *mode = line.split()
+        train_epoch, gen, _ = trainers["eager" if mode == ["eager"] else "graphs"]
         images, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
+        while time.perf_counter() - t0 < float(seconds):
             loss, _, n = train_epoch(gen)
             loss.item()  # an epoch's one sync
             images += n
         print(json.dumps({"img_s": images / (time.perf_counter() - t0), "images": images}), flush=True)
 
 
-WORKER_LIMIT_S = 180  # for a trainer to start (imports, data, Triton, capture) or to answer: a hang fails the check
+WORKER_LIMIT_S = 150  # for a trainer to start (imports, data, Triton, capture) or to answer: a hang fails the check
 
 
-def start_workers(n: int, data_dir, deterministic: bool = False, eager: bool = False) -> list:
-    cmd = [sys.executable, "-m", "csnn.gpucheck", "--worker"] + (["--deterministic"] if deterministic else [])
-    cmd += ["--eager"] if eager else []
+def start_workers(n: int, data_dir) -> tuple[list, list]:
+    """n warm workers, and the graph fallbacks they reported (none, normally)."""
+    cmd = [sys.executable, "-m", "csnn.gpucheck", "--worker"]
     cmd += ["--data-dir", str(data_dir)] if data_dir else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    procs = []
+    procs, fallbacks = [], []
     try:
         for _ in range(n):
             procs.append(spawn(cmd, env))
         for p in procs:
-            if read_line(p, WORKER_LIMIT_S).strip() != "ready":
+            line = read_line(p, WORKER_LIMIT_S).strip()
+            if not line.startswith("ready"):
                 raise AssertionError(f"a trainer did not start: {stderr_of(p)}")
+            fallbacks += json.loads(line.removeprefix("ready").strip() or "{}").get("cuda_graphs_fallback", [])
     except BaseException:
         stop_workers(procs)
         raise
-    return procs
+    return procs, fallbacks
 
 
 def spawn(cmd: list, env: dict) -> subprocess.Popen:
@@ -548,10 +607,10 @@ def stop_workers(procs) -> None:
             f.close()
 
 
-def timed_together(procs, seconds: float) -> dict:
-    """The trainers `procs`, warm, train for `seconds` at the same time."""
+def timed_together(procs, seconds: float, eager: bool = False) -> dict:
+    """The trainers `procs`, warm, train for `seconds` at the same time (graphed, or `eager`)."""
     for p in procs:
-        p.stdin.write(f"go {seconds}\n")
+        p.stdin.write(f"go {seconds}{' eager' if eager else ''}\n")
         p.stdin.flush()
     lines = [read_line(p, seconds + WORKER_LIMIT_S) for p in procs]
     dead = [stderr_of(p) for p, line in zip(procs, lines) if not line]
@@ -561,70 +620,80 @@ def timed_together(procs, seconds: float) -> dict:
     return {"total_img_s": round(sum(rates), 1), "per_trainer_img_s": [round(r, 1) for r in rates]}
 
 
+CONCURRENCY = (1, 4, 8)  # trainers at once: enough to see where the total stops growing
+
+
 def check_concurrency(data_dir, seconds: float) -> dict:
-    procs = start_workers(8, data_dir)  # started and captured once; the idle ones wait on stdin
+    """Total images/s of 1, 4 and 8 trainers at once, graphed, and of 1 and 4 eager (the same processes,
+    started and captured once; the idle ones wait on stdin). Fails when a total is not positive or 8 trainers
+    together do less than one alone (the GPU shared so badly that trials_per_gpu > 1 would only lose)."""
+    procs, fallbacks = start_workers(max(CONCURRENCY), data_dir)
     try:
-        out = {str(n): timed_together(procs[:n], seconds) for n in (1, 2, 4, 8)}
+        out = {str(n): timed_together(procs[:n], seconds) for n in CONCURRENCY}
+        out["eager"] = {str(n): timed_together(procs[:n], seconds, eager=True) for n in (1, 4)}
     finally:
         stop_workers(procs)
-    best = max(v["total_img_s"] for v in out.values())
+    if fallbacks:
+        out["cuda_graphs_fallback"] = sorted(set(fallbacks))
+    best = max(out[str(n)]["total_img_s"] for n in CONCURRENCY)
     # the fewest trials per GPU that reach 90% of the best total: more only slow each trial down
-    out["suggested_trials_per_gpu"] = min(int(n) for n, v in out.items() if v["total_img_s"] >= 0.9 * best)
-    procs = start_workers(4, data_dir, eager=True)  # the same without CUDA graphs: what graphs are worth
-    try:
-        out["eager"] = {str(n): timed_together(procs[:n], seconds) for n in (1, 4)}
-    finally:
-        stop_workers(procs)
+    out["suggested_trials_per_gpu"] = min(n for n in CONCURRENCY if out[str(n)]["total_img_s"] >= 0.9 * best)
+    require(out[str(max(CONCURRENCY))]["total_img_s"] >= out["1"]["total_img_s"],
+            f"{max(CONCURRENCY)} trainers at once did {out[str(max(CONCURRENCY))]['total_img_s']} images/s in "
+            f"total, less than one alone ({out['1']['total_img_s']})", out)
     return out
 
 
-def repeat(deterministic: bool, data_dir) -> None:
-    """Train 30 batches twice from the same seed; print whether the weights came out equal."""
+def repeat(data_dir, seconds: float) -> None:
+    """Deterministic: train 30 batches twice from the same seed, then time the trainer for `seconds`; print
+    whether the weights came out equal, and its images/s (one process: cuBLAS reads its setting at start)."""
     from csnn.train import set_deterministic
 
-    set_deterministic(deterministic)
+    set_deterministic(True)
     weights = []
     for _ in range(2):
         train_epoch, gen, net = trainer(data_dir, 30 * TUTORIAL["batch_size"])
         train_epoch(gen)[0].item()
         weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
-    print(json.dumps({"equal": torch.equal(*weights), "max_abs_diff": (weights[0] - weights[1]).abs().max().item()}))
-
-
-def run_repeat(deterministic: bool, data_dir) -> dict:
-    cmd = [sys.executable, "-m", "csnn.gpucheck", "--repeat"] + (["--deterministic"] if deterministic else [])
-    cmd += ["--data-dir", str(data_dir)] if data_dir else []
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=WORKER_LIMIT_S)
-    assert p.returncode == 0, p.stderr[-1500:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    images, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        loss, _, n = train_epoch(gen)
+        loss.item()
+        images += n
+    print(json.dumps({"equal": torch.equal(*weights), "max_abs_diff": (weights[0] - weights[1]).abs().max().item(),
+                      "img_s": images / (time.perf_counter() - t0)}))
 
 
 def check_deterministic(data_dir, seconds: float, plain: float | None) -> dict:
-    procs = start_workers(1, data_dir, deterministic=True)
-    try:
-        det = timed_together(procs, seconds)["total_img_s"]
-    finally:
-        stop_workers(procs)
+    cmd = [sys.executable, "-m", "csnn.gpucheck", "--repeat", "--seconds", str(seconds)]
+    cmd += ["--data-dir", str(data_dir)] if data_dir else []
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=WORKER_LIMIT_S + seconds)
+    assert p.returncode == 0, p.stderr[-1500:]
+    rep = json.loads(p.stdout.strip().splitlines()[-1])
+    det = round(rep.pop("img_s"), 1)
     out = {"deterministic_img_s": det, "plain_img_s": plain, "slowdown": round(plain / det, 3) if plain and det else None,
-           "repeat_deterministic": run_repeat(True, data_dir), "repeat_plain": run_repeat(False, data_dir)}
+           "repeat_deterministic": rep}
     require(out["repeat_deterministic"]["equal"], "-deterministic training did not repeat exactly", out)
     return out
 
 
-CHECKS = ("tests", "kernels", "cupy", "counts", "busy", "graphs", "speed", "epoch", "concurrency", "deterministic",
-          "study")  # main's order
+QUICK = ("tests", "graphs", "speed", "study")  # whether studies can run on this GPU: first, about 3 minutes
+REST = ("kernels", "cupy", "speed_cupy", "counts", "busy", "epoch", "concurrency", "deterministic")  # about 2
+CHECKS = QUICK + REST  # main's order
+MINUTES = {"quick": 3, "rest": 2, "all": 5}  # planned on one H100/H200 (not yet measured together)
 # The figures each check must leave (dotted paths into its result); a check that ran without
 # one fails, so that a JSON never looks complete when it is not.
 FIGURES = {"kernels": ["auto.train_amp.implementations"], "cupy": ["float16.spikes_equal"],
            "counts": ["cuda.synops_per_image"], "busy": ["eager.busy_share", "graphs.busy_share"],
            "speed": ["auto.ours_train_img_s", "auto.train_ratio", "auto.ours_eval_img_s", "auto.eval_ratio"],
-           "graphs": ["train_max_abs_diff.params", "train_max_abs_diff.loss_sum", "eval_abs_diff.acc",
-                      "captures.sgd_auto.used"],
+           "speed_cupy": ["cupy.ours_train_img_s", "cupy.train_ratio"],
+           "graphs": ["train_relative_diff.params", "train_relative_diff.sums", "eval_diff.acc",
+                      "captures.sgd_auto.used", "captures.sgd_auto.capture_diff"],
            "epoch": ["train_img_s", "test_acc", "epoch0_over_epoch1_s", "second_fit.peak_memory_mib",
                      "no_graphs.peak_memory_mib"],
            "study": ["trials"],
-           "concurrency": [f"{n}.total_img_s" for n in (1, 2, 4, 8)] + ["suggested_trials_per_gpu",
-                                                                           "eager.1.total_img_s", "eager.4.total_img_s"],
+           "concurrency": [f"{n}.total_img_s" for n in CONCURRENCY] + ["suggested_trials_per_gpu",
+                                                                      "eager.1.total_img_s", "eager.4.total_img_s"],
            "deterministic": ["deterministic_img_s", "repeat_deterministic.equal"]}
 
 
@@ -700,15 +769,24 @@ def run_check(result: dict, name: str, fn, *a, out=None) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m csnn.gpucheck", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m csnn.gpucheck", description=__doc__.split("\n")[0],
+        epilog=f"Run first: python -m csnn.gpucheck --quick --out gpucheck-quick.json (about {MINUTES['quick']} "
+               f"minutes: {', '.join(QUICK)}); then --rest (about {MINUTES['rest']} minutes: {', '.join(REST)}); "
+               f"no option runs both (about {MINUTES['all']} minutes). Minutes planned for one H100/H200.")
+    phase = ap.add_mutually_exclusive_group()
+    phase.add_argument("--quick", action="store_true",
+                       help=f"only the checks that decide whether studies can run ({', '.join(QUICK)}): about "
+                            f"{MINUTES['quick']} minutes; run this first")
+    phase.add_argument("--rest", action="store_true",
+                       help=f"only the other checks ({', '.join(REST)}): about {MINUTES['rest']} minutes")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (else $CSNN_DATA, Debian's package)")
     ap.add_argument("--out", default=None, help="also write the JSON object to this file (after every check)")
-    ap.add_argument("--seconds", type=float, default=6.0, help="timed window of each concurrency run")
+    ap.add_argument("--seconds", type=float, default=5.0, help="timed window of each concurrency run")
     ap.add_argument("--skip", default="", help="comma-separated checks to skip (listed as skipped in the JSON)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--repeat", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if skip - set(CHECKS):
@@ -719,37 +797,54 @@ def main(argv=None) -> int:
         print("error: no CUDA device: python -m csnn.gpucheck needs a CUDA GPU, and torch.cuda.is_available() "
               f"is False here (torch {torch.__version__}, CUDA build {torch.version.cuda})", file=sys.stderr)
         return 2
+    shared_environment()
     if args.worker:
-        worker(args.data_dir, args.deterministic, args.eager)
+        worker(args.data_dir)
         return 0
     if args.repeat:
-        repeat(args.deterministic, args.data_dir)
+        repeat(args.data_dir, args.seconds)
         return 0
 
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    result: dict = {"versions": versions(), "failed": [], "skipped": sorted(skip)}
+    run = QUICK if args.quick else REST if args.rest else CHECKS
+    result: dict = {"versions": versions(), "phase": "quick" if args.quick else "rest" if args.rest else "all",
+                    "failed": [], "skipped": sorted(skip | (set(CHECKS) - set(run)))}
+    from csnn.gpus import older_line
+
+    if older_line(result["versions"]["older_than_tested"]):
+        print(older_line(result["versions"]["older_than_tested"]), file=sys.stderr, flush=True)
 
     def check(name, fn, *a):
-        if name not in skip:
+        if name in run and name not in skip:
             run_check(result, name, fn, *a, out=args.out)
 
     t0 = time.perf_counter()
     check("tests", check_tests, args.data_dir)
+    check("graphs", check_graphs, args.data_dir)
+    check("speed", check_speed, args.data_dir, "auto")
+    check("study", check_study, args.data_dir)
     check("kernels", check_kernels)
     check("cupy", check_cupy)
+    check("speed_cupy", check_speed, args.data_dir, "cupy")
     check("counts", check_counts)
     check("busy", check_busy, args.data_dir)
-    check("graphs", check_graphs, args.data_dir)
-    check("speed", check_speed, args.data_dir)
     check("epoch", check_epoch, args.data_dir)
     check("concurrency", check_concurrency, args.data_dir, args.seconds)
     plain = result.get("concurrency", {}).get("1", {}).get("total_img_s")
     check("deterministic", check_deterministic, args.data_dir, args.seconds, plain)
-    check("study", check_study, args.data_dir)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=1, default=str))
     return 1 if result["failed"] else 0
+
+
+def shared_environment() -> None:
+    """What this process and every process it starts (the GPU tests, the trainers) share: Triton's compiled
+    kernels in one folder (tests/conftest.py gives each test an empty HOME, where Triton's cache would otherwise
+    be: every kernel compiled again), and cuBLAS's workspace setting, read once at its start, that deterministic
+    runs need (the graphs check's 50 steps run deterministic in this process)."""
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path.home() / ".triton" / "cache"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 if __name__ == "__main__":

@@ -136,13 +136,37 @@ def check_machine(spec: specs.StudySpec, data: fmnist.FashionMNIST) -> None:
             dev = resolve_device(device)
         except RuntimeError as e:
             raise specs.SpecError(f"{where('device')}: {e}") from None
-        need = activation_bytes(max(specs.values(spec, "T")), max(specs.values(spec, "channels")), max(specs.values(spec, "batch_size")))
+        need, what = memory_needed(spec, dev.type == "cuda")
         have = (torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda"
                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         if need > have:  # a warning: the estimate is rough, and the user may know better
             print(f"warning: {spec.path}: the largest T, channels and batch_size need about {need / 2**30:.0f} GiB "
-                  f"for one batch's activations, more than the {have / 2**30:.0f} GiB of {dev}; lower batch_size "
-                  "or channels", file=sys.stderr)
+                  f"for {what}, more than the {have / 2**30:.0f} GiB of {dev}; lower batch_size or channels"
+                  + (" or resources.trials_per_gpu" if "sharing" in what else ""), file=sys.stderr)
+
+
+def trials_sharing_a_gpu(spec: specs.StudySpec) -> int:
+    """At most how many trials share one GPU: trials_per_gpu with gpus_per_trial auto, else 1 / gpus_per_trial."""
+    want = spec.resources["gpus_per_trial"]
+    if want == "auto":
+        return spec.resources["trials_per_gpu"]
+    return max(1, math.floor(1 / want + 1e-9)) if 0 < want < 1 else 1
+
+
+def memory_needed(spec: specs.StudySpec, cuda: bool) -> tuple[int, str]:
+    """(bytes, what they are for) that the largest configuration's training needs on one device: one batch's
+    activations per trial; on CUDA for every trial that shares a GPU, each twice where CUDA graphs may be on
+    (the graph's own memory pool holds a step's memory beside the eager allocator's, and the capture's check
+    runs an eager step while the pool holds one)."""
+    one = activation_bytes(max(specs.values(spec, "T")), max(specs.values(spec, "channels")),
+                           max(specs.values(spec, "batch_size")))
+    if not cuda:
+        return one, "one batch's activations"
+    trials = trials_sharing_a_gpu(spec)
+    graphs = any(v is not False for v in specs.values(spec, "cuda_graphs"))
+    need = one * trials * (2 if graphs else 1)
+    return need, (f"one batch's activations of each of the {trials} trials sharing a GPU"
+                  + (" and their CUDA graphs' memory pools" if graphs else ""))
 
 
 def activation_bytes(T: int, channels: int, batch_size: int) -> int:

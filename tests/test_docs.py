@@ -30,7 +30,7 @@ RUN = {
     "search_spaces/quick_efficiency_asha.yaml > nostop.yaml": "file:nostop.yaml",
     "python -m study.analyze results/quick": "file:results/quick/report/report.md",
     "python -m study.reproduce results/quick --epochs 1": "tiny:file:results/quick/reproduce",
-    "python -m csnn.gpucheck --help": "--skip",
+    "python -m csnn.gpucheck --help": "--quick",
     "python -m csnn.train -device cpu -T 2 -channels 4 -epochs 1 -train-size 500 -test-size 100":
         "tiny:file:logs/T2_b128_sgd_lr0.1_c4/checkpoint_latest.pth",
 }
@@ -54,7 +54,7 @@ NOT_RUN = {
     "tensorboard --logdir results/quick/ray": SERVER,
     "pip install -e '.[dashboard]'": INSTALL,
     "optuna-dashboard sqlite:///results/quick/optuna.db": SERVER + "; needs pip install -e '.[dashboard]'",
-    "python -m csnn.gpucheck --out gpucheck.json": GPU,
+    "python -m csnn.gpucheck --quick --out gpucheck-quick.json": GPU,
     "python -m csnn.gpucheck --data-dir /usr/share/datasets/fashion-mnist --out gpucheck.json": GPU,
     "python3 -m csnn.gpucheck --data-dir DIR_WITH_THE_FOUR_IDX_FILES": GPU,
     "python -m study.run search_spaces/fmnist.yaml --address HEAD_IP:6379 --storage s3://bucket/results": CLUSTER,

@@ -77,7 +77,25 @@ def test_gpucheck_says_there_is_no_cuda_device():
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "error: no CUDA device" in p.stderr
     p = gpucheck("--skip", "speed,concurency")  # a misspelt check would have run, and been listed as skipped
-    assert p.returncode == 2 and "--skip speed,concurency: no check concurency; checks: tests, kernels," in p.stderr
+    assert p.returncode == 2 and "--skip speed,concurency: no check concurency; checks: tests, graphs," in p.stderr
+
+
+def test_gpucheck_help_says_what_to_run_first_and_how_long_each_phase_takes():
+    """A first GPU may be at hand for minutes only: --quick holds the checks that decide whether studies can run.
+    The help and docs/gpu-and-clusters.md give the same command and minutes."""
+    from csnn import gpucheck
+
+    p = subprocess.run([sys.executable, "-m", "csnn.gpucheck", "--help"], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=120)
+    text = " ".join(p.stdout.split())
+    first = "python -m csnn.gpucheck --quick --out gpucheck-quick.json"
+    assert p.returncode == 0 and f"Run first: {first} (about 3 minutes: tests, graphs, speed, study)" in text
+    assert "--quick only the checks that decide whether studies can run" in text and "--rest only the other" in text
+    assert "then --rest (about 2 minutes:" in text and "no option runs both (about 5 minutes)" in text
+    assert set(gpucheck.QUICK) == {"tests", "graphs", "speed", "study"} and gpucheck.CHECKS[:4] == gpucheck.QUICK
+    assert sum(gpucheck.MINUTES[k] for k in ("quick", "rest")) == gpucheck.MINUTES["all"] <= 5
+    docs = " ".join((ROOT / "docs" / "gpu-and-clusters.md").read_text().split())
+    assert first in docs and "about 3 minutes" in docs and "`--rest`" in docs and "about 5 minutes" in docs
 
 
 def test_the_bench_equivalence_check_catches_a_wrong_neuron():
@@ -443,7 +461,12 @@ def test_gpucheck_compares_graphed_and_eager_state_by_group():
     a = {"net.conv_fc.0.weight": torch.zeros(3), "net.conv_fc.1.running_mean": torch.zeros(2),
          "optimizer.0.momentum_buffer": torch.zeros(3), "scaler.scale": torch.tensor(65536.0), "loss_sum": torch.tensor(1.0)}
     b = {**a, "net.conv_fc.0.weight": torch.tensor([0.0, -0.5, 0.25]), "loss_sum": torch.tensor(1.25)}
-    assert max_differences(b, a) == {"params": 0.5, "bn_stats": 0.0, "optimizer": 0.0, "scaler": 0.0, "loss_sum": 0.25}
+    assert max_differences(b, a) == {"params": 0.5, "bn_stats": 0.0, "optimizer": 0.0, "scaler": 0.0, "sums": 0.25}
+    from csnn.train import group_differences
+
+    # relative to each tensor's largest value (0 where both are 0): the figure the capture check bounds
+    assert group_differences(b, a) == {"params": 0.5, "bn_stats": 0.0, "optimizer": 0.0, "scaler": 0.0, "sums": 0.25}
+    assert group_differences(a, b) == {"params": 1.0, "bn_stats": 0.0, "optimizer": 0.0, "scaler": 0.0, "sums": 0.2}
 
 
 def replay_with_float16_moments(parts):
@@ -653,3 +676,42 @@ def test_packages_older_than_tested_are_said_and_recorded(tmp_path, monkeypatch)
     assert gpus._release("2.11.0+cu130") == (2, 11, 0) < gpus._release("2.14.1")
     monkeypatch.setattr(gpus, "older_than_tested", lambda: older)
     assert environment.collect()["older_than_tested"] == older
+
+
+def test_gpucheck_without_cupy_deselects_its_tests_and_shares_tritons_cache(tmp_path, monkeypatch):
+    """Without CuPy the cupy backend's GPU tests (which fail there) are deselected, said in the result, and the
+    rest passes; the tests it starts compile into this process's TRITON_CACHE_DIR (conftest empties HOME,
+    where Triton's cache would be)."""
+    from csnn import gpucheck
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    gpucheck.shared_environment()
+    assert gpucheck.os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "home" / ".triton" / "cache")
+    (tmp_path / "test_some.py").write_text(
+        "import os\nimport pytest\n"
+        f"def test_runs():\n    assert os.environ['TRITON_CACHE_DIR'] == {str(tmp_path / 'home' / '.triton' / 'cache')!r}\n"
+        "@pytest.mark.cupy\ndef test_needs_cupy():\n    pytest.fail('CuPy not installed')\n")
+    assert gpucheck.cupy_missing()  # CI has no CuPy
+    out = gpucheck.check_tests(None, tmp_path / "test_some.py")
+    assert out["outcomes"] == {"test_runs": "PASSED"} and out["passed"] == 1 and out["deselected"] == 1
+    assert out["cupy_tests"] == "deselected: CuPy not installed (pip install -e '.[cupy]' to run them)"
+
+
+def test_the_memory_check_counts_the_trials_sharing_a_gpu_and_their_graph_pools():
+    import yaml
+
+    from study import spec as specs
+    from study.plan import activation_bytes, memory_needed
+
+    raw = yaml.safe_load((ROOT / "search_spaces" / "fmnist.yaml").read_text())
+    spec = specs.parse(raw, "fmnist.yaml")  # gpus_per_trial auto, trials_per_gpu 4, cuda_graphs auto
+    one = activation_bytes(max(specs.values(spec, "T")), max(specs.values(spec, "channels")),
+                           max(specs.values(spec, "batch_size")))
+    assert memory_needed(spec, cuda=False) == (one, "one batch's activations")
+    assert memory_needed(spec, cuda=True) == (one * 4 * 2, "one batch's activations of each of the 4 trials sharing "
+                                                          "a GPU and their CUDA graphs' memory pools")
+    no_graphs = specs.parse({**raw, "train": {**raw["train"], "cuda_graphs": False}}, "fmnist.yaml")
+    assert memory_needed(no_graphs, cuda=True)[0] == one * 4
+    half = specs.parse({**raw, "resources": {**raw["resources"], "gpus_per_trial": 0.5}}, "fmnist.yaml")
+    assert memory_needed(half, cuda=True)[0] == one * 2 * 2
