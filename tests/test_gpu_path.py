@@ -685,7 +685,9 @@ def test_gpucheck_without_cupy_deselects_its_tests_and_shares_tritons_cache(tmp_
     from csnn import gpucheck
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    for name in ("TRITON_CACHE_DIR", "CUBLAS_WORKSPACE_CONFIG"):  # set, then removed: monkeypatch restores both
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     gpucheck.shared_environment()
     assert gpucheck.os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "home" / ".triton" / "cache")
     (tmp_path / "test_some.py").write_text(
