@@ -40,8 +40,8 @@ METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tes
 # Where and how each epoch ran, reported with the metrics (not objectives): what
 # study.reproduce reads to choose its tolerance, and what a user needs to find a
 # slow or different trial (neuron_impl: the IF kernels that ran in training).
-# cuda_graphs_used: the training steps replayed a checked CUDA graph (cuda_graphs_eval_used: the evaluations),
-# and nothing fell back; cuda_graphs_fallback: why not, on CUDA (a capture that failed, ran out of memory or
+# cuda_graphs_used: the training steps replayed a checked CUDA graph (cuda_graphs_eval_used: the evaluations:
+# each says its own); cuda_graphs_fallback: why not, on CUDA (a capture that failed, ran out of memory or
 # replayed something else, CSNN_CUDA_GRAPHS=0); capture_diff: JSON, per capture the largest relative
 # difference per group of tensors between the replay and the eager step (csnn.train.GRAPH_TOLERANCE bounds it).
 RUN_INFO = ("run_device", "run_amp", "cuda_graphs_used", "cuda_graphs_eval_used", "cuda_graphs_fallback", "capture_diff",

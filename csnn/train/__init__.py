@@ -518,13 +518,13 @@ def use_cuda_graphs(cfg: TrainConfig, device: torch.device) -> tuple[bool | str,
 
 def graphs_info(mode: bool | str, status: dict) -> dict:
     """config.RUN_INFO's cuda_graphs_*: whether the training step (cuda_graphs_used) and the evaluation
-    (cuda_graphs_eval_used) replay a checked graph, and nothing fell back; else why not (on CUDA); the
+    (cuda_graphs_eval_used) each replay a checked graph; else why not (on CUDA); the
     largest relative difference per group of tensors that each capture's check saw (capture_diff, JSON)."""
     import json
 
-    used, clean = status.get("used", {}), bool(mode) and not status.get("fallback")
-    return {"cuda_graphs_used": clean and bool(used.get("training step")),
-            "cuda_graphs_eval_used": clean and bool(used.get("evaluation")),
+    used, fell = status.get("used", {}), status.get("fallback", [])
+    replays = lambda what: bool(mode) and bool(used.get(what)) and not any(f.startswith(what) for f in fell)  # noqa: E731
+    return {"cuda_graphs_used": replays("training step"), "cuda_graphs_eval_used": replays("evaluation"),
             "cuda_graphs_fallback": "; ".join(status.get("fallback", [])),
             "capture_diff": json.dumps(status["capture_diff"], sort_keys=True) if status.get("capture_diff") else ""}
 
