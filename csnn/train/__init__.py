@@ -386,7 +386,7 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     interrupt a run in tests and tools; the schedule still spans cfg.epochs).
     `save_when(epoch)`, if given, says after which epochs to save (a study
     copies each checkpoint to its storage: it saves only where it must).
-    Returns the metrics of the epochs run by this call. Where the time went: config.BREAKDOWN_METRICS."""
+    Returns the metrics of the epochs run by this call. Where the time went: config.TIME_PARTS."""
     started = time.perf_counter()  # the set-up's clock (setup_s) and the run's (elapsed_s)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
