@@ -510,6 +510,11 @@ def time_breakdown(history: pd.DataFrame | None, retrain: pd.DataFrame | None) -
 
 
 def read_breakdown(loc: Location) -> dict:
-    """time_breakdown of the study folder's history.csv and best/metrics.csv, those it holds."""
-    tables = [read_table(f) if f.is_file() else None for f in (loc / "history.csv", loc / "best" / "metrics.csv")]
+    """time_breakdown of the study folder's history.csv and best/metrics.csv, those it holds; {} when one
+    cannot be read (timing.yaml is written at a study's very end: a damaged table must not fail it there)."""
+    try:
+        tables = [read_table(f) if f.is_file() else None for f in (loc / "history.csv", loc / "best" / "metrics.csv")]
+    except (OSError, ValueError) as e:  # pandas' parse errors are ValueErrors
+        warnings.warn(f"{loc}: where the trials' time went is left out of timing.yaml ({e})", stacklevel=2)
+        return {}
     return time_breakdown(*tables)
