@@ -31,7 +31,14 @@ SPIKING_LAYERS = (2, 6, 10, 12)
 # the validation split when there is one, else on the test set. The tutorial's
 # max_test_acc is the command line's own (csnn.cli), never a study's.
 COST_METRICS = ("spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj")
-TIMING_METRICS = ("train_img_s", "epoch_s")
+# Where a run's time went, per epoch (csnn.train.fit), in seconds: the run's set-up (data sliced, network
+# built, CUDA graphs captured; in the first epoch of each fit, else 0), the training pass (with compiling, on
+# a CPU run that compiles), validation, the test evaluation, the cost counting, the checkpoint, and the
+# report of the epoch before (tune.report, with the checkpoint's copy to storage: an epoch's own report
+# happens after its row is sent). TIME_PARTS add up to elapsed_s, the run's seconds so far. Timings, as
+# TIMING_METRICS (which they join): study.reproduce compares none of them.
+TIME_PARTS = ("setup_s", "train_s", "val_s", "test_s", "cost_s", "checkpoint_s", "report_s")
+TIMING_METRICS = ("train_img_s", "epoch_s", *TIME_PARTS, "elapsed_s")
 # The class the network predicted most often for the epoch's training images, and its share of
 # them: ~1 is a dead network that fires for one class whatever the image (csnn.trainable).
 PREDICTION_METRICS = ("top_class", "top_class_share")

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from csnn import yamlio  # noqa: E402
 from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import DEAD_SHARE, TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import estimate, lifecycle, results  # noqa: E402
@@ -511,11 +512,45 @@ def report(study: results.Study, top: int) -> Path | str:
 def _report(study: results.Study, top: int, out: Path) -> Path:
     plots, notes = draw(study, top, out)
     lines = (summary(study) + retrain_lines(study) + baseline_lines(study) + edge_lines(study)
-             + estimate.report_lines(study.location) + top_lines(study, top) + plot_lines(plots, notes)
+             + estimate.report_lines(study.location) + time_lines(study) + top_lines(study, top) + plot_lines(plots, notes)
              + environment_lines(study))
     path = out / "report.md"
     write_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+# csnn.config.TIME_PARTS in words, in their order
+TIME_WORDS = {"setup_s": "set-up (data sliced, network built, CUDA graphs captured)", "train_s": "training images",
+              "val_s": "validation", "test_s": "test evaluation", "cost_s": "cost counting (spikes, SynOps, energy)",
+              "checkpoint_s": "checkpoints", "report_s": "reports (tune.report, checkpoint copied to storage)"}
+
+
+def time_lines(study: results.Study) -> list[str]:
+    """Where the trials' time went (results.time_breakdown), and the share of the study's time, on its
+    trial slots, that trained images."""
+    parts = results.time_breakdown(study.history, study.retrain)
+    if not parts:
+        return []
+    phases = list(parts)
+    total = {k: sum(parts[p][k] for p in phases) for k in TIME_WORDS}
+    whole = sum(total.values()) or 1.0
+    rows = [f"| part | {' | '.join(f'{p} s' for p in phases)} | share |", "|---" * (len(phases) + 2) + "|"]
+    rows += [f"| {w} | {' | '.join(f'{parts[p][k]:.1f}' for p in phases)} | {total[k] / whole:.0%} |"
+             for k, w in TIME_WORDS.items()]
+    rows.append(f"| **trials' time** | {' | '.join(f'{sum(parts[p].values()):.1f}' for p in phases)} | |")
+    line = f"Training images took {total['train_s'] / whole:.0%} of the trials' time"
+    try:
+        timing = yamlio.load((study.location / "timing.yaml").read_text())
+        est = yamlio.load((study.location / "estimate.yaml").read_text())
+        slots = {"search": est["running"], "retrain": len(study.spec.retrain["seeds"])}
+        # the study's time as trial slots: the search's wall time x its trials at once, the retrain's x its seeds,
+        # the other phases (start, export, spikes) once
+        held = sum(s * slots.get(p, 1) for p, s in timing["phases_s"].items())
+        line += (f", and {total['train_s'] / held:.0%} of the study's time ({timing['wall_s']:.0f} s of wall time, "
+                 f"{slots['search']} trials at once in the search, {slots['retrain']} seeds in the retrain)")
+    except (OSError, KeyError, TypeError, AttributeError, ValueError):  # no timing.yaml or estimate.yaml: the trials' share alone
+        pass
+    return ["## Where the trials' time went", "", *rows, "", line + ".", ""]
 
 
 def environment_lines(study: results.Study) -> list[str]:

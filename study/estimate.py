@@ -48,7 +48,7 @@ GPU_REF = {"T": 4, "channels": 128, "batch_size": 128, "train_img_s": 18331.0, "
 # T 2-4, channels 8-32: training 1.9-3.2x, evaluation 2.1-2.9x (study.estimate was fitted there).
 COMPILE_SPEEDUP = {"train": 2.6, "eval": 2.6}
 COMPILE_S = {"warm": 6.0, "cold": 40.0}  # torch.compile per process, with and without inductor's cache
-COUNT_PER_EVAL = 6.0  # the cost counting (reference formulas, float32) per image, in plain evaluations
+COUNT_PER_EVAL = 4.0  # the cost counting (reference formulas, float32) per image, in plain evaluations (cost_s: 2.8-5.3)
 COST_IMAGES = 128  # csnn.train.COST_IMAGES: the images counted after every epoch
 # The fixed costs below are seconds on the 2-core machine where starting Python and importing torch
 # (start_s) takes START_REF_S; predict() scales them by start_s() / START_REF_S, measured at
@@ -59,9 +59,13 @@ START_REF_S = 1.8
 STARTUP_S = 2.4  # python -m study.run's imports, the checks
 LOAD_S = 1e-5  # loading (and fingerprinting) one image of Fashion-MNIST, in the startup
 RAY_START_S = 3.2  # ray.init of a local Ray on the 2-core machine, and the storage check
-WORKER_START_S = 3.0  # a new Ray worker: process start, imports of torch and SpikingJelly
-TRIAL_START_S = 0.3  # a trial on a reused worker: the data from the object store, split, network built
-EPOCH_OVERHEAD_S = 0.3  # tune.report, a checkpoint where one is due, Tune's bookkeeping
+# The fixed costs of a trial as its time breakdown (csnn.config.TIME_PARTS) measured them in quick.yaml's
+# trials on 2026-12-07, read back to the reference machine by the calibration's start_s (2.1-3.2x then):
+# a worker's first set-up 3.1-8.2 s (its first forward pass imports SpikingJelly's kernels and torch's
+# inductor), a later trial's 0.08-0.2 s, checkpoint and report 0.1-0.15 s an epoch.
+WORKER_START_S = 5.0  # a new Ray worker: process start, imports of torch and SpikingJelly, its first forward
+TRIAL_START_S = 0.05  # a trial on a reused worker: the data from the object store, split, network built
+EPOCH_OVERHEAD_S = 0.05  # tune.report, a checkpoint where one is due, Tune's bookkeeping
 TUNER_S = {"search": 2.0, "retrain": 1.5}  # a Tuner's start and end (Optuna's study, experiment state)
 EXPORT_S = 0.15  # trials.csv/.parquet, history.csv, best.yaml and the summary
 RENDER_S = 0.2  # one test image's encoder spikes at one time step (three formats)
@@ -303,14 +307,17 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
     warm = inductor_cache_warm()
     fractions = epoch_fractions(spec, spec.max_epochs)
     trial_s, storage = [], []
+    compiling = []
     for cfg in configs:
         e = epoch_s(cfg, device, cpu, n_train, n_test, share, fixed) * crowd
-        compile_s = COMPILE_S["warm" if warm else "cold"] if device == "cpu" and compiles(cfg, n_train) else 0
-        trial_s.append(fixed * (TRIAL_START_S + compile_s) + e * sum(fractions[: cfg.epochs]))
+        compiling.append(device == "cpu" and compiles(cfg, n_train))
+        trial_s.append(fixed * TRIAL_START_S + e * sum(fractions[: cfg.epochs]))
         storage.append(checkpoint_bytes(cfg.channels, cfg.optimizer))
     mean_trial = float(np.mean(trial_s))
-    # Workers start `running` at once and share the cores while they import.
-    search_s = fixed * (TUNER_S["search"] + WORKER_START_S * (1 if on_gpu else max(1.0, running / max(cpus, 1)))) \
+    # Workers start `running` at once and share the cores while they import; a worker that compiles
+    # does so in its first trial (Ray reuses it for the next ones: reuse_actors), all at once.
+    search_s = fixed * (TUNER_S["search"] + WORKER_START_S * (1 if on_gpu else max(1.0, running / max(cpus, 1)))
+                        + (COMPILE_S["warm" if warm else "cold"] * crowd if any(compiling) else 0)) \
         + n * mean_trial / running
 
     seeds = spec.retrain["seeds"] if spec.retrain["epochs"] and do_retrain else []
@@ -328,7 +335,8 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
         for cfg in configs:
             r = TrainConfig.from_dict({**cfg.to_dict(), "epochs": spec.retrain["epochs"], "val_size": 0,
                                        "train_size": 0, "test_size": 0})
-            compile_s = COMPILE_S["warm" if warm else "cold"] if r_device == "cpu" and compiles(r, n_train) else 0
+            # (after a search that compiled, inductor's cache holds the kernels)
+            compile_s = COMPILE_S["warm" if warm or any(compiling) else "cold"] if r_device == "cpu" and compiles(r, n_train) else 0
             per_config.append(fixed * compile_s
                               + r.epochs * epoch_s(r, r_device, cpu, n_train, n_test, r_share, fixed) * r_crowd)
             sizes.append(checkpoint_bytes(cfg.channels, cfg.optimizer))

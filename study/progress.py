@@ -214,9 +214,11 @@ class Timing:
         return out
 
     @staticmethod
-    def save(study, run: dict, fresh: bool) -> dict:
+    def save(study, run: dict, fresh: bool, trials_s: dict | None = None) -> dict:
         """timing.yaml: every run of the study (`runs`: a first one, each interrupted one, each --resume
-        and --retrain), and their sums under the names estimate.yaml predicts (wall_s, phases_s)."""
+        and --retrain), and their sums under the names estimate.yaml predicts (wall_s, phases_s); `trials_s`:
+        where the trials' own time went, summed over all runs (study.results.time_breakdown; an interrupted
+        run, which passes none, keeps the last one)."""
         import yaml
 
         f = study / "timing.yaml"
@@ -226,6 +228,7 @@ class Timing:
         for r in runs:
             for k, v in (r.get("phases_s") or {}).items():
                 phases[k] = round(phases.get(k, 0.0) + v, 1)
-        out = {"wall_s": round(sum(r.get("wall_s", 0.0) for r in runs), 1), "phases_s": phases, "runs": runs}
+        out = {"wall_s": round(sum(r.get("wall_s", 0.0) for r in runs), 1), "phases_s": phases,
+               **({"trials_s": trials_s or old["trials_s"]} if trials_s or old.get("trials_s") else {}), "runs": runs}
         f.write_text(yaml.safe_dump(out, sort_keys=False))
         return out

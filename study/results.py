@@ -25,7 +25,7 @@ import yaml
 
 from csnn import yamlio
 from csnn.atomic import write_atomic
-from csnn.config import METRICS, RUN_INFO, dead_network, silent_layers, trial_fields
+from csnn.config import METRICS, RUN_INFO, TIME_PARTS, dead_network, silent_layers, trial_fields
 from study import storage
 from study.spec import StudySpec
 from study.storage import Location, read_table
@@ -150,12 +150,14 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
         for m in (*METRICS, *RUN_INFO):
             # epoch and lr per epoch stay in history: here the searched lr is the column
             if m in h and m not in ("epoch", "lr"):
-                row[m] = h[m].iloc[-1]
+                row[m] = h[m].sum() if m in TIME_PARTS else h[m].iloc[-1]  # where the trial's time went: all its epochs
                 mode = metric_mode(m, spec)
                 if mode:
                     row[best_column(m)] = _best(h[m], mode)
         row["epochs_run"] = ran
-        row["time_s"] = float(h["epoch_s"].sum()) if "epoch_s" in h else 0.0
+        # the trial's seconds: its parts (set-up to reports), or its epochs' in a study written before they were kept
+        row["time_s"] = float(h[list(TIME_PARTS)].sum().sum()) if set(TIME_PARTS) <= set(h) else \
+            float(h["epoch_s"].sum()) if "epoch_s" in h else 0.0
         row.update({k: _text(last.get(k)) for k in PLACEMENT})
         row["error"] = error
         row["silent"] = quiet  # the layers that fired below scheduler.silent_rate at the last epoch, e.g. fr_12
@@ -495,3 +497,25 @@ def load(path: str | Path | Location) -> Study:
     from study import environment
 
     return Study(loc, spec, trials, history, best, retrain, summary, trials_file, warm, environment.read(loc))
+
+
+def time_breakdown(history: pd.DataFrame | None, retrain: pd.DataFrame | None) -> dict:
+    """Where the trials' time went (csnn.config.TIME_PARTS), summed over every epoch of the search's trials
+    (history) and of the retrain's seeds (best/metrics.csv): {"search": {"setup_s": ..., ...}, "retrain": {...}};
+    a table without those columns (written before they were kept, or none yet) is left out."""
+    out = {}
+    for name, table in (("search", history), ("retrain", retrain)):
+        if table is not None and set(TIME_PARTS) <= set(table.columns):
+            out[name] = {k: round(float(table[k].sum()), 2) for k in TIME_PARTS}
+    return out
+
+
+def read_breakdown(loc: Location) -> dict:
+    """time_breakdown of the study folder's history.csv and best/metrics.csv, those it holds; {} when one
+    cannot be read (timing.yaml is written at a study's very end: a damaged table must not fail it there)."""
+    try:
+        tables = [read_table(f) if f.is_file() else None for f in (loc / "history.csv", loc / "best" / "metrics.csv")]
+    except (OSError, ValueError) as e:  # pandas' parse errors are ValueErrors
+        warnings.warn(f"{loc}: where the trials' time went is left out of timing.yaml ({e})", stacklevel=2)
+        return {}
+    return time_breakdown(*tables)

@@ -373,7 +373,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
               f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study / 'best'}", flush=True)
         timing.lap("retrain")
-    timing.save(study, timing.record(resumed=not fresh), fresh)
+    timing.save(study, timing.record(resumed=not fresh), fresh, results.read_breakdown(study))
     print(f"results in {study}; wall time {(time.time() - start) / 60:.1f} min")
     return 0 if best else 1
 

@@ -1,4 +1,5 @@
 """study.results.load, study.analyze and study.reproduce on the tiny real study of conftest."""
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,14 @@ def test_analyze_writes_every_plot_and_the_report(tiny_study, tmp_path, run):
     assert "0.9263" in report and "mean ± std over seeds" in report
     for name in expected:
         assert f"]({name})" in report
+    # where the trials' time went: one row per part, the search's and the retrain's seconds, and the share of
+    # the study's time (timing.yaml's phases on their trial slots) that trained images
+    table = report.split("## Where the trials' time went")[1].split("\n\n")[1].splitlines()
+    assert table[0] == "| part | search s | retrain s | share |" and len(table) == 2 + 7 + 1
+    parts = results.time_breakdown(s.history, s.retrain)
+    assert f"| training images | {parts['search']['train_s']:.1f} | {parts['retrain']['train_s']:.1f} |" in table[3]
+    assert re.search(r"Training images took \d+% of the trials' time, and \d+% of the study's time \(\d+ s of wall time, "
+                     r"2 trials at once in the search, 2 seeds in the retrain\)", report)
 
 
 def test_analyze_with_one_finished_and_errored_trials(tiny_study, tmp_path, run):

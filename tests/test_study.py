@@ -180,3 +180,35 @@ def test_ctrl_c_early_prints_one_line_and_its_advice_works(phase, tmp_path, tiny
     p = run_study(capsys, space, tmp_path, tiny_data_dir, *resume)
     assert p.returncode == 0, advice[0] + "\n" + p.stdout[-3000:] + p.stderr[-3000:]
     assert len(pd.read_csv(tmp_path / "results" / "early" / "trials.csv")) == 2
+
+
+def test_time_breakdown_adds_up_to_each_trials_time(tiny_study):
+    """Where a trial's time went (csnn.config.TIME_PARTS, per epoch in history.csv and best/metrics.csv, per
+    trial in the trials table, summed in timing.yaml and the report): the parts add up to the trial's time."""
+    from csnn.config import TIME_PARTS
+    from study import results
+    from study.storage import Location
+
+    d, _ = tiny_study
+    history, trials = pd.read_csv(d / "history.csv"), pd.read_csv(d / "trials.csv").set_index("trial_id")
+    ray_s = {t.trial_id: r.metrics["time_total_s"] for t, r in results.trial_results(Location.parse(str(d / "ray")))}
+    for trial_id, h in history.groupby("trial_id"):
+        h = h.sort_values("epoch")
+        assert (h[list(TIME_PARTS)] >= 0).all().all() and (h["train_s"] > 0).all() and h["setup_s"].iloc[0] > 0
+        assert (h["setup_s"].iloc[1:] == 0).all() and h["report_s"].iloc[0] == 0  # set-up once; a report after its row
+        parts = h[list(TIME_PARTS)].sum().sum()
+        # fit's own clock, from its start to the last epoch's checkpoint (its report comes after the row)
+        assert parts == pytest.approx(h["elapsed_s"].iloc[-1], rel=0.03)
+        # Ray's clock, from the trainable's start to its last report: that report, the data from the object store
+        # and the trainable's own start are outside fit's parts
+        assert parts == pytest.approx(ray_s[trial_id], rel=0.1, abs=0.5)
+        assert trials.loc[trial_id, "time_s"] == pytest.approx(parts, rel=1e-6)
+        assert trials.loc[trial_id, "train_s"] == pytest.approx(h["train_s"].sum(), rel=1e-6)
+    retrain = pd.read_csv(d / "best" / "metrics.csv")
+    for _, h in retrain.groupby("seed"):
+        assert h[list(TIME_PARTS)].sum().sum() == pytest.approx(h["elapsed_s"].iloc[-1], rel=0.03)
+    timing = yaml.safe_load((d / "timing.yaml").read_text())
+    for phase, table in (("search", history), ("retrain", retrain)):
+        assert timing["trials_s"][phase] == {k: pytest.approx(table[k].sum(), abs=0.01) for k in TIME_PARTS}
+    # the search's trials ran within its phase, two at once
+    assert sum(timing["trials_s"]["search"].values()) < 2 * timing["phases_s"]["search"]

@@ -43,7 +43,8 @@ def test_training_lowers_the_loss_and_reports_every_metric(real_data):
     history = fit(cfg, real_data, callback=seen.append)
     assert seen == history and [m["epoch"] for m in history] == [0, 1, 2]
     assert set(history[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
-                               "test_acc", "train_img_s", "epoch_s", "fr_2", "fr_6", "fr_10", "fr_12",
+                               "test_acc", "train_img_s", "epoch_s", "setup_s", "train_s", "val_s", "test_s", "cost_s",
+                               "checkpoint_s", "report_s", "elapsed_s", "fr_2", "fr_6", "fr_10", "fr_12",
                                "spikes_per_image", "synops_per_image", "macs_per_image", "acs_per_image", "energy_uj",
                                "top_class", "top_class_share", "run_device", "run_amp", "cuda_graphs_used", "cuda_graphs_fallback", "neuron_impl",
                                "deterministic", "torch_version", "spikingjelly_version", "cuda_version", "data_sha",

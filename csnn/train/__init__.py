@@ -542,7 +542,8 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     interrupt a run in tests and tools; the schedule still spans cfg.epochs).
     `save_when(epoch)`, if given, says after which epochs to save (a study
     copies each checkpoint to its storage: it saves only where it must).
-    Returns the metrics of the epochs run by this call."""
+    Returns the metrics of the epochs run by this call. Where the time went: config.TIME_PARTS."""
+    started = time.perf_counter()  # the set-up's clock (setup_s) and the run's (elapsed_s)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     net = CSNN(cfg.T, cfg.channels)
@@ -578,6 +579,7 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
 
     history = []
+    clock = {"setup_s": time.perf_counter() - started, "report_s": 0.0}  # the first row's; then each epoch's
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after is not None and epoch - start_epoch >= stop_after:
             break
@@ -599,11 +601,14 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         if not (math.isfinite(m["train_loss"]) and finite):
             raise FloatingPointError(f"epoch {epoch}: diverged (train_loss {m['train_loss']}, "
                                      f"{'finite' if finite else 'non-finite'} weights); try an lr below {cfg.lr}")
+        t1 = time.perf_counter()
         if "val" in splits:
             v = evaluate(net, *splits["val"], cfg.batch_size, eval_graphs)
             m.update(val_loss=v["loss"], val_acc=v["acc"])
+        t2 = time.perf_counter()
         t = evaluate(net, *splits["test"], cfg.batch_size, eval_graphs)
         m.update(test_loss=t["loss"], test_acc=t["acc"], train_img_s=n_train / train_s)
+        t3 = time.perf_counter()
         # Firing rates and costs may be objectives: count them where selection looks,
         # the validation split, or the test set when there is none (the tutorial's command line).
         c, cost_x = (v, splits["val"][0]) if "val" in splits else (t, splits["test"][0])
@@ -612,14 +617,25 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
         m.update(efficiency.count(net, to_input(cost_x[:COST_IMAGES])))
         m["epoch_s"] = time.perf_counter() - t0
         m.update(info, **graphs_info(graphs, status))
+        clock.update(train_s=t1 - t0, val_s=t2 - t1, test_s=t3 - t2, cost_s=m["epoch_s"] - (t3 - t0))
+        if epoch == start_epoch:  # CUDA graphs captured in this first epoch: set-up, not its training or evaluation
+            captured = status.get("capture_s", {})
+            clock["train_s"] -= captured.get("training step", 0.0)
+            clock["val_s" if "val" in splits else "test_s"] -= captured.get("evaluation", 0.0)
+            clock["setup_s"] += sum(captured.values())
 
+        t4 = time.perf_counter()
         if on_epoch is not None:
             on_epoch(m, lambda paths, **keys: save_checkpoint(paths, cfg, state, order_gen, device, epoch, m, **keys))
         if out_dir is not None and (save_when is None or save_when(epoch)):
             save_checkpoint([Path(out_dir) / "checkpoint_latest.pth"], cfg, state, order_gen, device, epoch, m)
+        t5 = time.perf_counter()
+        m.update(clock, checkpoint_s=t5 - t4, elapsed_s=t5 - started)
         history.append(m)
+        clock = {"setup_s": 0.0}
         if callback is not None:
             callback(m)
+        clock["report_s"] = time.perf_counter() - t5  # sent with the next epoch: this one's row has gone
     return history
 
 
