@@ -193,3 +193,41 @@ def test_the_augmenting_step_is_one_graph_whose_replays_read_each_batchs_draws()
 
     stale, status = _graphed_epoch("auto", frozen_draws)
     assert status["used"] is True and [k for k in eager if not torch.equal(stale[k], eager[k])]
+
+
+def test_study_reproduce_reruns_an_augmented_cross_entropy_trial_exactly(tiny_study, tiny_data_dir, tmp_path, capsys):
+    """The best trial of the shared tiny study, its record rewritten as if it had trained with every
+    augmentation and ce (trials.parquet's config; history.csv from fit, as a trial computes it): study.reproduce
+    reruns it to the same numbers on the CPU, and the same record without those keys' history mismatches."""
+    import shutil
+
+    import pandas as pd
+
+    from conftest import in_process
+    from study import reproduce
+
+    d = tmp_path / "e2e"
+    shutil.copytree(tiny_study[0], d)
+    best = yaml.safe_load((d / "best.yaml").read_text())["trial_id"]
+    t = pd.read_parquet(d / "trials.parquet")
+    row = t["trial_id"].astype(str) == str(best)
+    config = {**yaml.safe_load(t.loc[row, "config"].iloc[0]), "augment": ALL, "loss": "ce"}
+    t.loc[row, "config"] = yaml.safe_dump(config)
+    t.to_parquet(d / "trials.parquet", index=False)
+    p = in_process(capsys, reproduce.main, d, "--data-dir", tiny_data_dir, "--epochs", 1)
+    assert p.returncode == 1 and "MISMATCH" in p.stdout  # the history is still the plain trial's
+
+    h = pd.read_csv(d / "history.csv")
+    mine = (h["trial_id"].astype(str) == str(best))
+    torch.set_num_threads(1)  # the trial's cpus_per_trial, as reproduce runs it
+    history = fit(TrainConfig.from_dict(config), fmnist.load(tiny_data_dir), stop_after=int(mine.sum()))
+    for m in history:
+        at = mine & (h["epoch"] == m["epoch"])
+        for k, v in m.items():
+            if k in h and k not in TIMING_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                h.loc[at, k] = v
+    h.to_csv(d / "history.csv", index=False)
+    p = in_process(capsys, reproduce.main, d, "--data-dir", tiny_data_dir)
+    assert p.returncode == 0 and "reproduced: all" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    table = pd.read_csv(d / "reproduce" / str(best) / "comparison.csv")
+    assert (table["diff"] == 0).all() and {"val_loss", "train_loss", "test_acc"} <= set(table["metric"])
