@@ -22,6 +22,10 @@ TUTORIAL_TEXT = (f"T {TUTORIAL['T']}, {TUTORIAL['channels']} channels, {TUTORIAL
                  f"lr {TUTORIAL['lr']}, {TUTORIAL['epochs']} epochs")
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# augment's transforms of the training images, in the order applied (csnn.data.AUGMENTS holds their code);
+# a value is "none" or some of them joined by "+" in this order, e.g. "crop+flip": one categorical choice.
+AUGMENTS = ("crop", "flip", "erase")
+LOSSES = ("mse", "ce")  # loss of the output firing rate against the label (csnn.train.LOSSES holds their code)
 BACKENDS = ("auto", "cupy")  # IF kernels: auto (SpikingJelly 2's; ours compiled on the CPU) | cupy (ours, CUDA)
 # Indices in CSNN.conv_fc of the spiking (IF) layers; CSNN checks its own
 # layers against this when built, so a change of architecture fails there.
@@ -110,6 +114,9 @@ class TrainConfig:
     # The whole training step (and evaluation) as CUDA graphs, replayed per batch: true,
     # false, or auto (on whenever the run trains on CUDA). Ignored on the CPU under auto.
     cuda_graphs: bool | str = "auto"
+    # -- training-image augmentation and the loss (issue 34); defaults: the tutorial's --
+    augment: str = "none"  # "none" or AUGMENTS joined by "+" (crop: shifts <= 2 px, flip: horizontal, erase: random erasing)
+    loss: str = "mse"  # one of LOSSES: mse (the tutorial's) | ce (cross-entropy on the scaled rate: csnn.train.CE_SCALE)
 
     def __post_init__(self):
         # Types first, for every field, so that a wrong type (device: 0) is named
@@ -156,6 +163,9 @@ class TrainConfig:
         # The device is checked as a name here; whether it exists is train.resolve_device's (torch's) job.
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"TrainConfig.device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+        augment_names(self.augment)
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig.loss: {self.loss!r} is not allowed; allowed: {', '.join(LOSSES)}")
 
     def differences(self, other: "TrainConfig", ignore=("device", "cuda_graphs")) -> dict:
         """{field: (self's value, other's value)} for the fields that differ, but for where and how the
@@ -182,6 +192,17 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, text: str) -> "TrainConfig":
         return cls.from_dict(yamlio.load(text) or {})
+
+def augment_names(augment: str) -> tuple[str, ...]:
+    """The transforms of an augment value, in AUGMENTS' order: () for "none"; else ValueError naming the key."""
+    if augment == "none":
+        return ()
+    names = augment.split("+")
+    if not names or any(n not in AUGMENTS for n in names) or names != sorted(set(names), key=AUGMENTS.index):
+        raise ValueError(f"TrainConfig.augment: {augment!r} is not allowed; allowed: none, or some of "
+                         f"{', '.join(AUGMENTS)} joined by '+' in this order, each once (e.g. crop+flip)")
+    return tuple(names)
+
 
 def check_runnable(backend: str) -> None:
     """What a config needs of this machine, checked before data loads or Ray starts (a
@@ -220,6 +241,7 @@ FIELD_TYPES = {f: (int,) for f in ("T", "channels", "batch_size", "epochs", "see
 FIELD_TYPES.update({f: (int, float) for f in ("lr", "momentum", "weight_decay")})
 FIELD_TYPES.update({f: (str,) for f in ("optimizer", "device", "backend")})
 FIELD_TYPES.update(amp=(bool,), compile=(bool, str), cuda_graphs=(bool, str))
+FIELD_TYPES.update(augment=(str,), loss=(str,))
 TYPE_WORDS = {(int,): "an integer", (int, float): "a number", (str,): "a string", (bool,): "true or false",
               (bool, str): "true, false or auto"}
 

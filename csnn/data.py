@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+
+from csnn import config
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -209,11 +213,88 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator, device: tor
     does, unless it is the only one. Copied to a GPU without a host sync (pinned, non-blocking)."""
     size = min(batch_size, n) or 1
     order = torch.randperm(n, generator=generator)[: n - n % size]
-    if torch.device(device).type == "cuda":
-        order = order.pin_memory().to(device, non_blocking=True)
-    return order.view(-1, size)
+    return _to_device(order, device).view(-1, size)
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device`, copied to a GPU without a host sync (pinned, non-blocking)."""
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
 
 
 def to_input(x: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1], as torchvision's ToTensor."""
     return x.unsqueeze(1).float().div_(255)
+
+
+# --- Augmentation of the training images (TrainConfig.augment) ---------------------------------------
+# Each transform is a row: how many random integers it takes per image, how they are drawn, and how they
+# are applied. draw(n, generator) runs on the CPU, from the run's batch-order generator after each epoch's
+# order (so a seed gives the same images on any device, and a resumed run, which restores that generator
+# from its checkpoint, draws what the straight run drew). apply(x, p) takes uint8 images [N, 28, 28] and
+# p int64 [N, columns] on the training device and is plain tensor ops with shapes fixed by N alone: no
+# host sync, nothing data-dependent in a shape, so a CUDA graph captures it with the training step.
+@dataclass(frozen=True)
+class Transform:
+    columns: int
+    draw: Callable[[int, torch.Generator], torch.Tensor]
+    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+SHIFT = 2  # crop: torchvision's RandomCrop(28, padding=2), a shift of -2..2 pixels each way, zero padded
+ERASE = {"p": 0.5, "scale": (0.02, 0.33), "ratio": (0.3, 3.3)}  # torchvision's RandomErasing defaults, value 0
+
+
+def _crop(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:  # p: (dy, dx) in -SHIFT..SHIFT
+    n, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (SHIFT,) * 4)
+    rows = torch.arange(h, device=x.device) + SHIFT + p[:, :1]  # [N, 28]: padded row read by each output row
+    cols = torch.arange(w, device=x.device) + SHIFT + p[:, 1:]
+    return padded[torch.arange(n, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _flip(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:  # p: 1 to mirror left-right
+    return torch.where(p.view(-1, 1, 1).bool(), x.flip(2), x)
+
+
+def _draw_erase(n: int, g: torch.Generator) -> torch.Tensor:
+    """(top, left, height, width) of a zeroed rectangle per image, 0 x 0 for the images not erased.
+    As torchvision's RandomErasing, but a rectangle too tall or wide is clipped to 27 pixels
+    rather than drawn again (a retry loop has no fixed number of draws)."""
+    u = torch.rand(n, 5, generator=g, dtype=torch.float64)
+    (s0, s1), (r0, r1) = ERASE["scale"], ERASE["ratio"]
+    area = 28 * 28 * (s0 + (s1 - s0) * u[:, 1])
+    ratio = torch.exp(math.log(r0) + (math.log(r1) - math.log(r0)) * u[:, 2])
+    on = u[:, 0] < ERASE["p"]
+    h = (area * ratio).sqrt().round().clamp(1, 27) * on
+    w = (area / ratio).sqrt().round().clamp(1, 27) * on
+    top, left = (u[:, 3] * (29 - h)).floor(), (u[:, 4] * (29 - w)).floor()
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def _erase(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    i = torch.arange(x.shape[1], device=x.device)
+    rows = (i >= p[:, :1]) & (i < p[:, :1] + p[:, 2:3])  # [N, 28]
+    cols = (i >= p[:, 1:2]) & (i < p[:, 1:2] + p[:, 3:4])
+    return x.masked_fill(rows[:, :, None] & cols[:, None, :], 0)
+
+
+AUGMENTS = {
+    "crop": Transform(2, lambda n, g: torch.randint(-SHIFT, SHIFT + 1, (n, 2), generator=g), _crop),
+    "flip": Transform(1, lambda n, g: torch.randint(0, 2, (n, 1), generator=g), _flip),
+    "erase": Transform(4, _draw_erase, _erase),
+}
+assert tuple(AUGMENTS) == config.AUGMENTS, "csnn.config.AUGMENTS names these rows, in the order applied"
+
+
+def augment_params(names: tuple[str, ...], n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """The random integers of the transforms `names` (config.augment_names) for n images: int64 [n, columns]."""
+    return _to_device(torch.cat([AUGMENTS[k].draw(n, generator) for k in names], 1), device)
+
+
+def augment(x: torch.Tensor, params: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """uint8 images [N, 28, 28] transformed by `names` with their augment_params rows (on x's device)."""
+    c = 0
+    for k in names:
+        t = AUGMENTS[k]
+        x, c = t.apply(x, params[:, c:c + t.columns]), c + t.columns
+    return x

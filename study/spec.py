@@ -30,6 +30,7 @@ OBJECTIVE_METRICS = tuple(m for m in METRICS if m not in ("epoch", "lr", *PREDIC
 DIST_TYPES = ("int", "float", "categorical")
 # The tutorial's configuration, enqueued as the first trial when search.baseline is true.
 BASELINE = {k: TUTORIAL[k] for k in ("T", "channels", "optimizer", "lr", "momentum")}
+BASELINE.update({k: getattr(TrainConfig(), k) for k in ("augment", "loss")})  # the tutorial's: none, mse
 DEFAULTS = {
     "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False, "in_order": False},
     # silent_rate: a trial ends as silent when a spiking layer fires below it two epochs in a row, and as

@@ -27,11 +27,29 @@ from spikingjelly.activation_based import functional
 from csnn import data as fmnist
 from csnn import efficiency
 from csnn.atomic import write_atomic
+from csnn import config
 from csnn.config import COMPILE_AUTO_IMAGES, TrainConfig
 from csnn.data import to_input
 from csnn.model import CSNN, observe_if_kernels_once, set_backend
 
 COST_IMAGES = 128  # the first validation (else test) images, counted each epoch (~8 ms an image on 2 cores)
+
+# TrainConfig.loss: the loss of the output firing rate fr [N, 10] (float32, in [0, 1]) against the labels y,
+# as (the training step's mean, each image's for evaluate). mse is the tutorial's, written as it wrote it.
+# ce is cross-entropy on CE_SCALE x the rate. On the bare rate the logits span only 0..1: even a perfect
+# output (1 for the label, 0 elsewhere) gets probability e / (e + 9) = 0.23, a loss >= 1.46 whose gradient
+# never fades. With 5 a perfect output reaches e^5 / (e^5 + 9) = 0.94 (loss 0.06). The scale also multiplies
+# the gradient, so it is bounded by the learning rates searched with mse: measured at the tutorial's SGD
+# lr 0.1 (T 4, 16 channels, 6,000 training images, 2 epochs, seed 0; val_acc on 2,000): mse 0.69, ce with
+# scale 5 0.76, 10 0.66, 20 0.10 (the network fell silent).
+CE_SCALE = 5.0
+LOSSES = {
+    "mse": (lambda fr, y: F.mse_loss(fr, F.one_hot(y, 10).float()),
+            lambda fr, y: (fr - F.one_hot(y, 10).float()).square().sum(1) / 10),
+    "ce": (lambda fr, y: F.cross_entropy(fr * CE_SCALE, y),
+           lambda fr, y: F.cross_entropy(fr * CE_SCALE, y, reduction="none")),
+}
+assert tuple(LOSSES) == config.LOSSES, "csnn.config.LOSSES names these rows"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -380,15 +398,17 @@ def _lr_from(optimizer: torch.optim.Optimizer, lr: torch.Tensor):
             g.update(old)
 
 
-def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int, graphs: dict | None = None) -> dict:
+def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int, graphs: dict | None = None,
+             loss: str = "mse") -> dict:
     """Loss, accuracy and per-layer firing rates over a whole split (one host sync).
     Always in float32, as the tutorial measured its 0.9263, even inside an autocast
     region: AMP is for training. On CUDA a last partial batch is padded to `batch_size`
     (images weighted 0), so that no kernel is compiled again for its size (Triton's IF
     kernels take the neuron count as a constant). With `graphs` (a dict kept across
     calls, on CUDA; its "mode" and "status" as cuda_graph's) every batch replays one
-    CUDA graph, checked against the eager evaluation of the first."""
+    CUDA graph, checked against the eager evaluation of the first. `loss`: a LOSSES name."""
     net.eval()
+    image_loss = LOSSES[loss][1]
     n, device = len(y), x.device
     if graphs is not None and "sums" in graphs:
         sums = graphs["sums"].zero_()
@@ -399,8 +419,8 @@ def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int, graph
         functional.reset_net(net)  # also first: a step cut short (a failed capture) leaves no potential behind
         rates: list = []
         fr = net(to_input(xb), rates)
-        loss = (fr - F.one_hot(yb, 10).float()).square().sum(1) / 10
-        sums.add_(torch.cat([(loss @ w).view(1), ((fr.argmax(1) == yb).float() @ w).view(1), torch.stack(rates) @ w]))
+        losses = image_loss(fr, yb)
+        sums.add_(torch.cat([(losses @ w).view(1), ((fr.argmax(1) == yb).float() @ w).view(1), torch.stack(rates) @ w]))
         functional.reset_net(net)
 
     pad = device.type == "cuda"
@@ -429,7 +449,8 @@ def evaluate(net: CSNN, x: torch.Tensor, y: torch.Tensor, batch_size: int, graph
 
 def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                  amp_dtype=None, graphs: bool | str = False, observe: dict | None = None,
-                 status: dict | None = None, capture: Callable | None = None) -> Callable:
+                 status: dict | None = None, capture: Callable | None = None, augment: tuple[str, ...] = (),
+                 loss: str = "mse") -> Callable:
     """`train_epoch(order_gen)`: one pass over (x, y) in the order drawn from order_gen,
     dropping the last partial batch as the tutorial. Returns (loss sum, correct) as
     tensors on the device and the number of images: nothing in it waits for the GPU.
@@ -439,20 +460,26 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
     WARMUP_STEPS eager steps, captured and checked (cuda_graph; `status` and `capture`
     are its) in the first epoch of this trainer (so after any checkpoint was restored into it).
     `observe` (a dict, CUDA) receives observe_if_kernels of the first step (once per process
-    and kind of step: model.observe_if_kernels_once)."""
+    and kind of step: model.observe_if_kernels_once).
+    `augment` (config.augment_names) transforms each training batch in the step, with random integers
+    drawn after the epoch's order from order_gen (data.augment_params), an input of the graph as the
+    indices are; `loss` is a LOSSES name."""
     device = x.device
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     predicted = torch.zeros(10, device=device)  # images per predicted class (a dead network's: all in one)
     lr = torch.zeros((), device=device)  # what a CUDA optimizer step reads (_lr_from)
     lr_tensor = functools.partial(_lr_from, optimizer, lr) if device.type == "cuda" else contextlib.nullcontext
 
-    def step(idx):
+    batch_loss = LOSSES[loss][0]
+
+    def step(idx, aug=None):
         functional.reset_net(net)  # also first: a step cut short (a failed capture) leaves no potential behind
         label = y[idx]
+        xb = x[idx] if aug is None else fmnist.augment(x[idx], aug, augment)
         # cache_enabled=False: autocast's cache of float16 weights would be frozen into a graph
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
-            fr = net(to_input(x[idx]))
-            loss = F.mse_loss(fr.float(), F.one_hot(label, 10).float())
+            fr = net(to_input(xb))
+            loss = batch_loss(fr.float(), label)
         # Captured with no .grad, backward writes fresh gradients at every replay: no zeroing between them.
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -465,17 +492,20 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
         # one_hot, not bincount: on CUDA bincount reads its maximum on the host (a sync) and cannot be captured
         predicted.add_(F.one_hot(fr.argmax(1), 10).sum(0))
 
-    def first_observed(idx):
+    def first_observed(*batch):
         if "kernels" in observe:
-            return step(idx)
+            return step(*batch)
         key = (str(device), str(amp_dtype), tuple(net.conv_fc[i].kernel for i in net.spiking_layers))
-        observe.update(observe_if_kernels_once(key, lambda: step(idx), len(net.spiking_layers)))
+        observe.update(observe_if_kernels_once(key, lambda: step(*batch), len(net.spiking_layers)))
 
     fn = first_observed if observe is not None else step
     if graphs:
         state = graph_state(net, optimizer, scaler, {"loss_sum": loss_sum, "correct": correct, "predicted": predicted})
-        run = cuda_graph(fn, torch.zeros(min(batch_size, len(y)), dtype=torch.long, device=device), mode=graphs,
-                         state=state, status=status, what="training step", capture=capture,
+        size = min(batch_size, len(y))
+        static = [torch.zeros(size, dtype=torch.long, device=device)]
+        if augment:
+            static.append(fmnist.augment_params(augment, size, torch.Generator()).to(device))
+        run = cuda_graph(fn, *static, mode=graphs, state=state, status=status, what="training step", capture=capture,
                          undo=functools.partial(_scaler_between_steps, scaler))
     else:
         run = fn
@@ -485,8 +515,11 @@ def make_trainer(net: CSNN, optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
         loss_sum.zero_(), correct.zero_(), predicted.zero_()
         lr.fill_(optimizer.param_groups[0]["lr"])
         order = fmnist.batch_order(len(y), batch_size, order_gen, device)
-        for idx in order:
-            run(idx)
+        batches = zip(order)
+        if augment:  # drawn after the order, so that with augment "none" order_gen draws what it always did
+            batches = zip(order, fmnist.augment_params(augment, order.numel(), order_gen, device).view(*order.shape, -1))
+        for batch in batches:
+            run(*batch)
         return loss_sum, correct, order.numel()
 
     train_epoch.predicted = predicted
@@ -573,7 +606,7 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     status = {"fallback": [off] if off else []}  # what cuda_graph found, shared by training and evaluation
     observed = {} if device.type == "cuda" else None  # the IF kernels of the first step, seen by the profiler
     train_epoch = make_trainer(net, optimizer, scaler, train_x, train_y, cfg.batch_size, amp_dtype, graphs, observed,
-                               status)
+                               status, augment=config.augment_names(cfg.augment), loss=cfg.loss)
     eval_graphs = {"mode": graphs, "status": status} if graphs else None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -603,10 +636,10 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
                                      f"{'finite' if finite else 'non-finite'} weights); try an lr below {cfg.lr}")
         t1 = time.perf_counter()
         if "val" in splits:
-            v = evaluate(net, *splits["val"], cfg.batch_size, eval_graphs)
+            v = evaluate(net, *splits["val"], cfg.batch_size, eval_graphs, cfg.loss)
             m.update(val_loss=v["loss"], val_acc=v["acc"])
         t2 = time.perf_counter()
-        t = evaluate(net, *splits["test"], cfg.batch_size, eval_graphs)
+        t = evaluate(net, *splits["test"], cfg.batch_size, eval_graphs, cfg.loss)
         m.update(test_loss=t["loss"], test_acc=t["acc"], train_img_s=n_train / train_s)
         t3 = time.perf_counter()
         # Firing rates and costs may be objectives: count them where selection looks,
