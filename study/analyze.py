@@ -494,11 +494,6 @@ def plot_lines(plots: dict, notes: list[str]) -> list[str]:
     return lines + (["## Not drawn", *(f"- {n}" for n in notes)] if notes else [])
 
 
-# What study.analyze writes in report/: a report/ holding only these is one it wrote (study.run's restart
-# may remove it; anything else there is a person's own)
-REPORT_FILES = ("report.md", "*.png", "*.tmp")
-
-
 def report(study: results.Study, top: int, out: Path | None = None) -> Path | str:
     """report/report.md (or `out`/report.md), the study on one page, and its plots; a study behind a
     URI gets them drawn locally, then copied there."""

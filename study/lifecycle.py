@@ -29,8 +29,14 @@ STATES = {
     "retrain_cut": "an ended study whose retrain was cut short",
 }
 # What a run writes before Ray records its first trial: a folder holding only these (and
-# no restorable Ray state) is started afresh rather than refused.
-LEFTOVERS = ("spec.yaml", "environment.yaml", "optuna.db", "ray", "estimate.yaml", "warm_start.yaml", "report")
+# no restorable Ray state) is started afresh rather than refused, after `kept` has found nothing in them
+# that a start afresh would lose. optuna.db's -journal (-wal, -shm): SQLite's, left by a kill while
+# Optuna created the database; timing.yaml: its entry is written as a run starts.
+LEFTOVERS = ("spec.yaml", "environment.yaml", "optuna.db", "optuna.db-journal", "optuna.db-wal", "optuna.db-shm",
+             "ray", "estimate.yaml", "warm_start.yaml", "timing.yaml", "report")
+# What study.analyze writes in report/: a report/ holding only these is one it wrote, which a restart may
+# remove; anything else there is a person's own
+REPORT_FILES = ("report.md", "*.png", "*.tmp")
 LOCK = "study.lock"  # the one process that writes the folder: its host, pid and command
 LOG = "study.log"  # Ray's and Optuna's own log lines (study.run --verbose prints them instead)
 RETRAIN_PENDING = "retrain.pending"  # from the search's export until its retrain has ended (or a --retrain's)
@@ -55,6 +61,51 @@ def read(d: Location) -> str:
     if all(n in LEFTOVERS or n == LOCK or n.startswith(".storage-check-") or n.endswith(".tmp") for n in names):
         return "unstarted"
     return "foreign"
+
+
+def kept(d: Location) -> str | None:
+    """Why the leftovers of an unstarted folder may not be removed (a start afresh would lose what no run of
+    a study wrote before its first trial), or None: an optuna.db holding finished trials (copied in, or
+    the database of a study whose Ray state is gone), a report/ holding files that study.analyze does not
+    write. The reason ends with what to do instead."""
+    import fnmatch
+
+    again = "move it away and run the same command again, or choose another name or --storage"
+    db = d / "optuna.db"
+    if db.is_file():
+        n = finished_trials(db)
+        if n is None:
+            return f"holds {db}, which is not an SQLite database that Optuna wrote: {again}"
+        if n:
+            return (f"holds {db} with {n} finished trial{'s' if n > 1 else ''} but no Ray state to resume them from "
+                    f"(a start afresh would delete them; Optuna reads them: optuna-dashboard sqlite:///{db}): {again}")
+    report = d / "report"
+    if report.is_file():
+        return f"holds {report}, a file where study.analyze writes a folder: {again}"
+    if report.exists():
+        files = report.fs.get_file_info(pafs.FileSelector(report.path, recursive=True))
+        theirs = [i.path for i in files if i.type != pafs.FileType.File or Path(i.path).parent.as_posix() != report.path
+                  or not any(fnmatch.fnmatch(Path(i.path).name, p) for p in REPORT_FILES)]
+        if theirs:
+            return f"holds {report} with files study.analyze does not write ({', '.join(sorted(theirs)[:3])}): {again}"
+    return None
+
+
+def finished_trials(db: Location) -> int | None:
+    """How many trials of SQLite database `db` have finished (COMPLETE, PRUNED); None if it is not one.
+    A kill while Optuna created it leaves its rollback journal (optuna.db-journal): opening it rolls back."""
+    import sqlite3
+    from contextlib import closing
+
+    if db.local is None:  # behind a URI: a copy of the driver's database, made only once the search ended
+        return None
+    try:
+        with closing(sqlite3.connect(db.local, timeout=5)) as c:
+            if not c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trials'").fetchone():
+                return 0
+            return c.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+    except sqlite3.Error:
+        return None
 
 
 def restorable(ray_dir: Location) -> bool:

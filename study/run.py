@@ -171,6 +171,8 @@ def _main(args) -> int:
     decision = lifecycle.decide(state, lifecycle.command(args), args.can_retrain)
     if decision.action == "refuse":  # --dry-run too: it says what the command would do
         raise UsageError(lifecycle.refusal(decision, args.argv, study_dir))
+    if decision.action == "restart" and (why := lifecycle.kept(study_dir)):  # nothing deleted that no run wrote
+        raise UsageError(f"{study_dir} {why}")
     if decision.action in ("search", "retrain", "finish_retrain", "nothing") and state != "absent":
         stored = (study_dir / "spec.yaml").read_text()
         started_with = ((yamlio.load(stored) or {}).get("search") or {}).get("num_samples")

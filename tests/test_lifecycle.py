@@ -283,3 +283,58 @@ def test_a_damaged_copied_or_reused_lock(tiny_study, tiny_data_dir, tmp_path, ca
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_start_afresh_removes_only_what_a_run_wrote(tiny_data_dir, tmp_path, capsys, local_ray):
+    """A kill while Optuna created optuna.db leaves SQLite's rollback journal: the folder is unstarted and
+    its same command starts it afresh (it was "foreign", refused by every command). An optuna.db holding
+    finished trials, or a report/ holding a person's own file, is never deleted by that start: it is
+    refused with the reason (both used to be deleted, with one line saying "starting the study afresh")."""
+    import subprocess
+    import sys
+
+    import optuna
+    import pandas as pd
+
+    from conftest import run_study, tiny_spec, write_spec
+
+    space = write_spec(tmp_path, tiny_spec("j", train={"epochs": 1}, search={"num_samples": 1, "max_concurrent": 1},
+                                           retrain={"seeds": []}))
+    d = tmp_path / "results" / "j"
+    d.mkdir(parents=True)
+    shutil.copy(space, d / "spec.yaml")
+    (d / "report").mkdir()
+    (d / "report" / "report.md").write_text("# j\n")  # what study.analyze wrote
+    kill = ("import os, signal, sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN');"
+            " c.execute('CREATE TABLE studies (v)'); c.execute('INSERT INTO studies VALUES (1)');"
+            " os.kill(os.getpid(), signal.SIGKILL)")
+    subprocess.run([sys.executable, "-c", kill, d / "optuna.db"])  # killed while it wrote the database's first table
+    assert (d / "optuna.db-journal").is_file()
+    assert lifecycle.read(Location.parse(str(d))) == "unstarted"
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--resume")
+    assert p.returncode == 2 and "holds only what a run writes before Ray records its first trial; start the study" \
+        in p.stderr, p.stderr
+    p = run_study(capsys, space, tmp_path, tiny_data_dir)
+    assert p.returncode == 0 and "starting the study afresh" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    assert len(pd.read_csv(d / "trials.csv")) == 1 and not (d / "optuna.db-journal").exists()
+
+    # the files of an ended study (its database of finished trials) where a run left only its leftovers
+    k = tmp_path / "results" / "k"
+    k.mkdir()
+    space = write_spec(tmp_path, tiny_spec("k"))
+    shutil.copy(space, k / "spec.yaml")
+    shutil.copy(d / "optuna.db", k / "optuna.db")
+    told = optuna.load_study(study_name="j", storage=f"sqlite:///{k / 'optuna.db'}")
+    told.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    for flags in ([], ["--dry-run"]):
+        p = run_study(capsys, space, tmp_path, tiny_data_dir, *flags)
+        assert p.returncode == 2 and f"{k / 'optuna.db'} with 2 finished trials but no Ray state" in p.stderr \
+            and "move it away" in p.stderr, p.stdout + p.stderr
+    assert (k / "optuna.db").is_file() and (k / "spec.yaml").is_file() and "starting" not in p.stdout
+    (k / "optuna.db").unlink()
+    (k / "report").mkdir()
+    (k / "report" / "notes.txt").write_text("mine")
+    p = run_study(capsys, space, tmp_path, tiny_data_dir)
+    assert p.returncode == 2 and "with files study.analyze does not write" in p.stderr and "notes.txt" in p.stderr, \
+        p.stderr
+    assert (k / "report" / "notes.txt").read_text() == "mine"
