@@ -121,6 +121,14 @@ def restorable(ray_dir: Location) -> bool:
             and any(n.startswith("experiment_state") and n.endswith(".json") for n in info))
 
 
+def unwritable(d: Location) -> str | None:
+    """Why the local study folder `d`, which exists, cannot be written (a read-only mount, no permission),
+    or None (it can, it does not exist yet, or it is behind a URI)."""
+    if d.local is None or not d.local.is_dir() or os.access(d.local, os.W_OK):
+        return None
+    return "a read-only file system" if os.statvfs(d.local).f_flag & os.ST_RDONLY else "not writable by you"
+
+
 @dataclass(frozen=True)
 class Command:
     """What was asked: a study.run verb and the flags that change what it may do, or study.analyze."""
@@ -206,7 +214,7 @@ def command_line(cmd: Command, argv: list[str], d) -> str:
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--resume", "--retrain", "--no-retrain", "--dry-run"):
+        elif a in ("--resume", "--retrain", "--no-retrain"):  # --dry-run stays: the advice of a dry run is one
             pass
         elif a == "--warm-start" and not cmd.warm_start:
             skip = True

@@ -194,6 +194,7 @@ def test_a_resumed_searcher_keeps_what_optuna_recorded_after_its_last_save(tmp_p
     searcher.on_trial_result("a", ended)  # Ray runs trial a's end again
     searcher.on_trial_complete("a", ended)
     states = [(t.state.name, t.values, t.user_attrs) for t in study.get_trials()]
-    assert states[0] == ("COMPLETE", [0.5], {"silent": "fr_12"}), states
+    # Ray's trial id beside Optuna's number: Optuna numbers from 0 and counts the orphan, trials.csv does neither
+    assert states[0] == ("COMPLETE", [0.5], {"silent": "fr_12", "ray_trial_id": "a"}), states
     assert states[1][0] == "FAIL" and "orphan" in states[1][2] and states[2][0] == "WAITING", states
     assert searcher.suggest("c") == asked and study.trials[-1].user_attrs["warm_start"] == "x"
