@@ -103,9 +103,11 @@ def main(argv=None) -> int:
     except OSError as e:  # a full disk, wherever it struck (a table, a checkpoint, the retrain's upload)
         if not disk_full(e):
             raise
-        where = e.filename or args.study_dir or args.storage
+        where, d = e.filename or args.study_dir or args.storage, args.study_dir
+        then = "run the same command again" if d is None else lifecycle.command_line(
+            lifecycle.continuation(lifecycle.read(d), args.argv, args.can_retrain), args.argv, d)
         print(f"error: the disk is full: {where} could not be written ({e.strerror or e}); free space there, "
-              f"then {next_step(args)}", file=sys.stderr)
+              f"then: {then}", file=sys.stderr)
         return 1
     finally:
         if ours and "ray" in sys.modules:  # here rather than at exit, where a second Ctrl-C would be a traceback

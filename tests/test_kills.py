@@ -161,6 +161,13 @@ def test_a_study_killed_at_each_instant_ends_whole_by_the_advised_command(tmp_pa
     assert all(s == "FAIL" for s, orphan in states if orphan), (ran, states)
     assert (d / "best" / "summary.yaml").is_file() and (d / "best" / "spikes").is_dir(), ran
     assert lifecycle.read(Location.parse(str(d))) == "ended" and not (d / lifecycle.LOCK).exists(), ran
+    # timing.yaml counts every run since the start afresh, the killed ones too (each wrote its entry as it began,
+    # brought up to date after each phase): the kill in the export lost none of its search (it used to lose them all)
+    import yaml
+
+    runs = yaml.safe_load((d / "timing.yaml").read_text())["runs"]
+    assert [bool(r.get("running")) for r in runs] == [True] * (len(INSTANTS) - 1) + [False], (ran, runs)
+    assert "search" in runs[INSTANTS.index(next(i for i in INSTANTS if i[0] == "the export began")) - 1]["phases_s"], runs
 
 
 def test_a_resumed_searcher_keeps_what_optuna_recorded_after_its_last_save(tmp_path):

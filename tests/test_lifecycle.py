@@ -338,3 +338,56 @@ def test_a_start_afresh_removes_only_what_a_run_wrote(tiny_data_dir, tmp_path, c
     assert p.returncode == 2 and "with files study.analyze does not write" in p.stderr and "notes.txt" in p.stderr, \
         p.stderr
     assert (k / "report" / "notes.txt").read_text() == "mine"
+
+
+def test_read_only_and_full_study_folders(tiny_study, tiny_data_dir, tmp_path):
+    """Someone else's study, mounted read-only: study.analyze prints its leaderboard and says where the report
+    could not be written (--out writes it elsewhere); --resume, --retrain and study.reproduce are refused in
+    one line before anything starts. A full disk: one line saying so, the folder and the command that goes on.
+    (Each was a traceback.) Real mounts, in a mount namespace of the test's own (unshare, as root)."""
+    import subprocess
+    import sys
+
+    from conftest import env, tiny_spec, write_spec
+
+    ro = shutil.copytree(tiny_study[0], tmp_path / "ro" / "e2e", ignore=shutil.ignore_patterns("report"))
+    full = tmp_path / "full"
+    full.mkdir()
+    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    py = f"{sys.executable} -m"
+    runs = {  # name: command (in the namespace, after the mounts)
+        "analyze": f"{py} study.analyze {ro}",
+        "analyze_out": f"{py} study.analyze {ro} --out {tmp_path / 'elsewhere'}",
+        "resume": f"{py} study.run {space} --storage {ro.parent} --data-dir {tiny_data_dir} --resume",
+        "retrain": f"{py} study.run {space} --storage {ro.parent} --data-dir {tiny_data_dir} --retrain",
+        "reproduce": f"{py} study.reproduce {ro} --data-dir {tiny_data_dir} --epochs 1",
+        "full_retrain": f"{py} study.run {space} --storage {full} --data-dir {tiny_data_dir} --retrain",
+        "full_analyze": f"{py} study.analyze {full / 'e2e'}",
+    }
+    script = "\n".join([
+        "set -e", f"mount --bind {ro} {ro}", f"mount -o remount,bind,ro {ro}",
+        f"mount -t tmpfs -o size=64m tmpfs {full}", f"cp -r {ro} {full}/e2e",
+        f"dd if=/dev/zero of={full}/filler bs=64k 2>/dev/null || true", "set +e",
+        *(f"{cmd} > {logs / name}.out 2> {logs / name}.err; echo $? > {logs / name}.rc" for name, cmd in runs.items())])
+    p = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = {n: ((logs / f"{n}.out").read_text(), (logs / f"{n}.err").read_text(), int((logs / f"{n}.rc").read_text()))
+           for n in runs}
+    for name, (stdout, stderr, rc) in out.items():
+        assert "Traceback" not in stdout + stderr and len(stderr.strip().splitlines()) <= 1, (name, stdout, stderr)
+    stdout, stderr, rc = out["analyze"]
+    assert rc == 1 and "trials read from" in stdout and f"the report could not be written in {ro / 'report'}" in stderr \
+        and "--out DIR" in stderr, (stdout, stderr)
+    assert out["analyze_out"][2] == 0 and (tmp_path / "elsewhere" / "report.md").is_file(), out["analyze_out"]
+    for name in ("resume", "retrain", "reproduce"):
+        stdout, stderr, rc = out[name]
+        assert rc == 2 and f"{ro}: a read-only file system" in stderr and "cp -r" in stderr, (name, stdout, stderr)
+        assert "reproducing" not in stdout, stdout
+    assert not (ro / lifecycle.LOCK).exists() and not (ro / "reproduce").exists()
+    stdout, stderr, rc = out["full_retrain"]
+    assert rc == 1 and "error: the disk is full" in stderr and str(full / "e2e") in stderr \
+        and "study.run" in stderr and "--retrain" in stderr, (stdout, stderr)
+    stdout, stderr, rc = out["full_analyze"]
+    assert rc == 1 and "trials read from" in stdout and "the disk is full" in stderr, (stdout, stderr)
