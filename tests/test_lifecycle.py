@@ -391,3 +391,23 @@ def test_read_only_and_full_study_folders(tiny_study, tiny_data_dir, tmp_path):
         and "study.run" in stderr and "--retrain" in stderr, (stdout, stderr)
     stdout, stderr, rc = out["full_analyze"]
     assert rc == 1 and "trials read from" in stdout and "the disk is full" in stderr, (stdout, stderr)
+
+
+def test_small_refusals_say_what_is_so(tiny_study, tiny_data_dir, tmp_path, capsys):
+    """A refused dry run advises the dry run (typed without --dry-run, the advice ran the whole study);
+    study.reproduce of a study with no trial says so (it said "pass --trial ID", and no ID exists)."""
+    from conftest import in_process, study_cmd, tiny_spec, write_spec
+    from study import reproduce, run
+
+    space = write_spec(tmp_path, tiny_spec("dry"))
+    p = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir, "--resume", "--dry-run")[3:])
+    assert p.returncode == 2 and "start the study: python -m study.run" in p.stderr, p.stderr
+    assert p.stderr.rstrip().endswith("--dry-run") and "--resume" not in p.stderr.split(":", 1)[1], p.stderr
+    d = tmp_path / "none"
+    d.mkdir()
+    shutil.copy(tiny_study[0] / "spec.yaml", d / "spec.yaml")
+    for name in ("trials.csv", "history.csv"):
+        (d / name).write_text((tiny_study[0] / name).read_text().splitlines()[0] + "\n")
+    p = in_process(capsys, reproduce.main, d, "--data-dir", tiny_data_dir)
+    assert p.returncode == 2 and "has no trial yet: nothing to reproduce" in p.stderr and "--trial" not in p.stderr, \
+        p.stderr
