@@ -77,8 +77,10 @@ def kept(d: Location) -> str | None:
         if n is None:
             return f"holds {db}, which is not an SQLite database that Optuna wrote: {again}"
         if n:
-            return (f"holds {db} with {n} finished trial{'s' if n > 1 else ''} but no Ray state to resume them from "
-                    f"(a start afresh would delete them; Optuna reads them: optuna-dashboard sqlite:///{db}): {again}")
+            them = "them" if n > 1 else "it"
+            return (f"holds {db} with {n} finished trial{'s' if n > 1 else ''} but no Ray state to resume from "
+                    f"(a start afresh would delete {them}; Optuna reads {them}: optuna-dashboard sqlite:///{db}): "
+                    f"{again}")
     report = d / "report"
     if report.is_file():
         return f"holds {report}, a file where study.analyze writes a folder: {again}"
@@ -95,17 +97,21 @@ def finished_trials(db: Location) -> int | None:
     """How many trials of SQLite database `db` have finished (COMPLETE, PRUNED); None if it is not one.
     A kill while Optuna created it leaves its rollback journal (optuna.db-journal): opening it rolls back."""
     import sqlite3
+    import tempfile
     from contextlib import closing
 
-    if db.local is None:  # behind a URI: a copy of the driver's database, made only once the search ended
-        return None
-    try:
-        with closing(sqlite3.connect(db.local, timeout=5)) as c:
-            if not c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trials'").fetchone():
-                return 0
-            return c.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
-    except sqlite3.Error:
-        return None
+    with tempfile.TemporaryDirectory(prefix="csnn-db-") as tmp:
+        path = db.local
+        if path is None:  # behind a URI: the copy of the driver's database, read here
+            path = Path(tmp) / "optuna.db"
+            path.write_bytes(db.read_bytes())
+        try:
+            with closing(sqlite3.connect(path, timeout=5)) as c:
+                if not c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trials'").fetchone():
+                    return 0
+                return c.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+        except sqlite3.Error:
+            return None
 
 
 def restorable(ray_dir: Location) -> bool:
@@ -401,9 +407,7 @@ def take_lock(d: Location, command: str) -> str:
                 _HELD[str(lock)] = fd
                 return mine
             except FileExistsError:
-                pass
-            if _take_over(d, lock, flock):
-                continue
+                _take_over(d, lock, flock)  # raises Locked if it is held
         raise Locked(_held_line(d, holder(d)))
     except BaseException:
         if _HELD.get(str(lock)) != fd:
@@ -413,15 +417,16 @@ def take_lock(d: Location, command: str) -> str:
         tmp.unlink(missing_ok=True)
 
 
-def _take_over(d: Location, lock: Path, flock: bool | None) -> bool:
-    """The lock that exists: remove it if it is stale (True: try again), else raise Locked naming its holder."""
+def _take_over(d: Location, lock: Path, flock: bool | None) -> None:
+    """The lock that exists: remove it if it is stale (then the caller tries again), else raise Locked naming
+    its holder."""
     import time
     import uuid
 
     try:
         old = os.open(lock, os.O_RDONLY)
     except FileNotFoundError:
-        return True  # released meanwhile
+        return  # released meanwhile
     except IsADirectoryError:
         raise _damaged(d / LOCK, "a folder, not a file") from None
     try:
@@ -432,13 +437,14 @@ def _take_over(d: Location, lock: Path, flock: bool | None) -> bool:
                 break
             time.sleep(0.005)
         if os.fstat(old).st_ino != _ino(lock):
-            return True  # not the lock any more (released, or taken over by another): look again
+            return  # not the lock any more (released, or taken over by another): look again
         text = _read_lock(d / LOCK)
         rec = _parse(text)
         if got is False or (got is None and _alive(rec, d.local)):
             raise Locked(_held_line(d, rec["line"]))
         # Stale, and (with flock) ours alone to remove: no other taker holds its flock now.
-        why = "of another folder" if rec.get("folder") not in (None, str(d.local)) else "of a process that no longer runs"
+        copied = rec.get("folder") not in (None, str(d.local))
+        why = "of another folder" if copied else "of a process that no longer runs"
         print(f"{d}: taking over the lock {why} ({rec['line']})", flush=True)
         aside = lock.with_name(f"{LOCK}.{uuid.uuid4().hex[:8]}.stale.tmp")
         os.rename(lock, aside)
@@ -447,7 +453,6 @@ def _take_over(d: Location, lock: Path, flock: bool | None) -> bool:
             os.unlink(aside)
             raise Locked(_held_line(d, holder(d)))
         os.unlink(aside)
-        return True
     finally:
         os.close(old)
 

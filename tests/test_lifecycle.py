@@ -328,7 +328,7 @@ def test_a_start_afresh_removes_only_what_a_run_wrote(tiny_data_dir, tmp_path, c
     told.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
     for flags in ([], ["--dry-run"]):
         p = run_study(capsys, space, tmp_path, tiny_data_dir, *flags)
-        assert p.returncode == 2 and f"{k / 'optuna.db'} with 2 finished trials but no Ray state" in p.stderr \
+        assert p.returncode == 2 and f"{k / 'optuna.db'} with 2 finished trials but no Ray state to resume from" in p.stderr \
             and "move it away" in p.stderr, p.stdout + p.stderr
     assert (k / "optuna.db").is_file() and (k / "spec.yaml").is_file() and "starting" not in p.stdout
     (k / "optuna.db").unlink()
