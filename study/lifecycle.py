@@ -118,13 +118,21 @@ def restorable(ray_dir: Location) -> bool:
     """Whether Ray Tune can continue the run recorded in `ray_dir` (the search's ray/, a retrain's
     folder): its Tuner state (tuner.pkl, not empty: a crash while Ray wrote it left 0 bytes) and a
     saved experiment state (before Ray's first save, a restore starts with no trials and misbehaves:
-    a retrain's trials came back without their seed). Else that run never recorded a trial, and it
-    starts afresh."""
+    a retrain's trials came back without their seed), and no searcher state left empty (a kill just after
+    the experiment state was saved left search_gen_state-*.json with 0 bytes: Ray's restore then fails
+    with EOFError and restarts the experiment from nothing, its earlier trials forgotten). Else that run
+    never recorded a trial that Ray can continue, and it starts afresh."""
     info = {Path(i.path).name: i for i in ray_dir.fs.get_file_info(pafs.FileSelector(ray_dir.path,
                                                                                      allow_not_found=True))}
     tuner = info.get("tuner.pkl")
     return (tuner is not None and tuner.type == pafs.FileType.File and (tuner.size or 0) > 0
-            and any(n.startswith("experiment_state") and n.endswith(".json") for n in info))
+            and any(n.startswith("experiment_state") and n.endswith(".json") for n in info)
+            and not empty_searcher_state(info))
+
+
+def empty_searcher_state(info: dict) -> list[str]:
+    """The searcher's saved states (Ray's search_gen_state-*.json, searcher-state-*.pkl) that are empty."""
+    return [n for n, i in info.items() if n.startswith(("search_gen_state", "searcher-state")) and not (i.size or 0)]
 
 
 def unwritable(d: Location) -> str | None:

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below run (seconds): one 
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import yaml
 
 from csnn import data as fmnist, yamlio
@@ -249,6 +250,10 @@ def _main(args) -> int:
     if decision.action == "restart":  # what the stopped run left: the study starts afresh
         tuner = study_dir / "ray" / "tuner.pkl"  # Ray's own state: empty when a run was cut while Ray wrote it
         why = f" ({tuner} is empty: Ray cannot continue it)" if tuner.is_file() and not tuner.read_bytes() else ""
+        ray_files = {Path(i.path).name: i for i in study_dir.fs.get_file_info(
+            pafs.FileSelector((study_dir / "ray").path, allow_not_found=True))}
+        if not why and (empty := lifecycle.empty_searcher_state(ray_files)):
+            why = f" ({study_dir / 'ray' / empty[0]} is empty: Ray cannot continue it)"
         print(f"{study_dir} holds only what an earlier run wrote before its first trial was recorded{why}; "
               "starting the study afresh", flush=True)
         for name in lifecycle.LEFTOVERS:

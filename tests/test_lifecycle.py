@@ -92,6 +92,12 @@ def test_the_state_of_real_folders(tiny_study, tmp_path):
     unsaved = shutil.copytree(searching, tmp_path / "unsaved", ignore=lambda f, names: first(f, names) + [
         n for n in names if n.startswith("experiment_state")])
     assert read(empty) == read(unsaved) == "unstarted"
+    # killed just after Ray saved its experiment state, before its searcher's: Ray's restore would fail
+    # (EOFError) and restart from nothing; read as never started (it was "interrupted", and --resume misbehaved)
+    cut_searcher = shutil.copytree(searching, tmp_path / "cut-searcher", ignore=first)
+    assert read(cut_searcher) == "interrupted"
+    next((cut_searcher / "ray").glob("search_gen_state-*.json")).write_bytes(b"")
+    assert read(cut_searcher) == "unstarted"
     unstarted = tmp_path / "unstarted"
     unstarted.mkdir()
     for name in ("spec.yaml", "environment.yaml", "estimate.yaml", "warm_start.yaml"):
