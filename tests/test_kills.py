@@ -55,8 +55,10 @@ INSTANTS = [
     ("Ray wrote tuner.pkl; then it is emptied", lambda d, n0: (d / "ray" / "tuner.pkl").exists(),
      lambda d: (d / "ray" / "tuner.pkl").write_bytes(b""), "unstarted",
      "tuner.pkl is empty: Ray cannot continue it); starting the study afresh"),
-    ("Ray saved its first experiment state", lambda d, n0: any(d.glob("ray/experiment_state*.json")), None,
-     "interrupted", ""),
+    # and its searcher's (a kill between the two leaves an empty search_gen_state-*.json: unstarted, which
+    # tests/test_lifecycle.py reads off a folder; the sweep killed there now and then)
+    ("Ray saved its first experiment state", lambda d, n0: any(d.glob("ray/experiment_state*.json")) and any(
+        f.stat().st_size for f in d.glob("ray/search_gen_state*.json")), None, "interrupted", ""),
     ("a trial's end told to Optuna", lambda d, n0: told(d) > n0, None, "interrupted", ""),
     ("the export began", lambda d, n0: (d / "history.csv").exists(), None, "interrupted", ""),
     ("the retrain's Tuner started", lambda d, n0: (d / "retrain" / "tuner.pkl").exists(), None, "retrain_cut", ""),
