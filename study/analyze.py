@@ -10,6 +10,7 @@ if __name__ == "__main__":
 
     quiet_start("study.analyze")
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -494,12 +495,12 @@ def plot_lines(plots: dict, notes: list[str]) -> list[str]:
     return lines + (["## Not drawn", *(f"- {n}" for n in notes)] if notes else [])
 
 
-def report(study: results.Study, top: int) -> Path | str:
-    """report/report.md, the study on one page, and its plots; a study behind a
+def report(study: results.Study, top: int, out: Path | None = None) -> Path | str:
+    """report/report.md (or `out`/report.md), the study on one page, and its plots; a study behind a
     URI gets them drawn locally, then copied there."""
-    if study.location.local is not None:
-        out = study.location.local / "report"
-        out.mkdir(exist_ok=True)
+    if out is not None or study.location.local is not None:
+        out = out or study.location.local / "report"
+        out.mkdir(parents=True, exist_ok=True)
         return _report(study, top, out)
     import tempfile
 
@@ -605,6 +606,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m study.analyze", description=__doc__.split("\n")[0])
     ap.add_argument("study", help="the study folder, results/<name>")
     ap.add_argument("--top", type=positive_int, default=5, help="trials in the leaderboard and the learning curves")
+    ap.add_argument("--out", metavar="DIR", default=None,
+                    help="write the report there (default: the study's report/; e.g. for a study you may only read)")
     ap.add_argument("--against", metavar="STUDY_DIR", default=None,
                     help="compare with another study of the same objectives (e.g. the same space without early "
                          "stopping): hypervolume of the fronts and trial-epochs each used; writes no report")
@@ -614,7 +617,11 @@ def main(argv=None) -> int:
         state = lifecycle.read(study.location)
         if lifecycle.decide(state, lifecycle.ANALYZE).action == "refuse":  # writing report/ there would make it foreign
             raise results.StudyError(f"{study.path} holds {lifecycle.STATES[state]}: nothing to read yet")
-        held = lifecycle.holder(study.location)
+        try:
+            held = lifecycle.holder(study.location)
+        except lifecycle.Locked as e:  # a damaged lock: reading needs none; say how to remove it
+            print(f"warning: {e}", file=sys.stderr)
+            held = None
         nothing = unreported(study, state, held)
         if nothing:
             raise results.StudyError(nothing)
@@ -624,15 +631,26 @@ def main(argv=None) -> int:
     except results.StudyError as e:
         print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
         return 2
-    if held is not None:
-        print(f"note: {study.path} is being written by {held}: this is the study so far")
+    if held is not None:  # an ended study's search is whole: what runs there is a --retrain or a reproduction
+        print(f"note: {study.path} is being written by {held}: "
+              + ("this is the study so far" if state == "interrupted" else
+                 "its search has ended; what that process writes (a retrain, a reproduction) is not all here yet"))
     print(f"trials read from {study.trials_file or study.path / 'ray'}")
     print(leaderboard(study, args.top))
-    out = study.location / "report"
-    if out.is_file():
-        print(f"error: {out}: is a file, where the report folder goes; move it away", file=sys.stderr)
+    out = Path(args.out).expanduser() if args.out else None
+    where = out if out is not None else study.location / "report"
+    if (out is not None and out.is_file()) or (out is None and where.is_file()):
+        print(f"error: {where}: is a file, where the report folder goes; move it away", file=sys.stderr)
         return 2
-    path = report(study, args.top)
+    try:
+        path = report(study, args.top, out)
+    except OSError as e:  # a study one may only read (someone else's), or a full disk: the leaderboard is above
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+            raise
+        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "it cannot be written here"
+        print(f"error: the report could not be written in {where} ({why}: {e.strerror}); the leaderboard is above; "
+              f"write the report elsewhere: python -m study.analyze {study.path} --out DIR", file=sys.stderr)
+        return 1
     print(f"report: {path}")
     return 0
 

@@ -29,8 +29,14 @@ STATES = {
     "retrain_cut": "an ended study whose retrain was cut short",
 }
 # What a run writes before Ray records its first trial: a folder holding only these (and
-# no restorable Ray state) is started afresh rather than refused.
-LEFTOVERS = ("spec.yaml", "environment.yaml", "optuna.db", "ray", "estimate.yaml", "warm_start.yaml", "report")
+# no restorable Ray state) is started afresh rather than refused, after `kept` has found nothing in them
+# that a start afresh would lose. optuna.db's -journal (-wal, -shm): SQLite's, left by a kill while
+# Optuna created the database; timing.yaml: its entry is written as a run starts.
+LEFTOVERS = ("spec.yaml", "environment.yaml", "optuna.db", "optuna.db-journal", "optuna.db-wal", "optuna.db-shm",
+             "ray", "estimate.yaml", "warm_start.yaml", "timing.yaml", "report")
+# What study.analyze writes in report/: a report/ holding only these is one it wrote, which a restart may
+# remove; anything else there is a person's own
+REPORT_FILES = ("report.md", "*.png", "*.tmp")
 LOCK = "study.lock"  # the one process that writes the folder: its host, pid and command
 LOG = "study.log"  # Ray's and Optuna's own log lines (study.run --verbose prints them instead)
 RETRAIN_PENDING = "retrain.pending"  # from the search's export until its retrain has ended (or a --retrain's)
@@ -57,17 +63,84 @@ def read(d: Location) -> str:
     return "foreign"
 
 
+def kept(d: Location) -> str | None:
+    """Why the leftovers of an unstarted folder may not be removed (a start afresh would lose what no run of
+    a study wrote before its first trial), or None: an optuna.db holding finished trials (copied in, or
+    the database of a study whose Ray state is gone), a report/ holding files that study.analyze does not
+    write. The reason ends with what to do instead."""
+    import fnmatch
+
+    again = "move it away and run the same command again, or choose another name or --storage"
+    db = d / "optuna.db"
+    if db.is_file():
+        n = finished_trials(db)
+        if n is None:
+            return f"holds {db}, which is not an SQLite database that Optuna wrote: {again}"
+        if n:
+            them = "them" if n > 1 else "it"
+            return (f"holds {db} with {n} finished trial{'s' if n > 1 else ''} but no Ray state to resume from "
+                    f"(a start afresh would delete {them}; Optuna reads {them}: optuna-dashboard sqlite:///{db}): "
+                    f"{again}")
+    report = d / "report"
+    if report.is_file():
+        return f"holds {report}, a file where study.analyze writes a folder: {again}"
+    if report.exists():
+        files = report.fs.get_file_info(pafs.FileSelector(report.path, recursive=True))
+        theirs = [i.path for i in files if i.type != pafs.FileType.File or Path(i.path).parent.as_posix() != report.path
+                  or not any(fnmatch.fnmatch(Path(i.path).name, p) for p in REPORT_FILES)]
+        if theirs:
+            return f"holds {report} with files study.analyze does not write ({', '.join(sorted(theirs)[:3])}): {again}"
+    return None
+
+
+def finished_trials(db: Location) -> int | None:
+    """How many trials of SQLite database `db` have finished (COMPLETE, PRUNED); None if it is not one.
+    A kill while Optuna created it leaves its rollback journal (optuna.db-journal): opening it rolls back."""
+    import sqlite3
+    import tempfile
+    from contextlib import closing
+
+    with tempfile.TemporaryDirectory(prefix="csnn-db-") as tmp:
+        path = db.local
+        if path is None:  # behind a URI: the copy of the driver's database, read here
+            path = Path(tmp) / "optuna.db"
+            path.write_bytes(db.read_bytes())
+        try:
+            with closing(sqlite3.connect(path, timeout=5)) as c:
+                if not c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trials'").fetchone():
+                    return 0
+                return c.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+        except sqlite3.Error:
+            return None
+
+
 def restorable(ray_dir: Location) -> bool:
     """Whether Ray Tune can continue the run recorded in `ray_dir` (the search's ray/, a retrain's
     folder): its Tuner state (tuner.pkl, not empty: a crash while Ray wrote it left 0 bytes) and a
     saved experiment state (before Ray's first save, a restore starts with no trials and misbehaves:
-    a retrain's trials came back without their seed). Else that run never recorded a trial, and it
-    starts afresh."""
+    a retrain's trials came back without their seed), and no searcher state left empty (a kill just after
+    the experiment state was saved left search_gen_state-*.json with 0 bytes: Ray's restore then fails
+    with EOFError and restarts the experiment from nothing, its earlier trials forgotten). Else that run
+    never recorded a trial that Ray can continue, and it starts afresh."""
     info = {Path(i.path).name: i for i in ray_dir.fs.get_file_info(pafs.FileSelector(ray_dir.path,
                                                                                      allow_not_found=True))}
     tuner = info.get("tuner.pkl")
     return (tuner is not None and tuner.type == pafs.FileType.File and (tuner.size or 0) > 0
-            and any(n.startswith("experiment_state") and n.endswith(".json") for n in info))
+            and any(n.startswith("experiment_state") and n.endswith(".json") for n in info)
+            and not empty_searcher_state(info))
+
+
+def empty_searcher_state(info: dict) -> list[str]:
+    """The searcher's saved states (Ray's search_gen_state-*.json, searcher-state-*.pkl) that are empty."""
+    return [n for n, i in info.items() if n.startswith(("search_gen_state", "searcher-state")) and not (i.size or 0)]
+
+
+def unwritable(d: Location) -> str | None:
+    """Why the local study folder `d`, which exists, cannot be written (a read-only mount, no permission),
+    or None (it can, it does not exist yet, or it is behind a URI)."""
+    if d.local is None or not d.local.is_dir() or os.access(d.local, os.W_OK):
+        return None
+    return "a read-only file system" if os.statvfs(d.local).f_flag & os.ST_RDONLY else "not writable by you"
 
 
 @dataclass(frozen=True)
@@ -155,7 +228,7 @@ def command_line(cmd: Command, argv: list[str], d) -> str:
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--resume", "--retrain", "--no-retrain", "--dry-run"):
+        elif a in ("--resume", "--retrain", "--no-retrain"):  # --dry-run stays: the advice of a dry run is one
             pass
         elif a == "--warm-start" and not cmd.warm_start:
             skip = True
@@ -198,60 +271,221 @@ class UsageError(Exception):
 
 
 class Locked(Exception):
-    """Another process writes the study folder."""
+    """Another process writes the study folder (or its lock is damaged: the message says how to remove it)."""
+
+
+# The lock. Its file is made whole under a temporary name and linked into place (link() fails if the lock
+# exists), so it never exists empty or half-written. Its holder keeps an flock() on it while it lives: the
+# kernel lets go when the process ends, however it ends, so "is it held" is the kernel's answer, not a pid
+# that another program may have by now (after a reboot) nor a copy of a lock whose process writes another
+# folder (a folder copied while its study ran). A stale lock is taken over under its own flock, which one
+# taker alone can hold: renamed aside, then the new lock linked in; so two takers never both win.
+# Where flock() is not supported, the recorded pid and command line are compared with what runs now.
+_HELD: dict[str, int] = {}  # lock path -> the open file whose flock this process holds
+
+
+def _proc_cmdline(pid: int) -> str | None:
+    """What process `pid` runs, as /proc shows it (arguments joined by spaces); None where there is no /proc."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
+def _parse(text: str) -> dict:
+    """A lock's lines: the first says who holds it ('host pid N: command'), then 'folder: ...', 'cmdline: ...'."""
+    first, *rest = text.strip().splitlines() or [""]
+    out = {"line": first}
+    out["host"], _, after = first.partition(" pid ")
+    out["pid"] = after.split(":")[0]
+    for line in rest:
+        k, _, v = line.partition(": ")
+        out[k] = v
+    return out
+
+
+def _damaged(f, what: str) -> Locked:
+    return Locked(f"{f}: a damaged lock ({what}; study.run writes a line naming its process). If no study.run, "
+                  f"study.reproduce or study.analyze runs on this folder, remove it (rm -r {shlex.quote(str(f))}) "
+                  "and run the command again")
+
+
+def _read_lock(f) -> str:
+    """The lock's text, or Locked saying it is damaged (empty, not text, a folder)."""
+    try:
+        if f.kind() == pafs.FileType.Directory:
+            raise _damaged(f, "a folder, not a file")
+        data = f.read_bytes()
+    except IsADirectoryError:
+        raise _damaged(f, "a folder, not a file") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise _damaged(f, "not text") from None
+    if not text.strip() or " pid " not in text.splitlines()[0]:
+        raise _damaged(f, "empty" if not text.strip() else "not a holder's line")
+    return text
+
+
+def _alive(rec: dict, folder) -> bool:
+    """Without flock(): whether the recorded process still runs this study here (same host only: another
+    host's process cannot be asked, so it counts as alive)."""
+    if rec.get("folder") not in (None, str(folder)):
+        return False  # the lock of the folder this one was copied from
+    if rec["host"] != socket.gethostname() or not rec["pid"].isdigit():
+        return True
+    try:
+        os.kill(int(rec["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _proc_cmdline(int(rec["pid"]))
+    return rec.get("cmdline") is None or now is None or now == rec["cmdline"]  # else: the pid is another program's
+
+
+def _flock(fd: int, shared: bool = False) -> bool | None:
+    """Try to lock the open file without waiting: True if got, False if another holds it, None where the
+    file system has no flock()."""
+    import errno
+    import fcntl
+
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
 
 
 def holder(d: Location) -> str | None:
-    """Who holds the folder's lock ('host pid N: command'), or None; a lock left by a
-    process of this host that no longer runs counts as none."""
+    """Who holds the folder's lock ('host pid N: command'), or None (no lock, or a stale one: its process
+    ended, or it is the lock of another folder this one was copied from). Raises Locked for a damaged lock."""
     f = d / LOCK
-    if not f.is_file():
+    if not f.exists():
         return None
-    text = f.read_text().strip()
-    host, _, rest = text.partition(" pid ")
-    pid = rest.split(":")[0]
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-    return text or None
+    text = _read_lock(f)
+    rec = _parse(text)
+    if d.local is None:
+        return rec["line"]
+    try:
+        fd = os.open(d.local / LOCK, os.O_RDONLY)
+    except FileNotFoundError:  # let go meanwhile
+        return None
+    try:
+        if str(d.local / LOCK) in _HELD:
+            return rec["line"]  # this process holds it
+        free = _flock(fd, shared=True)
+    finally:
+        os.close(fd)  # a shared flock, if got, goes with it
+    if free is None:
+        return rec["line"] if _alive(rec, d.local) else None
+    return None if free else rec["line"]
 
 
 def take_lock(d: Location, command: str) -> str:
     """Take the folder's lock before anything is written, or raise Locked naming its holder.
     A stale lock (its process gone) is taken over with a line saying so."""
     mine = f"{socket.gethostname()} pid {os.getpid()}: {command}"
-    f = d / LOCK
-    if f.is_file():
+    d.fs.create_dir(d.path, recursive=True)
+    if d.local is None:  # an object store has no exclusive create: written, then read back
+        f = d / LOCK
         held = holder(d)
         if held is not None:
-            raise Locked(f"{d} is being written by {held}; wait for it to end (python -m study.analyze {d} reads it "
-                         f"meanwhile), or stop that process; if it is gone, delete {f}")
-        print(f"{d}: taking over the lock of a process that no longer runs ({f.read_text().strip()})", flush=True)
-        f.delete()
-    d.fs.create_dir(d.path, recursive=True)
-    if d.local is not None:  # O_EXCL: of two processes starting at once, one wins
-        try:
-            fd = os.open(d.local / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            raise Locked(f"{d} is being written by {holder(d)}; wait for it to end, or stop that process") from None
-        with os.fdopen(fd, "w") as out:
-            out.write(mine + "\n")
-    else:  # an object store has no exclusive create: written, then read back
+            raise Locked(_held_line(d, held))
         f.write_text(mine + "\n")
         if f.read_text().strip() != mine:
-            raise Locked(f"{d} is being written by {holder(d)}; wait for it to end, or stop that process")
-    return mine
+            raise Locked(_held_line(d, holder(d)))
+        return mine
+    import uuid
+
+    lock = d.local / LOCK
+    text = f"{mine}\nfolder: {d.local}\ncmdline: {_proc_cmdline(os.getpid()) or ' '.join(sys.argv)}\n"
+    tmp = d.local / f"{LOCK}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, text.encode())
+        flock = _flock(fd)  # ours from before it is the lock: no moment when it is the lock and free
+        for _ in range(100):  # each turn: another process changed the lock meanwhile; look again
+            try:
+                os.link(tmp, lock)
+                _HELD[str(lock)] = fd
+                return mine
+            except FileExistsError:
+                _take_over(d, lock, flock)  # raises Locked if it is held
+        raise Locked(_held_line(d, holder(d)))
+    except BaseException:
+        if _HELD.get(str(lock)) != fd:
+            os.close(fd)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _take_over(d: Location, lock: Path, flock: bool | None) -> None:
+    """The lock that exists: remove it if it is stale (then the caller tries again), else raise Locked naming
+    its holder."""
+    import time
+    import uuid
+
+    try:
+        old = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # released meanwhile
+    except IsADirectoryError:
+        raise _damaged(d / LOCK, "a folder, not a file") from None
+    try:
+        got = None
+        for _ in range(5 if flock is not None else 0):  # another's look (study.analyze's) lasts moments: wait
+            got = _flock(old)
+            if got is not False:
+                break
+            time.sleep(0.005)
+        if os.fstat(old).st_ino != _ino(lock):
+            return  # not the lock any more (released, or taken over by another): look again
+        text = _read_lock(d / LOCK)
+        rec = _parse(text)
+        if got is False or (got is None and _alive(rec, d.local)):
+            raise Locked(_held_line(d, rec["line"]))
+        # Stale, and (with flock) ours alone to remove: no other taker holds its flock now.
+        copied = rec.get("folder") not in (None, str(d.local))
+        why = "of another folder" if copied else "of a process that no longer runs"
+        print(f"{d}: taking over the lock {why} ({rec['line']})", flush=True)
+        aside = lock.with_name(f"{LOCK}.{uuid.uuid4().hex[:8]}.stale.tmp")
+        os.rename(lock, aside)
+        if os.stat(aside).st_ino != os.fstat(old).st_ino:  # without flock two takers can cross: give it back
+            os.link(aside, lock)
+            os.unlink(aside)
+            raise Locked(_held_line(d, holder(d)))
+        os.unlink(aside)
+    finally:
+        os.close(old)
+
+
+def _ino(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _held_line(d: Location, held: str | None) -> str:
+    return (f"{d} is being written by {held}; wait for it to end (python -m study.analyze {d} reads it "
+            f"meanwhile), or stop that process; if it is gone, delete {d / LOCK}")
 
 
 def release_lock(d: Location, mine: str) -> None:
     """Remove the lock if it is still this process's."""
     f = d / LOCK
+    fd = _HELD.pop(str(d.local / LOCK), None) if d.local is not None else None
     try:
-        if f.is_file() and f.read_text().strip() == mine:
-            f.delete()
+        if f.is_file() and _parse(f.read_bytes().decode(errors="replace"))["line"] == mine:
+            f.delete()  # before the flock goes: a taker that opened it meanwhile sees it is no longer the lock
     except OSError as e:  # the folder went away (a test's tmp, a bucket): nothing to release
         print(f"warning: could not remove {f}: {e}", file=sys.stderr)
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -214,16 +214,18 @@ class Timing:
         return out
 
     @staticmethod
-    def save(study, run: dict, fresh: bool, trials_s: dict | None = None) -> dict:
+    def save(study, run: dict, fresh: bool, trials_s: dict | None = None, replace_last: bool = False) -> dict:
         """timing.yaml: every run of the study (`runs`: a first one, each interrupted one, each --resume
         and --retrain), and their sums under the names estimate.yaml predicts (wall_s, phases_s); `trials_s`:
-        where the trials' own time went, summed over all runs (study.results.time_breakdown; an interrupted
-        run, which passes none, keeps the last one)."""
+        where the trials' own time went, summed over all runs (study.results.time_breakdown; a run that
+        passes none keeps the last one). `replace_last`: `run` brings the last entry up to date (study.run
+        writes its own as it starts)."""
         import yaml
 
         f = study / "timing.yaml"
         old = (yaml.safe_load(f.read_text()) or {}) if f.is_file() and not fresh else {}
-        runs = [*(old.get("runs") or ([old] if old else [])), run]  # a timing.yaml of one run, before runs were kept
+        prior = old.get("runs") or ([old] if old else [])  # a timing.yaml of one run, before runs were kept
+        runs = [*(prior[:-1] if replace_last else prior), run]
         phases = {}
         for r in runs:
             for k, v in (r.get("phases_s") or {}).items():

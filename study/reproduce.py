@@ -16,6 +16,7 @@ if __name__ == "__main__":
 
     quiet_start("study.reproduce")
 import argparse  # noqa: E402
+import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -29,6 +30,7 @@ from csnn import data as fmnist
 from csnn.config import RUN_INFO, TIMING_METRICS, TrainConfig
 from csnn.train import fit, load_model, resolve_device, set_deterministic
 from study import environment, lifecycle, results
+from study.storage import disk_full
 from csnn.argtypes import interruptible, leave, positive_int, spelled, worded
 
 # When CUDA ran, per metric: (absolute, relative) tolerance, a difference passing
@@ -83,6 +85,13 @@ def main(argv=None) -> int:
     held = []  # the study folder's lock, once taken: released however it ends
     try:
         return _main(argv, held)
+    except OSError as e:  # a full disk, as the reproduction writes its checkpoints or reproduce/<trial>/
+        if not disk_full(e):
+            raise
+        again = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else [str(a) for a in argv]))
+        print(f"error: the disk is full: {e.filename or 'the reproduction'} could not be written ({e.strerror or e}); "
+              f"free space there, then run it again: python -m study.reproduce {again}", file=sys.stderr)
+        return 1
     finally:
         for location, lock in held:
             lifecycle.release_lock(location, lock)
@@ -101,8 +110,14 @@ def _main(argv, held: list) -> int:
     try:
         study = results.load(args.study)
         trial_id = args.trial if args.trial is not None else (study.best or {}).get("trial_id")
+        if trial_id is None and study.trials.empty:
+            raise results.StudyError(f"{args.study}: the study has no trial yet: nothing to reproduce")
         if trial_id is None:
-            raise results.StudyError(f"{args.study}: the study has no best trial; pass --trial ID")
+            raise results.StudyError(f"{args.study}: no trial reported the objective, so there is no best trial; "
+                                     f"pass --trial ID (trials: {', '.join(study.trials['trial_id'].astype(str))})")
+        if why := lifecycle.unwritable(study.location):  # before the data and the training: refused whole
+            raise results.StudyError(f"{study.path}: {why}; study.reproduce writes reproduce/<trial>/ and its lock "
+                                     f"there: copy the folder (cp -r {study.path} DEST/) and reproduce the copy")
         rows = study.trials[study.trials["trial_id"].astype(str) == str(trial_id)]
         if rows.empty:
             raise results.StudyError(f"{args.study}: no trial {trial_id!r}; trials: {', '.join(study.trials['trial_id'].astype(str))}")

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below run (seconds): one 
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import yaml
 
 from csnn import data as fmnist, yamlio
@@ -30,7 +31,7 @@ from study.plan import PlanError, check_machine, cluster, plan
 from study.lifecycle import UsageError
 from study.tuning import (RetrainInterrupted, check_moved, check_optuna_storage, mark_retrain, optuna_url,
                           own_database, own_optuna_storage, retrain, search, shown_url)
-from study.storage import Location, StorageError, check_nodes_see
+from study.storage import Location, StorageError, check_nodes_see, disk_full
 
 
 def parse_args(argv=None):
@@ -101,6 +102,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # outside Ray Tune's own handling (imports, Ray's start, loading, exporting)
         print(f"interrupted; {next_step(args)}", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, wherever it struck (a table, a checkpoint, the retrain's upload)
+        if not disk_full(e):
+            raise
+        where, d = e.filename or args.study_dir or args.storage, args.study_dir
+        then = "run the same command again" if d is None else lifecycle.command_line(
+            lifecycle.continuation(lifecycle.read(d), args.argv, args.can_retrain), args.argv, d)
+        print(f"error: the disk is full: {where} could not be written ({e.strerror or e}); free space there, "
+              f"then: {then}", file=sys.stderr)
+        return 1
     finally:
         if ours and "ray" in sys.modules:  # here rather than at exit, where a second Ctrl-C would be a traceback
             try:
@@ -158,6 +168,10 @@ def _main(args) -> int:
             raise UsageError(f"--warm-start {w}: that is this study's own folder; name an earlier study")
         if [same(x) for x in sources].count(same(loc)) > 1:
             raise UsageError(f"--warm-start {w}: given twice; its trials would be told twice")
+    if not args.dry_run and (why := lifecycle.unwritable(study_dir)):  # someone else's study, say: refused whole
+        raise UsageError(f"{study_dir}: {why}; study.run writes the study folder (its lock, then the trials). To "
+                         f"go on with a copy: cp -r {study_dir} DEST/ and give --storage DEST; to read it: "
+                         f"python -m study.analyze {study_dir} --out DIR")
     if not args.dry_run:  # one writer per folder, from before its state is read to the end (main releases it):
         # no other process acts between what this one reads and what it does. Said before what the folder holds.
         args.made = [p for p in (study_dir.local, *study_dir.local.parents) if not p.exists()] \
@@ -172,6 +186,8 @@ def _main(args) -> int:
     decision = lifecycle.decide(state, lifecycle.command(args), args.can_retrain)
     if decision.action == "refuse":  # --dry-run too: it says what the command would do
         raise UsageError(lifecycle.refusal(decision, args.argv, study_dir))
+    if decision.action == "restart" and (why := lifecycle.kept(study_dir)):  # nothing deleted that no run wrote
+        raise UsageError(f"{study_dir} {why}")
     if decision.action in ("search", "retrain", "finish_retrain", "nothing") and state != "absent":
         stored = (study_dir / "spec.yaml").read_text()
         started_with = ((yamlio.load(stored) or {}).get("search") or {}).get("num_samples")
@@ -235,6 +251,10 @@ def _main(args) -> int:
     if decision.action == "restart":  # what the stopped run left: the study starts afresh
         tuner = study_dir / "ray" / "tuner.pkl"  # Ray's own state: empty when a run was cut while Ray wrote it
         why = f" ({tuner} is empty: Ray cannot continue it)" if tuner.is_file() and not tuner.read_bytes() else ""
+        ray_files = {Path(i.path).name: i for i in study_dir.fs.get_file_info(
+            pafs.FileSelector((study_dir / "ray").path, allow_not_found=True))}
+        if not why and (empty := lifecycle.empty_searcher_state(ray_files)):
+            why = f" ({study_dir / 'ray' / empty[0]} is empty: Ray cannot continue it)"
         print(f"{study_dir} holds only what an earlier run wrote before its first trial was recorded{why}; "
               "starting the study afresh", flush=True)
         for name in lifecycle.LEFTOVERS:
@@ -296,6 +316,16 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
     older = older_line(older_than_tested())  # torch & co. older than tested: said, recorded in environment.yaml
     if older:
         print(older, file=sys.stderr, flush=True)
+    begun = []
+
+    def keep(running: bool = True, interrupted: bool = False, trials_s: dict | None = None) -> None:
+        """This run's entry in timing.yaml: written as it starts, brought up to date after each phase, so
+        that a run that crashed (a full disk, a kill) is still counted, marked running: true."""
+        rec = {**timing.record(resumed=not fresh, interrupted=interrupted), **({"running": True} if running else {})}
+        timing.save(study, rec, fresh and not begun, trials_s, replace_last=bool(begun))
+        begun.append(True)
+
+    keep()
     if fresh:  # what it runs on, beside spec.yaml; a later run on other versions says so
         # where it began (a record: moved or copied, it resumes where it is) and with which Optuna storage
         # (a URL naming the folder's own optuna.db is recorded as none: it moves with the folder)
@@ -315,6 +345,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
     elif (study / "estimate.yaml").is_file():  # a --resume: the remaining time from the study's own prediction
         timing.estimate = yaml.safe_load((study / "estimate.yaml").read_text())
     timing.lap("ray_start")
+    keep()
     if retrain_only:
         best = results.load(study).best
     else:
@@ -333,6 +364,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
             if db is not None and db.exists() and db != (study.local or Path()) / "optuna.db":
                 (study / "optuna.db").write_bytes(db.read_bytes())
         timing.lap("search")
+        keep()
         # Ctrl-C: Ray saved its state and returned early. Read that state: a trial
         # that was running is RUNNING there, while Ray's cleanup marks it TERMINATED
         # in the grid it returns. Export nothing that would look like a finished study.
@@ -341,7 +373,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
             step = lifecycle.next_step(study, argv, bool(spec.retrain["seeds"]) and spec.retrain["epochs"] > 0)
             print(f"study {spec.name} interrupted after {ended} of {spec.search['num_samples']} trials; {step}",
                   file=sys.stderr)
-            timing.save(study, timing.record(resumed=not fresh, interrupted=True), fresh)
+            keep(running=False, interrupted=True)
             return 130
         will_retrain = do_retrain and spec.retrain["seeds"] and spec.retrain["epochs"] > 0
         if will_retrain:  # before the export: from here a kill leaves a retrain that --resume finishes
@@ -359,21 +391,23 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
             print("trials per node and GPU: " + ", ".join(f"{w}: {n}" for w, n in where.value_counts().sort_index().items()),
                   flush=True)
         timing.lap("export")
+        keep()
     if best and (do_retrain or retrain_only) and spec.retrain["seeds"] and spec.retrain["epochs"] > 0:
         try:
             s = retrain(spec, best, data, study, res, resume and not fresh_retrain, timing)
         except RetrainInterrupted:
             step = lifecycle.next_step(study, argv, True)
             print(f"study {spec.name}: the retrain was interrupted; {step}", file=sys.stderr)
-            timing.save(study, timing.record(resumed=not fresh, interrupted=True), fresh)
+            keep(running=False, interrupted=True)
             return 130
         except RuntimeError as e:
+            keep(running=False)
             print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
             return 1
         print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
               f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study / 'best'}", flush=True)
         timing.lap("retrain")
-    timing.save(study, timing.record(resumed=not fresh), fresh, results.read_breakdown(study))
+    keep(running=False, trials_s=results.read_breakdown(study))
     print(f"results in {study}; wall time {(time.time() - start) / 60:.1f} min")
     return 0 if best else 1
 

@@ -123,7 +123,11 @@ class SilentAwareOptunaSearch(OptunaSearch):
             if not self.tell_through(len(self.asked) - self.in_order + 1):
                 return None  # Ray asks again once a trial has ended
             self.asked.append(trial_id)
-        return super().suggest(trial_id)
+        out = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # Optuna numbers its trials otherwise (from 0, with warm-start and
+            # orphaned trials): the Ray trial id, beside Optuna's number (optuna-dashboard), matches trials.csv
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return out
 
     def tell_through(self, count: int) -> bool:
         """Tell Optuna the first `count` asked trials, in order; False while one has not ended."""

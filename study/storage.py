@@ -20,6 +20,15 @@ class StorageError(ValueError):
     pass
 
 
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk (or the user's quota) is full: Python's OSError, or pyarrow's, which
+    carries the system's message but not always its errno."""
+    import errno
+
+    return isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+                                       or "Disk quota exceeded" in str(e))
+
+
 def bounded(fn, what: str):
     """fn() in a thread of its own, waited for at most $CSNN_STORAGE_ANSWER_S (30 s): an object store
     that cannot be reached (no network, no credentials) makes pyarrow retry for minutes, deaf to

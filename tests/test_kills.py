@@ -55,8 +55,10 @@ INSTANTS = [
     ("Ray wrote tuner.pkl; then it is emptied", lambda d, n0: (d / "ray" / "tuner.pkl").exists(),
      lambda d: (d / "ray" / "tuner.pkl").write_bytes(b""), "unstarted",
      "tuner.pkl is empty: Ray cannot continue it); starting the study afresh"),
-    ("Ray saved its first experiment state", lambda d, n0: any(d.glob("ray/experiment_state*.json")), None,
-     "interrupted", ""),
+    # and its searcher's (a kill between the two leaves an empty search_gen_state-*.json: unstarted, which
+    # tests/test_lifecycle.py reads off a folder; the sweep killed there now and then)
+    ("Ray saved its first experiment state", lambda d, n0: any(d.glob("ray/experiment_state*.json")) and any(
+        f.stat().st_size for f in d.glob("ray/search_gen_state*.json")), None, "interrupted", ""),
     ("a trial's end told to Optuna", lambda d, n0: told(d) > n0, None, "interrupted", ""),
     ("the export began", lambda d, n0: (d / "history.csv").exists(), None, "interrupted", ""),
     ("the retrain's Tuner started", lambda d, n0: (d / "retrain" / "tuner.pkl").exists(), None, "retrain_cut", ""),
@@ -161,6 +163,13 @@ def test_a_study_killed_at_each_instant_ends_whole_by_the_advised_command(tmp_pa
     assert all(s == "FAIL" for s, orphan in states if orphan), (ran, states)
     assert (d / "best" / "summary.yaml").is_file() and (d / "best" / "spikes").is_dir(), ran
     assert lifecycle.read(Location.parse(str(d))) == "ended" and not (d / lifecycle.LOCK).exists(), ran
+    # timing.yaml counts every run since the start afresh, the killed ones too (each wrote its entry as it began,
+    # brought up to date after each phase): the kill in the export lost none of its search (it used to lose them all)
+    import yaml
+
+    runs = yaml.safe_load((d / "timing.yaml").read_text())["runs"]
+    assert [bool(r.get("running")) for r in runs] == [True] * (len(INSTANTS) - 1) + [False], (ran, runs)
+    assert "search" in runs[INSTANTS.index(next(i for i in INSTANTS if i[0] == "the export began")) - 1]["phases_s"], runs
 
 
 def test_a_resumed_searcher_keeps_what_optuna_recorded_after_its_last_save(tmp_path):
@@ -194,6 +203,7 @@ def test_a_resumed_searcher_keeps_what_optuna_recorded_after_its_last_save(tmp_p
     searcher.on_trial_result("a", ended)  # Ray runs trial a's end again
     searcher.on_trial_complete("a", ended)
     states = [(t.state.name, t.values, t.user_attrs) for t in study.get_trials()]
-    assert states[0] == ("COMPLETE", [0.5], {"silent": "fr_12"}), states
+    # Ray's trial id beside Optuna's number: Optuna numbers from 0 and counts the orphan, trials.csv does neither
+    assert states[0] == ("COMPLETE", [0.5], {"silent": "fr_12", "ray_trial_id": "a"}), states
     assert states[1][0] == "FAIL" and "orphan" in states[1][2] and states[2][0] == "WAITING", states
     assert searcher.suggest("c") == asked and study.trials[-1].user_attrs["warm_start"] == "x"
