@@ -206,6 +206,12 @@ def _main(args) -> int:
         raise UsageError(str(e)) from None
     for line in warmstart.lines(warm):
         print(line, flush=True)
+    if decision.action in ("search", "restart") and state != "interrupted":  # what a new study's sampler does
+        from study.samplers import startup_line
+
+        said = startup_line(spec.search["sampler"], spec.search["num_samples"], sum(len(p["told"]) for p in warm))
+        if said:
+            print(said, flush=True)
     if state != "absent" and decision.action != "restart":  # a study goes on only on the images it began on
         history = results.load(study_dir).history
         was = sorted(set(history["data_sha"].dropna().astype(str)) - {""}) if "data_sha" in history else []
@@ -213,9 +219,14 @@ def _main(args) -> int:
             raise UsageError(f"{study_dir}: the study was trained on other images (data fingerprint {', '.join(was)}; "
                              f"{data.source} has {data.fingerprint}); give --data-dir the data it began on")
     if args.dry_run:
+        ended = 0  # --resume of an interrupted search: priced for the trials left
+        if state == "interrupted" and decision.action == "search":
+            ended = sum(t.status in ("TERMINATED", "ERROR") for t, _ in results.trial_results(study_dir / "ray"))
+        what = (f"the interrupted search continues, {ended} of {spec.search['num_samples']} trials ended"
+                if state == "interrupted" and decision.action == "search" else lifecycle.ACTIONS[decision.action])
         print(f"# {args.space}: valid; data {data.source} ({len(data.train_y)} training, {len(data.test_y)} test "
               f"images); results would go to {study_dir} ({lifecycle.STATES[state]}: "
-              f"{lifecycle.ACTIONS[decision.action]})\n{yaml.safe_dump(spec.to_dict(), sort_keys=False)}", end="")
+              f"{what})\n{yaml.safe_dump(spec.to_dict(), sort_keys=False)}", end="")
         if decision.action not in ("search", "restart"):  # the estimate is of a whole study, as it begins
             prior = study_dir / "estimate.yaml"
             print("estimate: none for " + ("nothing to run" if decision.action == "nothing" else "a retrain alone")
@@ -223,7 +234,8 @@ def _main(args) -> int:
             return 0
         try:
             print(estimate.line(estimate.here(spec, len(data.train_y), len(data.test_y), plan, args.allow_cpu,
-                                              args.allow_pending_gpus, do_retrain=not args.no_retrain)), flush=True)
+                                              args.allow_pending_gpus, do_retrain=not args.no_retrain,
+                                              ended=ended)), flush=True)
         except PlanError as e:  # this machine could not run it (too few CPUs a trial): the file is still valid
             print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0
