@@ -9,13 +9,14 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 import ray
 import yaml
 
-from conftest import env, study_cmd, tiny_spec, write_spec
+from conftest import env, run_study, study_cmd, tiny_spec, write_spec
 from csnn import data as fmnist
 from study import analyze, environment, results, run, spec as specs
 from study.samplers import SAMPLERS, make_sampler
@@ -118,3 +119,43 @@ def test_environment_differences_are_one_line_each():
         f"torch: none then, {now['packages']['torch']} now", f"ray: 2.59.0 then, {now['packages']['ray']} now",
         f"cpus: {now['cpus'] + 1} then, {now['cpus']} now"]
     assert environment.differences(now, now) == []
+
+
+@pytest.mark.parametrize("name,objectives", [("tpe", 1), ("gp", 1), ("tpe", 2), ("nsga2", 2)])
+def test_a_small_study_is_guided_not_random_search(name, objectives):
+    """4 trials: Optuna's samplers draw their first 10 (NSGA-II its first generation of 50) from the
+    random sampler of the same seed, so that tpe, gp and nsga2 ran the very configurations `random`
+    did. Sized to the study, the first 2 are those draws and the last 2 are the sampler's own. Real
+    Optuna studies on the space's define-by-run function (the search's), a cheap objective."""
+    spec = specs.parse(tiny_spec("small", objective=TWO[:objectives], search={"sampler": name, "num_samples": 4}))
+
+    def configurations(sampler_name):
+        study = optuna.create_study(sampler=make_sampler(sampler_name, 0, 4),
+                                    directions=["maximize", "minimize"][:objectives])
+        space = specs.define_by_run(spec)
+
+        def objective(trial):
+            fields = space(trial)
+            return (-abs(np.log(fields["lr"] / 0.01)), fields["channels"])[:objectives]
+        study.optimize(objective, n_trials=4)
+        return [t.params for t in study.trials]
+
+    guided, drawn = configurations(name), configurations("random")
+    assert guided[:2] == drawn[:2] and all(g != d for g, d in zip(guided[2:], drawn[2:])), (guided, drawn)
+
+
+def test_the_dry_run_says_what_the_sampler_draws_at_random(tiny_data_dir, tmp_path, capsys):
+    def dry(sampler, n):
+        space = write_spec(tmp_path, tiny_spec(f"{sampler}{n}", search={"sampler": sampler, "num_samples": n},
+                                               **({"objective": TWO} if sampler == "nsga2" else {})))
+        p = run_study(capsys, space, tmp_path, tiny_data_dir, "--dry-run")
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return [line for line in p.stdout.splitlines() if line.startswith("sampler ")]
+
+    assert dry("tpe", 12) == ["sampler tpe: the first 4 of 12 trials at random (Optuna's default 10, sized to a third "
+                              "of the 12 trials), then guided by the results"]
+    assert dry("gp", 48) == ["sampler gp: the first 10 of 48 trials at random, then guided by the results"]
+    assert dry("tpe", 2) == ["sampler tpe: random search: it draws its first 2 trials at random before it learns from "
+                             "results, and the study has 2; give search.num_samples more than 2 for a guided search"]
+    assert dry("nsga2", 48)[0].startswith("sampler nsga2: generations of 16 trials (Optuna's default 50")
+    assert dry("random", 4) == []
