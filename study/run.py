@@ -383,7 +383,11 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         timing.lap("retrain")
     timing.save(study, timing.record(resumed=not fresh), fresh)
     print(f"results in {study}; wall time {(time.time() - start) / 60:.1f} min")
-    return 0 if best else 1
+    if best or retrain_only or results.none_learned(trials):  # no trial learned: a finding, said by the summary
+        return 0
+    print(f"error: no trial of study {spec.name} reported {spec.metric}, so there is no best trial; the errored "
+          f"trials' lines above say why (python -m study.analyze {study} lists them)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -227,3 +227,30 @@ def test_a_study_this_machine_cannot_run_is_still_valid_without_an_estimate(tmp_
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "warning: no estimate for this machine" in p.stderr and "cpus_per_trial" in p.stderr
     assert not ESTIMATE.findall(p.stdout)
+
+
+def test_the_time_left_follows_the_trials_own_clocks_not_a_stopped_driver(capsys):
+    """study.run stopped for ten minutes (SIGSTOP) while its trials trained on: the time left reads their
+    own seconds (Ray's time_total_s) against the estimate's 10 s a trial, 2 at once, and goes down as the
+    running ones go on; the driver's clock, ten minutes on, made it a pace 5x the estimate's, the same
+    '~0:25 left' at every line until a trial ended."""
+    import time
+    from types import SimpleNamespace
+
+    from study.progress import Progress
+
+    p = Progress(specs.parse(tiny_spec("left", search={"num_samples": 4})), 10.0, 2, 0.0)
+    p.start = time.time() - 600
+
+    def left(running_s):
+        trials = [SimpleNamespace(trial_id=t, status=status, last_result={"time_total_s": s, "training_iteration": 2},
+                                  config={"channels": 4, "lr": 0.01}, error_file=None)
+                  for t, status, s in (("a", "TERMINATED", 12), ("b", "TERMINATED", 8),
+                                       ("c", "RUNNING", running_s), ("d", "RUNNING", running_s))]
+        capsys.readouterr()
+        p.say(trials)
+        return re.search(r", ~(\d+:\d\d) left\]", capsys.readouterr().out).group(1)
+
+    assert left(2) == "0:08"  # (2 trials x 10 s - 4 s run) / 2 at once: the ended ones took what was estimated
+    assert left(6) == "0:04"
+    assert left(30) == "0:01"  # running long: never less than a tenth of its share left
