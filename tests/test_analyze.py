@@ -207,6 +207,6 @@ def test_a_study_of_silent_networks_says_so_not_that_nothing_was_reported():
     study = results.Study(Location.parse("/tmp/quiet"), spec, trials, pd.DataFrame(), None, None, None)
     line = analyze.best_lines(study)[0]
     assert line.startswith("**No trial learned**: all 2 trials that reported were silent or dead networks at their "
-                           "last epoch (2 silent: ") and "none is on a Pareto front" in line, line
+                           "last epoch (2 silent: ") and "None is on a Pareto front" in line, line
     trials.loc[1, "silent"] = ""
     assert analyze.best_lines(study)[0].startswith("No trial reported the objective")
