@@ -191,9 +191,11 @@ def _main(args) -> int:
         if decision.action == "search":
             check_moved(began, spec, study_dir)
     if decision.action == "nothing" and not args.dry_run:
-        if results.load(study_dir).best is None:  # then --retrain, which the line advises, has nothing to train
-            print(f"study {spec.name}: {study_dir} holds {lifecycle.STATES[state]} in which no trial reported the "
-                  f"objective: nothing to resume or retrain; read it with python -m study.analyze {study_dir}")
+        ended = results.load(study_dir)
+        if ended.best is None:  # then --retrain, which the line advises, has nothing to train
+            none = "learned" if results.none_learned(ended.trials) else "reported the objective"
+            print(f"study {spec.name}: {study_dir} holds {lifecycle.STATES[state]} in which no trial {none}: "
+                  f"nothing to resume or retrain; read it with python -m study.analyze {study_dir}")
         else:
             print(f"study {spec.name}: {study_dir} {decision.why}")
         return 0
@@ -241,7 +243,8 @@ def _main(args) -> int:
         return 0
     retrain_only = decision.action in ("retrain", "finish_retrain")
     if retrain_only and results.load(study_dir).best is None:
-        raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain (read it: "
+        none = "learned" if results.none_learned(results.load(study_dir).trials) else "reported the objective"
+        raise UsageError(f"{study_dir}: no trial {none}; nothing to retrain (read it: "
                          f"{lifecycle.command_line(lifecycle.ANALYZE, args.argv, study_dir)})")
     if decision.action == "restart":  # what the stopped run left: the study starts afresh
         tuner = study_dir / "ray" / "tuner.pkl"  # Ray's own state: empty when a run was cut while Ray wrote it

@@ -271,6 +271,11 @@ def test_a_study_in_which_no_trial_learned_ends_saying_so(tmp_path, tiny_data_di
     assert progress[-1].endswith("no trial has learned yet"), progress
     d = tmp_path / "results" / "nolearner"
     assert not (d / "best.yaml").exists() and not (d / "best").exists() and (d / "trials.csv").is_file()
+    space = tmp_path / "nolearner.yaml"  # and what --resume and --retrain then say
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--resume")
+    assert p.returncode == 0 and "in which no trial learned: nothing to resume or retrain" in p.stdout, p.stdout
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--retrain")
+    assert p.returncode == 2 and "no trial learned; nothing to retrain" in p.stderr, p.stderr
 
 
 def test_the_progress_line_never_names_a_trial_that_learned_nothing_as_best(capsys):
