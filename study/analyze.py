@@ -370,6 +370,10 @@ def warm_lines(study: results.Study) -> list[str]:
         return []
     t = study.trials
     lines = ["## Warm start", ""]
+    drew, own = study.warm_start.get("seed"), study.spec.search["seed"]
+    if drew is not None and drew != own:  # warmstart.seed: an earlier study drew with search.seed
+        lines.append(f"- the sampler drew with seed {drew}, not search.seed {own}: an earlier study drew its trials "
+                     f"with seed {own}, and the same seed would have asked for its configurations again")
     for src in study.warm_start["sources"]:
         skipped = "; ".join(f"{n} × {why}" for why, n in src["skipped"].items())
         lines.append(f"- from `{src['source']}`: {src['told']} trials told to the sampler before the first trial"

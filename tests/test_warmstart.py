@@ -41,6 +41,7 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_its_sampler_saw_th
     assert trials["lr"].iloc[0] == best["params"]["lr"] and trials["warm_start"].iloc[1:].isna().all()
     lines = "\n".join(analyze.summary(results.load(d)))
     assert "## Warm start" in lines and f"from `{e2e}`: 3 trials told" in lines
+    assert "- the sampler drew with seed 1, not search.seed 0: an earlier study drew its trials with seed 0" in lines
     assert f"ran first here as trial {trials['trial_id'].iloc[0]}" in lines
 
 
