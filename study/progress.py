@@ -1,10 +1,11 @@
 """What study.run prints while it runs, and the seconds each phase took (timing.yaml).
 
-By default one line whenever a trial ends or the best value improves, e.g.
+By default one line whenever a trial ends or the best trial changes, e.g.
 
   [0:56, ~0:56 left] trials 14/16: 6 finished, 8 stopped, 1 running, 0 errored; best val_acc 0.781 (trial 194e64a2)
 
-the remaining time from study.estimate's model; Ray Tune's own status tables only with --verbose.
+the remaining time from study.estimate's model and the trials' own clocks, the best of the trials that
+learn (never one silent or dead at its last report); Ray Tune's own status tables only with --verbose.
 """
 from __future__ import annotations
 
