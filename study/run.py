@@ -208,12 +208,8 @@ def _main(args) -> int:
         raise UsageError(str(e)) from None
     for line in warmstart.lines(warm):
         print(line, flush=True)
-    if decision.action in ("search", "restart") and state != "interrupted":  # what a new study's sampler does
-        from study.samplers import startup_line
-
-        said = startup_line(spec.search["sampler"], spec.search["num_samples"], sum(len(p["told"]) for p in warm))
-        if said:
-            print(said, flush=True)
+    if args.dry_run and decision.action in ("search", "restart") and state != "interrupted":
+        sampler_line(spec, warm)  # what a new study's sampler does (a run says it after its first line)
     if state != "absent" and decision.action != "restart":  # a study goes on only on the images it began on
         history = results.load(study_dir).history
         was = sorted(set(history["data_sha"].dropna().astype(str)) - {""}) if "data_sha" in history else []
@@ -258,6 +254,15 @@ def _main(args) -> int:
                allow_cpu=args.allow_cpu, allow_pending_gpus=args.allow_pending_gpus,
                optuna_storage=args.optuna_storage, retrain_only=retrain_only,
                fresh_retrain=decision.action == "retrain", verbose=args.verbose, warm=warm, argv=args.argv)
+
+
+def sampler_line(spec: specs.StudySpec, warm: list) -> None:
+    """The line saying what the study's sampler draws at random (samplers.startup_line), if it says any."""
+    from study.samplers import startup_line
+
+    said = startup_line(spec.search["sampler"], spec.search["num_samples"], sum(len(p["told"]) for p in warm))
+    if said:
+        print(said, flush=True)
 
 
 def run(*args, verbose: bool = False, **kwargs) -> int:
@@ -307,6 +312,8 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
         return 2
     print(f"study {spec.name}: {res['summary']}; {len(nodes)} Ray node(s); results in {study}", flush=True)
+    if fresh:
+        sampler_line(spec, warm or [])
     if fresh:  # what it runs on, beside spec.yaml; a later run on other versions says so
         # where it began (a record: moved or copied, it resumes where it is) and with which Optuna storage
         # (a URL naming the folder's own optuna.db is recorded as none: it moves with the folder)

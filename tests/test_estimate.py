@@ -174,6 +174,8 @@ def test_verbose_prints_rays_tables_and_asha_with_few_trials_costs_what_was_esti
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Trial status:" in p.stdout and "╭" in p.stdout  # Ray Tune's own output engine
     assert PROGRESS.findall(p.stdout)[-1][:2] == ("4", "4")  # and ours
+    assert "\nsampler tpe: the first 2 of 4 trials at random (Optuna's default 10, sized to a third of the 4 trials)" \
+        in p.stdout  # after the study's first line
     d = tmp_path / "results" / "loud"
     timing = yaml.safe_load((d / "timing.yaml").read_text())
     assert "retrain" not in timing["phases_s"] and timing["phases_s"]["search"] > 0
