@@ -334,11 +334,23 @@ def header(study: results.Study) -> list[str]:
              f"{spec.search['num_samples']} trials planned, scheduler {spec.scheduler['type']}.", "",
              "Searched: " + "; ".join(f"`{n}` {_describe(p)}" for n, p in spec.space.items()) + ".",
              "Fixed: " + ", ".join(f"{k} {v}" for k, v in spec.train.items()) + ".", "",
-             f"Trials: {len(t)} — " + ", ".join(f"{n} {s}" for s, n in study.status_counts().items())
-             + f". Training time summed over trials: {wall:.1f} min."
+             f"Trials: {len(t)} — " + ", ".join(f"{n} {ENDED.get(s, s)}" for s, n in study.status_counts().items())
+             + quiet_clause(t) + f". Training time summed over trials: {wall:.1f} min."
              + ("" if study.complete else " **The study has not ended.**")]
     lines += [f"- errored trial {r['trial_id']}: {r['error']}" for _, r in study.errored().iterrows()]
     return lines + [""] + graphs_lines(study) + silent_lines(study) + warm_lines(study)
+
+
+# how a trial ended (its status), as the header counts it: the silent and dead stops, not the trials silent
+# or dead at their last epoch, which quiet_clause counts
+ENDED = {"silent": "ended by the silent stop", "dead": "ended by the dead stop"}
+
+
+def quiet_clause(t: pd.DataFrame) -> str:
+    """'; 4 silent at their last epoch (below)': the trials that learned nothing, however they ended."""
+    counts = [(int(results.said(t, k).sum()), k) for k in ("silent", "dead")] if len(t) else []
+    said = [f"{n} {k}" for n, k in counts if n]
+    return f"; {' and '.join(said)} at their last epoch (below)" if said else ""
 
 
 def graphs_lines(study: results.Study) -> list[str]:
@@ -360,6 +372,10 @@ def warm_lines(study: results.Study) -> list[str]:
         return []
     t = study.trials
     lines = ["## Warm start", ""]
+    drew, own = study.warm_start.get("seed"), study.spec.search["seed"]
+    if drew is not None and drew != own:  # warmstart.seed: an earlier study drew with search.seed
+        lines.append(f"- the sampler drew with seed {drew}, not search.seed {own}: an earlier study drew its trials "
+                     f"with seed {own}, and the same seed would have asked for its configurations again")
     for src in study.warm_start["sources"]:
         skipped = "; ".join(f"{n} × {why}" for why, n in src["skipped"].items())
         lines.append(f"- from `{src['source']}`: {src['told']} trials told to the sampler before the first trial"
@@ -424,18 +440,30 @@ def pareto_lines(study: results.Study) -> list[str]:
 
 def best_lines(study: results.Study) -> list[str]:
     spec, b = study.spec, study.best
+    head = [no_learner_line(study), ""] if results.none_learned(study.trials) else []
     if not b:
-        t = study.trials
-        if spec.multi and len(t) and results.learns_nothing(t).all():
-            # every trial reported its objectives, but a silent or dead network is on no Pareto front
-            return ["Every trial ended silent (a spiking layer below scheduler.silent_rate) or dead (one class for "
-                    "every image): none is on a Pareto front, so there is no picked trial; widen the search toward "
-                    "what learns, or lower silent_rate.", ""]
-        return ["No trial reported the objective: there is no best trial.", ""]
+        return head or ["No trial reported the objective: there is no best trial.", ""]
     objs = b["objective"] if spec.multi else [b["objective"]]
-    return [f"## Picked trial ({spec.retrain['pick']}): {b['trial_id']}" if spec.multi else f"## Best trial: {b['trial_id']}",
+    return head + [f"## Picked trial ({spec.retrain['pick']}): {b['trial_id']}" if spec.multi else f"## Best trial: {b['trial_id']}",
             "", ", ".join(f"{o['metric']} = {o['value']:.4g}" for o in objs) + " with "
             + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items()) + ".", ""]
+
+
+def no_learner_line(study: results.Study) -> str:
+    """The line of a study in which no trial learned (results.none_learned): how many were silent and
+    dead, why that is, what becomes of the best, and what to change. study.run ends with it (exit 0)."""
+    spec, t = study.spec, study.trials
+    reported = t[t["status"] != "errored"]
+    kinds = [f"{int(results.said(reported, k).sum())} {k}" for k in ("silent", "dead") if results.said(reported, k).any()]
+    rate = spec.scheduler["silent_rate"]
+    then = ("none is on a Pareto front, so no trial is picked and nothing is retrained" if spec.multi else
+            "the best value's trial, which fired no better, is still the best: with all the training images and "
+            "the retrain's epochs it may learn")
+    return (f"**No trial learned**: all {len(reported)} trials that reported were silent or dead networks at their "
+            f"last epoch ({', '.join(kinds)}: a spiking layer fired below scheduler.silent_rate {rate:g}, or the "
+            f"network predicted one class for {DEAD_SHARE:.1%} of its training images); their {spec.metric} is "
+            f"chance. {then[0].upper() + then[1:]}. Narrow the space toward what learns (a smaller lr first; the "
+            "sections above say where they were), train longer, or lower scheduler.silent_rate.")
 
 
 def retrain_lines(study: results.Study) -> list[str]:

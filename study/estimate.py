@@ -15,8 +15,8 @@ The model, in seconds:
              crowd each other (crowding)
   per epoch  training images / training speed + (validation + test images) / evaluation speed
              + the cost counting (COST_IMAGES images) + EPOCH_OVERHEAD_S (report, checkpoint)
-  per trial  TRIAL_START_S + the expected epochs: with ASHA a trial passes each rung with
-             probability 1 / reduction_factor
+  per trial  TRIAL_START_S + the expected epochs: with ASHA what asha_passes() simulates, one in
+             reduction_factor a rung for many trials, most of them with few trials or search.in_order
   search     the trials' sum over the trials running at once (study.plan.plan), the first start of each
              Ray worker, and the mean over the search space (SAMPLES configurations drawn from its
              distributions, the tutorial's first when search.baseline)
@@ -253,12 +253,65 @@ def epoch_s(cfg: TrainConfig, device: str, cpu: dict | None, n_train: int, n_tes
     return images * train_s + evaluated * eval_s + count + fixed * EPOCH_OVERHEAD_S
 
 
-def epoch_fractions(spec, epochs: int) -> list[float]:
-    """The expected share of trials that train each epoch: with ASHA, 1 / reduction_factor of them
-    pass each rung (study.plan.asha_rungs) that lies before that epoch."""
+def epoch_fractions(spec, epochs: int, first: int = 0) -> list[float]:
+    """The expected share of the study's trials from the `first`-th on (0: all of them; a --resume:
+    those not yet ended) that train each epoch 1..epochs: without successive halving all of them;
+    with ASHA the shares asha_passes() simulates."""
+    n = spec.search["num_samples"]
     rungs = [r for r in asha_rungs(spec) if r < spec.max_epochs]
-    rf = spec.scheduler.get("reduction_factor", 1)
-    return [(1 / rf) ** sum(r < e for r in rungs) for e in range(1, epochs + 1)]
+    if not rungs or first >= n:
+        return [1.0] * epochs
+    alive = asha_passes(spec)[first:].mean(0)  # after each rung, of the trials from `first` on
+    return [float(alive[sum(r < e for r in rungs)]) for e in range(1, epochs + 1)]
+
+
+ASHA_RUNS = 20_000  # trials simulated in all (runs of the study x its trials): ~0.1 s
+
+
+def asha_passes(spec, seed: int = 0) -> np.ndarray:
+    """asha_alive's share over many runs of the study: [n trials, 1 + rungs]."""
+    n = spec.search["num_samples"]
+    return asha_alive(spec, np.random.default_rng(seed).random((max(20, ASHA_RUNS // max(1, n)), n))).mean(0)
+
+
+def asha_alive(spec, quality: np.ndarray) -> np.ndarray:
+    """For each run of the study (a row of `quality`) and each trial (in creation order) whether it
+    still trains after each rung where ASHA decides: [runs, n trials, 1 + rungs], column 0 all True.
+    Each trial has one quality (higher is better) that ranks it the same at each rung, decided as
+    study.stopping decides, in creation order (each rung's records kept apart, as Ray's _Bracket
+    keeps them): one objective, Ray's cutoff (the (1 - 1/rf) quantile of the trials recorded at the rung,
+    linear, a tie goes on); several, MultiObjectiveASHA's rank (among the first ceil(m / rf) of the m
+    recorded with it). With few trials that is far from one in rf a rung: the first trial at a rung
+    always goes on, the second half the time; with search.in_order (k at once) trial n sees only
+    trials 1..n-k, so the first k are never stopped."""
+    n = spec.search["num_samples"]
+    rungs = [r for r in asha_rungs(spec) if r < spec.max_epochs]
+    rf, k = spec.scheduler["reduction_factor"], spec.search["max_concurrent"] if spec.search["in_order"] else 0
+    runs = len(quality)
+    alive = np.ones((runs, n), bool)
+    out = [alive.copy()]
+    for _ in rungs:
+        recorded = np.full((runs, n), np.inf)  # the quality each trial had when it reached this rung (inf: did not)
+        for i in range(n):
+            seen = recorded[:, : max(0, i - k + 1) if k else i]  # in_order: trials 1..n-k alone
+            q, here = quality[:, i], alive[:, i].copy()
+            if seen.shape[1]:
+                m = np.sum(seen < np.inf, 1)  # how many were recorded
+                if spec.multi:
+                    go = np.sum((seen > q[:, None]) & (seen < np.inf), 1) < np.ceil((m + 1) / rf)
+                else:  # numpy's linear percentile over the m recorded (sorted first; inf last)
+                    ordered = np.sort(seen, 1)
+                    at = (1 - 1 / rf) * np.maximum(m - 1, 0)
+                    lo = np.floor(at).astype(int)
+                    hi = np.minimum(lo + 1, np.maximum(m - 1, 0))
+                    a, b = np.take_along_axis(ordered, lo[:, None], 1)[:, 0], np.take_along_axis(ordered, hi[:, None], 1)[:, 0]
+                    with np.errstate(invalid="ignore"):
+                        cutoff = np.where(hi > lo, a + (b - a) * (at - lo), a)
+                    go = (m == 0) | (q >= cutoff)
+                alive[:, i] = here & go
+            recorded[here, i] = q[here]
+        out.append(alive.copy())
+    return np.stack(out, 2)
 
 
 def sample(spec, n: int = SAMPLES, seed: int = 0) -> list[TrainConfig]:
@@ -289,14 +342,17 @@ def sample(spec, n: int = SAMPLES, seed: int = 0) -> list[TrainConfig]:
 
 
 def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: int = 60_000,
-            n_test: int = 10_000, cpu: dict | None = None, note: str = "", do_retrain: bool = True) -> dict:
+            n_test: int = 10_000, cpu: dict | None = None, note: str = "", do_retrain: bool = True,
+            ended: int = 0) -> dict:
     """The study's predicted seconds per phase, GPU-hours and storage, on a cluster of `cpus` CPUs and
     `gpus` GPUs with study.plan.plan's resources `res`; `cpu`: calibrate()'s fit (needed when trials or
-    the retrain run on CPUs)."""
-    n = spec.search["num_samples"]
+    the retrain run on CPUs). `ended`: trials of an interrupted study that have ended (--resume
+    --dry-run): the search is priced for the trials left, the later ones in its order."""
+    total = spec.search["num_samples"]
+    n = max(0, total - ended)  # the trials still to run
     on_gpu = res["gpu"] > 0
     device = "gpu" if on_gpu else "cpu"
-    running = max(1, min(res["max_concurrent"] or 1, n, int(cpus // res["cpu"]) or 1,
+    running = max(1, min(res["max_concurrent"] or 1, n or 1, int(cpus // res["cpu"]) or 1,
                          int(gpus // res["gpu"]) if on_gpu else n))
     share = max(1, math.ceil(running * res["gpu"] / max(gpus, 1) - 1e-9)) if on_gpu else 1
     # CPU trials slow each other once their threads (and others' work) outnumber the cores.
@@ -305,7 +361,7 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
     crowd = 1.0 if on_gpu else crowding(running * max(1, int(res["cpu"])), max(cpus, 1), f)
     configs = sample(spec)
     warm = inductor_cache_warm()
-    fractions = epoch_fractions(spec, spec.max_epochs)
+    fractions = epoch_fractions(spec, spec.max_epochs, ended)
     trial_s, storage = [], []
     compiling = []
     for cfg in configs:
@@ -314,6 +370,7 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
         trial_s.append(fixed * TRIAL_START_S + e * sum(fractions[: cfg.epochs]))
         storage.append(checkpoint_bytes(cfg.channels, cfg.optimizer))
     mean_trial = float(np.mean(trial_s))
+    epochs = n * float(np.mean([sum(fractions[: cfg.epochs]) for cfg in configs]))  # trial-epochs the search trains
     # Workers start `running` at once and share the cores while they import; a worker that compiles
     # does so in its first trial (Ray reuses it for the next ones: reuse_actors), all at once.
     search_s = fixed * (TUNER_S["search"] + WORKER_START_S * (1 if on_gpu else max(1.0, running / max(cpus, 1)))
@@ -355,8 +412,9 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
         "wall_s": round(wall, 1),
         "phases_s": {k: round(v, 1) for k, v in phases.items()},
         "gpu_hours": round(gpu_s / 3600, 3),
-        "storage_bytes": int(n * float(np.mean(storage)) + retrain_bytes),
-        "trials": n, "running": running, "trial_s": round(mean_trial, 1),
+        "storage_bytes": int(total * float(np.mean(storage)) + retrain_bytes),
+        "trials": total, **({"trials_left": n} if ended else {}), "running": running, "trial_s": round(mean_trial, 1),
+        "epochs": round(epochs, 1),
         "nodes": nodes, "cpus": cpus, "gpus": gpus, "device": device,
         "speeds": "H200 figures (docs/gpucheck-h200.json) scaled by MACs" if on_gpu
                   else f"this CPU, calibrated with {cpu['threads'] if cpu else '?'} thread(s) a trial, "
@@ -401,7 +459,7 @@ def may_need_cpu(spec) -> bool:
 
 
 def here(spec, n_train: int, n_test: int, plan=resource_plan, allow_cpu: bool = False,
-         allow_pending_gpus: bool = False, do_retrain: bool = True) -> dict:
+         allow_pending_gpus: bool = False, do_retrain: bool = True, ended: int = 0) -> dict:
     """predict() for this machine as a one-node cluster (--dry-run starts no Ray): its CPUs
     (os.cpu_count) and CUDA GPUs, with study.plan.plan's resources (`plan`, which study.run still
     passes; its PlanError when this machine could not run a trial). A study that asks for GPUs on a
@@ -420,7 +478,7 @@ def here(spec, n_train: int, n_test: int, plan=resource_plan, allow_cpu: bool = 
         res = plan(spec, gpus, cpus, gpus, allow_cpu=allow_cpu, allow_pending_gpus=allow_pending_gpus,
                    node_cpus=cpus)
     cpu = cpu_speeds(spec) if res["gpu"] == 0 or res["retrain_gpu"] == 0 else None
-    return predict(spec, res, cpus, gpus, 1, n_train, n_test, cpu, note, do_retrain=do_retrain)
+    return predict(spec, res, cpus, gpus, 1, n_train, n_test, cpu, note, do_retrain=do_retrain, ended=ended)
 
 
 # ------------------------------------------------------------ words
@@ -434,8 +492,13 @@ def line(est: dict) -> str:
              f"{est['gpus']:g} GPU{'s' if est['gpus'] != 1 else ''}")
     return (f"estimate: wall {est['wall_s'] / 60:.1f} min, {est['gpu_hours']:.2f} GPU-hours, storage {storage} "
             f"{where}{' ' + est['note'] if est['note'] else ''} (search {p['search'] / 60:.1f} min: "
-            f"{est['trials']} trials, {est['running']} at once, {est['trial_s']:.0f} s each; retrain "
+            f"{trials_left(est)}, {est['running']} at once, {est['trial_s']:.0f} s each; retrain "
             f"{p['retrain'] / 60:.1f} min; speeds from {est['speeds']})")
+
+
+def trials_left(est: dict) -> str:
+    """'4 trials', or on a --resume '3 of 4 trials left'."""
+    return f"{est['trials_left']} of {est['trials']} trials left" if "trials_left" in est else f"{est['trials']} trials"
 
 
 def report_lines(location) -> list[str]:

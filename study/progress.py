@@ -1,10 +1,11 @@
 """What study.run prints while it runs, and the seconds each phase took (timing.yaml).
 
-By default one line whenever a trial ends or the best value improves, e.g.
+By default one line whenever a trial ends or the best trial changes, e.g.
 
   [0:56, ~0:56 left] trials 14/16: 6 finished, 8 stopped, 1 running, 0 errored; best val_acc 0.781 (trial 194e64a2)
 
-the remaining time from study.estimate's model; Ray Tune's own status tables only with --verbose.
+the remaining time from study.estimate's model and the trials' own clocks, the best of the trials that
+learn (never one silent or dead at its last report); Ray Tune's own status tables only with --verbose.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 
 from ray import tune
 
-from csnn.config import trial_fields
+from csnn.config import dead_network, silent_layers, trial_fields
 
 
 def clock(seconds: float) -> str:
@@ -29,12 +30,15 @@ class Progress(tune.Callback):
     its callbacks with the Tuner: plain attributes only, and the clock restarts in setup() (a
     --resume)."""
 
-    def __init__(self, spec, trial_s: float, running: int, after_s: float, fixed_s: float = 0.0):
+    def __init__(self, spec, trial_s: float, running: int, after_s: float):
         self.spec, self.trial_s, self.running, self.after_s = spec, trial_s, max(1, running), after_s
-        self.fixed_s = fixed_s  # the search's own start (Tuner, Ray workers), before any trial's work
         self.start = time.time()
         self.ended: dict = {}  # trial_id -> finished | stopped | silent | dead | errored
-        self.best = None  # (value, trial_id)
+        self.best = None  # (value, trial_id): the best of the trials that learn, as the study's end picks it
+        self.values: dict = {}  # trial_id -> (its best value so far, whether its last report learned nothing)
+
+    def __setstate__(self, state):  # a Progress pickled before `values` was kept
+        self.__dict__.update({"values": {}, **state})
 
     def setup(self, **info):
         self.start = time.time()
@@ -45,14 +49,32 @@ class Progress(tune.Callback):
         except (ValueError, TypeError):
             return self.spec.max_epochs
 
+    def _better(self, a, b) -> bool:
+        return b is None or (a > b if self.spec.mode == "max" else a < b)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.spec.metric)
         if value is None:
             return
-        better = self.best is None or (value > self.best[0] if self.spec.mode == "max" else value < self.best[0])
-        if better:
-            self.best = (value, trial.trial_id)
+        # A trial silent or dead now learned nothing, whatever it reached before: never the best (the
+        # study's end leaves out a trial silent or dead at its last epoch, results.best_row), until it
+        # fires again.
+        rate = self.spec.scheduler["silent_rate"]
+        quiet = bool(result.get("silent") or result.get("dead") or silent_layers(result, rate)
+                     or dead_network(result, rate))
+        before = self.values.get(trial.trial_id, (None, False))[0]
+        self.values[trial.trial_id] = (value if self._better(value, before) else before, quiet)
+        if self._pick() != self.best:
+            self.best = self._pick()
             self.say(trials)
+
+    def _pick(self):
+        """(value, trial_id) of the best trial among those whose last report learned something."""
+        best = None
+        for tid, (v, quiet) in self.values.items():
+            if not quiet and (best is None or self._better(v, best[0])):
+                best = (v, tid)
+        return best
 
     def _kind(self, trial) -> str:
         last = trial.last_result or {}
@@ -67,6 +89,8 @@ class Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.ended[trial.trial_id] = "errored"
+        self.values.pop(trial.trial_id, None)  # an errored trial is never the best
+        self.best = self._pick()
         self.say(trials, f" (trial {trial.trial_id} errored: {_error(trial)}; {trial.error_file or 'its error.txt'})")
 
     def say(self, trials, extra: str = "") -> None:
@@ -86,17 +110,30 @@ class Progress(tune.Callback):
         kinds = list(ended.values())
         running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
         elapsed = time.time() - self.start
-        # The model's remaining work (the trials not ended, those running counted half done), scaled
-        # by how the model has done so far: a machine that others load runs slower than predicted.
-        done = (len(kinds) + running / 2) * self.trial_s / self.running
-        pace = min(5.0, max(0.5, (elapsed - self.fixed_s) / done)) if len(kinds) >= 2 and done > 0 else 1.0
-        left = pace * (max(0.0, total - len(kinds) - running / 2) * self.trial_s / self.running + self.after_s)
-        remaining = f", ~{clock(left)} left" if self.trial_s else ""
-        best = (f"; best {self.spec.metric} {self.best[0]:.4g} (trial {self.best[1]})" if self.best else "")
+        remaining = f", ~{clock(self.left(trials, ended))} left" if self.trial_s else ""
+        best = (f"; best {self.spec.metric} {self.best[0]:.4g} (trial {self.best[1]})" if self.best
+                else "; no trial has learned yet" if self.values else "")
         print(f"[{clock(elapsed)}{remaining}] trials {len(kinds)}/{total}: "
               + ", ".join(f"{kinds.count(k)} {k}" for k in ("finished", "stopped", "silent", "dead")
                           if k in ("finished", "stopped") or k in kinds) + f", {running} running, "
               f"{kinds.count('errored')} errored{best}{extra}", flush=True)
+
+
+    def left(self, trials, ended: dict) -> float:
+        """Seconds left: the model's work for the trials not ended, less what the running ones have done,
+        scaled by the pace of the ended trials (their own seconds, Ray's time_total_s, against the model's:
+        a machine that others load runs slower than predicted). Read from the trials' own clocks, not
+        this process's: a driver that was stopped a while (SIGSTOP, a laptop's sleep) while its trials
+        trained neither stalls the count nor inflates the pace."""
+        took = {t.trial_id: float((t.last_result or {}).get("time_total_s") or 0.0) for t in trials}
+        done = [took.get(tid, 0.0) for tid in ended]
+        pace = min(8.0, max(0.25, sum(done) / (len(done) * self.trial_s))) if len(done) >= 2 and sum(done) else 1.0
+        per_trial = pace * self.trial_s
+        # a running trial's seconds so far count against its share, never past most of it (it may run long)
+        ran = sum(min(took.get(t.trial_id, 0.0), 0.9 * per_trial) for t in trials
+                  if t.status == "RUNNING" and t.trial_id not in ended)
+        todo = self.spec.search["num_samples"] - len(ended)
+        return max(0.0, todo * per_trial - ran) / self.running + pace * self.after_s
 
 
 def _error(trial) -> str:
@@ -199,8 +236,7 @@ class Timing:
         p = est.get("phases_s", {})
         after = sum(p.get(k, 0) for k in ("export", "retrain", "spikes"))
         trial_s, running = est.get("trial_s", 0.0), max(1, est.get("running", 1))
-        fixed = max(0.0, p.get("search", 0) - est.get("trials", 0) * trial_s / running)
-        cb = Progress(spec, trial_s, running, after, fixed)
+        cb = Progress(spec, trial_s, running, after)
         return {"callbacks": [cb], **({} if self.verbose else {"verbose": 0})}
 
     def quiet(self) -> dict:

@@ -211,6 +211,13 @@ def learns_nothing(trials: pd.DataFrame) -> pd.Series:
     return said(trials, "silent") | said(trials, "dead")
 
 
+def none_learned(trials: pd.DataFrame) -> bool:
+    """Whether the study has trials that reported, and every one of them learned nothing (silent or
+    dead at its last epoch): a study that ran, whose search space holds nothing that learns."""
+    reported = trials[trials["status"] != "errored"] if len(trials) else trials
+    return bool(len(reported)) and bool(learns_nothing(reported).all())
+
+
 def hypervolumes(studies: list, spec: StudySpec) -> list[float]:
     """The hypervolume of each study's Pareto front, comparable across the studies:
     every objective scaled to [0, 1] between the best and the worst value on the
@@ -259,9 +266,13 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
         front = pareto(trials, spec)
         return None if front.empty else pick(front, spec)
     key = best_column(spec.metric)
-    # Silent trials stay candidates: at chance accuracy they are the best only when no trial
-    # learnt (and their configuration may, given the retrain's epochs).
+    # A trial silent or dead at its last epoch is a candidate only when no trial learnt (its configuration
+    # may, given the retrain's images and epochs); else it is never the best, as on a Pareto front (and in
+    # the progress lines: study.progress).
     ok = trials[trials["status"] != "errored"] if len(trials) else trials
+    learnt = ok[~learns_nothing(ok)] if len(ok) else ok
+    if key in learnt and not learnt[key].dropna().empty:
+        ok = learnt
     if key not in ok or ok[key].dropna().empty:
         return None
     return ok.loc[ok[key].idxmax() if spec.mode == "max" else ok[key].idxmin()]

@@ -208,9 +208,11 @@ def _main(args) -> int:
         if decision.action == "search":
             check_moved(began, spec, study_dir)
     if decision.action == "nothing" and not args.dry_run:
-        if results.load(study_dir).best is None:  # then --retrain, which the line advises, has nothing to train
-            print(f"study {spec.name}: {study_dir} holds {lifecycle.STATES[state]} in which no trial reported the "
-                  f"objective: nothing to resume or retrain; read it with python -m study.analyze {study_dir}")
+        ended = results.load(study_dir)
+        if ended.best is None:  # then --retrain, which the line advises, has nothing to train
+            none = "learned" if results.none_learned(ended.trials) else "reported the objective"
+            print(f"study {spec.name}: {study_dir} holds {lifecycle.STATES[state]} in which no trial {none}: "
+                  f"nothing to resume or retrain; read it with python -m study.analyze {study_dir}")
         else:
             print(f"study {spec.name}: {study_dir} {decision.why}")
         return 0
@@ -223,6 +225,8 @@ def _main(args) -> int:
         raise UsageError(str(e)) from None
     for line in warmstart.lines(warm):
         print(line, flush=True)
+    if args.dry_run and decision.action in ("search", "restart") and state != "interrupted":
+        sampler_line(spec, warm)  # what a new study's sampler does (a run says it after its first line)
     if state != "absent" and decision.action != "restart":  # a study goes on only on the images it began on
         history = results.load(study_dir).history
         was = sorted(set(history["data_sha"].dropna().astype(str)) - {""}) if "data_sha" in history else []
@@ -230,9 +234,14 @@ def _main(args) -> int:
             raise UsageError(f"{study_dir}: the study was trained on other images (data fingerprint {', '.join(was)}; "
                              f"{data.source} has {data.fingerprint}); give --data-dir the data it began on")
     if args.dry_run:
+        ended = 0  # --resume of an interrupted search: priced for the trials left
+        if state == "interrupted" and decision.action == "search":
+            ended = sum(t.status in ("TERMINATED", "ERROR") for t, _ in results.trial_results(study_dir / "ray"))
+        what = (f"the interrupted search continues, {ended} of {spec.search['num_samples']} trials ended"
+                if state == "interrupted" and decision.action == "search" else lifecycle.ACTIONS[decision.action])
         print(f"# {args.space}: valid; data {data.source} ({len(data.train_y)} training, {len(data.test_y)} test "
               f"images); results would go to {study_dir} ({lifecycle.STATES[state]}: "
-              f"{lifecycle.ACTIONS[decision.action]})\n{yaml.safe_dump(spec.to_dict(), sort_keys=False)}", end="")
+              f"{what})\n{yaml.safe_dump(spec.to_dict(), sort_keys=False)}", end="")
         if decision.action not in ("search", "restart"):  # the estimate is of a whole study, as it begins
             prior = study_dir / "estimate.yaml"
             print("estimate: none for " + ("nothing to run" if decision.action == "nothing" else "a retrain alone")
@@ -240,13 +249,15 @@ def _main(args) -> int:
             return 0
         try:
             print(estimate.line(estimate.here(spec, len(data.train_y), len(data.test_y), plan, args.allow_cpu,
-                                              args.allow_pending_gpus, do_retrain=not args.no_retrain)), flush=True)
+                                              args.allow_pending_gpus, do_retrain=not args.no_retrain,
+                                              ended=ended)), flush=True)
         except PlanError as e:  # this machine could not run it (too few CPUs a trial): the file is still valid
             print(f"warning: no estimate for this machine: {e}", file=sys.stderr)
         return 0
     retrain_only = decision.action in ("retrain", "finish_retrain")
     if retrain_only and results.load(study_dir).best is None:
-        raise UsageError(f"{study_dir}: no trial reported the objective; nothing to retrain (read it: "
+        none = "learned" if results.none_learned(results.load(study_dir).trials) else "reported the objective"
+        raise UsageError(f"{study_dir}: no trial {none}; nothing to retrain (read it: "
                          f"{lifecycle.command_line(lifecycle.ANALYZE, args.argv, study_dir)})")
     if decision.action == "restart":  # what the stopped run left: the study starts afresh
         tuner = study_dir / "ray" / "tuner.pkl"  # Ray's own state: empty when a run was cut while Ray wrote it
@@ -264,6 +275,15 @@ def _main(args) -> int:
                allow_cpu=args.allow_cpu, allow_pending_gpus=args.allow_pending_gpus,
                optuna_storage=args.optuna_storage, retrain_only=retrain_only,
                fresh_retrain=decision.action == "retrain", verbose=args.verbose, warm=warm, argv=args.argv)
+
+
+def sampler_line(spec: specs.StudySpec, warm: list) -> None:
+    """The line saying what the study's sampler draws at random (samplers.startup_line), if it says any."""
+    from study.samplers import startup_line
+
+    said = startup_line(spec.search["sampler"], spec.search["num_samples"], sum(len(p["told"]) for p in warm))
+    if said:
+        print(said, flush=True)
 
 
 def run(*args, verbose: bool = False, **kwargs) -> int:
@@ -313,6 +333,8 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
         return 2
     print(f"study {spec.name}: {res['summary']}; {len(nodes)} Ray node(s); results in {study}", flush=True)
+    if fresh:
+        sampler_line(spec, warm or [])
     older = older_line(older_than_tested())  # torch & co. older than tested: said, recorded in environment.yaml
     if older:
         print(older, file=sys.stderr, flush=True)
@@ -409,7 +431,11 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         timing.lap("retrain")
     keep(running=False, trials_s=results.read_breakdown(study))
     print(f"results in {study}; wall time {(time.time() - start) / 60:.1f} min")
-    return 0 if best else 1
+    if best or retrain_only or results.none_learned(trials):  # no trial learned: a finding, said by the summary
+        return 0
+    print(f"error: no trial of study {spec.name} reported {spec.metric}, so there is no best trial; the errored "
+          f"trials' lines above say why (python -m study.analyze {study} lists them)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
                 SilentAwareOptunaSearch.resume_url = ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = None
 
     storage = optuna.storages.RDBStorage(optuna_storage)
-    sampler = make_sampler(spec.search["sampler"], spec.search["seed"])
+    # its random start-up sized to the study; after a warm start, a seed no earlier study drew with
+    sampler = make_sampler(spec.search["sampler"], warmstart.seed(warm, spec.search["seed"]) if warm
+                           else spec.search["seed"], spec.search["num_samples"])
     # The Optuna study is made here and OptunaSearch loads it (same storage and name):
     # so that optuna-dashboard names the objectives (not "Objective 0"), and so that
     # the baseline can be enqueued (Ray ignores points_to_evaluate with a define-by-run space).

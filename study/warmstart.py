@@ -7,6 +7,10 @@ add_trials: the sampler learns from them, Ray runs none of them again); the
 earlier study's best configuration (its Pareto set, with several objectives) is
 enqueued to run first. What was told, skipped and why, and enqueued is kept in
 STUDY/warm_start.yaml, which the report reads.
+
+A sampler draws its random start-up from its seed: with the seed an earlier study drew with, the
+warm-started study would ask for that study's configurations again, in the same order. Its sampler
+takes the first seed after its own that no earlier study drew with (seed), and says so.
 """
 from __future__ import annotations
 
@@ -133,8 +137,19 @@ def plan(spec: StudySpec, sources: list[str], data_sha: str = "") -> list[dict]:
                 enqueue.append({"params": given.params, "origin": f"{other.path} trial {b['trial_id']}"})
             else:
                 skipped[f"best trial {b['trial_id']} not enqueued: {why}"] += 1
-        out.append({"source": str(other.path), "told": told, "skipped": dict(skipped), "enqueue": enqueue})
+        drew = (other.warm_start or {}).get("seed", other.spec.search["seed"])  # the seed its sampler drew with
+        out.append({"source": str(other.path), "told": told, "skipped": dict(skipped), "enqueue": enqueue,
+                    "seed": drew, "own_seed": spec.search["seed"]})
     return out
+
+
+def seed(planned: list[dict], own: int) -> int:
+    """The seed of a warm-started study's sampler: its own (`own`, search.seed), or the first after it
+    that no earlier study in `planned` drew with (the same seed would draw the same configurations)."""
+    used = {p["seed"] for p in planned}
+    while own in used:
+        own += 1
+    return own
 
 
 def lines(planned: list[dict]) -> list[str]:
@@ -144,14 +159,21 @@ def lines(planned: list[dict]) -> list[str]:
         skipped = "; ".join(f"{n} × {why}" for why, n in p["skipped"].items())
         out.append(f"warm start from {p['source']}: {len(p['told'])} trials told to the sampler, "
                    f"{len(p['enqueue'])} best configuration(s) run first" + (f"; skipped {skipped}" if skipped else ""))
+    if planned and seed(planned, planned[0]["own_seed"]) != planned[0]["own_seed"]:
+        own, used = planned[0]["own_seed"], seed(planned, planned[0]["own_seed"])
+        drew = ", ".join(p["source"] for p in planned if p["seed"] == own)
+        out.append(f"warm start: the sampler draws with seed {used}, not search.seed {own}: {drew} drew its trials "
+                   f"with seed {own}, and the same seed would ask for its configurations again")
     return out
 
 
 def apply(optuna_study, planned: list[dict]) -> dict:
-    """Tell and enqueue into a new Optuna study; return what warm_start.yaml records."""
+    """Tell and enqueue into a new Optuna study; return what warm_start.yaml records (with the seed
+    its sampler draws with: seed())."""
     for p in planned:
         optuna_study.add_trials(p["told"])
         for e in p["enqueue"]:
             optuna_study.enqueue_trial(e["params"], user_attrs={"warm_start": e["origin"]})
-    return {"sources": [{"source": p["source"], "told": len(p["told"]), "skipped": p["skipped"],
-                         "enqueued": p["enqueue"]} for p in planned]}
+    return {"seed": seed(planned, planned[0]["own_seed"]) if planned else None,
+            "sources": [{"source": p["source"], "told": len(p["told"]), "skipped": p["skipped"],
+                         "enqueued": p["enqueue"], "seed": p["seed"]} for p in planned]}

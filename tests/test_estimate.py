@@ -5,6 +5,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -51,14 +53,64 @@ def test_the_gpu_model_is_the_h200_table_scaled_by_the_networks_cost():
     assert estimate.per_image_s(TrainConfig(T=2, channels=32, batch_size=128), "gpu", None)[0] == pytest.approx(train)
 
 
-def test_asha_passes_one_in_reduction_factor_trials_per_rung():
-    quick = specs.load(ROOT / "search_spaces" / "quick.yaml")  # grace 1, reduction 2, 2 epochs: rung 1
-    assert estimate.epoch_fractions(quick, 2) == [1, 0.5]
+def test_asha_passes_one_in_reduction_factor_trials_per_rung_only_with_many_trials():
     fmnist = specs.load(ROOT / "search_spaces" / "fmnist.yaml")  # grace 2, reduction 3, 16 epochs: rungs 2, 6
+    fmnist.search["num_samples"] = 2000
     f = estimate.epoch_fractions(fmnist, 16)
-    assert f[:2] == [1, 1] and f[2:6] == [pytest.approx(1 / 3)] * 4 and f[6:] == [pytest.approx(1 / 9)] * 10
+    assert f[:2] == [1, 1] and f[2:6] == [pytest.approx(1 / 3, abs=0.03)] * 4 and f[6:] == [pytest.approx(1 / 9, abs=0.03)] * 10
     none = specs.parse(tiny_spec("fifo"))
     assert estimate.epoch_fractions(none, 2) == [1, 1]
+    # 4 trials, rungs at 1, 2, 4 and 8 of 10 epochs: the first trial at each rung always goes on, the second
+    # half the time (it passes a rung of one trial when it ties or beats it), far from 1/2, 1/4, ... a rung
+    few = specs.parse(tiny_spec("few", train={"epochs": 10}, search={"num_samples": 4},
+                                scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    passes = estimate.asha_passes(few)
+    assert (passes[0] == 1).all() and passes[1, 1:] == pytest.approx([0.5] * 4, abs=0.05)
+    assert 4 * sum(estimate.epoch_fractions(few, 10)) > 20  # asymptotic halving: 10.5 trial-epochs
+    # in_order with 2 at once: the first two are never stopped, the third and fourth see only the first (second)
+    few.search.update(in_order=True, max_concurrent=2)
+    passes = estimate.asha_passes(few)
+    assert (passes[:2] == 1).all() and passes[2:, 1:] == pytest.approx(np.full((2, 4), 0.5), abs=0.05)
+    # a --resume with 2 of the 4 ended: the trials left are the stopped ones' places
+    assert estimate.epoch_fractions(few, 10, 2) == pytest.approx([1] + [0.5] * 9, abs=0.05)
+
+
+@pytest.mark.parametrize("objectives,in_order", [(1, 0), (1, 2), (2, 0), (2, 3)])
+def test_the_simulated_rungs_decide_as_the_studys_own_schedulers(objectives, in_order):
+    """asha_alive's decisions, run for run, against the schedulers study.run gives Ray Tune (Ray's ASHA
+    bracket in stopping.ResumableASHA, stopping.MultiObjectiveASHA) fed the same qualities trial by
+    trial (each rung keeps its own records, so the order across rungs does not matter); two objectives
+    on a line, where the Pareto rank is the one quality's rank."""
+    from types import SimpleNamespace
+
+    from study.stopping import MultiObjectiveASHA, ResumableASHA
+
+    over = {"objective": [{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "min"}]} \
+        if objectives == 2 else {}
+    spec = specs.parse(tiny_spec("sim", train={"epochs": 9}, search={"num_samples": 9, "max_concurrent": in_order or 2,
+                                                                     "in_order": bool(in_order)},
+                                 scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}, **over))
+    quality = np.random.default_rng(1).random((40, 9)).round(1)  # rounded: ties too
+    alive = estimate.asha_alive(spec, quality)
+    rungs = [1, 2, 4, 8]
+    for run, q in enumerate(quality):
+        if objectives == 2:
+            s = MultiObjectiveASHA(["val_acc", "energy_uj"], ["max", "min"], max_t=9, grace_period=1,
+                                   reduction_factor=2, in_order=in_order)
+        else:
+            s = ResumableASHA(time_attr="training_iteration", metric="val_acc", mode="max", max_t=9, grace_period=1,
+                              reduction_factor=2, in_order=in_order)
+        for i in range(9):
+            trial = SimpleNamespace(trial_id=f"t{i}", experiment_tag=f"{i + 1}_x", storage=None)
+            s.on_trial_add(None, trial)
+            ran = 9
+            for epoch in range(1, 10):
+                result = {"training_iteration": epoch, "val_acc": q[i], "energy_uj": -q[i]}
+                if s.on_trial_result(None, trial, result) == "STOP":
+                    ran = epoch
+                    break
+            want = [ran > r for r in rungs]  # still training after each rung
+            assert list(alive[run, i, 1:]) == want, (run, i, q, ran)
 
 
 def test_a_real_study_against_its_estimate_and_its_output(tiny_study):
@@ -109,17 +161,32 @@ def test_a_real_study_against_its_estimate_and_its_output(tiny_study):
     assert float(rows["**wall**"].split("|")[3]) == pytest.approx(act["wall_s"], abs=0.51)
 
 
-def test_verbose_prints_rays_tables(tmp_path, tiny_data_dir):
-    space = write_spec(tmp_path, tiny_spec("loud", search={"num_samples": 2}, retrain={"seeds": []}))
+def test_verbose_prints_rays_tables_and_asha_with_few_trials_costs_what_was_estimated(tmp_path, tiny_data_dir):
+    """4 trials of 10 epochs with ASHA, 2 at once in order: with so few trials the first at each rung goes on,
+    and the first two are never stopped, so the search trains most of its 40 trial-epochs (the asymptotic
+    halving priced 10.5 of them, a quarter of the search's time)."""
+    space = write_spec(tmp_path, tiny_spec("loud", train={"epochs": 10},
+                                           search={"num_samples": 4, "max_concurrent": 2, "in_order": True},
+                                           scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                                           retrain={"seeds": []}))
     p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--verbose"), env=env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Trial status:" in p.stdout and "╭" in p.stdout  # Ray Tune's own output engine
-    assert PROGRESS.findall(p.stdout)[-1][:2] == ("2", "2")  # and ours
-    timing = yaml.safe_load((tmp_path / "results" / "loud" / "timing.yaml").read_text())
+    assert PROGRESS.findall(p.stdout)[-1][:2] == ("4", "4")  # and ours
+    assert "\nsampler tpe: the first 2 of 4 trials at random (Optuna's default 10, sized to a third of the 4 trials)" \
+        in p.stdout  # after the study's first line
+    d = tmp_path / "results" / "loud"
+    timing = yaml.safe_load((d / "timing.yaml").read_text())
     assert "retrain" not in timing["phases_s"] and timing["phases_s"]["search"] > 0
-    est = yaml.safe_load((tmp_path / "results" / "loud" / "estimate.yaml").read_text())
+    est = yaml.safe_load((d / "estimate.yaml").read_text())
     assert est["phases_s"]["retrain"] == 0  # no seeds: nothing predicted for it
+    trials = pd.read_csv(d / "trials.csv").sort_values("number")
+    assert list(trials["epochs_run"])[:2] == [10, 10]  # in_order: the first two are never stopped
+    assert 1 / 2 < trials["epochs_run"].sum() / est["epochs"] < 2, (trials["epochs_run"].tolist(), est)
+    # the search's seconds within a factor of 2 (the machine's load is measured at the start: see
+    # test_a_real_study_against_its_estimate_and_its_output for the band of a whole study)
+    assert 1 / 2 < timing["phases_s"]["search"] / est["phases_s"]["search"] < 2, (timing, est)
 
 
 def test_the_fixed_costs_scale_both_ways_with_the_measured_python_start():
@@ -162,3 +229,30 @@ def test_a_study_this_machine_cannot_run_is_still_valid_without_an_estimate(tmp_
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "warning: no estimate for this machine" in p.stderr and "cpus_per_trial" in p.stderr
     assert not ESTIMATE.findall(p.stdout)
+
+
+def test_the_time_left_follows_the_trials_own_clocks_not_a_stopped_driver(capsys):
+    """study.run stopped for ten minutes (SIGSTOP) while its trials trained on: the time left reads their
+    own seconds (Ray's time_total_s) against the estimate's 10 s a trial, 2 at once, and goes down as the
+    running ones go on; the driver's clock, ten minutes on, made it a pace 5x the estimate's, the same
+    '~0:25 left' at every line until a trial ended."""
+    import time
+    from types import SimpleNamespace
+
+    from study.progress import Progress
+
+    p = Progress(specs.parse(tiny_spec("left", search={"num_samples": 4})), 10.0, 2, 0.0)
+    p.start = time.time() - 600
+
+    def left(running_s):
+        trials = [SimpleNamespace(trial_id=t, status=status, last_result={"time_total_s": s, "training_iteration": 2},
+                                  config={"channels": 4, "lr": 0.01}, error_file=None)
+                  for t, status, s in (("a", "TERMINATED", 12), ("b", "TERMINATED", 8),
+                                       ("c", "RUNNING", running_s), ("d", "RUNNING", running_s))]
+        capsys.readouterr()
+        p.say(trials)
+        return re.search(r", ~(\d+:\d\d) left\]", capsys.readouterr().out).group(1)
+
+    assert left(2) == "0:08"  # (2 trials x 10 s - 4 s run) / 2 at once: the ended ones took what was estimated
+    assert left(6) == "0:04"
+    assert left(30) == "0:01"  # running long: never less than a tenth of its share left

@@ -3,6 +3,7 @@ same rungs (Ray saves no scheduler state; study.run records the rungs again on -
 time, or two at once with search.in_order (which makes what the sampler and the rungs read independent of
 timing)."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -110,6 +111,12 @@ def test_a_copied_or_moved_interrupted_study_resumes_into_its_own_folder(tmp_pat
     ended = {Path(t.path).name: (Path(t.path) / "progress.csv").read_bytes()
              for t, _ in results.trial_results(Location.parse(first / "ray")) if t.status == "TERMINATED"}
     assert ended and len(list(first.glob("ray/trainable_*"))) == 2, p.stderr[-3000:]  # the third: not made yet
+    # its dry run prices the trials left, and says that the interrupted search goes on (not "a new study")
+    p = study(first.parent, "--resume", "--dry-run")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "(a study whose search has not ended: the interrupted search continues, 1 of 3 trials ended)" in p.stdout
+    assert "a new study" not in p.stdout and re.search(r"^estimate: .*\(search [\d.]+ min: 2 of 3 trials left, ", p.stdout,
+                                                       re.M), p.stdout[-2000:]
 
     def complete(d, retrained=True):
         trials = pd.read_csv(d / "trials.csv")

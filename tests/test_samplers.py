@@ -9,16 +9,17 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 import ray
 import yaml
 
-from conftest import env, study_cmd, tiny_spec, write_spec
+from conftest import env, run_study, study_cmd, tiny_spec, write_spec
 from csnn import data as fmnist
 from study import analyze, environment, results, run, spec as specs
-from study.samplers import SAMPLERS, make_sampler
+from study.samplers import SAMPLERS, make_sampler, startup_line
 
 TWO = [{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "min"}]
 
@@ -101,8 +102,9 @@ def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny
     assert timing["wall_s"] == pytest.approx(sum(r["wall_s"] for r in timing["runs"]), abs=0.2)
     db = optuna.load_study(study_name="nsga2", storage=f"sqlite:///{d / 'optuna.db'}")
     assert [t.state.name for t in db.trials] == ["COMPLETE"] * 3
-    # NSGA-II's generation is kept in the Optuna storage: the resumed trials continue the first population
-    assert [t.system_attrs.get("NSGAIISampler:generation") for t in db.trials] == [0, 0, 0]
+    # NSGA-II's generation is kept in the Optuna storage: the resumed trials continue where the population was
+    # (a population sized to the study, 2 of 3 trials: the third is the second generation, bred from the first two)
+    assert [t.system_attrs.get("NSGAIISampler:generation") for t in db.trials] == [0, 0, 1]
     trials = pd.read_csv(d / "trials.csv")  # number is creation order, as Optuna numbered the trials, resume or not
     assert sorted(trials["number"]) == [1, 2, 3]
     for _, row in trials.iterrows():
@@ -118,3 +120,44 @@ def test_environment_differences_are_one_line_each():
         f"torch: none then, {now['packages']['torch']} now", f"ray: 2.59.0 then, {now['packages']['ray']} now",
         f"cpus: {now['cpus'] + 1} then, {now['cpus']} now"]
     assert environment.differences(now, now) == []
+
+
+@pytest.mark.parametrize("name,objectives", [("tpe", 1), ("gp", 1), ("tpe", 2), ("nsga2", 2)])
+def test_a_small_study_is_guided_not_random_search(name, objectives):
+    """4 trials: Optuna's samplers draw their first 10 (NSGA-II its first generation of 50) from the
+    random sampler of the same seed, so that tpe, gp and nsga2 ran the very configurations `random`
+    did. Sized to the study, the first 2 are those draws and the last 2 are the sampler's own. Real
+    Optuna studies on the space's define-by-run function (the search's), a cheap objective."""
+    spec = specs.parse(tiny_spec("small", objective=TWO[:objectives], search={"sampler": name, "num_samples": 4}))
+
+    def configurations(sampler_name):
+        study = optuna.create_study(sampler=make_sampler(sampler_name, 0, 4),
+                                    directions=["maximize", "minimize"][:objectives])
+        space = specs.define_by_run(spec)
+
+        def objective(trial):
+            fields = space(trial)
+            return (-abs(np.log(fields["lr"] / 0.01)), fields["channels"])[:objectives]
+        study.optimize(objective, n_trials=4)
+        return [t.params for t in study.trials]
+
+    guided, drawn = configurations(name), configurations("random")
+    assert guided[:2] == drawn[:2] and all(g != d for g, d in zip(guided[2:], drawn[2:])), (guided, drawn)
+
+
+def test_the_dry_run_says_what_the_sampler_draws_at_random(tiny_data_dir, tmp_path, capsys):
+    space = write_spec(tmp_path, tiny_spec("tpe12", search={"sampler": "tpe", "num_samples": 12}))
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--dry-run")  # one dry run (each calibrates the CPU)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    said = [line for line in p.stdout.splitlines() if line.startswith("sampler ")]
+    assert said == ["sampler tpe: the first 4 of 12 trials at random (Optuna's default 10, sized to a third of the 12 "
+                    "trials), then guided by the results"]
+    # the same line for other samplers and sizes (study.run prints startup_line's)
+    assert startup_line("gp", 48) == "sampler gp: the first 10 of 48 trials at random, then guided by the results"
+    assert startup_line("tpe", 2) == ("sampler tpe: random search: it draws its first 2 trials at random before it "
+                                      "learns from results, and the study has 2; give search.num_samples more than 2 "
+                                      "for a guided search")
+    assert startup_line("nsga2", 48).startswith("sampler nsga2: generations of 16 trials (Optuna's default 50")
+    assert startup_line("tpe", 4, told=3) == ("sampler tpe: no trial at random (3 told by the warm start count as "
+                                              "results), then guided by the results")
+    assert startup_line("random", 4) is None and startup_line("qmc", 4) is None

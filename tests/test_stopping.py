@@ -182,7 +182,8 @@ def test_dead_networks_stop_after_two_dead_epochs_and_are_told_as_infeasible(tmp
     assert warm[300.0].constraints == {"dead": 1.0} and warm[1.0].constraints == {}
 
     lines = "\n".join(analyze.summary(s))
-    assert "Trials: 2 — 1 finished, 0 stopped, 0 silent, 1 dead, 0 errored" in lines, lines
+    assert "Trials: 2 — 1 finished, 0 stopped, 0 ended by the silent stop, 1 ended by the dead stop, 0 errored; " \
+        "1 dead at their last epoch (below)" in lines, lines
     assert "Dead networks: 1 of 2 trials" in lines and "1 were ended so by the dead stop (they ran 10 epochs of the 11" \
         in lines and "- `lr`: 1 0/1 dead, 300 1/1 dead" in lines, lines
     assert re.search(r"trials 2/2: 1 finished, 0 stopped, 1 dead, 0 running", p.stdout), p.stdout  # study.run's line
@@ -244,3 +245,61 @@ def test_hypervolume_scales_to_the_fronts_and_leaves_silent_trials_out():
     none = rows(("n1", "errored", None, None, 1, None))
     assert results.hypervolumes([study(none), study(none)], spec) == [0.0, 0.0]  # no front at all
     assert analyze.compare(study(none), study(b.iloc[0:0]))[0] == "trial-epochs: hv 1, hv 0"
+
+
+def test_a_study_in_which_no_trial_learned_ends_saying_so(tmp_path, tiny_data_dir, local_ray, capsys):
+    """Every trial silent (SGD lr 1000 on 4 channels: silent from the first epoch on; two epochs of 500
+    images, too few for the silent stop, so the trials finish): exit 0 and one line saying that no trial
+    learned and why, a header whose counts agree with the silent section, nothing picked or retrained
+    (two objectives: a silent network is on no Pareto front), and no progress line naming a best."""
+    spec = tiny_spec("nolearner", objective=[{"metric": "val_acc", "mode": "max"},
+                                             {"metric": "energy_uj", "mode": "min"}],
+                     train={"epochs": 2, "T": 2, "optimizer": "sgd"},
+                     space={"channels": SILENT["channels"], "lr": SILENT["lr"]["cases"]["sgd"]},
+                     search={"sampler": "random", "num_samples": 2, "max_concurrent": 2},
+                     retrain={"seeds": [0], "epochs": 1, "pick": "knee"})
+    p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "error" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert ("**No trial learned**: all 2 trials that reported were silent or dead networks at their last epoch "
+            "(2 silent: a spiking layer fired below scheduler.silent_rate 0.001") in p.stdout, p.stdout[-3000:]
+    assert "None is on a Pareto front, so no trial is picked and nothing is retrained" in p.stdout
+    assert "Trials: 2 — 2 finished, 0 stopped, 0 ended by the silent stop, 0 errored; 2 silent at their last epoch" \
+        in p.stdout and "## Silent networks: 2 of 2 trials" in p.stdout, p.stdout[-3000:]
+    progress = [line for line in p.stdout.splitlines() if re.match(r"^\[\d+:\d\d", line)]
+    assert progress and not any("best val_acc" in line for line in progress), progress
+    assert progress[-1].endswith("no trial has learned yet"), progress
+    d = tmp_path / "results" / "nolearner"
+    assert not (d / "best.yaml").exists() and not (d / "best").exists() and (d / "trials.csv").is_file()
+    space = tmp_path / "nolearner.yaml"  # and what --resume and --retrain then say
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--resume")
+    assert p.returncode == 0 and "in which no trial learned: nothing to resume or retrain" in p.stdout, p.stdout
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--retrain")
+    assert p.returncode == 2 and "no trial learned; nothing to retrain" in p.stderr, p.stderr
+
+
+def test_the_progress_line_never_names_a_trial_that_learned_nothing_as_best(capsys):
+    """Progress, fed as Ray Tune feeds its callbacks: a silent report (a layer below silent_rate, or the
+    trainable's own word) takes its trial out of the best until it fires again; an errored trial too."""
+    from types import SimpleNamespace
+
+    from study import spec as specs
+    from study.progress import Progress
+
+    p = Progress(specs.parse(tiny_spec("best", search={"num_samples": 3})), 0.0, 1, 0.0)
+    trials = [SimpleNamespace(trial_id=t, status="RUNNING", last_result={}, config={"channels": 4, "lr": 0.01},
+                              error_file=None)
+              for t in "abc"]
+
+    def report(trial, val_acc, fr_12, **more):
+        capsys.readouterr()
+        p.on_trial_result(0, trials, trials["abc".index(trial)], {"val_acc": val_acc, "fr_12": fr_12, **more})
+        return capsys.readouterr().out
+
+    assert "best val_acc 0.3 (trial a)" in report("a", 0.3, 0.05)
+    assert report("b", 0.5, 0.0) == ""  # silent: not the best, and nothing changed
+    assert report("c", 0.6, 0.05, silent="fr_12") == ""  # the trainable's silent stop
+    assert "no trial has learned yet" in report("a", 0.1, 0.0)  # a went silent: its 0.3 no longer counts
+    assert "best val_acc 0.5 (trial b)" in report("b", 0.2, 0.04)  # b fires again: its best value counts
+    p.on_trial_error(0, trials, trials[1])
+    assert p.best is None

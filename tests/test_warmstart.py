@@ -18,6 +18,9 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_its_sampler_saw_th
     p = run_study(capsys, space, tmp_path, tiny_data_dir, "--warm-start", e2e)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"warm start from {e2e}: 3 trials told to the sampler, 1 best configuration(s) run first" in p.stdout
+    # e2e drew with seed 0 too: the same seed would ask for its configurations again (its trials 1, 2 after the best)
+    assert (f"warm start: the sampler draws with seed 1, not search.seed 0: {e2e} drew its trials with seed 0, and "
+            "the same seed would ask for its configurations again") in p.stdout
 
     d = tmp_path / "results" / "warm"
     study = optuna.load_study(study_name="warm", storage=f"sqlite:///{d / 'optuna.db'}")
@@ -29,12 +32,16 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_its_sampler_saw_th
         assert t.value == pytest.approx(by_id.loc[tid, "val_acc"]) and t.params["lr"] == pytest.approx(by_id.loc[tid, "lr"])
     ran = [t for t in study.trials if t.number >= 3]
     assert len(ran) == 2 and ran[0].params == {"channels": best["params"]["channels"], "lr": best["params"]["lr"]}
+    earlier = [{"channels": r["channels"], "lr": r["lr"]} for _, r in first.iterrows()]
+    assert ran[1].params not in earlier, (ran[1].params, earlier)  # only the enqueued best runs again
+    assert yaml.safe_load((d / "warm_start.yaml").read_text())["seed"] == 1
 
     trials = pd.read_csv(d / "trials.csv").sort_values("number")
     assert trials["warm_start"].iloc[0] == f"{e2e} trial {best['trial_id']}"
     assert trials["lr"].iloc[0] == best["params"]["lr"] and trials["warm_start"].iloc[1:].isna().all()
     lines = "\n".join(analyze.summary(results.load(d)))
     assert "## Warm start" in lines and f"from `{e2e}`: 3 trials told" in lines
+    assert "- the sampler drew with seed 1, not search.seed 0: an earlier study drew its trials with seed 0" in lines
     assert f"ran first here as trial {trials['trial_id'].iloc[0]}" in lines
 
 
