@@ -22,7 +22,7 @@ import torch
 from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.op_counter import SimpleEnergyProfiler
 
-from csnn.model import CSNN, IFNode, MaxPool2d
+from csnn.model import CSNN, MaxPool2d, SpikingNeuron
 
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9  # SimpleEnergyCostConfig's defaults, which count() uses
 
@@ -40,7 +40,7 @@ def count(net: CSNN, x: torch.Tensor) -> dict:
     convolution without cuDNN (whose cudnn_batch_norm they do not count). The figures
     then depend only on the network, its weights and the images."""
     pools = [m for m in net.conv_fc if isinstance(m, MaxPool2d)]
-    neurons = [m for m in net.conv_fc if isinstance(m, IFNode)]
+    neurons = [m for m in net.conv_fc if isinstance(m, SpikingNeuron)]
     saved = [m.fused for m in pools], [m.kernel for m in neurons], net.training
     for m in pools:
         m.fused = False
