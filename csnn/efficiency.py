@@ -10,7 +10,9 @@ intercept every operator of a forward pass and count from the actual spikes:
   layer costs its fan-out;
 - MACs: the multiply-accumulates of the layers that see real values (the first
   Conv2d, computed once per image by our model, and the BatchNorms);
-- ACs: SynOps plus the accumulates of the neurons' own updates;
+- ACs: SynOps plus the accumulates of the neurons' own updates (a leaky neuron, LIF or PLIF,
+  adds its decay: ACS_PER_DECAY per neuron and step) and of average pooling (3 per output:
+  its sums; the input it hands on is no longer binary, so the next layer's work counts as MACs);
 - energy: E_MAC * MACs + E_AC * ACs with SpikingJelly's 45 nm figures
   (Horowitz, ISSCC 2014): E_MAC 4.6 pJ, E_AC 0.9 pJ (32-bit float). Memory
   traffic, which SpikingJelly's estimate also prices, is left out: it depends
@@ -25,6 +27,9 @@ from spikingjelly.activation_based.op_counter import SimpleEnergyProfiler
 from csnn.model import CSNN, MaxPool2d, SpikingNeuron
 
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9  # SimpleEnergyCostConfig's defaults, which count() uses
+# A leaky neuron's decay per step (config.NEURONS' "decays") as the counters see SpikingJelly's reference
+# formula v + (x - (v - v_reset)) / tau: two subtractions, two ACs; the division is neither a MAC nor an AC.
+ACS_PER_DECAY = 2
 
 
 def spikes_per_image(net: CSNN, rates: list[float]) -> float:
