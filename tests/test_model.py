@@ -130,6 +130,37 @@ def test_fused_cpu_kernels_compute_spikingjellys_function():
         assert torch.equal(ref(x), fused(x))
 
 
+@pytest.mark.parametrize("args", [("lif", 3.0, 0.75, True, "sigmoid", None), ("plif", 2.5, 1.0, False, "super_spike", 1.5)],
+                         ids=["lif-sigmoid-detached", "plif-superspike"])
+def test_compiled_kernels_of_every_neuron_compute_spikingjellys_function(args):
+    """Our one compiled kernel (config.NEURONS' "cpu" charge, the surrogate's derivative from
+    SpikingJelly's table, threshold, detach_reset) against SpikingJelly's own CPU path for a LIF
+    and a PLIF layer: the same spikes and state, the same input gradients and, for PLIF, the same
+    gradient for w (its learnable tau) up to float rounding."""
+    from csnn.model import make_neuron
+
+    torch.manual_seed(0)
+    ref, ours = make_neuron(*args), make_neuron(*args)
+    ours.load_state_dict(ref.state_dict())
+    for m in (ref, ours):
+        m.step_mode = "m"
+    ours.kernel = "compiled"
+    x = (torch.randn(4, 16, 40) * 1.5).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    s_ref, s_ours = ref(x), ours(x2)
+    assert (ref.implementation, ours.implementation) == ("spikingjelly-cpu", "compiled-cpu")
+    assert torch.equal(s_ref, s_ours) and torch.equal(ref.v, ours.v) and 0 < s_ref.mean() < 1
+    g = torch.randn_like(s_ref)
+    (s_ref * g).sum().backward()
+    (s_ours * g).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):  # PLIF's w
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    functional.reset_net(ours)
+    with torch.no_grad():  # evaluation: the forward alone
+        assert torch.equal(ours(x), s_ref)
+
+
 def test_fused_max_pool_sends_the_gradient_to_the_first_maximum():
     from spikingjelly.activation_based import layer
     from csnn.model import MaxPool2d
