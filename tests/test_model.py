@@ -178,3 +178,19 @@ def test_fused_max_pool_sends_the_gradient_to_the_first_maximum():
     out_r.backward(grad)
     out_f.backward(grad)
     assert torch.equal(a.grad, b.grad)
+
+
+def test_the_kernels_of_every_neuron_model_are_known_by_their_names():
+    """neuron_impl on CUDA is read off the profiler's kernel names, from config.NEURONS' "kernels":
+    SpikingJelly's CUDA C++ kernels name their model (_ops/<model>/kernels.cuh), its Triton ones do
+    not (all are _forward_kernel / _backward_kernel), ours are the CuPy IF's. (No GPU here: the names
+    as the sources write them.)"""
+    from csnn.model import if_kernel
+
+    assert if_kernel("void if_forward<float>(float const*, float const*, float*)") == ("spikingjelly-cuda", "forward")
+    assert if_kernel("void lif_forward<c10::Half>(c10::Half const*, float const*)") == ("spikingjelly-cuda", "forward")
+    assert if_kernel("void plif_backward<float>(float const*, float const*)") == ("spikingjelly-cuda", "backward")
+    assert if_kernel("_backward_kernel") == ("spikingjelly-triton", "backward")
+    assert if_kernel("csnn_if_forward_f16") == ("cupy", "forward")
+    assert if_kernel("void at::native::vectorized_elementwise_kernel<4, lif_like_functor>") is None
+    assert if_kernel("void elif_forward_helper()") is None
