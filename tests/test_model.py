@@ -194,3 +194,22 @@ def test_the_kernels_of_every_neuron_model_are_known_by_their_names():
     assert if_kernel("csnn_if_forward_f16") == ("cupy", "forward")
     assert if_kernel("void at::native::vectorized_elementwise_kernel<4, lif_like_functor>") is None
     assert if_kernel("void elif_forward_helper()") is None
+
+
+def test_the_bench_equivalence_check_covers_the_network_keys():
+    """csnn.bench's check with a LIF network, another surrogate and average pooling: ours (compiled)
+    against SpikingJelly's own LIFNode, Sigmoid and AvgPool2d in the example's network agree in every
+    layer's spikes and the gradients; a reference with another tau does not."""
+    import functools
+
+    from csnn.bench import check_equivalence, reference_network
+    from csnn.config import TrainConfig
+
+    cfg = TrainConfig(T=4, channels=8, device="cpu", neuron="lif", tau=3.0, surrogate="sigmoid", pooling="avg")
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ref = functools.partial(reference_network, **cfg.network())
+    assert type(ref(T=4, channels=8).conv_fc[6]).__module__.startswith("spikingjelly.")  # SpikingJelly's, not ours
+    same = check_equivalence(ref, cfg, x, torch.device("cpu"), compiled=True)
+    assert same["ok"], same
+    other = functools.partial(reference_network, **{**cfg.network(), "tau": 2.5})
+    assert not check_equivalence(other, cfg, x, torch.device("cpu"), compiled=True)["ok"]
