@@ -84,6 +84,60 @@ def dead_network(metrics, silent_rate: float) -> str:
     return f"predicts class {int(metrics['top_class'])} for {share:.1%} of training images"
 
 
+# The network's choices (issue 34), each a row read by the model, the counters, the estimate and the
+# checks alike; the first row of each is the tutorial's. Plain data: this module imports no torch.
+# NEURONS: SpikingJelly's class (activation_based.neuron), the regular expression that finds its fused
+# kernels by name in a profiler trace (SpikingJelly's Triton kernels share one name for IF, LIF and PLIF:
+# the CUDA C++ ones, and our CuPy ones, name the model), the state updates it adds per neuron and step
+# over IF's (decays: the leak toward the reset, which SpikingJelly's counters count as two ACs), its
+# learnable parameters per layer (PLIF's w = -ln(tau - 1)), whether our CuPy kernels run it, and its CPU
+# kernel: how our compiled kernel charges the membrane (csnn.model._CHARGE); tau_arg: the class's argument
+# that takes TrainConfig.tau.
+NEURONS = {
+    "if": {"spikingjelly": "IFNode", "kernels": r"\bif_(forward|backward)\b", "decays": 0, "params": 0,
+           "cupy": True, "cpu": "if", "tau_arg": None},
+    "lif": {"spikingjelly": "LIFNode", "kernels": r"\blif_(forward|backward)\b", "decays": 1, "params": 0,
+            "cupy": False, "cpu": "lif", "tau_arg": "tau"},
+    "plif": {"spikingjelly": "ParametricLIFNode", "kernels": r"\bplif_(forward|backward)\b", "decays": 1,
+             "params": 1, "cupy": False, "cpu": "plif", "tau_arg": "init_tau"},
+}
+# SURROGATES: the seven that SpikingJelly 2 fuses (spikingjelly/_ops/surrogate.py _SURROGATE_IDS): its class
+# (activation_based.surrogate), its id in the fused kernels (and in our compiled CPU kernel, which takes
+# the derivative from _ops.surrogate._surrogate_gradient), and the class's own alpha.
+SURROGATES = {
+    "atan": {"spikingjelly": "ATan", "id": 1, "alpha": 2.0},
+    "sigmoid": {"spikingjelly": "Sigmoid", "id": 0, "alpha": 4.0},
+    "piecewise_quadratic": {"spikingjelly": "PiecewiseQuadratic", "id": 2, "alpha": 1.0},
+    "piecewise_exp": {"spikingjelly": "PiecewiseExp", "id": 3, "alpha": 1.0},
+    "soft_sign": {"spikingjelly": "SoftSign", "id": 4, "alpha": 2.0},
+    "super_spike": {"spikingjelly": "SuperSpike", "id": 5, "alpha": 1.0},
+    "erf": {"spikingjelly": "Erf", "id": 6, "alpha": 2.0},
+}
+# POOLINGS: SpikingJelly's class (activation_based.layer, 2x2 stride 2), the ACs SpikingJelly's counters
+# count per output (an average sums its 4 inputs: 3), and the CPU kernel (max: our compiled one, which
+# writes no int64 indices; avg: ATen's avg_pool2d, which writes none either).
+POOLINGS = {
+    "max": {"spikingjelly": "MaxPool2d", "acs_per_output": 0, "cpu": "compiled"},
+    "avg": {"spikingjelly": "AvgPool2d", "acs_per_output": 3, "cpu": "aten"},
+}
+
+
+# The TrainConfig fields that shape the network (csnn.model.CSNN's keyword arguments).
+NETWORK_FIELDS = ("neuron", "tau", "v_threshold", "detach_reset", "surrogate", "alpha", "pooling", "dropout")
+
+
+def neuron_text(cfg) -> str:
+    """The neuron settings of a config in a few words, e.g. 'lif tau 2.0, threshold 1.0, atan alpha 2.0'."""
+    tau = f" tau {cfg.tau}" if NEURONS[cfg.neuron]["decays"] else ""
+    return (f"{cfg.neuron}{tau}, threshold {cfg.v_threshold}{', detach_reset' if cfg.detach_reset else ''}, "
+            f"{cfg.surrogate} alpha {surrogate_alpha(cfg)}")
+
+
+def surrogate_alpha(cfg) -> float:
+    """The surrogate's alpha: the config's, or the surrogate's own (SURROGATES) when it gives none."""
+    return float(SURROGATES[cfg.surrogate]["alpha"] if cfg.alpha is None else cfg.alpha)
+
+
 COMPILE_AUTO_IMAGES = 50_000  # measured break-even on 2 CPU cores: ~13k images warm, ~80k cold
 
 
@@ -114,6 +168,15 @@ class TrainConfig:
     # The whole training step (and evaluation) as CUDA graphs, replayed per batch: true,
     # false, or auto (on whenever the run trains on CUDA). Ignored on the CPU under auto.
     cuda_graphs: bool | str = "auto"
+    # The network (issue 34): each a row of NEURONS, SURROGATES, POOLINGS; the defaults are the tutorial's.
+    neuron: str = "if"  # if | lif | plif (learnable tau, Fang et al. 2021)
+    tau: float = 2.0  # LIF's tau, PLIF's initial tau (> 1; SpikingJelly's default); if ignores it
+    v_threshold: float = 1.0
+    detach_reset: bool = False  # no gradient through the reset (SpikingJelly's detach_reset)
+    surrogate: str = "atan"  # one of SURROGATES: the spike's gradient in training
+    alpha: float | None = None  # the surrogate's scale; None: the surrogate's own (2.0 for atan)
+    pooling: str = "max"  # max | avg
+    dropout: float = 0.0  # before each linear layer, one mask per image for all T steps (PLIF: 0.5)
     # -- training-image augmentation and the loss (issue 34); defaults: the tutorial's --
     augment: str = "none"  # "none" or AUGMENTS joined by "+" (crop: shifts <= 2 px, flip: horizontal, erase: random erasing)
     loss: str = "mse"  # one of LOSSES: mse (the tutorial's) | ce (cross-entropy on the scaled rate: csnn.train.CE_SCALE)
@@ -160,12 +223,42 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not allowed; allowed: true, false, auto")
         if self.cuda_graphs is True and self.device == "cpu":
             raise ValueError("TrainConfig.cuda_graphs: true needs a CUDA GPU, and device is 'cpu'; use auto or false")
+        self._check_network()
         # The device is checked as a name here; whether it exists is train.resolve_device's (torch's) job.
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"TrainConfig.device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
         augment_names(self.augment)
         if self.loss not in LOSSES:
             raise ValueError(f"TrainConfig.loss: {self.loss!r} is not allowed; allowed: {', '.join(LOSSES)}")
+
+    def _check_network(self) -> None:
+        """The network's keys (NEURONS, SURROGATES, POOLINGS), and what cannot run together."""
+        for name, table in (("neuron", NEURONS), ("surrogate", SURROGATES), ("pooling", POOLINGS)):
+            if getattr(self, name) not in table:
+                raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not allowed; allowed: {', '.join(table)}")
+        for name, low, strict in (("tau", 1, True), ("v_threshold", 0, True), ("alpha", 0, True), ("dropout", 0, False)):
+            value = getattr(self, name)
+            if value is None and name == "alpha":
+                continue
+            if not math.isfinite(value) or not (value > low if strict else value >= low) or abs(value) > FLOAT32_MAX:
+                raise ValueError(f"TrainConfig.{name}: {value!r} is not allowed; must be a finite number "
+                                 f"{'>' if strict else '>='} {low}" + (" (tau <= 1 makes the leak overshoot)" if name == "tau" else ""))
+        if not self.dropout < 1:
+            raise ValueError(f"TrainConfig.dropout: {self.dropout!r} is not allowed; must be >= 0 and < 1")
+        if self.backend == "cupy":  # our CuPy kernels compute the tutorial's neuron only
+            tutorial = TrainConfig.__dataclass_fields__
+            other = [f"{k} {getattr(self, k)!r}" for k in ("neuron", "v_threshold", "detach_reset", "surrogate")
+                     if getattr(self, k) != tutorial[k].default and not (k == "neuron" and NEURONS[self.neuron]["cupy"])]
+            if surrogate_alpha(self) != SURROGATES["atan"]["alpha"]:
+                other.append(f"alpha {surrogate_alpha(self)!r}")
+            if other:
+                raise ValueError(f"TrainConfig.backend: 'cupy' runs only the tutorial's neuron (if, v_threshold 1.0, "
+                                 f"atan alpha 2.0, no detach_reset), and this config has {', '.join(other)}; "
+                                 "use backend 'auto' (SpikingJelly's fused kernels)")
+
+    def network(self) -> dict:
+        """The fields that shape the network, as csnn.model.CSNN's keyword arguments."""
+        return {k: getattr(self, k) for k in NETWORK_FIELDS}
 
     def differences(self, other: "TrainConfig", ignore=("device", "cuda_graphs")) -> dict:
         """{field: (self's value, other's value)} for the fields that differ, but for where and how the
@@ -241,9 +334,12 @@ FIELD_TYPES = {f: (int,) for f in ("T", "channels", "batch_size", "epochs", "see
 FIELD_TYPES.update({f: (int, float) for f in ("lr", "momentum", "weight_decay")})
 FIELD_TYPES.update({f: (str,) for f in ("optimizer", "device", "backend")})
 FIELD_TYPES.update(amp=(bool,), compile=(bool, str), cuda_graphs=(bool, str))
+FIELD_TYPES.update({f: (int, float) for f in ("tau", "v_threshold", "dropout")})
+FIELD_TYPES.update({f: (str,) for f in ("neuron", "surrogate", "pooling")})
+FIELD_TYPES.update(detach_reset=(bool,), alpha=(int, float, type(None)))
 FIELD_TYPES.update(augment=(str,), loss=(str,))
 TYPE_WORDS = {(int,): "an integer", (int, float): "a number", (str,): "a string", (bool,): "true or false",
-              (bool, str): "true, false or auto"}
+              (bool, str): "true, false or auto", (int, float, type(None)): "a number, or null (the surrogate's own)"}
 
 
 def yaml_number_hint(value) -> str:

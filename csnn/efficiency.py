@@ -10,7 +10,9 @@ intercept every operator of a forward pass and count from the actual spikes:
   layer costs its fan-out;
 - MACs: the multiply-accumulates of the layers that see real values (the first
   Conv2d, computed once per image by our model, and the BatchNorms);
-- ACs: SynOps plus the accumulates of the neurons' own updates;
+- ACs: SynOps plus the accumulates of the neurons' own updates (a leaky neuron, LIF or PLIF,
+  adds its decay: ACS_PER_DECAY per neuron and step) and of average pooling (3 per output:
+  its sums; the input it hands on is no longer binary, so the next layer's work counts as MACs);
 - energy: E_MAC * MACs + E_AC * ACs with SpikingJelly's 45 nm figures
   (Horowitz, ISSCC 2014): E_MAC 4.6 pJ, E_AC 0.9 pJ (32-bit float). Memory
   traffic, which SpikingJelly's estimate also prices, is left out: it depends
@@ -22,9 +24,12 @@ import torch
 from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.op_counter import SimpleEnergyProfiler
 
-from csnn.model import CSNN, IFNode, MaxPool2d
+from csnn.model import CSNN, MaxPool2d, SpikingNeuron
 
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9  # SimpleEnergyCostConfig's defaults, which count() uses
+# A leaky neuron's decay per step (config.NEURONS' "decays") as the counters see SpikingJelly's reference
+# formula v + (x - (v - v_reset)) / tau: two subtractions, two ACs; the division is neither a MAC nor an AC.
+ACS_PER_DECAY = 2
 
 
 def spikes_per_image(net: CSNN, rates: list[float]) -> float:
@@ -40,7 +45,7 @@ def count(net: CSNN, x: torch.Tensor) -> dict:
     convolution without cuDNN (whose cudnn_batch_norm they do not count). The figures
     then depend only on the network, its weights and the images."""
     pools = [m for m in net.conv_fc if isinstance(m, MaxPool2d)]
-    neurons = [m for m in net.conv_fc if isinstance(m, IFNode)]
+    neurons = [m for m in net.conv_fc if isinstance(m, SpikingNeuron)]
     saved = [m.fused for m in pools], [m.kernel for m in neurons], net.training
     for m in pools:
         m.fused = False

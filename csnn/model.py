@@ -11,37 +11,75 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from spikingjelly.activation_based.functional.neuron import _surrogate_spec
 
-from csnn.config import BACKENDS, SPIKING_LAYERS
-ALPHA = 2.0  # surrogate.ATan's default, the tutorial's
+from csnn.config import BACKENDS, NEURONS, POOLINGS, SPIKING_LAYERS, SURROGATES, TrainConfig
+
+ALPHA = SURROGATES["atan"]["alpha"]  # surrogate.ATan's default, the tutorial's
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # inputs SpikingJelly's fused IF kernels take
 
 
-def _if_forward(x_seq: torch.Tensor, keep_h: bool):
-    """IF dynamics with the tutorial's constants, as SpikingJelly writes them:
-    H = V + X; S = (H >= 1); V = S * 0 + (1 - S) * H. x_seq is [T, M]."""
-    v = torch.zeros_like(x_seq[0])
-    spikes, hs = [], []
-    for t in range(x_seq.shape[0]):
-        h = v + x_seq[t]
-        s = (h >= 1.0).to(h.dtype)
-        v = s * 0.0 + (1.0 - s) * h
-        spikes.append(s)
-        hs.append(h)
-    return torch.stack(spikes), (torch.stack(hs) if keep_h else None), v
+def _charge_if(v, x, tau, q):
+    return v + x
 
 
-def _if_backward(grad_s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Gradient through T steps with the ATan surrogate (dS/dH = a/2 / (1 + (pi/2 a (H-1))^2)),
-    the reset included (dV/dH = 1 - S + (0 - H) dS/dH), as SpikingJelly's."""
-    grads = []
-    carry = torch.zeros_like(h[0])
-    for t in range(h.shape[0] - 1, -1, -1):
-        z = (h[t] - 1.0) * (math.pi / 2 * ALPHA)
-        sg = (ALPHA / 2) / (1 + z * z)
-        g = grad_s[t] * sg + carry * ((1.0 - (h[t] >= 1.0).to(h.dtype)) + (0.0 - h[t]) * sg)
-        grads.append(g)
-        carry = g
-    return torch.stack(grads[::-1])
+def _charge_lif(v, x, tau, q):  # decay_input, hard reset to 0: as SpikingJelly's _ops/lif/cpu.py
+    return v + (x - (v - 0.0)) / tau
+
+
+def _charge_plif(v, x, tau, q):  # q = sigmoid(w) = 1 / tau: as _ops/plif/cpu.py
+    return v + (x - (v - 0.0)) * q
+
+
+# How each neuron model (config.NEURONS' "cpu") charges its membrane, and the share of dH that reaches the
+# input (dH/dX); the rest of a leaky neuron's dH/dV flows back in time (dH/dV = 1 - dH/dX).
+_CHARGE = {"if": _charge_if, "lif": _charge_lif, "plif": _charge_plif}
+_INPUT_SHARE = {"if": lambda g, tau, q: g, "lif": lambda g, tau, q: g / tau, "plif": lambda g, tau, q: g * q}
+
+
+@functools.cache
+def _neuron_kernels(cpu: str, threshold: float, detach_reset: bool, surrogate_id: int, alpha: float, tau: float):
+    """The forward and backward of one neuron's multi-step dynamics (hard reset to 0) with its constants
+    baked in, compiled: SpikingJelly's formulas (_ops/<model>/cpu.py) as a loop over T that the compiler
+    fuses into one elementwise kernel each way, instead of SpikingJelly's loop of small ops. With the
+    tutorial's IF constants they are exactly the kernels this module had before the other neurons."""
+    from spikingjelly._ops.surrogate import _surrogate_gradient
+
+    charge, share, leaky = _CHARGE[cpu], _INPUT_SHARE[cpu], cpu != "if"
+
+    def forward(x_seq: torch.Tensor, q, keep_h: bool):
+        """x_seq [T, M] -> spikes, H (when keep_h), the last V."""
+        v = torch.zeros_like(x_seq[0])
+        spikes, hs = [], []
+        for t in range(x_seq.shape[0]):
+            h = charge(v, x_seq[t], tau, q)
+            s = (h >= threshold).to(h.dtype)
+            v = s * 0.0 + (1.0 - s) * h
+            spikes.append(s)
+            hs.append(h)
+        return torch.stack(spikes), (torch.stack(hs) if keep_h else None), v
+
+    def backward(grad_s: torch.Tensor, h: torch.Tensor, x_seq, q):
+        """The input's gradient through T steps (the surrogate's derivative, and the reset's unless
+        detached), and for PLIF sum over neurons and steps of dL/dq."""
+        grads = []
+        carry = torch.zeros_like(h[0])
+        gq = torch.zeros_like(h[0]) if q is not None else None
+        for t in range(h.shape[0] - 1, -1, -1):
+            sg = _surrogate_gradient(h[t] - threshold, alpha, surrogate_id)
+            reset_grad = 1.0 - (h[t] >= threshold).to(h.dtype)
+            g = grad_s[t] * sg + carry * (reset_grad if detach_reset else reset_grad + (0.0 - h[t]) * sg)
+            gx = share(g, tau, q)
+            grads.append(gx)
+            carry = g - gx if leaky else g
+            if gq is not None:  # dH_t/dq = X_t - V_{t-1}, V_{t-1} rebuilt from H_{t-1}
+                if t > 0:
+                    s = (h[t - 1] >= threshold).to(h.dtype)
+                    previous = s * 0.0 + (1.0 - s) * h[t - 1]
+                else:
+                    previous = torch.zeros_like(h[0])
+                gq = gq + g * (x_seq[t] - (previous - 0.0))
+        return torch.stack(grads[::-1]), (gq.sum() if gq is not None else None)
+
+    return _compiled(forward), _compiled(backward)
 
 
 @functools.cache
@@ -55,18 +93,23 @@ def _mark(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return x
 
 
-class _FusedIF(torch.autograd.Function):
+class _FusedNeuron(torch.autograd.Function):
+    """A neuron layer's compiled kernels; w: PLIF's parameter (q = sigmoid(w)), else None."""
+
     @staticmethod
-    def forward(ctx, x_seq):
-        spikes, h, v = _compiled(_if_forward)(_mark(x_seq), True)
-        ctx.save_for_backward(h)
+    def forward(ctx, x_seq, w, kernels):
+        q = None if w is None else w.detach().float().sigmoid()
+        spikes, h, v = kernels[0](_mark(x_seq), q, True)
+        ctx.kernels = kernels
+        ctx.save_for_backward(h, x_seq if w is not None else None, q)
         ctx.mark_non_differentiable(v)
         return spikes, v
 
     @staticmethod
     def backward(ctx, grad_s, grad_v):
-        (h,) = ctx.saved_tensors
-        return _compiled(_if_backward)(_mark(grad_s.contiguous()), _mark(h))
+        h, x_seq, q = ctx.saved_tensors
+        gx, gq = ctx.kernels[1](_mark(grad_s.contiguous()), _mark(h), None if x_seq is None else _mark(x_seq), q)
+        return gx, (None if q is None else (gq * q * (1 - q)).reshape(())), None
 
 
 def _pool_windows(x: torch.Tensor):
@@ -122,18 +165,19 @@ class MaxPool2d(layer.MaxPool2d):
         return out.view(*x.shape[:2], *out.shape[1:])
 
 
-class IFNode(neuron.IFNode):
-    """SpikingJelly's IFNode (hard reset to 0, threshold 1, ATan surrogate), with
-    its membrane potential kept in float32 whatever the input dtype, and a
-    choice of kernels for the tutorial's neuron (`kernel`):
+class SpikingNeuron:
+    """What our neurons add to SpikingJelly's (IFNode, LIFNode, ParametricLIFNode: the rows of
+    config.NEURONS, hard reset to 0, decay_input): the membrane potential kept in float32 whatever
+    the input dtype, and a choice of kernels (`kernel`):
 
     - "spikingjelly": SpikingJelly's own; on CUDA its fused Triton kernel,
       which needs a float32 state: SpikingJelly would make the state float16
       under AMP and silently fall back to its Python reference loop;
-    - "compiled": on the CPU, two compiled elementwise kernels (forward;
-      surrogate backward) instead of SpikingJelly's loop of small ops, same
-      formulas, about 8x faster there;
-    - "cupy": on CUDA, our CuPy kernels (csnn.cupy_if), the tutorial's -cupy;
+    - "compiled": on the CPU, two compiled elementwise kernels (forward; surrogate
+      backward, PLIF's tau included) instead of SpikingJelly's loop of small ops,
+      same formulas, about 8x faster there for IF (docs/performance.md);
+    - "cupy": on CUDA, our CuPy kernels (csnn.cupy_if), the tutorial's -cupy, for the
+      tutorial's neuron only (TrainConfig refuses cupy with any other);
     - "reference": SpikingJelly's reference formulas as plain ATen ops on any
       device, so that the cost counters see the same operators everywhere.
 
@@ -143,6 +187,7 @@ class IFNode(neuron.IFNode):
 
     kernel = "spikingjelly"
     implementation: str | None = None
+    model = "if"  # its row of config.NEURONS
 
     def materialize_states(self, inputs, states, step_mode):
         v, x = states[0], inputs[0][0] if step_mode == "m" else inputs[0]
@@ -153,18 +198,30 @@ class IFNode(neuron.IFNode):
         states = super().materialize_states(inputs, states, step_mode)
         return (states[0].float(), *states[1:])
 
+    def _kernel_args(self):
+        """(cpu, threshold, detach_reset, surrogate id, alpha, tau) for _neuron_kernels, or None where
+        our kernels do not compute this layer (a surrogate SpikingJelly does not fuse, a soft reset)."""
+        spec = _surrogate_spec(self.surrogate_function)
+        if spec is None or self.v_reset != 0.0 or not getattr(self, "decay_input", True):
+            return None
+        return (NEURONS[self.model]["cpu"], float(self.v_threshold), bool(self.detach_reset), spec[0], spec[1],
+                float(getattr(self, "tau", 2.0)))
+
     def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs):
-        tutorial_neuron = (self.v_threshold == 1.0 and self.v_reset == 0.0 and not self.detach_reset
-                           and getattr(self.surrogate_function, "alpha", None) == ALPHA)
-        fresh = isinstance(self.v, float) and self.v == 0.0 and not args and not kwargs and tutorial_neuron
+        fresh = isinstance(self.v, float) and self.v == 0.0 and not args and not kwargs
         device, dtype = x_seq.device.type, x_seq.dtype
-        grad = torch.is_grad_enabled() and x_seq.requires_grad
+        w = getattr(self, "w", None)  # PLIF's
+        grad = torch.is_grad_enabled() and (x_seq.requires_grad or w is not None and w.requires_grad)
         flat = x_seq.reshape(x_seq.shape[0], -1)
-        if fresh and self.kernel == "compiled" and device == "cpu" and dtype == torch.float32:
+        spec = self._kernel_args() if fresh else None
+        if spec and self.kernel == "compiled" and device == "cpu" and dtype == torch.float32:
             flat = flat.contiguous()
-            spikes, v = _FusedIF.apply(flat) if grad else _compiled(_if_forward)(_mark(flat), False)[::2]
+            kernels = _neuron_kernels(*spec)
+            q = None if w is None else w.detach().float().sigmoid()
+            spikes, v = _FusedNeuron.apply(flat, w, kernels) if grad else kernels[0](_mark(flat), q, False)[::2]
             self.implementation = "compiled-cpu"
-        elif fresh and self.kernel == "cupy" and device == "cuda" and dtype in (torch.float32, torch.float16):
+        elif (spec and spec == ("if", 1.0, False, 1, ALPHA, spec[5]) and self.kernel == "cupy" and device == "cuda"
+              and dtype in (torch.float32, torch.float16)):
             from csnn import cupy_if
 
             T, base = x_seq.shape[0], x_seq._base
@@ -177,12 +234,8 @@ class IFNode(neuron.IFNode):
                 flat = flat.contiguous()
             spikes, v = cupy_if.CupyIF.apply(flat, T, ALPHA) if grad else cupy_if.forward(flat, T, False)[::2]
             self.implementation = "cupy"
-        elif fresh and self.kernel == "reference":
-            from spikingjelly._ops.if_.reference import _forward_impl
-
-            surrogate_id, alpha = _surrogate_spec(self.surrogate_function)
-            spikes, v, _ = _forward_impl(flat, torch.zeros_like(flat[0], dtype=torch.float32), 1.0, 0.0, False,
-                                         alpha, False, surrogate_id)
+        elif spec and self.kernel == "reference":
+            spikes, v = _REFERENCE[spec[0]](self, flat, spec)
             self.implementation = "spikingjelly-reference"
         else:
             spikes = super().multi_step_forward(x_seq, *args, **kwargs)
@@ -195,6 +248,59 @@ class IFNode(neuron.IFNode):
         return spikes.view(x_seq.shape)
 
 
+def _reference_if(node, flat, spec):
+    from spikingjelly._ops.if_.reference import _forward_impl
+
+    spikes, v, _ = _forward_impl(flat, torch.zeros_like(flat[0], dtype=torch.float32), spec[1], 0.0, spec[2],
+                                 spec[4], False, spec[3])
+    return spikes, v
+
+
+def _reference_lif(node, flat, spec):
+    from spikingjelly._ops.lif.reference import _forward_impl
+
+    spikes, v, _ = _forward_impl(flat, torch.zeros_like(flat[0], dtype=torch.float32), spec[5], True, spec[1], 0.0,
+                                 spec[2], spec[4], False, spec[3])
+    return spikes, v
+
+
+def _reference_plif(node, flat, spec):
+    from spikingjelly._ops.plif.reference import _forward_impl
+
+    spikes, v, _ = _forward_impl(flat, torch.zeros_like(flat[0], dtype=torch.float32), node.w, True, spec[1], 0.0,
+                                 spec[2], spec[4], False, spec[3])
+    return spikes, v
+
+
+# SpikingJelly's reference formulas per neuron model (config.NEURONS' "cpu"): what the counters count.
+_REFERENCE = {"if": _reference_if, "lif": _reference_lif, "plif": _reference_plif}
+
+
+class IFNode(SpikingNeuron, neuron.IFNode):
+    model = "if"
+
+
+class LIFNode(SpikingNeuron, neuron.LIFNode):
+    model = "lif"
+
+
+class PLIFNode(SpikingNeuron, neuron.ParametricLIFNode):
+    model = "plif"
+
+
+class Linear(layer.Linear):
+    """SpikingJelly's Linear after a dropout, as PLIF's network has it (TrainConfig.dropout): SpikingJelly's
+    multi-step layer.Dropout, one mask per image shared by all T steps, made again after each
+    functional.reset_net (each batch). The dropout holds no state_dict entry: the keys stay the Linear's."""
+
+    def __init__(self, *args, dropout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dropout = layer.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.dropout(x))
+
+
 def spikingjelly_implementation(x_seq: torch.Tensor, surrogate_function) -> str:
     """Which of SpikingJelly 2's IF implementations its multi-step IFNode runs for
     this input, given a float32 state: the conditions of its functional.if_multi_step.
@@ -205,17 +311,23 @@ def spikingjelly_implementation(x_seq: torch.Tensor, surrogate_function) -> str:
 
 
 def if_kernel(name: str) -> tuple[str, str] | None:
-    """(implementation, "forward" or "backward") of a GPU kernel that runs IF neurons, from
-    its name in a profiler trace; None for any other kernel. SpikingJelly's reference loop
-    runs as plain elementwise kernels: it has none."""
+    """(implementation, "forward" or "backward") of a GPU kernel that runs spiking neurons (any row of
+    config.NEURONS: its "kernels"), from its name in a profiler trace; None for any other kernel.
+    SpikingJelly's reference loop runs as plain elementwise kernels: it has none."""
     m = re.fullmatch(r"csnn_if_(forward|backward)_f(16|32)", name)  # ours (csnn.cupy_if)
     if m:
         return "cupy", m[1]
-    m = re.match(r"_(forward|backward)_kernel\b", name)  # SpikingJelly's Triton kernels (_ops/if_/triton.py)
+    m = re.match(r"_(forward|backward)_kernel\b", name)  # SpikingJelly's Triton kernels (_ops/<model>/triton.py)
     if m:
         return "spikingjelly-triton", m[1]
-    m = re.search(r"\bif_(forward|backward)\b", name)  # SpikingJelly's CUDA C++ kernels (_ops/if_/kernels.cuh)
-    return ("spikingjelly-cuda", m[1]) if m else None
+    for row in NEURONS.values():  # SpikingJelly's CUDA C++ kernels (_ops/<model>/kernels.cuh)
+        m = re.search(row["kernels"], name)
+        if m:
+            return "spikingjelly-cuda", m[1]
+    return None
+
+
+neuron_kernel = if_kernel  # the name for any neuron model
 
 
 _sessions = 0  # observe_if_kernels' profiler sessions in this process
@@ -275,38 +387,63 @@ def observe_if_kernels(fn, layers: int) -> dict:
     return out
 
 
+NEURON_CLASSES = {cls.__bases__[1].__name__: cls for cls in (IFNode, LIFNode, PLIFNode)}  # by SpikingJelly's name
+POOL_CLASSES = {"MaxPool2d": MaxPool2d, "AvgPool2d": layer.AvgPool2d}
+
+
+def make_neuron(neuron: str, tau: float, v_threshold: float, detach_reset: bool, surrogate_name: str,
+                alpha: float | None) -> SpikingNeuron:
+    """One spiking layer from the rows of config.NEURONS and SURROGATES."""
+    row, sur = NEURONS[neuron], SURROGATES[surrogate_name]
+    function = getattr(surrogate, sur["spikingjelly"])(alpha=float(sur["alpha"] if alpha is None else alpha))
+    kwargs = {row["tau_arg"]: float(tau)} if row["tau_arg"] else {}
+    return NEURON_CLASSES[row["spikingjelly"]](v_threshold=float(v_threshold), detach_reset=detach_reset,
+                                               surrogate_function=function, **kwargs)
+
+
 class CSNN(nn.Module):
     """{Conv-BN-IF-MaxPool} x2 - Flatten - Linear-IF - Linear-IF, multi-step.
 
     The layers sit in `conv_fc` with the tutorial's indices, so checkpoints of
-    the tutorial's model load into this one and vice versa.
+    the tutorial's model load into this one and vice versa. The keyword arguments
+    (TrainConfig.network(), defaults the tutorial's) choose the neuron model, its
+    surrogate, the pooling and a dropout before each linear layer; none moves a layer.
     """
 
-    def __init__(self, T: int, channels: int):
+    def __init__(self, T: int, channels: int, neuron: str = "if", tau: float = 2.0, v_threshold: float = 1.0,
+                 detach_reset: bool = False, surrogate: str = "atan", alpha: float | None = None,
+                 pooling: str = "max", dropout: float = 0.0):
         super().__init__()
         self.T = T
         c = channels
+        spiking = functools.partial(make_neuron, neuron, tau, v_threshold, detach_reset, surrogate, alpha)
+        pool = functools.partial(POOL_CLASSES[POOLINGS[pooling]["spikingjelly"]], 2, 2)
+        linear = functools.partial(Linear, dropout=dropout) if dropout else layer.Linear
         self.conv_fc = nn.Sequential(
             layer.Conv2d(1, c, kernel_size=3, padding=1, bias=False),
             layer.BatchNorm2d(c),
-            IFNode(surrogate_function=surrogate.ATan(alpha=ALPHA)),
-            MaxPool2d(2, 2),  # 14 * 14
+            spiking(),
+            pool(),  # 14 * 14
             layer.Conv2d(c, c, kernel_size=3, padding=1, bias=False),
             layer.BatchNorm2d(c),
-            IFNode(surrogate_function=surrogate.ATan(alpha=ALPHA)),
-            MaxPool2d(2, 2),  # 7 * 7
+            spiking(),
+            pool(),  # 7 * 7
             layer.Flatten(),
-            layer.Linear(c * 7 * 7, c * 4 * 4, bias=False),
-            IFNode(surrogate_function=surrogate.ATan(alpha=ALPHA)),
-            layer.Linear(c * 4 * 4, 10, bias=False),
-            IFNode(surrogate_function=surrogate.ATan(alpha=ALPHA)),
+            linear(c * 7 * 7, c * 4 * 4, bias=False),
+            spiking(),
+            linear(c * 4 * 4, 10, bias=False),
+            spiking(),
         )
         functional.set_step_mode(self, step_mode="m")
-        self.spiking_layers = [i for i, m in enumerate(self.conv_fc) if isinstance(m, neuron.IFNode)]
+        self.spiking_layers = [i for i, m in enumerate(self.conv_fc) if isinstance(m, SpikingNeuron)]
         # The metric names (fr_<i>) are written from config.SPIKING_LAYERS: keep the two in step.
         assert tuple(self.spiking_layers) == SPIKING_LAYERS, \
             f"CSNN's spiking layers are at {self.spiking_layers}; update csnn.config.SPIKING_LAYERS ({SPIKING_LAYERS})"
         self.neurons_per_image = self._count_neurons()
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "CSNN":
+        return cls(cfg.T, cfg.channels, **cfg.network())
 
     def _count_neurons(self) -> list[int]:
         """Neurons of each spiking layer for one 28x28 image, read off the layers' outputs
@@ -324,15 +461,15 @@ class CSNN(nn.Module):
         return counts
 
     def fuse(self, on: bool = True) -> None:
-        """Compiled CPU kernels for the IF neurons and max pooling (see IFNode, MaxPool2d)."""
+        """Compiled CPU kernels for the spiking neurons and max pooling (see SpikingNeuron, MaxPool2d)."""
         for m in self.conv_fc:
             if isinstance(m, MaxPool2d):
                 m.fused = on
-            elif isinstance(m, IFNode) and m.kernel in ("spikingjelly", "compiled"):
+            elif isinstance(m, SpikingNeuron) and m.kernel in ("spikingjelly", "compiled"):
                 m.kernel = "compiled" if on else "spikingjelly"
 
     def neuron_implementations(self) -> dict[int, str | None]:
-        """Which IF implementation each spiking layer ran last (None: not run yet)."""
+        """Which neuron implementation each spiking layer ran last (None: not run yet)."""
         return {i: self.conv_fc[i].implementation for i in self.spiking_layers}
 
     def forward(self, x: torch.Tensor, rates: list | None = None) -> torch.Tensor:

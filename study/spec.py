@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 import yaml
 
 from csnn import yamlio
-from csnn.config import COST_METRICS, METRICS, PREDICTION_METRICS, TUTORIAL, TrainConfig, check_runnable, yaml_number_hint
+from csnn.config import (COST_METRICS, METRICS, NETWORK_FIELDS, PREDICTION_METRICS, TUTORIAL, TrainConfig, check_runnable,
+                          yaml_number_hint)
 
 TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
             "scheduler": False, "resources": False, "retrain": False, "render": False}
@@ -209,6 +211,41 @@ def _parse_space(where, space, train) -> dict:
     return out
 
 
+# Fields whose values TrainConfig checks together (backend cupy runs only the tutorial's neuron).
+COMBINED = ("backend", *NETWORK_FIELDS)
+MAX_COMBINATIONS = 100_000
+
+
+def _check_combinations(where, train, space) -> None:
+    """Values each allowed alone may not run together: every combination of the searched values
+    (choices, or a range's bounds) of the COMBINED fields must make a TrainConfig. One searched field
+    against the fixed ones is _check_value's; this is for two or more searched."""
+    names = [n for n in COMBINED if n in space]
+    if len(names) < 2:
+        return
+    spec_values = {n: values_of(space[n]) for n in names}
+    if math.prod(len(v) for v in spec_values.values()) > MAX_COMBINATIONS:
+        return  # Optuna samples them; a trial that cannot run fails alone, with TrainConfig's reason
+    for combo in itertools.product(*spec_values.values()):
+        params = dict(zip(names, combo))
+        if not all(params[k] in v for n in names for k, v in space[n].get("when", {}).items() if k in params):
+            continue  # a when among them that keeps this combination from being sampled
+        try:
+            TrainConfig.from_dict({**train, **params})
+        except (ValueError, TypeError) as e:
+            shown = ", ".join(f"{n} {v!r}" for n, v in params.items())
+            raise _err(where, "space", f"{shown} can be sampled together and cannot run: {e}; "
+                       "remove a choice, or tie them with when") from None
+
+
+def values_of(p: dict) -> list:
+    """The choices or range bounds of one parsed parameter (every case of a conditional one)."""
+    out = []
+    for d in p["cases"].values() if "depends_on" in p else [p]:
+        out += d["choices"] if d["type"] == "categorical" else [d["low"], d["high"]]
+    return out
+
+
 def _deps(p) -> list:
     if not isinstance(p, dict):
         return []
@@ -291,6 +328,7 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
             raise _err(where, f"train.{field[12:]}", msg) from None
         raise _err(where, "train", str(e)) from None
     space = _parse_space(where, raw["space"], train)
+    _check_combinations(where, train, space)
 
     objectives = _objectives(where, raw["objective"], train)
 
@@ -513,8 +551,4 @@ def values(spec: StudySpec, name: str) -> list:
     searched range's bounds and choices (in every case of a conditional range)."""
     if name not in spec.space:
         return [getattr(spec.config({}), name)]
-    p = spec.space[name]
-    out = []
-    for d in p["cases"].values() if "depends_on" in p else [p]:
-        out += d["choices"] if d["type"] == "categorical" else [d["low"], d["high"]]
-    return out
+    return values_of(spec.space[name])

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, env, in_process, write_dataset
+from conftest import ROOT, env, in_process, run_study, tiny_spec, write_dataset, write_spec
 from study import analyze, reproduce, results
 
 
@@ -219,3 +219,34 @@ def test_a_study_of_silent_networks_says_so_not_that_nothing_was_reported():
                            "last epoch (2 silent: ") and "None is on a Pareto front" in line, line
     trials.loc[1, "silent"] = ""
     assert analyze.best_lines(study)[0].startswith("No trial reported the objective")
+
+
+def test_a_study_over_the_network_keys_runs_is_plotted_and_reproduces_exactly(tmp_path, tiny_data_dir, local_ray,
+                                                                             capsys, run):
+    """A real study that searches the neuron model, its surrogate, pooling and dropout (issue 34):
+    trials.csv has the keys, best/ is retrained and rendered whatever neuron won, the report plots
+    each key, and study.reproduce rebuilds the best trial's network from its config, exactly."""
+    space = {"neuron": {"type": "categorical", "choices": ["if", "lif", "plif"]},
+             "surrogate": {"type": "categorical", "choices": ["atan", "sigmoid"]},
+             "pooling": {"type": "categorical", "choices": ["max", "avg"]},
+             "dropout": {"type": "categorical", "choices": [0.0, 0.5]}}
+    spec = tiny_spec("keys", train={"epochs": 1, "T": 4, "channels": 4, "lr": 0.01}, space=space,
+                     search={"sampler": "random", "num_samples": 4, "max_concurrent": 2},
+                     retrain={"epochs": 1, "seeds": [0]}, render={"images": 1})
+    spec["space"] = space  # these keys alone
+    p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = tmp_path / "results" / "keys"
+    trials = pd.read_csv(d / "trials.csv")
+    assert {"neuron", "surrogate", "pooling", "dropout"} <= set(trials.columns) and len(trials) == 4
+    assert trials["neuron"].isin(["if", "lif", "plif"]).all() and trials["pooling"].isin(["max", "avg"]).all()
+    best = yaml.safe_load((d / "best.yaml").read_text())
+    assert (d / "best" / "spikes" / "0" / "s_3.png").is_file()  # T 4: the encoder's spikes at t = 0..3
+    p = run("study.analyze", d)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in ("neuron", "surrogate", "pooling", "dropout"):
+        assert (d / "report" / f"param_{name}.png").is_file(), name
+    p = run("study.reproduce", d, "--data-dir", tiny_data_dir)
+    assert p.returncode == 0 and "reproduced: all" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    table = pd.read_csv(d / "reproduce" / best["trial_id"] / "comparison.csv")
+    assert table["ok"].all() and (table["diff"] == 0).all()

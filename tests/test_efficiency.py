@@ -124,3 +124,31 @@ def test_a_hand_made_front_its_table_and_an_index_beyond_it():
     lines = analyze.pareto_lines(results.Study(Location.parse("."), spec, trials, pd.DataFrame(), None, None, None))
     header = lines[2].splitlines()[1].split()
     assert header == ["trial_id", "channels", "lr", "val_acc", "spikes_per_image", "synops_per_image"]
+
+
+def test_a_leaky_neuron_costs_its_decays_and_nothing_else():
+    """SpikingJelly's counters on our LIF and PLIF networks against IF with the same weights: the
+    accumulates beside the synaptic ones (ACs - SynOps: the neurons' own updates, BatchNorm, the
+    readout) grow by the decays of config.NEURONS, each two ACs (v - v_reset and x - that; the
+    division by tau is neither a MAC nor an AC to them), per neuron and step. Every layer fires
+    here (weights x4): a layer silent at a step would hand the next all-zero inputs, which the
+    counters count as binary."""
+    from csnn.config import NEURONS
+    from csnn.efficiency import ACS_PER_DECAY
+
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28) * 3
+    base = CSNN(T=4, channels=8)
+    with torch.no_grad():
+        for m in base.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.weight.mul_(4)
+    own = {}
+    for neuron in NEURONS:
+        net = CSNN(T=4, channels=8, neuron=neuron)
+        net.load_state_dict(base.state_dict(), strict=False)  # PLIF's own w: its initial tau 2, LIF's tau
+        c = efficiency.count(net, x)
+        own[neuron] = c["acs_per_image"] - c["synops_per_image"]
+    steps = 4 * sum(base.neurons_per_image)
+    assert own["lif"] - own["if"] == NEURONS["lif"]["decays"] * ACS_PER_DECAY * steps == 2 * steps
+    assert own["plif"] == own["lif"]  # the same dynamics, tau a parameter (its sigmoid once per call, not counted)

@@ -130,6 +130,37 @@ def test_fused_cpu_kernels_compute_spikingjellys_function():
         assert torch.equal(ref(x), fused(x))
 
 
+@pytest.mark.parametrize("args", [("lif", 3.0, 0.75, True, "sigmoid", None), ("plif", 2.5, 1.0, False, "super_spike", 1.5)],
+                         ids=["lif-sigmoid-detached", "plif-superspike"])
+def test_compiled_kernels_of_every_neuron_compute_spikingjellys_function(args):
+    """Our one compiled kernel (config.NEURONS' "cpu" charge, the surrogate's derivative from
+    SpikingJelly's table, threshold, detach_reset) against SpikingJelly's own CPU path for a LIF
+    and a PLIF layer: the same spikes and state, the same input gradients and, for PLIF, the same
+    gradient for w (its learnable tau) up to float rounding."""
+    from csnn.model import make_neuron
+
+    torch.manual_seed(0)
+    ref, ours = make_neuron(*args), make_neuron(*args)
+    ours.load_state_dict(ref.state_dict())
+    for m in (ref, ours):
+        m.step_mode = "m"
+    ours.kernel = "compiled"
+    x = (torch.randn(4, 16, 40) * 1.5).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    s_ref, s_ours = ref(x), ours(x2)
+    assert (ref.implementation, ours.implementation) == ("spikingjelly-cpu", "compiled-cpu")
+    assert torch.equal(s_ref, s_ours) and torch.equal(ref.v, ours.v) and 0 < s_ref.mean() < 1
+    g = torch.randn_like(s_ref)
+    (s_ref * g).sum().backward()
+    (s_ours * g).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):  # PLIF's w
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    functional.reset_net(ours)
+    with torch.no_grad():  # evaluation: the forward alone
+        assert torch.equal(ours(x), s_ref)
+
+
 def test_fused_max_pool_sends_the_gradient_to_the_first_maximum():
     from spikingjelly.activation_based import layer
     from csnn.model import MaxPool2d
@@ -147,3 +178,38 @@ def test_fused_max_pool_sends_the_gradient_to_the_first_maximum():
     out_r.backward(grad)
     out_f.backward(grad)
     assert torch.equal(a.grad, b.grad)
+
+
+def test_the_kernels_of_every_neuron_model_are_known_by_their_names():
+    """neuron_impl on CUDA is read off the profiler's kernel names, from config.NEURONS' "kernels":
+    SpikingJelly's CUDA C++ kernels name their model (_ops/<model>/kernels.cuh), its Triton ones do
+    not (all are _forward_kernel / _backward_kernel), ours are the CuPy IF's. (No GPU here: the names
+    as the sources write them.)"""
+    from csnn.model import if_kernel
+
+    assert if_kernel("void if_forward<float>(float const*, float const*, float*)") == ("spikingjelly-cuda", "forward")
+    assert if_kernel("void lif_forward<c10::Half>(c10::Half const*, float const*)") == ("spikingjelly-cuda", "forward")
+    assert if_kernel("void plif_backward<float>(float const*, float const*)") == ("spikingjelly-cuda", "backward")
+    assert if_kernel("_backward_kernel") == ("spikingjelly-triton", "backward")
+    assert if_kernel("csnn_if_forward_f16") == ("cupy", "forward")
+    assert if_kernel("void at::native::vectorized_elementwise_kernel<4, lif_like_functor>") is None
+    assert if_kernel("void elif_forward_helper()") is None
+
+
+def test_the_bench_equivalence_check_covers_the_network_keys():
+    """csnn.bench's check with a LIF network, another surrogate and average pooling: ours (compiled)
+    against SpikingJelly's own LIFNode, Sigmoid and AvgPool2d in the example's network agree in every
+    layer's spikes and the gradients; a reference with another tau does not."""
+    import functools
+
+    from csnn.bench import check_equivalence, reference_network
+    from csnn.config import TrainConfig
+
+    cfg = TrainConfig(T=4, channels=8, device="cpu", neuron="lif", tau=3.0, surrogate="sigmoid", pooling="avg")
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ref = functools.partial(reference_network, **cfg.network())
+    assert type(ref(T=4, channels=8).conv_fc[6]).__module__.startswith("spikingjelly.")  # SpikingJelly's, not ours
+    same = check_equivalence(ref, cfg, x, torch.device("cpu"), compiled=True)
+    assert same["ok"], same
+    other = functools.partial(reference_network, **{**cfg.network(), "tau": 2.5})
+    assert not check_equivalence(other, cfg, x, torch.device("cpu"), compiled=True)["ok"]

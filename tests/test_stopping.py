@@ -152,6 +152,26 @@ def test_the_dead_stop_on_real_training_ends_networks_that_fire_for_one_class(re
     assert ended(dead[1], silent, SILENT_MIN_IMAGES, 0.001) == ended(silent, dead[2], SILENT_MIN_IMAGES, 0.001) == {}
 
 
+def test_a_network_silent_by_its_threshold_or_tau_is_told_silent_not_dead(real_data):
+    """The silent rule on real networks that no learning rate silences: a threshold no input reaches
+    (v_threshold 1000) and a LIF neuron whose leak keeps it below the tutorial's threshold on the
+    same images (tau 200: each step adds a 200th of its input). Each is silent in every layer, and
+    the rule says so (not dead: a silent output predicts class 0 for every image); the tutorial's
+    neuron on the same seed fires."""
+    s = fmnist.split(real_data, train_size=600, test_size=200, seed=0)  # tiny_data_dir's images
+    data = fmnist.FashionMNIST(*s["train"], *s["test"])
+    torch.set_num_threads(1)
+    base = dict(T=2, channels=4, optimizer="adam", lr=0.01, epochs=2, batch_size=50, val_size=100, test_size=100,
+                device="cpu")
+    for keys in ({"v_threshold": 1000.0}, {"neuron": "lif", "tau": 200.0}):
+        a, b = fit(TrainConfig(**base, **keys), data)
+        assert [b[f"fr_{i}"] for i in (2, 6, 10, 12)] == [0.0] * 4 and b["val_acc"] == 0.1, keys
+        assert sorted(ended(a, b, SILENT_MIN_IMAGES, 0.001)["silent"].split(",")) == ["fr_10", "fr_12", "fr_2", "fr_6"]
+        assert dead_network(b, 0.001) == ""
+    firing = fit(TrainConfig(**base), data)[-1]  # its output layer may be quiet this early; its encoder is not
+    assert firing["fr_2"] > 0.001 and firing["fr_6"] > 0.001
+
+
 DEAD = {"channels": SILENT["channels"], "lr": {"type": "categorical", "choices": [300.0, 1.0]}}  # SGD: dead, learning
 
 

@@ -579,7 +579,7 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     started = time.perf_counter()  # the set-up's clock (setup_s) and the run's (elapsed_s)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    net = CSNN(cfg.T, cfg.channels)
+    net = CSNN.from_config(cfg)
     set_backend(net, cfg.backend)
     net.to(device)
     optimizer = make_optimizer(cfg, net.parameters())
@@ -755,7 +755,7 @@ def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[CSNN, Train
     """The network (in eval mode) and the TrainConfig of a checkpoint written by fit."""
     ckpt = read_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"])
-    net = CSNN(cfg.T, cfg.channels)
+    net = CSNN.from_config(cfg)
     net.load_state_dict(ckpt["net"])
     return net.to(resolve_device(device)).eval(), cfg
 
