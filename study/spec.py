@@ -33,6 +33,9 @@ DIST_TYPES = ("int", "float", "categorical")
 # The tutorial's configuration, enqueued as the first trial when search.baseline is true.
 BASELINE = {k: TUTORIAL[k] for k in ("T", "channels", "optimizer", "lr", "momentum")}
 BASELINE.update({k: getattr(TrainConfig(), k) for k in ("augment", "loss")})  # the tutorial's: none, mse
+# The tutorial's network (TrainConfig's defaults); alpha by value, atan's own 2.0, so that a searched range admits it.
+BASELINE.update({k: getattr(TrainConfig(), k) for k in ("neuron", "tau", "v_threshold", "detach_reset", "surrogate",
+                                                         "pooling", "dropout")}, alpha=2.0)
 DEFAULTS = {
     "search": {"sampler": "tpe", "seed": 0, "num_samples": 16, "max_concurrent": 0, "baseline": False, "in_order": False},
     # silent_rate: a trial ends as silent when a spiking layer fires below it two epochs in a row, and as
@@ -354,7 +357,8 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
                 raise _err(where, "search.baseline", f"the tutorial's {k} = {v} is outside space.{k}; widen it or set baseline: false")
         fixed = TrainConfig.from_dict(train)  # what the baseline trial would run with, where the space does not reach
         other = [f"{k} {getattr(fixed, k)} (the tutorial's {v})" for k, v in BASELINE.items()
-                 if k not in space and getattr(fixed, k) != v and (k != "momentum" or fixed.optimizer == "sgd")]
+                 if k not in space and getattr(fixed, k) != v and (k != "momentum" or fixed.optimizer == "sgd")
+                 and (k != "tau" or fixed.neuron != "if") and (k != "alpha" or fixed.alpha is not None)]
         if other:
             raise _err(where, "search.baseline", "the tutorial's configuration cannot run in this study: train fixes "
                        + ", ".join(other) + "; search those, or set baseline: false")
