@@ -684,9 +684,9 @@ def run_info(net: CSNN, device: torch.device, amp: bool, graphs: bool, observed:
         impls = observed.get("implementations") or ["unobserved"]
     name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
     print(f"csnn: training on {name}, AMP {'on' if amp else 'off'}, CUDA graphs {'on' if graphs else 'off'}, "
-          f"IF kernels: {', '.join(impls)}", flush=True)
+          f"neuron kernels: {', '.join(impls)}", flush=True)
     if device.type == "cuda" and any(i.endswith("reference") for i in impls):
-        warnings.warn(f"SpikingJelly's fused IF kernel did not run on {name} ({', '.join(impls)}): training is slow",
+        warnings.warn(f"SpikingJelly's fused neuron kernel did not run on {name} ({', '.join(impls)}): training is slow",
                       stacklevel=3)
     if impls == ["unobserved"]:
         warnings.warn(f"torch.profiler saw no GPU kernel on {name} (CUPTI unavailable?): which IF kernels ran is "
