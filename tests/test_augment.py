@@ -184,7 +184,7 @@ def test_the_augmenting_step_is_one_graph_whose_replays_read_each_batchs_draws()
     eager, status = _graphed_epoch(False)
     assert status == {}
     graphed, status = _graphed_epoch("auto", lambda fn, static: lambda: fn(*static))
-    assert status["used"] is True and "fallback" not in status
+    assert status["used"] == {"training step": True} and "fallback" not in status
     assert all(torch.equal(graphed[k], eager[k]) for k in eager)
 
     def frozen_draws(fn, static):
@@ -192,7 +192,7 @@ def test_the_augmenting_step_is_one_graph_whose_replays_read_each_batchs_draws()
         return lambda: fn(static[0], kept)
 
     stale, status = _graphed_epoch("auto", frozen_draws)
-    assert status["used"] is True and [k for k in eager if not torch.equal(stale[k], eager[k])]
+    assert status["used"] == {"training step": True} and [k for k in eager if not torch.equal(stale[k], eager[k])]
 
 
 def test_study_reproduce_reruns_an_augmented_cross_entropy_trial_exactly(tiny_study, tiny_data_dir, tmp_path, capsys):
