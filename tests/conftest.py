@@ -62,6 +62,30 @@ def _threads():
     torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
+_CPU_SPEEDS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _calibrate_once(monkeypatch):
+    """study.run calibrates the CPU before every fresh study (estimate.cpu_speeds: a few batches at
+    each size and a Python process that imports torch, 7-18 s each on the loaded 2-core machine, 2026-12-07): the studies
+    a worker runs in its own process share one real measurement per (threads, batch size), as
+    estimate.cpu_speeds takes them. The studies run as processes (tiny_study, study_cmd) still measure
+    their own: the estimates checked against real studies' times (tests/test_estimate.py) are theirs."""
+    from study import estimate
+    from study.spec import values
+
+    measure = estimate.cpu_speeds
+
+    def once(spec) -> dict:
+        key = (max(1, int(spec.resources["cpus_per_trial"])), int(np.median(values(spec, "batch_size"))))
+        if key not in _CPU_SPEEDS:
+            _CPU_SPEEDS[key] = measure(spec)
+        return {k: list(v) if isinstance(v, list) else v for k, v in _CPU_SPEEDS[key].items()}
+
+    monkeypatch.setattr(estimate, "cpu_speeds", once)
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(real_data, tmp_path_factory) -> Path:
     """Real Fashion-MNIST images, few of them: 600 training and 200 test images
