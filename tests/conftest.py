@@ -182,9 +182,28 @@ def run_study(capsys, space, tmp_path, data_dir, *extra) -> subprocess.Completed
 @pytest.fixture(scope="session")
 def tiny_study(tiny_data_dir, tmp_path_factory):
     """A real 3-trial study (Ray Tune, Optuna, ASHA, retrain with 2 seeds, spikes)
-    run once through the command line: (study folder, CompletedProcess)."""
-    tmp_path = tmp_path_factory.mktemp("study")
-    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return tmp_path / "results" / "e2e", p
+    run once through the command line: (study folder, CompletedProcess). Once for the whole run:
+    make test's two workers (pytest-xdist) share it, the first to need it runs it while the other
+    waits (it trains two trials at once: the waiting worker's core is not idle), and the tests only
+    read it (each that runs a command on it takes a copy)."""
+    import fcntl
+    import json
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    tmp_path = root / "tiny-study"
+    done = root / "tiny-study.json"
+    with open(root / "tiny-study.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes (or the process ends)
+        if not done.is_file():
+            shutil.rmtree(tmp_path, ignore_errors=True)  # another worker's attempt that failed
+            tmp_path.mkdir()
+            space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1,
+                                                                      "reduction_factor": 2}))
+            p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True,
+                               timeout=600)
+            assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+            done.write_text(json.dumps({"args": p.args, "stdout": p.stdout, "stderr": p.stderr}))
+    ran = json.loads(done.read_text())
+    return tmp_path / "results" / "e2e", subprocess.CompletedProcess(ran["args"], 0, ran["stdout"], ran["stderr"])
