@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import env, in_process, run_study, study_cmd, tiny_spec, write_spec
+from conftest import in_process, run_study, tiny_spec, write_spec
 from study import results
 from study.storage import Location
 
@@ -23,21 +22,15 @@ TWO = [{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "mi
 
 
 def ended(capsys, space, tmp_path, data, interrupt_at: int | None) -> pd.DataFrame:
-    """The study; with `interrupt_at`, first a process Ctrl-C'd once that
-    trial has begun (the ones before it ended), then --resume."""
+    """The study; with `interrupt_at`, first a run stopped as Ctrl-C stops it once that trial has
+    begun (the ones before it ended), then --resume: both in this process, on the module's Ray (a
+    process Ctrl-C'd is tests/test_study.py's; here what matters is what the resume decides)."""
     name = space.stem
     ray_dir = tmp_path / "results" / name / "ray"
     if interrupt_at is not None:
-        p = subprocess.Popen(study_cmd(space, tmp_path, data), env=env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None:
-            if len(list(ray_dir.glob("*/progress.csv"))) >= interrupt_at:
-                break
-            time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
-        out = p.communicate(timeout=180)[0]
-        assert p.returncode == 130 and "continue it with --resume" in out, out[-3000:]
+        p = stopped_when(lambda: len(list(ray_dir.glob("*/progress.csv"))) >= interrupt_at,
+                         run_study, capsys, space, tmp_path, data)
+        assert p.returncode == 130 and "continue it with --resume" in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
     p = run_study(capsys, space, tmp_path, data, *(["--resume"] if interrupt_at else []))  # on the module's Ray
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return pd.read_csv(tmp_path / "results" / name / "trials.csv").sort_values("number").reset_index(drop=True)
