@@ -1,8 +1,11 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +214,25 @@ def tiny_study(tiny_data_dir, tmp_path_factory):
             done.write_text(json.dumps({"args": p.args, "stdout": p.stdout, "stderr": p.stderr}))
     ran = json.loads(done.read_text())
     return tmp_path / "results" / "e2e", subprocess.CompletedProcess(ran["args"], 0, ran["stdout"], ran["stderr"])
+
+
+def stopped_when(cue, run, *argv):
+    """run(*argv) (a study.run in this process), stopped as Ctrl-C stops it once cue() holds: Ray Tune
+    ends its run on SIGUSR1 as on SIGINT, saving its state (the handler it sets while a run goes on;
+    a cue that holds only while trials run is sent to it, never to pytest)."""
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if cue():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        return run(*argv)
+    finally:
+        done.set()
+        watcher.join()

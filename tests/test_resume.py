@@ -2,19 +2,15 @@
 same rungs (Ray saves no scheduler state; study.run records the rungs again on --resume), one trial at a
 time, or two at once with search.in_order (which makes what the sampler and the rungs read independent of
 timing)."""
-import os
 import re
 import shutil
-import signal
-import threading
-import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 
-from conftest import in_process, run_study, tiny_spec, write_spec
+from conftest import in_process, run_study, stopped_when, tiny_spec, write_spec
 from study import results
 from study.storage import Location
 
@@ -56,28 +52,6 @@ def test_an_interrupted_study_stops_the_same_trials_as_the_straight_one(objectiv
 
 def files(folder) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def stopped_when(cue, run, *argv):
-    """run(*argv) (a study.run in this process), stopped as Ctrl-C stops it once cue() holds: Ray Tune
-    ends its run on SIGUSR1 as on SIGINT, saving its state (the handler it sets while a run goes on;
-    a cue that holds only while trials run is sent to it, never to pytest)."""
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set():
-            if cue():
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        return run(*argv)
-    finally:
-        done.set()
-        watcher.join()
 
 
 def test_a_copied_or_moved_interrupted_study_resumes_into_its_own_folder(tmp_path, tiny_data_dir, local_ray, capsys):
