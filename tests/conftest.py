@@ -1,8 +1,11 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +27,13 @@ def pytest_configure(config):
 
 # The modules that take longest (each runs several real studies) first: `make test` gives whole modules
 # to two workers (pytest -n 2 --dist loadfile) in this order, and a long module started last would
-# keep one worker busy while the other has nothing left.
-LONGEST_FIRST = ("test_cluster.py", "test_kills.py", "test_samplers.py", "test_resume.py", "test_study.py", "test_stopping.py",
-                 "test_lifecycle.py", "test_interrupts.py", "test_analyze.py", "test_estimate.py")
+# keep one worker busy while the other has nothing left. The order is the modules' measured totals
+# (make test's --durations on the loaded 2-core machine, 2026-12-07, less what sharing tiny_study and
+# the calibration saved), longest first; the first module that needs tiny_study (lifecycle) is followed
+# by one that does not (stopping), so that the other worker has work while tiny_study is made.
+LONGEST_FIRST = ("test_cluster.py", "test_samplers.py", "test_lifecycle.py", "test_stopping.py", "test_estimate.py",
+                 "test_study.py", "test_kills.py", "test_augment.py", "test_resume.py", "test_interrupts.py",
+                 "test_analyze.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -60,6 +67,30 @@ def _threads():
     # One thread a worker when make test runs two (pytest-xdist): two workers of two threads each on 2
     # cores made torch's threads wait on each other (a 3-epoch fit: 15-21 s, against 1 s on one thread).
     torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+_CPU_SPEEDS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _calibrate_once(monkeypatch):
+    """study.run calibrates the CPU before every fresh study (estimate.cpu_speeds: a few batches at
+    each size and a Python process that imports torch, 7-18 s each on the loaded 2-core machine, 2026-12-07): the studies
+    a worker runs in its own process share one real measurement per (threads, batch size), as
+    estimate.cpu_speeds takes them. The studies run as processes (tiny_study, study_cmd) still measure
+    their own: the estimates checked against real studies' times (tests/test_estimate.py) are theirs."""
+    from study import estimate
+    from study.spec import values
+
+    measure = estimate.cpu_speeds
+
+    def once(spec) -> dict:
+        key = (max(1, int(spec.resources["cpus_per_trial"])), int(np.median(values(spec, "batch_size"))))
+        if key not in _CPU_SPEEDS:
+            _CPU_SPEEDS[key] = measure(spec)
+        return {k: list(v) if isinstance(v, list) else v for k, v in _CPU_SPEEDS[key].items()}
+
+    monkeypatch.setattr(estimate, "cpu_speeds", once)
 
 
 @pytest.fixture(scope="session")
@@ -158,9 +189,50 @@ def run_study(capsys, space, tmp_path, data_dir, *extra) -> subprocess.Completed
 @pytest.fixture(scope="session")
 def tiny_study(tiny_data_dir, tmp_path_factory):
     """A real 3-trial study (Ray Tune, Optuna, ASHA, retrain with 2 seeds, spikes)
-    run once through the command line: (study folder, CompletedProcess)."""
-    tmp_path = tmp_path_factory.mktemp("study")
-    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return tmp_path / "results" / "e2e", p
+    run once through the command line: (study folder, CompletedProcess). Once for the whole run:
+    make test's two workers (pytest-xdist) share it, the first to need it runs it while the other
+    waits (it trains two trials at once: the waiting worker's core is not idle), and the tests only
+    read it (each that runs a command on it takes a copy)."""
+    import fcntl
+    import json
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    tmp_path = root / "tiny-study"
+    done = root / "tiny-study.json"
+    with open(root / "tiny-study.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes (or the process ends)
+        if not done.is_file():
+            shutil.rmtree(tmp_path, ignore_errors=True)  # another worker's attempt that failed
+            tmp_path.mkdir()
+            space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1,
+                                                                      "reduction_factor": 2}))
+            p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True,
+                               timeout=600)
+            assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+            done.write_text(json.dumps({"args": p.args, "stdout": p.stdout, "stderr": p.stderr}))
+    ran = json.loads(done.read_text())
+    return tmp_path / "results" / "e2e", subprocess.CompletedProcess(ran["args"], 0, ran["stdout"], ran["stderr"])
+
+
+def stopped_when(cue, run, *argv):
+    """run(*argv) (a study.run in this process), stopped as Ctrl-C stops it once cue() holds: Ray Tune
+    ends its run on SIGUSR1 as on SIGINT, saving its state (the handler it sets while a run goes on;
+    a cue that holds only while trials run is sent to it, never to pytest)."""
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if cue():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        return run(*argv)
+    finally:
+        done.set()
+        watcher.join()

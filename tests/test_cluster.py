@@ -15,7 +15,7 @@ import pytest
 import yaml
 import torch
 
-from conftest import ROOT, env, in_process, run_study, study_cmd, tiny_spec, write_spec
+from conftest import ROOT, env, in_process, run_study, stopped_when, study_cmd, tiny_spec, write_spec
 from csnn import data as fmnist
 from csnn.trainable import checkpoint_epochs, trial_device
 from study import analyze, plan as plans, results, run, spec as specs
@@ -312,8 +312,10 @@ def test_readme_cluster_recipe_from_empty_homes(tmp_path, tiny_data_dir):
 def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_dir, local_ray, capsys):
     """Ctrl-C after the first retrain seed finished (the seeds take all the CPUs,
     so they run one after the other here): --resume keeps that seed and trains
-    only the other, then assembles best/. The interrupted runs are processes (a real
-    Ctrl-C); the --resume runs are study.run's main here, on this process's Ray."""
+    only the other, then assembles best/. The first interrupted run is a process (a real
+    Ctrl-C); the second is stopped as Ctrl-C stops it in this process (Ray Tune's handler, see
+    conftest.stopped_when), and the --resume runs are study.run's main here, on this
+    process's Ray."""
     cpus = os.cpu_count()
     spec = tiny_spec("reretrain", train={"epochs": 1}, search={"num_samples": 1, "max_concurrent": 1},
                      resources={"cpus_per_trial": cpus}, retrain={"epochs": 3, "seeds": [0, 1]},
@@ -345,16 +347,10 @@ def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_
     # Ctrl-C during --retrain: the earlier retrain/ and best/ survive, --resume finishes the new one
     d = tmp_path / "results" / "reretrain"
     old = {p.relative_to(d): p.read_bytes() for p in [*d.glob("retrain/*/result.json"), d / "best" / "summary.yaml"]}
-    proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir, "--retrain"), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline, started = time.time() + 300, []
-    while time.time() < deadline and not started:
-        started = [f for f in d.glob("retrain-next/*/result.json") if f.read_text().strip()]
-        time.sleep(0.2)
-    assert started, "the new retrain reported nothing in time"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "the retrain was interrupted; continue it with --resume" in out, out[-3000:]
+    p = stopped_when(lambda: any(f.read_text().strip() for f in d.glob("retrain-next/*/result.json")),
+                     run_study, capsys, space, tmp_path, tiny_data_dir, "--retrain")
+    assert p.returncode == 130 and "the retrain was interrupted; continue it with --resume" in p.stderr, \
+        p.stdout[-3000:] + p.stderr[-3000:]
     assert {p: (d / p).read_bytes() for p in old} == old  # nothing of the earlier retrain lost
     p = run_study(capsys, space, tmp_path, tiny_data_dir, "--resume")
     assert p.returncode == 0 and "retrained best" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]

@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, env, study_cmd, tiny_spec, write_spec
+from conftest import ROOT, env, in_process, study_cmd, tiny_spec, write_spec
 from csnn.config import TrainConfig
 from study import analyze, estimate, results
 from study import spec as specs
+from study.run import main as study_run
 
 ESTIMATE = re.compile(r"^estimate: wall (\d+(?:\.\d+)?) min, (\d+(?:\.\d+)?) GPU-hours, storage (\d+(?:\.\d+)?) (MB|GB) "
                       r"on (\d+) nodes? with", re.M)
@@ -24,9 +25,10 @@ SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("space", SPACES, ids=[s.stem for s in SPACES])
-def test_the_dry_run_prints_an_estimate_for_every_search_space(space, tmp_path):
-    p = subprocess.run([*study_cmd(space, tmp_path, "/usr/share/datasets/fashion-mnist"), "--dry-run"], env=env(),
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+def test_the_dry_run_prints_an_estimate_for_every_search_space(space, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    p = in_process(capsys, study_run, *study_cmd(space, tmp_path, "/usr/share/datasets/fashion-mnist", "--dry-run")[3:])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     found = ESTIMATE.findall(p.stdout)
     assert len(found) == 1, p.stdout[-2000:]
@@ -220,12 +222,11 @@ def test_cpu_trials_crowd_each_other_and_a_busy_machine():
     assert 0.05 < estimate.start_s() < 60  # a real Python process that imports torch
 
 
-def test_a_study_this_machine_cannot_run_is_still_valid_without_an_estimate(tmp_path, tiny_data_dir):
+def test_a_study_this_machine_cannot_run_is_still_valid_without_an_estimate(tmp_path, tiny_data_dir, capsys):
     """--dry-run validates the file (for a cluster, maybe): a trial wanting more CPUs than this
     machine has is no error, only no estimate."""
     space = write_spec(tmp_path, tiny_spec("fat", resources={"cpus_per_trial": (os.cpu_count() or 1) + 1}))
-    p = subprocess.run([*study_cmd(space, tmp_path, tiny_data_dir), "--dry-run"], env=env(), capture_output=True,
-                       text=True, timeout=300)
+    p = in_process(capsys, study_run, *study_cmd(space, tmp_path, tiny_data_dir, "--dry-run")[3:])
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "warning: no estimate for this machine" in p.stderr and "cpus_per_trial" in p.stderr
     assert not ESTIMATE.findall(p.stdout)

@@ -2,20 +2,15 @@
 same rungs (Ray saves no scheduler state; study.run records the rungs again on --resume), one trial at a
 time, or two at once with search.in_order (which makes what the sampler and the rungs read independent of
 timing)."""
-import os
 import re
 import shutil
-import signal
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 
-from conftest import env, in_process, run_study, study_cmd, tiny_spec, write_spec
+from conftest import in_process, run_study, stopped_when, tiny_spec, write_spec
 from study import results
 from study.storage import Location
 
@@ -23,21 +18,15 @@ TWO = [{"metric": "val_acc", "mode": "max"}, {"metric": "energy_uj", "mode": "mi
 
 
 def ended(capsys, space, tmp_path, data, interrupt_at: int | None) -> pd.DataFrame:
-    """The study; with `interrupt_at`, first a process Ctrl-C'd once that
-    trial has begun (the ones before it ended), then --resume."""
+    """The study; with `interrupt_at`, first a run stopped as Ctrl-C stops it once that trial has
+    begun (the ones before it ended), then --resume: both in this process, on the module's Ray (a
+    process Ctrl-C'd is tests/test_study.py's; here what matters is what the resume decides)."""
     name = space.stem
     ray_dir = tmp_path / "results" / name / "ray"
     if interrupt_at is not None:
-        p = subprocess.Popen(study_cmd(space, tmp_path, data), env=env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None:
-            if len(list(ray_dir.glob("*/progress.csv"))) >= interrupt_at:
-                break
-            time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
-        out = p.communicate(timeout=180)[0]
-        assert p.returncode == 130 and "continue it with --resume" in out, out[-3000:]
+        p = stopped_when(lambda: len(list(ray_dir.glob("*/progress.csv"))) >= interrupt_at,
+                         run_study, capsys, space, tmp_path, data)
+        assert p.returncode == 130 and "continue it with --resume" in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
     p = run_study(capsys, space, tmp_path, data, *(["--resume"] if interrupt_at else []))  # on the module's Ray
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return pd.read_csv(tmp_path / "results" / name / "trials.csv").sort_values("number").reset_index(drop=True)
@@ -63,28 +52,6 @@ def test_an_interrupted_study_stops_the_same_trials_as_the_straight_one(objectiv
 
 def files(folder) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def stopped_when(cue, run, *argv):
-    """run(*argv) (a study.run in this process), stopped as Ctrl-C stops it once cue() holds: Ray Tune
-    ends its run on SIGUSR1 as on SIGINT, saving its state (the handler it sets while a run goes on;
-    a cue that holds only while trials run is sent to it, never to pytest)."""
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set():
-            if cue():
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        return run(*argv)
-    finally:
-        done.set()
-        watcher.join()
 
 
 def test_a_copied_or_moved_interrupted_study_resumes_into_its_own_folder(tmp_path, tiny_data_dir, local_ray, capsys):

@@ -69,9 +69,10 @@ def test_a_two_trial_study_with_every_sampler(name, objectives, local_ray, tiny_
 
 
 @pytest.mark.smoke
-def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny_data_dir):
+def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny_data_dir, local_ray, capsys):
     """Ctrl-C, then --resume: Ray unpickles the searcher (a fresh lock) and the study ends with every
-    trial; environment.yaml, edited to say another Optuna ran it, gives one warning line."""
+    trial; environment.yaml, edited to say another Optuna ran it, gives one warning line. The Ctrl-C'd
+    run is a process; the --resume is study.run's main here, on the module's Ray."""
     spec = tiny_spec("nsga2", objective=TWO, train={"epochs": 3}, retrain={"seeds": [], "pick": "knee"},
                      search={"sampler": "nsga2", "num_samples": 3, "max_concurrent": 1})
     space = write_spec(tmp_path, spec)
@@ -90,8 +91,7 @@ def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny
     assert recorded["packages"]["optuna"] == optuna.__version__ and recorded["cpus"] >= 1
     recorded["packages"]["optuna"] = "5.0.0"
     (d / "environment.yaml").write_text(yaml.safe_dump(recorded))
-    argv = study_cmd(space, tmp_path, tiny_data_dir, "--resume")
-    p = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=600)
+    p = run_study(capsys, space, tmp_path, tiny_data_dir, "--resume")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     warnings = [line for line in p.stderr.splitlines() if "another environment" in line]
     assert warnings == [f"warning: --resume runs on another environment than {d / 'environment.yaml'} records: "

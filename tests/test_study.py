@@ -1,6 +1,7 @@
 """Real Ray Tune + Optuna studies on tiny real data (600 training images, channels 4-6)."""
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -16,10 +17,9 @@ from PIL import Image
 from conftest import env, run_study, study_cmd, tiny_spec, write_spec
 
 
-def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir, capsys):
+def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir, tmp_path, capsys):
     d, p = tiny_study
-    tmp_path = d.parent.parent
-    space = tmp_path / "e2e.yaml"
+    space = shutil.copy(d.parent.parent / "e2e.yaml", tmp_path)
     assert "# Study `e2e`" in p.stdout and "Trials: 3 — " in p.stdout and "retrained best: test_acc" in p.stdout
     # Ray's and Optuna's own INFO and WARNING lines are in the study's log, not on the terminal
     assert not re.search(r" (INFO|WARNING) |\[I \d{4}-|\[W \d{4}-", p.stdout + p.stderr), p.stdout + p.stderr
@@ -73,6 +73,7 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir, capsys):
     assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert study.metric_names == ["val_acc"]  # optuna-dashboard's label for the objective
 
+    shutil.copytree(d, tmp_path / "results" / "e2e")  # a copy: the other tests read tiny_study as they run
     again = run_study(capsys, space, tmp_path, tiny_data_dir)  # refused before Ray would start
     assert again.returncode == 2 and "holds an ended study" in again.stderr and "study.analyze" in again.stderr
 
