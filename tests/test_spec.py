@@ -144,9 +144,12 @@ def _refused_with_key(tmp_path, raw, key, allowed):
      | {"space": {**GOOD["space"], "backend": {"type": "categorical", "choices": ["auto", "cupy"]},
                   "neuron": {"type": "categorical", "choices": ["if", "plif"]}}},
      "space", "backend 'cupy', neuron 'plif' can be sampled together and cannot run"),
+    (bad("train.pooling", "avg"), "search.baseline", "pooling avg (the tutorial's max)"),  # fmnist.yaml: baseline
     (bad("train.neuron", "plif") | {"train": {**GOOD["train"], "neuron": "plif", "tau": 2.0, "surrogate": "sigmoid",
                                               "alpha": None, "pooling": "avg", "dropout": 0.5,
-                                              "v_threshold": 0.5, "detach_reset": True}}, None, None),  # all valid
+                                              "v_threshold": 0.5, "detach_reset": True},
+                                    # (fixed so, the tutorial's network is no baseline: refused with baseline: true)
+                                    "search": {**GOOD["search"], "baseline": False}}, None, None),  # all valid
 ])
 def test_network_keys_are_checked_with_their_path(tmp_path, raw, key, allowed, monkeypatch):
     monkeypatch.setattr(specs, "check_runnable", lambda backend: None)  # cupy's machine check: not what is tested
