@@ -136,3 +136,20 @@ def test_gp_learns_from_constraints_when_some_trials_are_silent():
     assert [t.constraints["silent"] for t in told] == [1.0, 0.0, 0.0]
     assert [t.constraints["energy_uj.max"] for t in told] == [-0.8, 0.8, -0.8]
     assert told[1].user_attrs["constraint"] == "energy_uj 9 > max 5" and "constraint" not in told[2].user_attrs
+
+
+def test_a_warm_start_tells_the_earlier_trials_this_studys_constraints(tiny_study):
+    """The earlier study had no constraints: its trials are told those of this one, judged on their last epoch."""
+    from study import warmstart
+
+    e2e, _ = tiny_study
+    first = pd.read_csv(e2e / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")
+    bound = float(first["spikes_per_image"].median())  # the middle trial keeps it (equal), the one above breaks it
+    spec = specs.parse(with_constraints({"spikes_per_image": {"max": bound}}))
+    told = warmstart.plan(spec, [str(e2e)])[0]["told"]
+    assert len(told) == len(first) == 3
+    for t in told:
+        row = first.loc[t.user_attrs["warm_start"].rsplit(" ", 1)[1]]
+        assert t.constraints == {**{k: float(isinstance(row[k], str)) for k in ("silent", "dead")},  # as there
+                                 "spikes_per_image.max": pytest.approx((row["spikes_per_image"] - bound) / bound)}
+    assert sorted(t.constraints["spikes_per_image.max"] > 0 for t in told) == [False, False, True]
