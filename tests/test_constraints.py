@@ -94,7 +94,7 @@ def test_how_a_report_meets_the_constraints():
 
 def trials_frame(**constraint) -> pd.DataFrame:
     rows = [{"trial_id": t, "status": "finished", "channels": 4, "lr": lr, "val_acc": acc, "best_val_acc": acc,
-             "energy_uj": e, "silent": "", "dead": "", "constraint": constraint.get(t, "")}
+             "energy_uj": e, "time_s": 1.0, "silent": "", "dead": "", "constraint": constraint.get(t, "")}
             for t, lr, acc, e in (("a", 0.01, 0.9, 9.0), ("b", 0.02, 0.8, 3.0), ("c", 0.03, 0.7, 2.0))]
     return pd.DataFrame(rows)
 
@@ -116,6 +116,24 @@ def test_a_trial_that_broke_a_constraint_is_never_the_best_nor_on_the_front():
     assert results.nothing_to_pick(every) == "met the constraints"
     # read back from a csv, the feasible trials' empty texts are NaN: still feasible
     assert results.best_row(hit.replace("", np.nan), one)["trial_id"] == "b"
+
+
+def test_a_study_in_which_every_trial_broke_a_constraint_says_so():
+    """No best and nothing retrained, a finding: the summary's line and its constraints section."""
+    from study import analyze
+    from study.storage import Location
+
+    spec = specs.parse(with_constraints({"energy_uj": {"max": 1}}))
+    trials = trials_frame(a="energy_uj 9 > max 1", b="energy_uj 3 > max 1", c="energy_uj 2 > max 1")
+    study = results.Study(Location.parse("/tmp/limits"), spec, trials, pd.DataFrame(), None, None, None)
+    lines = analyze.summary(study)
+    assert lines[lines.index("## Constraints: 3 of 3 trials broke one") + 4] == "- `energy_uj` max 1: 3 broke it", lines
+    assert "- trial b: energy_uj 3 > max 1" in lines
+    assert analyze.best_lines(study)[0].startswith("**No trial met the constraints**: every trial that reported broke "
+                                                    "one at its last epoch (the constraints section above says which)")
+    trials.loc[1, "constraint"] = ""  # b kept it: it is the best, and nothing is said
+    study.best = results._best_entry(results.best_row(trials, spec), spec)
+    assert study.best["trial_id"] == "b" and analyze.best_lines(study)[0] == "## Best trial: b"
 
 
 def test_gp_learns_from_constraints_when_some_trials_are_silent():
