@@ -123,7 +123,8 @@ class Progress(tune.Callback):
         broke = ""
         if getattr(self.spec, "constraints", None):  # (a spec pickled before constraints has none)
             # of the trials ended, not errored, those whose last report broke a constraint
-            n = sum(bool(self._broke(t.last_result or {})) for t in trials if ended.get(t.trial_id) not in (None, "errored"))
+            n = sum(bool(self._broke(t.last_result or {})) for t in trials
+                    if ended.get(t.trial_id) not in (None, "errored"))
             broke = f"; {n} broke a constraint"
         print(f"[{clock(elapsed)}{remaining}] trials {len(kinds)}/{total}: "
               + ", ".join(f"{kinds.count(k)} {k}" for k in ("finished", "stopped", "silent", "dead")

@@ -5,7 +5,8 @@ results/<name>/ (or --storage DIR or URI/<name>/)
   trials.csv, .parquet      one row per trial: id, status, searched parameters,
                             last and best value of each metric, epochs run, time,
                             where it ran (node_ip, hostname, gpu_ids; run_device, cuda_graphs_used,
-                            cuda_graphs_eval_used, cuda_graphs_fallback, capture_diff)
+                            cuda_graphs_eval_used, cuda_graphs_fallback, capture_diff); why its last epoch
+                            learned nothing (silent, dead) or which constraints it broke (constraint)
   history.csv               every epoch every trial reported
   best.yaml                 the best trial: id, full TrainConfig, metrics
   best/                     the best configuration retrained per seed (study.run)
