@@ -136,6 +136,7 @@ def test_a_study_in_which_every_trial_broke_a_constraint_says_so():
     assert study.best["trial_id"] == "b" and analyze.best_lines(study)[0] == "## Best trial: b"
 
 
+@pytest.mark.filterwarnings("ignore:Define-by-run function passed")  # Ray's: GP's fit counts as the space's time
 def test_gp_learns_from_constraints_when_some_trials_are_silent():
     """Every told trial is told every constraint: Optuna's GPSampler refuses ('The constraint names must
     be the same for all trials') a study where a silent trial names one that the others do not."""
