@@ -27,7 +27,7 @@ from csnn.atomic import write_atomic  # noqa: E402
 from csnn.config import DEAD_SHARE, TUTORIAL_ACC, TUTORIAL_TEXT  # noqa: E402
 from study import estimate, lifecycle, results  # noqa: E402
 from csnn.argtypes import interruptible, leave, positive_int, spelled  # noqa: E402
-from study.spec import BASELINE, distribution  # noqa: E402
+from study.spec import BASELINE, broken, distribution  # noqa: E402
 
 LABELS = {"val_acc": "validation accuracy", "test_acc": "test accuracy", "train_acc": "training accuracy",
           "val_loss": "validation loss (MSE)", "test_loss": "test loss (MSE)", "train_loss": "training loss (MSE)",
@@ -338,7 +338,7 @@ def header(study: results.Study) -> list[str]:
              + quiet_clause(t) + f". Training time summed over trials: {wall:.1f} min."
              + ("" if study.complete else " **The study has not ended.**")]
     lines += [f"- errored trial {r['trial_id']}: {r['error']}" for _, r in study.errored().iterrows()]
-    return lines + [""] + graphs_lines(study) + silent_lines(study) + warm_lines(study)
+    return lines + [""] + graphs_lines(study) + silent_lines(study) + constraint_lines(study) + warm_lines(study)
 
 
 # how a trial ended (its status), as the header counts it: the silent and dead stops, not the trials silent
@@ -396,6 +396,26 @@ def silent_lines(study: results.Study) -> list[str]:
                                    f"{DEAD_SHARE:.1%} of its training images at the trial's last epoch", "Why"))
 
 
+def constraint_lines(study: results.Study) -> list[str]:
+    """The spec's constraints, how many trials broke each at their last epoch, and which trials (the
+    trials table's constraint column says how)."""
+    c, t = study.spec.constraints, study.trials
+    if not c:
+        return []
+    reported = t[t["status"] != "errored"] if len(t) else t
+    hit = results.said(reported, "constraint")
+    shown = ", ".join(f"{m} {b} {v:g}" for m, bounds in c.items() for b, v in bounds.items())
+    lines = [f"## Constraints: {int(hit.sum())} of {len(reported)} trials broke one", "",
+             f"{shown}, at each trial's last epoch (what the sampler is told): a trial that breaks one is told to "
+             "the sampler as infeasible, and is never the best trial nor on a Pareto front.", ""]
+    values = [broken(c, r)[0] for _, r in reported.iterrows()]
+    for m, bounds in c.items():
+        for b, v in bounds.items():
+            lines.append(f"- `{m}` {b} {v:g}: {sum(x[f'{m}.{b}'] > 0 for x in values)} broke it")
+    lines += [f"- trial {r['trial_id']}: {r['constraint']}" for _, r in reported[hit].iterrows()]
+    return lines + [""]
+
+
 def learnt_nothing_lines(study: results.Study, kind: str, what: str, why: str) -> list[str]:
     """Where in the space the trials of `kind` (silent or dead: the trials table's column of that
     name says why) were: per searched parameter, their share at each choice, or the range of
@@ -441,6 +461,10 @@ def pareto_lines(study: results.Study) -> list[str]:
 def best_lines(study: results.Study) -> list[str]:
     spec, b = study.spec, study.best
     head = [no_learner_line(study), ""] if results.none_learned(study.trials) else []
+    if not b and not head and results.nothing_to_pick(study.trials):
+        head = [f"**No trial met the constraints**: every trial that reported broke one at its last epoch"
+                + (", or learned nothing" if spec.multi else "") + " (the constraints section above says which); "
+                "there is no best trial and nothing is retrained. Loosen a constraint, or search where it holds.", ""]
     if not b:
         return head or ["No trial reported the objective: there is no best trial.", ""]
     objs = b["objective"] if spec.multi else [b["objective"]]

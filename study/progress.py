@@ -5,7 +5,8 @@ By default one line whenever a trial ends or the best trial changes, e.g.
   [0:56, ~0:56 left] trials 14/16: 6 finished, 8 stopped, 1 running, 0 errored; best val_acc 0.781 (trial 194e64a2)
 
 the remaining time from study.estimate's model and the trials' own clocks, the best of the trials that
-learn (never one silent or dead at its last report); Ray Tune's own status tables only with --verbose.
+learn (never one silent or dead at its last report, nor one whose last report broke a constraint: with
+`constraints:` the line counts those, "; 1 broke a constraint"); Ray Tune's own status tables only with --verbose.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from ray import tune
 
 from csnn.config import dead_network, silent_layers, trial_fields
+from study.spec import broken
 
 
 def clock(seconds: float) -> str:
@@ -59,9 +61,10 @@ class Progress(tune.Callback):
         # A trial silent or dead now learned nothing, whatever it reached before: never the best (the
         # study's end leaves out a trial silent or dead at its last epoch, results.best_row), until it
         # fires again.
+        # Nor is one whose last report breaks a constraint (the spec's constraints, as Optuna is told).
         rate = self.spec.scheduler["silent_rate"]
         quiet = bool(result.get("silent") or result.get("dead") or silent_layers(result, rate)
-                     or dead_network(result, rate))
+                     or dead_network(result, rate) or self._broke(result))
         before = self.values.get(trial.trial_id, (None, False))[0]
         self.values[trial.trial_id] = (value if self._better(value, before) else before, quiet)
         if self._pick() != self.best:
@@ -75,6 +78,10 @@ class Progress(tune.Callback):
             if not quiet and (best is None or self._better(v, best[0])):
                 best = (v, tid)
         return best
+
+    def _broke(self, result: dict) -> str:
+        """The constraints a report breaks ('' when it keeps them all, or the study has none)."""
+        return broken(getattr(self.spec, "constraints", {}), result)[1]
 
     def _kind(self, trial) -> str:
         last = trial.last_result or {}
@@ -113,10 +120,16 @@ class Progress(tune.Callback):
         remaining = f", ~{clock(self.left(trials, ended))} left" if self.trial_s else ""
         best = (f"; best {self.spec.metric} {self.best[0]:.4g} (trial {self.best[1]})" if self.best
                 else "; no trial has learned yet" if self.values else "")
+        broke = ""
+        if getattr(self.spec, "constraints", None):  # (a spec pickled before constraints has none)
+            # of the trials ended, not errored, those whose last report broke a constraint
+            n = sum(bool(self._broke(t.last_result or {})) for t in trials
+                    if ended.get(t.trial_id) not in (None, "errored"))
+            broke = f"; {n} broke a constraint"
         print(f"[{clock(elapsed)}{remaining}] trials {len(kinds)}/{total}: "
               + ", ".join(f"{kinds.count(k)} {k}" for k in ("finished", "stopped", "silent", "dead")
                           if k in ("finished", "stopped") or k in kinds) + f", {running} running, "
-              f"{kinds.count('errored')} errored{best}{extra}", flush=True)
+              f"{kinds.count('errored')} errored{broke}{best}{extra}", flush=True)
 
 
     def left(self, trials, ended: dict) -> float:

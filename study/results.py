@@ -5,7 +5,8 @@ results/<name>/ (or --storage DIR or URI/<name>/)
   trials.csv, .parquet      one row per trial: id, status, searched parameters,
                             last and best value of each metric, epochs run, time,
                             where it ran (node_ip, hostname, gpu_ids; run_device, cuda_graphs_used,
-                            cuda_graphs_eval_used, cuda_graphs_fallback, capture_diff)
+                            cuda_graphs_eval_used, cuda_graphs_fallback, capture_diff); why its last epoch
+                            learned nothing (silent, dead) or which constraints it broke (constraint)
   history.csv               every epoch every trial reported
   best.yaml                 the best trial: id, full TrainConfig, metrics
   best/                     the best configuration retrained per seed (study.run)
@@ -27,7 +28,7 @@ from csnn import yamlio
 from csnn.atomic import write_atomic
 from csnn.config import METRICS, RUN_INFO, TIME_PARTS, dead_network, silent_layers, trial_fields
 from study import storage
-from study.spec import StudySpec
+from study.spec import StudySpec, broken
 from study.storage import Location, read_table
 
 # silent: ended by the trainable as a silent network (a spiking layer stopped firing);
@@ -162,6 +163,8 @@ def frames(ray_dir: Location, spec: StudySpec, complete: bool) -> tuple[pd.DataF
         row["error"] = error
         row["silent"] = quiet  # the layers that fired below scheduler.silent_rate at the last epoch, e.g. fr_12
         row["dead"] = dead  # why its last epoch was a dead network's, e.g. 'predicts class 3 for 100.0% of ...'
+        # the spec's constraints its last epoch broke (the report Optuna was told), e.g. 'energy_uj 5.61 > max 5'
+        row["constraint"] = broken(spec.constraints, h.iloc[-1])[1] if len(h) and not error else ""
         row["config"] = yaml.safe_dump(cfg.to_dict(), default_flow_style=True, width=10_000).strip()
         rows.append(row)
         if len(h):
@@ -190,8 +193,9 @@ def pareto(trials: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     if trials.empty or not set(names) <= set(trials.columns):
         return trials.iloc[0:0]
     # Nor a network silent or dead at its last epoch: its output no longer depends on its input,
-    # and its low energy would take the cheap end of the front.
-    ok = trials[(trials["status"] != "errored") & ~learns_nothing(trials)].dropna(subset=names)
+    # and its low energy would take the cheap end of the front. Nor a trial that broke a constraint.
+    ok = trials[(trials["status"] != "errored") & ~learns_nothing(trials) & ~said(trials, "constraint")]
+    ok = ok.dropna(subset=names)
     costs = np.stack([ok[o["metric"]].to_numpy(float) * (1 if o["mode"] == "min" else -1) for o in spec.objectives], 1)
     dominated = [((costs <= c).all(1) & (costs < c).any(1)).any() for c in costs]
     front = ok[~np.array(dominated, dtype=bool)]
@@ -199,7 +203,7 @@ def pareto(trials: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
 
 
 def said(trials: pd.DataFrame, column: str) -> pd.Series:
-    """Which trials have a text in `column` (silent, dead): read back from a csv, an empty one is NaN,
+    """Which trials have a text in `column` (silent, dead, constraint): read back from a csv, an empty one is NaN,
     and a column with none is float."""
     if column not in trials:
         return pd.Series(False, index=trials.index)
@@ -216,6 +220,18 @@ def none_learned(trials: pd.DataFrame) -> bool:
     dead at its last epoch): a study that ran, whose search space holds nothing that learns."""
     reported = trials[trials["status"] != "errored"] if len(trials) else trials
     return bool(len(reported)) and bool(learns_nothing(reported).all())
+
+
+def nothing_to_pick(trials: pd.DataFrame) -> str:
+    """What every trial that reported failed at, when none can be the best: 'learned' (all silent or
+    dead at their last epoch), 'met the constraints' (every one broke a constraint, or learned nothing
+    and broke none: then with several objectives no front is left); '' when a trial can be the best, or
+    none reported. A study so ended has found something; study.run ends it with exit 0."""
+    if none_learned(trials):
+        return "learned"
+    reported = trials[trials["status"] != "errored"] if len(trials) else trials
+    broke = said(reported, "constraint")
+    return "met the constraints" if broke.any() and (broke | learns_nothing(reported)).all() else ""
 
 
 def hypervolumes(studies: list, spec: StudySpec) -> list[float]:
@@ -268,8 +284,8 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
     key = best_column(spec.metric)
     # A trial silent or dead at its last epoch is a candidate only when no trial learnt (its configuration
     # may, given the retrain's images and epochs); else it is never the best, as on a Pareto front (and in
-    # the progress lines: study.progress).
-    ok = trials[trials["status"] != "errored"] if len(trials) else trials
+    # the progress lines: study.progress). A trial whose last epoch broke a constraint never is.
+    ok = trials[(trials["status"] != "errored") & ~said(trials, "constraint")] if len(trials) else trials
     learnt = ok[~learns_nothing(ok)] if len(ok) else ok
     if key in learnt and not learnt[key].dropna().empty:
         ok = learnt

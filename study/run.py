@@ -210,7 +210,7 @@ def _main(args) -> int:
     if decision.action == "nothing" and not args.dry_run:
         ended = results.load(study_dir)
         if ended.best is None:  # then --retrain, which the line advises, has nothing to train
-            none = "learned" if results.none_learned(ended.trials) else "reported the objective"
+            none = results.nothing_to_pick(ended.trials) or "reported the objective"
             print(f"study {spec.name}: {study_dir} holds {lifecycle.STATES[state]} in which no trial {none}: "
                   f"nothing to resume or retrain; read it with python -m study.analyze {study_dir}")
         else:
@@ -256,7 +256,7 @@ def _main(args) -> int:
         return 0
     retrain_only = decision.action in ("retrain", "finish_retrain")
     if retrain_only and results.load(study_dir).best is None:
-        none = "learned" if results.none_learned(results.load(study_dir).trials) else "reported the objective"
+        none = results.nothing_to_pick(results.load(study_dir).trials) or "reported the objective"
         raise UsageError(f"{study_dir}: no trial {none}; nothing to retrain (read it: "
                          f"{lifecycle.command_line(lifecycle.ANALYZE, args.argv, study_dir)})")
     if decision.action == "restart":  # what the stopped run left: the study starts afresh
@@ -431,7 +431,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         timing.lap("retrain")
     keep(running=False, trials_s=results.read_breakdown(study))
     print(f"results in {study}; wall time {(time.time() - start) / 60:.1f} min")
-    if best or retrain_only or results.none_learned(trials):  # no trial learned: a finding, said by the summary
+    if best or retrain_only or results.nothing_to_pick(trials):  # none learned or kept the constraints: a finding
         return 0
     print(f"error: no trial of study {spec.name} reported {spec.metric}, so there is no best trial; the errored "
           f"trials' lines above say why (python -m study.analyze {study} lists them)", file=sys.stderr)

@@ -19,7 +19,7 @@ from csnn.config import (COST_METRICS, METRICS, NETWORK_FIELDS, PREDICTION_METRI
                           yaml_number_hint)
 
 TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
-            "scheduler": False, "resources": False, "retrain": False, "render": False}
+            "scheduler": False, "resources": False, "retrain": False, "render": False, "constraints": False}
 SAMPLERS = ("tpe", "random", "qmc", "gp", "nsga2")
 NAME_FORBIDDEN = "/\\?#%&*:;\"'<>|` "  # read otherwise by a URL, a shell or a file system
 PICKS = "most_accurate, knee or index N"
@@ -67,6 +67,8 @@ class StudySpec:
     retrain: dict
     render: dict
     path: str = ""
+    # {metric: {min, max}}: limits a trial's last report must keep, else it is infeasible (broken); {}: none
+    constraints: dict = dataclasses.field(default_factory=dict)
 
     @property
     def max_epochs(self) -> int:
@@ -87,8 +89,9 @@ class StudySpec:
         return len(self.objectives) > 1
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("objectives", "path")}
-        return {"name": d.pop("name"), "objective": self.objectives if self.multi else self.objectives[0], **d}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("objectives", "path", "constraints")}
+        return {"name": d.pop("name"), "objective": self.objectives if self.multi else self.objectives[0],
+                "constraints": dict(self.constraints), **d}
 
     def config(self, params: dict, **overrides) -> TrainConfig:
         """The TrainConfig of one trial: the fixed fields, the sampled ones, then overrides."""
@@ -417,7 +420,9 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
 
     render = _section(where, raw, "render", DEFAULTS["render"])
     _number(where, "render.images", render["images"], integer=True, minimum=0)
-    spec = StudySpec(name, objectives, train, space, search, sched, res, retrain, render, path=where)
+    constraints = _constraints(where, raw.get("constraints"), train)
+    spec = StudySpec(name, objectives, train, space, search, sched, res, retrain, render, path=where,
+                     constraints=constraints)
     if sched["type"] == "asha":
         epochs, rf = spec.max_epochs, sched["reduction_factor"]
         rungs = math.log(epochs / min(sched["grace_period"], epochs)) / math.log(rf) + 1
@@ -440,25 +445,78 @@ def _objectives(where, raw, train) -> list:
         key = f"objective[{i}]" if multi else "objective"
         _mapping(where, key, obj, {"metric": True, "mode": True})
         metric, mode = obj["metric"], obj["mode"]
-        if isinstance(metric, str) and metric.startswith(("test_", "max_test_")):  # and the tutorial's max_test_acc
-            raise _err(where, f"{key}.metric", f"{metric} is measured on the test set, which a study only reports: "
-                       "choosing by it would fit the test set; hold out a validation split (train.val_size, "
-                       f"e.g. 5000) and use {metric.replace('max_', '').replace('test_', 'val_')}")
-        if metric not in OBJECTIVE_METRICS:
-            why = "cannot be optimised" if metric in METRICS else "is never reported"
-            raise _err(where, f"{key}.metric", f"{metric!r} {why}; allowed: {', '.join(OBJECTIVE_METRICS)}")
-        if metric.startswith("val_") and not train.get("val_size"):
-            raise _err(where, f"{key}.metric", f"{metric} is reported only with a validation split; set train.val_size > 0")
-        if (metric in COST_METRICS or metric.startswith("fr_")) and not train.get("val_size"):
-            # counted on the validation split, or on the test set where there is none: selection must not see it
-            raise _err(where, f"{key}.metric", f"{metric} is counted on the test set when there is no validation "
-                       "split, and choosing by it would read the test set; set train.val_size > 0 (e.g. 5000)")
+        _selectable(where, f"{key}.metric", metric, train, "optimised")
         if mode not in ("max", "min"):
             raise _err(where, f"{key}.mode", f"{mode!r} is not allowed; allowed: max, min")
         if metric in [o["metric"] for o in out]:
             raise _err(where, f"{key}.metric", f"{metric} is already an objective")
         out.append({"metric": metric, "mode": mode})
     return out
+
+
+def _selectable(where, key, metric, train, how: str) -> None:
+    """A metric that may choose between trials (an objective, a constraint): reported in this study, and
+    never the test set's, nor a cost counted on it."""
+    if isinstance(metric, str) and metric.startswith(("test_", "max_test_")):  # and the tutorial's max_test_acc
+        raise _err(where, key, f"{metric} is measured on the test set, which a study only reports: "
+                   "choosing by it would fit the test set; hold out a validation split (train.val_size, "
+                   f"e.g. 5000) and use {metric.replace('max_', '').replace('test_', 'val_')}")
+    if metric not in OBJECTIVE_METRICS:
+        why = f"cannot be {how}" if metric in METRICS else "is never reported"
+        raise _err(where, key, f"{metric!r} {why}; allowed: {', '.join(OBJECTIVE_METRICS)}")
+    if metric.startswith("val_") and not train.get("val_size"):
+        raise _err(where, key, f"{metric} is reported only with a validation split; set train.val_size > 0")
+    if (metric in COST_METRICS or metric.startswith("fr_")) and not train.get("val_size"):
+        # counted on the validation split, or on the test set where there is none: selection must not see it
+        raise _err(where, key, f"{metric} is counted on the test set when there is no validation "
+                   "split, and choosing by it would read the test set; set train.val_size > 0 (e.g. 5000)")
+
+
+BOUNDS = ("min", "max")
+
+
+def _constraints(where, raw, train) -> dict:
+    """constraints: {metric: {min: x, max: y}} (either or both): limits on what a trial reports, {} when absent."""
+    if raw is None:  # absent, or an empty `constraints:`
+        return {}
+    _mapping(where, "constraints", raw)
+    out = {}
+    for metric, bounds in raw.items():
+        key = f"constraints.{metric}"
+        _selectable(where, key, metric, train, "constrained")
+        _mapping(where, key, bounds, dict.fromkeys(BOUNDS, False))
+        if not bounds:
+            raise _err(where, key, "is empty; give min, max or both (e.g. {max: 20000})")
+        for b, v in bounds.items():
+            _number(where, f"{key}.{b}", v, minimum=0)  # every reported metric is >= 0
+            if (metric.endswith("_acc") or metric.startswith("fr_")) and v > 1:
+                raise _err(where, f"{key}.{b}", f"{v!r} is not allowed; {metric} is a fraction, at most 1 "
+                           f"(e.g. {v / 100:g} for {v:g} %)")
+        if "min" in bounds and "max" in bounds and bounds["min"] > bounds["max"]:
+            raise _err(where, f"{key}.min", f"{bounds['min']!r} is above max {bounds['max']!r}: no trial can meet both")
+        out[metric] = {b: bounds[b] for b in BOUNDS if b in bounds}
+    return out
+
+
+def broken(constraints: dict, metrics) -> tuple[dict, str]:
+    """How a report (a dict, or a trial's row: its last epoch's metrics) meets `constraints`: (Optuna's
+    value of each, {'energy_uj.max': v}: <= 0 met, else how far the metric lies past its bound as a share
+    of the bound (of 1 for a bound 0), so that limits on metrics of other scales weigh alike where a
+    sampler sums them; a text naming those broken, e.g. 'energy_uj 5.61 > max 5', '' when all are met).
+    A metric the report lacks counts as broken: it cannot show that it keeps the limit."""
+    values, texts = {}, []
+    for metric, bounds in constraints.items():
+        v = metrics.get(metric) if hasattr(metrics, "get") else None
+        for b, limit in bounds.items():
+            if v is None or not math.isfinite(float(v)):
+                values[f"{metric}.{b}"] = 1.0
+                texts.append(f"{metric} not reported")
+                continue
+            past = (float(v) - limit) if b == "max" else (limit - float(v))
+            values[f"{metric}.{b}"] = past / (abs(limit) or 1.0)
+            if past > 0:
+                texts.append(f"{metric} {float(v):.6g} {'>' if b == 'max' else '<'} {b} {limit:g}")
+    return values, "; ".join(dict.fromkeys(texts))
 
 
 def _admits(p: dict, value, context: dict) -> bool:

@@ -30,6 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from csnn.config import dead_network, silent_layers
 from study.results import creation_number
+from study.spec import broken
 
 
 def silent(result: dict, rate: float) -> str:
@@ -47,7 +48,11 @@ class SilentAwareOptunaSearch(OptunaSearch):
     Its values are told too (a silent network's accuracy is chance; its near-zero
     energy would make it look good on a cost objective, were it not infeasible).
     So is a dead network (one class for every training image, csnn.trainable): the
-    constraint `dead` and a user attribute saying why."""
+    constraint `dead` and a user attribute saying why. And a trial whose last report
+    breaks one of the spec's `constraints` (study.spec.broken): a constraint per bound,
+    e.g. `energy_uj.max`, and the user attribute `constraint` naming those broken.
+    Every told trial is told every constraint, 0 or less where it is met: GPSampler
+    refuses a study whose trials name different constraints."""
 
     # The Optuna storage a restored searcher connects to: set by study.run before Tuner.restore.
     # The searcher is pickled without its storage (OptunaSearch's own state held the study's
@@ -55,9 +60,10 @@ class SilentAwareOptunaSearch(OptunaSearch):
     # database, never the one at the path it started at.
     resume_url: str | None = None
 
-    def __init__(self, *args, silent_rate: float = 0.0, in_order: int = 0, num_samples: int = 0, **kwargs):
+    def __init__(self, *args, silent_rate: float = 0.0, in_order: int = 0, num_samples: int = 0,
+                 constraints: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.silent_rate = silent_rate
+        self.silent_rate, self.constraints = silent_rate, dict(constraints or {})
         # search.in_order (with k = in_order trials at once): the n-th trial is asked for only when
         # trials 1..n-k have ended, and Optuna is told their results in trial order just then, so
         # the sampler sees the same results before each ask however the trials' timing fell.
@@ -74,7 +80,8 @@ class SilentAwareOptunaSearch(OptunaSearch):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update({"in_order": 0, "asked": [], "ended": {}, "told": 0, **state})  # a study from before in_order
+        # a study from before in_order, or before constraints
+        self.__dict__.update({"in_order": 0, "asked": [], "ended": {}, "told": 0, "constraints": {}, **state})
         url = self.resume_url or state.get("_storage_url")  # a copy made while the study runs keeps its storage
         if url is not None and self._ot_study is None:
             import optuna
@@ -151,12 +158,18 @@ class SilentAwareOptunaSearch(OptunaSearch):
         if trial_id not in self._ot_trials or trial_id in self._completed_trials:
             return
         ot_trial = self._ot_trials[trial_id]  # OptunaSearch's own record of its Optuna trials
-        why = {"silent": silent(result or {}, self.silent_rate),
-               "dead": (result or {}).get("dead") or dead_network(result or {}, self.silent_rate)}
-        for key, text in why.items():
+        if not error:  # an errored trial is told as failed, which the samplers leave out
+            why = {"silent": silent(result or {}, self.silent_rate),
+                   "dead": (result or {}).get("dead") or dead_network(result or {}, self.silent_rate)}
+            for key, text in why.items():
+                if text:
+                    ot_trial.set_user_attr(key, text)
+                ot_trial.set_constraint(key, 1.0 if text else 0.0)
+            values, text = broken(self.constraints, result or {})
+            for key, value in values.items():
+                ot_trial.set_constraint(key, value)
             if text:
-                ot_trial.set_user_attr(key, text)
-                ot_trial.set_constraint(key, 1.0)
+                ot_trial.set_user_attr("constraint", text)
         super().on_trial_complete(trial_id, result, error)
 
 

@@ -97,7 +97,7 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
                                        mode=modes if spec.multi else modes[0], sampler=sampler,
                                        study_name=spec.name, storage=storage,
                                        silent_rate=spec.scheduler["silent_rate"], in_order=in_order,
-                                       num_samples=spec.search["num_samples"])
+                                       num_samples=spec.search["num_samples"], constraints=spec.constraints)
     epochs = spec.max_epochs
     rungs = dict(max_t=epochs, grace_period=min(spec.scheduler["grace_period"], epochs),
                  reduction_factor=spec.scheduler["reduction_factor"], in_order=in_order)

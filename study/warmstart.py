@@ -20,7 +20,7 @@ import yaml
 
 from csnn.config import TrainConfig
 from study import results
-from study.spec import StudySpec, define_by_run
+from study.spec import StudySpec, broken, define_by_run
 
 TOLD = ("finished", "stopped", "silent", "dead")  # trials that reported their objectives; errored/unfinished are skipped
 
@@ -96,6 +96,14 @@ def _usable(spec: StudySpec, row, metrics: list[str], data_sha: str) -> tuple[_G
     return _fit(spec, row.to_dict(), yaml.safe_load(row["config"]))
 
 
+def told_constraints(spec: StudySpec, row) -> dict:
+    """An earlier trial's constraints as SilentAwareOptunaSearch tells them, every one: infeasible as there
+    where a layer was silent or the network dead at its last epoch (the silent and dead columns), and
+    where its last epoch breaks this study's constraints (its own may have been others)."""
+    return {**{k: 1.0 if isinstance(row.get(k), str) and row[k] else 0.0 for k in ("silent", "dead")},
+            **broken(spec.constraints, row)[0]}
+
+
 def plan(spec: StudySpec, sources: list[str], data_sha: str = "") -> list[dict]:
     """What each earlier study gives this one: {source, told: [FrozenTrial], skipped:
     {reason: count}, enqueue: [{params, origin}]}. Raises WarmStartError for a folder
@@ -126,9 +134,7 @@ def plan(spec: StudySpec, sources: list[str], data_sha: str = "") -> list[dict]:
                     params=given.params, distributions=given.distributions,
                     values=[float(row[m]) for m in metrics],  # each trial's last report, as OptunaSearch tells it
                     user_attrs={"warm_start": f"{other.path} trial {row['trial_id']}"},
-                    # infeasible as there: a layer silent, or a dead network, at its last epoch (the
-                    # silent and dead columns)
-                    constraints={k: 1.0 for k in ("silent", "dead") if isinstance(row.get(k), str) and row[k]} or None))
+                    constraints=told_constraints(spec, row)))
         best = (other.best or {}).get("pareto") or ([other.best] if other.best else [])
         enqueue = []
         for b in best[: max(1, spec.search["num_samples"] // 2)]:  # the search still explores

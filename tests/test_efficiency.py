@@ -10,6 +10,7 @@ from PIL import Image
 from conftest import in_process, run_study, tiny_spec, write_spec
 from csnn import efficiency
 from csnn.model import CSNN
+from study import analyze, results
 
 
 def identity_bn(bn):
@@ -101,6 +102,57 @@ def test_tiny_multi_objective_study(tmp_path, tiny_data_dir, local_ray, capsys):
     assert img.shape[1] >= 1000 and img.std() > 5
     report = (d / "report" / "report.md").read_text()
     assert f"## Pareto front of max val_acc, min energy_uj: {len(front)} trials" in report and "](pareto.png)" in report
+
+
+def test_a_constraint_is_told_to_optuna_and_keeps_its_trials_off_the_front_and_the_pick(tmp_path, tiny_data_dir,
+                                                                                         local_ray, capsys):
+    """A real study whose constraint is decided by the architecture alone: MACs per image are counted
+    from channels and T (16,464 at 2 channels and 32,928 at 4 with T 2: not from the weights nor the images). With
+    macs_per_image an objective to minimise, every trial of 2 channels is on the unconstrained front (none
+    has fewer MACs), and the constraint `min 20000` breaks exactly those: the front, the pick and Optuna's
+    own feasible trials hold trials of 4 channels only. TPE's seed 0 draws 4 then 2 channels (at random: the
+    start-up of a 2-trial study)."""
+    from optuna.study._constrained_optimization import _get_feasible_trials  # what TPE, NSGA-II and GP read
+
+    spec = tiny_spec("limits", objective=[{"metric": "val_acc", "mode": "max"}, {"metric": "macs_per_image", "mode": "min"}],
+                     constraints={"macs_per_image": {"min": 20_000}},
+                     train={"epochs": 1, "lr": 0.01}, search={"sampler": "tpe", "seed": 0, "num_samples": 2},
+                     scheduler={"type": "none", "silent_rate": 0},  # no trial off the front for being silent
+                     retrain={"seeds": [], "pick": "most_accurate"}, render={"images": 0})
+    spec["space"] = {"channels": {"type": "categorical", "choices": [2, 4]}}
+    p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    d = tmp_path / "results" / "limits"
+    trials = pd.read_csv(d / "trials.csv", dtype={"trial_id": str})
+    broke = trials["channels"] == 2
+    assert broke.any() and (~broke).any(), trials[["channels", "macs_per_image"]]
+    assert trials.loc[broke, "constraint"].eq("macs_per_image 16464 < min 20000").all(), trials["constraint"]
+    assert trials.loc[~broke, "constraint"].isna().all() and (trials["status"] == "finished").all()
+
+    # told: every trial every constraint, the MACs' one by how far below the bound (a share of it); values too
+    stored = optuna.load_study(study_name="limits", storage=f"sqlite:///{d / 'optuna.db'}")
+    by_id = trials.set_index("trial_id")
+    for t in stored.trials:
+        row = by_id.loc[t.user_attrs["ray_trial_id"]]
+        assert t.constraints == {"silent": 0.0, "dead": 0.0,
+                                 "macs_per_image.min": pytest.approx((20_000 - row["macs_per_image"]) / 20_000)}
+        assert t.user_attrs.get("constraint") == (row["constraint"] if row["channels"] == 2 else None)
+        assert t.state.name == "COMPLETE" and t.values == pytest.approx([row["val_acc"], row["macs_per_image"]])
+    feasible = {t.user_attrs["ray_trial_id"] for t in _get_feasible_trials(stored.trials)}
+    assert feasible == set(trials.loc[~broke, "trial_id"])
+
+    # kept off the front and the pick: the front is Optuna's own (feasible) front, of 4 channels only
+    best = yaml.safe_load((d / "best.yaml").read_text())
+    front = {e["trial_id"] for e in best["pareto"]}
+    assert front == {t.user_attrs["ray_trial_id"] for t in stored.best_trials} and front <= feasible
+    assert best["trial_id"] in front and best["config"]["channels"] == 4
+    assert best["metrics"]["val_acc"] == trials.loc[~broke, "val_acc"].max()
+    assert f"; {int(broke.sum())} broke a constraint" in p.stdout  # study.run's progress lines count them
+    lines = "\n".join(analyze.summary(results.load(d)))
+    assert f"## Constraints: {int(broke.sum())} of 2 trials broke one" in lines, lines
+    assert f"- `macs_per_image` min 20000: {int(broke.sum())} broke it" in lines
+    for tid in trials.loc[broke, "trial_id"]:
+        assert f"- trial {tid}: macs_per_image 16464 < min 20000" in lines
 
 
 def test_a_hand_made_front_its_table_and_an_index_beyond_it():

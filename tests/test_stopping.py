@@ -106,8 +106,9 @@ def test_silent_networks_stop_after_two_silent_epochs_and_are_told_as_infeasible
     # what the samplers read: a violated constraint on the silent trials only
     study = optuna.load_study(study_name="silent", storage=f"sqlite:///{d / 'optuna.db'}")
     told = {t.params["optimizer"]: t for t in study.trials}
-    assert told["sgd"].constraints == {"silent": 1.0} and told["sgd"].user_attrs["silent"] in set(sgd["silent"])
-    assert told["adam"].constraints == {} and told["adam"].state.name == "COMPLETE"
+    # (every trial is told every constraint, 0 where it is met: GPSampler refuses trials that name different ones)
+    assert told["sgd"].constraints == {"silent": 1.0, "dead": 0.0} and told["sgd"].user_attrs["silent"] in set(sgd["silent"])
+    assert told["adam"].constraints == {"silent": 0.0, "dead": 0.0} and told["adam"].state.name == "COMPLETE"
 
     s = results.load(d)
     lines = "\n".join(analyze.summary(s))
@@ -194,12 +195,12 @@ def test_dead_networks_stop_after_two_dead_epochs_and_are_told_as_infeasible(tmp
 
     study = optuna.load_study(study_name="dead", storage=f"sqlite:///{d / 'optuna.db'}")
     told = {t.params["lr"]: t for t in study.trials}
-    assert told[300.0].constraints == {"dead": 1.0} and told[300.0].user_attrs["dead"] == dead["dead"]
-    assert told[1.0].constraints == {} and told[1.0].state.name == "COMPLETE"
+    assert told[300.0].constraints == {"silent": 0.0, "dead": 1.0} and told[300.0].user_attrs["dead"] == dead["dead"]
+    assert told[1.0].constraints == {"silent": 0.0, "dead": 0.0} and told[1.0].state.name == "COMPLETE"
     # and a study warm-started from this one tells its sampler the same
     s = results.load(d)
     warm = {t.params["lr"]: t for t in warmstart.plan(s.spec, [str(d)])[0]["told"]}
-    assert warm[300.0].constraints == {"dead": 1.0} and warm[1.0].constraints == {}
+    assert warm[300.0].constraints == {"silent": 0.0, "dead": 1.0} and warm[1.0].constraints == {"silent": 0.0, "dead": 0.0}
 
     lines = "\n".join(analyze.summary(s))
     assert "Trials: 2 — 1 finished, 0 stopped, 0 ended by the silent stop, 1 ended by the dead stop, 0 errored; " \

@@ -34,8 +34,8 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir, tmp_path, capsy
     assert set(trials["status"]) <= {"finished", "stopped", "silent"} and (trials["status"] == "finished").any()
     assert trials["lr"].between(0.003, 0.03).all() and set(trials["channels"]) <= {4, 6}
     # all empty (no error; no GPU id on the CPU): '' or None in parquet, NaN in csv
-    cols = [c for c in trials.columns if c not in ("error", "gpu_ids", "silent", "dead", "cuda_graphs_fallback",
-                                                  "capture_diff")]
+    cols = [c for c in trials.columns if c not in ("error", "gpu_ids", "silent", "dead", "constraint",
+                                                  "cuda_graphs_fallback", "capture_diff")]
     parquet = pd.read_parquet(d / "trials.parquet")[cols]
     text = [c for c in cols if not pd.api.types.is_numeric_dtype(parquet[c])]  # csv reads '13.0' as 13.0
     pd.testing.assert_frame_equal(parquet.drop(columns=text), trials[cols].drop(columns=text), check_dtype=False)
