@@ -265,6 +265,45 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
     if spec.multi:
         front = pareto(trials, spec)
         return None if front.empty else pick(front, spec)
+    ok = _candidates(trials, spec)
+    if ok is None:
+        return None
+    key = best_column(spec.metric)
+    return ok.loc[ok[key].idxmax() if spec.mode == "max" else ok[key].idxmin()]
+
+
+def top_rows(trials: pd.DataFrame, spec: StudySpec, k: int) -> list[pd.Series]:
+    """The `k` best trials by the search (retrain.top_k), the best first (best_row): by the objective's
+    best epoch, or with several objectives from the Pareto front, the retrain.pick point first and then
+    the front in its order (fewer when fewer trials qualify)."""
+    first = best_row(trials, spec)
+    if first is None:
+        return []
+    if spec.multi:
+        pool = pareto(trials, spec)
+    else:
+        pool = _candidates(trials, spec)
+        pool = pool[pool[best_column(spec.metric)].notna()].sort_values(
+            best_column(spec.metric), ascending=spec.mode == "min", kind="stable")
+    rest = pool[pool["trial_id"] != first["trial_id"]]
+    return [first] + [r for _, r in rest.head(max(0, k - 1)).iterrows()]
+
+
+def search_score(row: pd.Series, spec: StudySpec) -> float:
+    """What the search ranked a trial by: its best epoch's objective, or with several objectives
+    the accuracy objective at its last epoch (retrain.pick most_accurate's, what the front holds)."""
+    return float(row[accuracy_objective(spec)["metric"]] if spec.multi else row[best_column(spec.metric)])
+
+
+def selection_metric(spec: StudySpec) -> dict:
+    """The validation metric ({metric, mode}) that chooses among the top_k retrained configurations (its mean
+    over the seeds at the last retrain epoch): the accuracy objective when it is a validation one, else val_acc."""
+    o = accuracy_objective(spec)
+    return dict(o) if o["metric"].startswith("val_") else {"metric": "val_acc", "mode": "max"}
+
+
+def _candidates(trials: pd.DataFrame, spec: StudySpec) -> pd.DataFrame | None:
+    """The trials that may be the best of a single-objective study (None: no trial reported its objective)."""
     key = best_column(spec.metric)
     # A trial silent or dead at its last epoch is a candidate only when no trial learnt (its configuration
     # may, given the retrain's images and epochs); else it is never the best, as on a Pareto front (and in
@@ -275,7 +314,7 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
         ok = learnt
     if key not in ok or ok[key].dropna().empty:
         return None
-    return ok.loc[ok[key].idxmax() if spec.mode == "max" else ok[key].idxmin()]
+    return ok
 
 
 def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
@@ -284,13 +323,7 @@ def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataF
     trials, history = frames(study_dir / "ray", spec, complete=True)
     if (study_dir / "warm_start.yaml").is_file() and len(trials):
         trials["warm_start"] = warm_origins(trials, yamlio.load((study_dir / "warm_start.yaml").read_text()))
-    row = best_row(trials, spec)
-    best = None
-    if row is not None:
-        best = _best_entry(row, spec)
-        if spec.multi:
-            best["pick"] = spec.retrain["pick"]
-            best["pareto"] = [_best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
+    best = best_record(trials, spec)
     # The trials tables last, trials.csv the very last: a study counts as ended only with all of
     # them (lifecycle.EXPORT), so a kill in between leaves a study that --resume exports again.
     storage.write_table(study_dir / "history.csv", history)
@@ -299,6 +332,19 @@ def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataF
     storage.write_table(study_dir / "trials.parquet", trials)
     storage.write_table(study_dir / "trials.csv", trials)
     return trials, history, best
+
+
+def best_record(trials: pd.DataFrame, spec: StudySpec) -> dict | None:
+    """best.yaml as the search's export writes it: the best trial's entry; with several objectives the
+    pick and the Pareto front's entries too."""
+    row = best_row(trials, spec)
+    if row is None:
+        return None
+    best = _best_entry(row, spec)
+    if spec.multi:
+        best["pick"] = spec.retrain["pick"]
+        best["pareto"] = [_best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
+    return best
 
 
 def warm_origins(trials: pd.DataFrame, record: dict) -> list[str]:
@@ -357,6 +403,11 @@ class Study:
     trials_file: Location | None = None  # the table trials was read from; None: from Ray's record
     warm_start: dict | None = None  # warm_start.yaml: per earlier study, trials told, skipped (why), enqueued
     environment: dict | None = None  # environment.yaml: Python, packages, git commit, CUDA, machine it started on
+    # retrain.top_k > 1 (retrained/<trial_id>/): the retrained configurations, one row per configuration and
+    # seed at the last retrain epoch (trial_id, search_rank, search_score, seed, val_*, test_*, chosen), and one
+    # row per configuration (its mean and std over the seeds of the selection metric and of test_acc)
+    retrained: pd.DataFrame | None = None
+    retrained_summary: pd.DataFrame | None = None
 
     @property
     def path(self) -> Path | str:
@@ -507,7 +558,44 @@ def load(path: str | Path | Location) -> Study:
     warm = _read(warm_file, _yaml, "warm-start record") if warm_file.is_file() else None
     from study import environment
 
-    return Study(loc, spec, trials, history, best, retrain, summary, trials_file, warm, environment.read(loc))
+    per_seed, per_config = read_retrained(loc)
+    return Study(loc, spec, trials, history, best, retrain, summary, trials_file, warm, environment.read(loc),
+                 per_seed, per_config)
+
+
+RETRAINED = "retrained"  # retrain.top_k > 1: each retrained configuration's metrics.csv, summary.yaml, seed<N>/
+
+
+def read_retrained(loc: Location) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Study.retrained and Study.retrained_summary from retrained/<trial_id>/ (summary.yaml written last:
+    a configuration without it is not complete and left out); (None, None) without retrained/."""
+    from pyarrow import fs as pafs
+
+    folder = loc / RETRAINED
+    if not folder.exists():
+        return None, None
+    seeds, configs = [], []
+    for info in folder.fs.get_file_info(pafs.FileSelector(folder.path)):
+        d = folder / Path(info.path).name
+        if info.type != pafs.FileType.Directory or not (d / "summary.yaml").is_file():
+            continue
+        s = _mapping(d / "summary.yaml", _read(d / "summary.yaml", _yaml, "retrain summary"),
+                     ("trial_id", "search_rank", "search_score", "seeds", "selection_metric", "chosen"),
+                     "a retrained configuration's summary")
+        m = s["selection_metric"]
+        table = _columns(d / "metrics.csv", _read(d / "metrics.csv", read_table, "retrain table"), ("seed", "epoch"))
+        last = table.sort_values("epoch").groupby("seed", as_index=False).last()
+        keep = {"trial_id": str(s["trial_id"]), "search_rank": s["search_rank"], "search_score": s["search_score"]}
+        seeds.append(last.assign(**keep, chosen=bool(s["chosen"])))
+        configs.append({**keep, "seeds": len(s["seeds"]), "selection_metric": m,
+                        **{f"{k}_{stat}": s.get(f"{k}_{stat}") for k in (m, "test_acc") for stat in ("mean", "std")},
+                        "chosen": bool(s["chosen"])})
+    if not configs:
+        return None, None
+    per_seed = pd.concat(seeds, ignore_index=True).sort_values(["search_rank", "seed"], ignore_index=True)
+    first = ["trial_id", "search_rank", "search_score", "seed", "epoch"]
+    per_seed = per_seed[first + [c for c in per_seed.columns if c not in first]]
+    return per_seed, pd.DataFrame(configs).sort_values("search_rank", ignore_index=True)
 
 
 def time_breakdown(history: pd.DataFrame | None, retrain: pd.DataFrame | None) -> dict:
