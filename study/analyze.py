@@ -626,7 +626,8 @@ TIME_WORDS = {"setup_s": "set-up (data sliced, network built, CUDA graphs captur
 def time_lines(study: results.Study) -> list[str]:
     """Where the trials' time went (results.time_breakdown), and the share of the study's time, on its
     trial slots, that trained images."""
-    parts = results.time_breakdown(study.history, study.retrain)
+    parts = results.time_breakdown(study.history, study.retrain if study.retrained_summary is None
+                                   else results.retrain_table(study.location))
     if not parts:
         return []
     phases = list(parts)

@@ -9,6 +9,7 @@ results/<name>/ (or --storage DIR or URI/<name>/)
   history.csv               every epoch every trial reported
   best.yaml                 the best trial: id, full TrainConfig, metrics
   best/                     the best configuration retrained per seed (study.run)
+  retrained/<trial_id>/     retrain.top_k > 1: each of the search's top_k configurations retrained per seed
   ray/, retrain/            Ray Tune's own experiment folders (search, retrain)
   optuna.db                 the Optuna study (a copy, when it lives on the driver's disk)
 """
@@ -609,11 +610,25 @@ def time_breakdown(history: pd.DataFrame | None, retrain: pd.DataFrame | None) -
     return out
 
 
+def retrain_table(loc: Location) -> pd.DataFrame | None:
+    """Every retrain run's epochs: best/metrics.csv, or with retrain.top_k > 1 every retrained configuration's
+    (retrained/*/metrics.csv); None when there is none."""
+    from pyarrow import fs as pafs
+
+    if (loc / RETRAINED).exists():
+        files = [loc / RETRAINED / Path(i.path).name / "metrics.csv"
+                 for i in loc.fs.get_file_info(pafs.FileSelector((loc / RETRAINED).path))]
+        tables = [read_table(f) for f in files if f.is_file()]
+        if tables:
+            return pd.concat(tables, ignore_index=True)
+    return read_table(loc / "best" / "metrics.csv") if (loc / "best" / "metrics.csv").is_file() else None
+
+
 def read_breakdown(loc: Location) -> dict:
     """time_breakdown of the study folder's history.csv and best/metrics.csv, those it holds; {} when one
     cannot be read (timing.yaml is written at a study's very end: a damaged table must not fail it there)."""
     try:
-        tables = [read_table(f) if f.is_file() else None for f in (loc / "history.csv", loc / "best" / "metrics.csv")]
+        tables = [read_table(loc / "history.csv") if (loc / "history.csv").is_file() else None, retrain_table(loc)]
     except (OSError, ValueError) as e:  # pandas' parse errors are ValueErrors
         warnings.warn(f"{loc}: where the trials' time went is left out of timing.yaml ({e})", stacklevel=2)
         return {}
