@@ -444,9 +444,12 @@ def best_lines(study: results.Study) -> list[str]:
     if not b:
         return head or ["No trial reported the objective: there is no best trial.", ""]
     objs = b["objective"] if spec.multi else [b["objective"]]
+    sel = b.get("selection")  # retrain.top_k: chosen among the search's best by the retrain over seeds
+    chosen = ([f"Chosen by the retrain over seeds: the {sel['reason']} (the section \"Is the best a lucky seed?\" "
+               "below).", ""] if sel else [])
     return head + [f"## Picked trial ({spec.retrain['pick']}): {b['trial_id']}" if spec.multi else f"## Best trial: {b['trial_id']}",
             "", ", ".join(f"{o['metric']} = {o['value']:.4g}" for o in objs) + " with "
-            + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items()) + ".", ""]
+            + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items()) + ".", "", *chosen]
 
 
 def no_learner_line(study: results.Study) -> str:
@@ -523,6 +526,11 @@ def lucky_lines(study: results.Study) -> list[str]:
                 f"gaps between neighbouring configurations' means are {gaps.min():.4f} to {gaps.max():.4f}"
                 + (": a gap smaller than the spread does not tell those configurations apart with these seeds."
                    if gaps.min() < spread.max() else ": every gap is larger than the spread across seeds."), ""]
+    searched_seed = (study.best or {}).get("config", {}).get("seed")
+    if searched_seed in seeds:  # that seed's score is one the search chose on: the winner's curse
+        out.insert(len(out) - 1, f"- Seed {searched_seed} is the one the search's trials ran with: with the search's "
+                   "images and epochs its run repeats each configuration's search trial, whose score the search chose "
+                   "it on (high by selection); the other seeds' are fresh draws.")
     return out
 
 

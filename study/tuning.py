@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import yaml
 
 from csnn import data as fmnist
@@ -181,12 +182,52 @@ def retrain_fixed(spec: specs.StudySpec, config: dict) -> dict:
 
 
 def candidate_trainable(config: dict, data: fmnist.FashionMNIST, candidates: dict, checkpoint_every: int) -> None:
-    """A top_k retrain's trial: configuration config["candidate"] (a search trial's id) of `candidates`
-    ({trial_id: fixed TrainConfig fields}) with config["seed"]."""
+    """A top_k retrain's trial: config["run"] = {candidate, seed}, configuration `candidate` (a search trial's id)
+    of `candidates` ({trial_id: fixed TrainConfig fields}) with that seed."""
     from csnn.trainable import trainable
 
-    trainable({k: v for k, v in config.items() if k != "candidate"}, data, fixed=candidates[config["candidate"]],
-              checkpoint_every=checkpoint_every)
+    candidate, seed = run_of(config)
+    trainable({"seed": seed}, data, fixed=candidates[candidate], checkpoint_every=checkpoint_every)
+
+
+def run_of(config: dict) -> tuple[str | None, int]:
+    """(configuration, seed) of a retrain trial's config: {"run": {candidate, seed}} with retrain.top_k > 1,
+    else {"seed": N} (the configuration None: the best)."""
+    run = config.get("run", config)
+    return run.get("candidate"), run["seed"]
+
+
+def state_readable(where: Location) -> bool:
+    """Whether the newest experiment state of a Ray run is whole JSON: a kill while Ray rewrote it leaves it empty,
+    and a restore from it starts a run with no trials, each trial then without its config."""
+    import json
+
+    names = sorted(Path(i.path).name for i in where.fs.get_file_info(pafs.FileSelector(where.path, allow_not_found=True))
+                   if Path(i.path).name.startswith("experiment_state") and i.path.endswith(".json"))
+    try:
+        return bool(names) and isinstance(json.loads((where / names[-1]).read_text()), dict)
+    except ValueError:
+        return False
+
+
+def ended_runs(where: Location, epochs: int) -> list:
+    """The runs in a retrain's folder that had ended (their last epoch reported, a checkpoint saved), read with
+    Ray's Result.from_path, one a configuration and seed: what a retrain whose Ray record is lost keeps."""
+    from ray.tune import Result
+
+    out, seen = [], set()
+    for info in sorted(where.fs.get_file_info(pafs.FileSelector(where.path, allow_not_found=True)), key=lambda i: i.path):
+        if info.type != pafs.FileType.Directory:
+            continue
+        try:
+            r = Result.from_path(info.path, storage_filesystem=where.fs)
+            key = run_of(r.config)
+        except (RuntimeError, ValueError, KeyError, AttributeError, TypeError):  # no config, a damaged result.json
+            continue
+        if r.checkpoint is not None and r.metrics.get("epoch", -1) + 1 >= epochs and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study: Location, res: dict,
@@ -232,22 +273,30 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
           + (f", about {about / 60:.1f} min" if about else ""), flush=True)
     quiet = timing.quiet() if timing else {}
     # Ray's own can_restore asks only for tuner.pkl: killed before Ray saved the seeds' state,
-    # its restore ran trials without their seed (KeyError: 'seed'). Then the retrain starts again.
-    if resume and restorable(where):
+    # its restore ran trials without their seed (KeyError: 'seed'). Then the retrain starts again,
+    # keeping the runs that had ended (a kill while Ray rewrote its state leaves it empty: the same).
+    if resume and restorable(where) and state_readable(where):
         with trials_in(study, results.trial_results(where)):
-            grid = tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
-                                      storage_filesystem=where.fs).fit()
+            grid = list(tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
+                                           storage_filesystem=where.fs).fit())
     else:
-        where.delete()
-        space = {"candidate": tune.grid_search(list(fixed)), "seed": tune.grid_search(seeds)} if topk \
-            else {"seed": tune.grid_search(seeds)}
-        grid = tune.Tuner(fn, param_space=space,
-                          tune_config=tune.TuneConfig(max_concurrent_trials=len(seeds) * len(fixed), scheduler=FIFO()),
-                          run_config=tune.RunConfig(name=name, storage_path=study.path,
-                                                    storage_filesystem=study.fs,
-                                                    failure_config=tune.FailureConfig(max_failures=1),
-                                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                                    **quiet)).fit()
+        grid = ended_runs(where, epochs) if resume else []
+        ended = {run_of(r.config) for r in grid}
+        todo = [{"candidate": c, "seed": s} for c in fixed for s in seeds if (c if topk else None, s) not in ended]
+        if not grid:
+            where.delete()
+        elif todo:
+            print(f"{where}: Ray's record of the retrain is lost (killed as Ray wrote it); the {len(grid)} runs that had "
+                  f"ended are kept, the other {len(todo)} run again", flush=True)
+        space = {"run": tune.grid_search(todo)} if topk else {"seed": tune.grid_search([t["seed"] for t in todo])}
+        if todo:
+            grid += list(tune.Tuner(fn, param_space=space,
+                                    tune_config=tune.TuneConfig(max_concurrent_trials=len(todo), scheduler=FIFO()),
+                                    run_config=tune.RunConfig(name=name, storage_path=study.path,
+                                                              storage_filesystem=study.fs,
+                                                              failure_config=tune.FailureConfig(max_failures=1),
+                                                              checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                                              **quiet)).fit())
     # A seed is done when it reported its last epoch: after Ctrl-C, Ray may
     # list a seed that never started as terminated, without metrics.
     failed = [f"{r.path}: {results.error_text(str(r.error))}" for r in grid if r.error]
@@ -261,7 +310,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
         work = Path(tmp)
         runs = {}
         for r in grid:
-            runs.setdefault(r.config.get("candidate", best and best["trial_id"]), []).append(r)
+            runs.setdefault(run_of(r.config)[0] or best["trial_id"], []).append(r)
         chosen, selection = (select(spec, entries, rows, runs, work) if topk else (entries[0]["trial_id"], None))
         summary = assemble(spec, runs[chosen], fixed[chosen], chosen, work / "best")
         if selection:
@@ -302,8 +351,8 @@ def assemble(spec: specs.StudySpec, runs: list, fixed: dict, trial_id: str, work
     """One configuration's retrain, from its Ray results (one a seed), into `work`: metrics.csv (every seed's
     epochs), seed<N>/ (its checkpoint and config.yaml); returns its summary (not yet written)."""
     rows, placement = [], {}
-    for r in sorted(runs, key=lambda r: r.config["seed"]):
-        seed = r.config["seed"]
+    for r in sorted(runs, key=lambda r: run_of(r.config)[1]):
+        seed = run_of(r.config)[1]
         h = r.metrics_dataframe.drop_duplicates("epoch", keep="last").sort_values("epoch")
         rows.append(h[[c for c in METRICS if c in h]].assign(seed=seed))
         placement[seed] = {k: str(r.metrics.get(k, "")) for k in (*results.PLACEMENT, "run_device")}
@@ -345,11 +394,12 @@ def select(spec: specs.StudySpec, entries: list, rows: list, runs: dict, work: P
         out = {**f["summary"], "search_rank": f["search_rank"], "search_score": f["search_score"],
                "selection_metric": m, **{k: f[k] for k in (m, f"{m}_mean", f"{m}_std")}, "chosen": f is best}
         (work / results.RETRAINED / f["trial_id"] / "summary.yaml").write_text(yaml.safe_dump(out, sort_keys=False))
-    held = "held" if best["search_rank"] == 1 else "did not hold"
+    top = found[0]
     reason = (f"highest mean {m} over seeds {spec.retrain['seeds']} at the last of {spec.retrain['epochs']} retrain "
               f"epochs among the search's {len(found)} best configurations: {best[f'{m}_mean']:.4f} (trial "
-              f"{best['trial_id']}, the search's number {best['search_rank']}; the search's best "
-              f"{found[0]['trial_id']}: {found[0][f'{m}_mean']:.4f}); the search's order {held} at the top")
+              + (f"{best['trial_id']}, the search's best too: its order held at the top)" if best is top else
+                 f"{best['trial_id']}, the search's number {best['search_rank']}; the search's best {top['trial_id']}: "
+                 f"{top[f'{m}_mean']:.4f}: its order did not hold at the top)"))
     record = {"metric": m, "mode": sel["mode"], "seeds": spec.retrain["seeds"], "epochs": spec.retrain["epochs"],
               "chosen": best["trial_id"], "search_best": found[0]["trial_id"], "reason": reason,
               "candidates": [{k: f[k] for k in ("trial_id", "search_rank", "search_score", f"{m}_mean", f"{m}_std")}
