@@ -186,3 +186,24 @@ def test_the_estimate_prices_top_k_times_seeds():
     assert three["phases_s"]["retrain"] - fixed == pytest.approx(3 * (one["phases_s"]["retrain"] - fixed), rel=0.05)
     assert "retrain_runs" not in one and three["retrain_runs"] == "3 configurations x 2 seeds"
     assert "for 3 configurations x 2 seeds" in estimate.line(three)
+
+
+def test_top_k_takes_the_best_by_the_objective_or_the_picked_point_first_then_the_front():
+    """results.top_rows on trials tables as export writes them: a silent trial is never among the top while
+    others learned; with several objectives the retrain.pick point comes first, then the rest of the front."""
+    trials = pd.DataFrame({"trial_id": list("abcde"), "status": ["finished"] * 4 + ["errored"],
+                           "channels": [4, 6, 4, 6, 4], "lr": [0.01] * 5,
+                           "val_acc": [0.5, 0.7, 0.9, 0.6, 0.99], "best_val_acc": [0.8, 0.7, 0.9, 0.75, 0.99],
+                           "energy_uj": [0.3, 0.5, 3.0, 2.0, 0.1], "silent": ["", "", "fr_12", "", ""], "dead": [""] * 5})
+    one = specs.parse(tiny_spec("one", retrain={"top_k": 3}), "one.yaml")
+    assert [r["trial_id"] for r in results.top_rows(trials, one, 3)] == ["a", "d", "b"]  # c silent, e errored
+    assert [r["trial_id"] for r in results.top_rows(trials, one, 9)] == ["a", "d", "b"]  # fewer qualify
+    two = specs.parse(tiny_spec("two", objective=[{"metric": "val_acc", "mode": "max"},
+                                                  {"metric": "energy_uj", "mode": "min"}],
+                                retrain={"top_k": 2, "pick": "knee"}), "two.yaml")
+    front = list(results.pareto(trials, two)["trial_id"])  # by val_acc: d is dominated by b
+    assert front == ["b", "a"] and results.pick(results.pareto(trials, two), two)["trial_id"] == "b"
+    two.retrain["pick"] = 1  # index 1 of the front: a first, then the front's others
+    assert [r["trial_id"] for r in results.top_rows(trials, two, 2)] == ["a", "b"]
+    assert results.search_score(results.top_rows(trials, two, 2)[0], two) == 0.5  # the last epoch's val_acc
+    assert results.selection_metric(two) == {"metric": "val_acc", "mode": "max"}
