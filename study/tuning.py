@@ -291,7 +291,10 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
         space = {"run": tune.grid_search(todo)} if topk else {"seed": tune.grid_search([t["seed"] for t in todo])}
         if todo:
             grid += list(tune.Tuner(fn, param_space=space,
-                                    tune_config=tune.TuneConfig(max_concurrent_trials=len(todo), scheduler=FIFO()),
+                                    # top_k: top_k x seeds runs, more than run at once: each worker goes on to
+                                    # the next run (Ray's default, a new process per run, ~5 s each; the search's)
+                                    tune_config=tune.TuneConfig(max_concurrent_trials=len(todo), scheduler=FIFO(),
+                                                                **({"reuse_actors": True} if topk else {})),
                                     run_config=tune.RunConfig(name=name, storage_path=study.path,
                                                               storage_filesystem=study.fs,
                                                               failure_config=tune.FailureConfig(max_failures=1),
