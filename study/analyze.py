@@ -468,9 +468,12 @@ def best_lines(study: results.Study) -> list[str]:
     if not b:
         return head or ["No trial reported the objective: there is no best trial.", ""]
     objs = b["objective"] if spec.multi else [b["objective"]]
+    sel = b.get("selection")  # retrain.top_k: chosen among the search's best by the retrain over seeds
+    chosen = ([f"Chosen by the retrain over seeds: the {sel['reason']} (the section \"Is the best a lucky seed?\" "
+               "below).", ""] if sel else [])
     return head + [f"## Picked trial ({spec.retrain['pick']}): {b['trial_id']}" if spec.multi else f"## Best trial: {b['trial_id']}",
             "", ", ".join(f"{o['metric']} = {o['value']:.4g}" for o in objs) + " with "
-            + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items()) + ".", ""]
+            + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items()) + ".", "", *chosen]
 
 
 def no_learner_line(study: results.Study) -> str:
@@ -499,10 +502,82 @@ def retrain_lines(study: results.Study) -> list[str]:
     if not s:
         return lines + ["The best configuration has not been retrained (best/ is missing).", ""]
     diff = s["test_acc_mean"] - TUTORIAL_ACC
-    return lines + [f"Retrained from scratch on all training images for {s['epochs']} epochs with seeds {s['seeds']}: "
+    images = "the training images less the validation split" if "chosen_by" in s else "all training images"
+    return lines + [f"Retrained from scratch on {images} for {s['epochs']} epochs with seeds {s['seeds']}: "
             f"**test accuracy {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}** (mean ± std over seeds, "
             f"last epoch), {'+' if diff >= 0 else ''}{diff:.4f} against the tutorial's {TUTORIAL_ACC} "
             f"({TUTORIAL_TEXT}).", ""]
+
+
+def lucky_lines(study: results.Study) -> list[str]:
+    """retrain.top_k: "Is the best a lucky seed?": per retrained configuration its search score, its validation and
+    test scores per seed with mean ± std, whether the search's order held (Spearman's rank correlation of the
+    search's scores with the mean validation scores, and which won), and the seeds' spread beside the gaps."""
+    per, conf = study.retrained, study.retrained_summary
+    if conf is None or per is None:
+        return []
+    m = conf["selection_metric"].iloc[0]
+    searched = results.accuracy_objective(study.spec)["metric"]
+    sign = 1 if results.metric_mode(m, study.spec) != "min" else -1
+
+    def points(trial, metric):
+        return ", ".join(f"{v:.4f}" for v in per[per["trial_id"] == trial].sort_values("seed")[metric])
+
+    rows = [f"| search rank | trial | search {searched} | {m} per seed | {m} mean ± std | test_acc per seed | "
+            "test_acc mean ± std | |", "|---|---|---|---|---|---|---|---|"]
+    for _, c in conf.iterrows():
+        rows.append(f"| {c['search_rank']} | {c['trial_id']} | {c['search_score']:.4f} | {points(c['trial_id'], m)} | "
+                    f"{c[f'{m}_mean']:.4f} ± {c[f'{m}_std']:.4f} | {points(c['trial_id'], 'test_acc')} | "
+                    f"{c['test_acc_mean']:.4f} ± {c['test_acc_std']:.4f} | {'**chosen**' if c['chosen'] else ''} |")
+    won = conf[conf["chosen"]].iloc[0]
+    seeds, epochs = study.spec.retrain["seeds"], study.spec.retrain["epochs"]
+    out = ["## Is the best a lucky seed?", "",
+           f"The search's {len(conf)} best configurations (one seed each in the search) retrained from scratch with "
+           f"seeds {seeds} for {epochs} epochs on the training images less the validation split; the study's best is "
+           f"the one of highest mean {m} over the seeds at the last epoch (never the test set's).", "", *rows, ""]
+    if len(conf) > 1:
+        # Spearman's rho: Pearson's correlation of the ranks (ties averaged)
+        a, b = conf["search_score"].rank(), (sign * conf[f"{m}_mean"]).rank()
+        rho = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+        held = "held" if won["search_rank"] == 1 else "did not hold"
+        means = np.sort(conf[f"{m}_mean"].to_numpy(float))
+        gaps, spread = np.diff(means), conf[f"{m}_std"].to_numpy(float)
+        out += [f"- The search's order {held}: trial {won['trial_id']}, the search's number {won['search_rank']}, won "
+                f"(the search's best, trial {conf['trial_id'].iloc[0]}: {conf[f'{m}_mean'].iloc[0]:.4f}); Spearman's "
+                f"rank correlation of the search's {searched} with the mean {m}: {rho:.2f} over {len(conf)} "
+                "configurations (1: the same order).",
+                f"- Spread across seeds: the std of {m} over the seeds is {spread.min():.4f} to {spread.max():.4f}; the "
+                f"gaps between neighbouring configurations' means are {gaps.min():.4f} to {gaps.max():.4f}"
+                + (": a gap smaller than the spread does not tell those configurations apart with these seeds."
+                   if gaps.min() < spread.max() else ": every gap is larger than the spread across seeds."), ""]
+    searched_seed = (study.best or {}).get("config", {}).get("seed")
+    if searched_seed in seeds:  # that seed's score is one the search chose on: the winner's curse
+        out.insert(len(out) - 1, f"- Seed {searched_seed} is the one the search's trials ran with: with the search's "
+                   "images and epochs its run repeats each configuration's search trial, whose score the search chose "
+                   "it on (high by selection); the other seeds' are fresh draws.")
+    return out
+
+
+def plot_lucky(study: results.Study, out: Path) -> Path | None:
+    """retrain.top_k: each retrained configuration's validation and test scores, one point a seed, with the
+    mean ± std, in the search's order."""
+    per, conf = study.retrained, study.retrained_summary
+    if conf is None or per is None:
+        return None
+    m = conf["selection_metric"].iloc[0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, metric in zip(axes, (m, "test_acc")):
+        for x, (_, c) in enumerate(conf.iterrows()):
+            v = per[per["trial_id"] == c["trial_id"]][metric].to_numpy(float)
+            ax.scatter(np.full(len(v), x), v, color="tab:green" if c["chosen"] else "tab:blue", alpha=0.7)
+            ax.errorbar(x + 0.12, v.mean(), yerr=v.std(ddof=1) if len(v) > 1 else 0, fmt="_", color="black",
+                        capsize=4)
+        ax.set_xticks(range(len(conf)), [f"#{r}\n{t}" for r, t in zip(conf["search_rank"], conf["trial_id"])],
+                      fontsize=8)
+        ax.set(title=f"{label(metric)} per seed (mean ± std)", xlabel="search rank, trial", ylabel=label(metric))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("the search's best configurations retrained over seeds (green: chosen by mean validation score)")
+    return _save(fig, out / "lucky_seed.png")
 
 
 def baseline_lines(study: results.Study) -> list[str]:
@@ -536,6 +611,8 @@ def draw(study: results.Study, top: int, out: Path) -> tuple[dict, list[str]]:
     plots["parameter importance"] = plot_importance(imp, out) if imp else None
     notes = [f"parameter importance not drawn: {why}"] if why else []
     plots["baseline against best"] = plot_baseline(study, out)
+    if study.retrained_summary is not None:
+        plots["is the best a lucky seed?"] = plot_lucky(study, out)
     plots["Pareto front" if study.spec.multi else "accuracy against energy"] = plot_efficiency(study, out)
     notes += [f"{k}: not drawn (no finished trial reported what it needs)"
               for k, v in plots.items() if v is None and k != "parameter importance"]
@@ -564,7 +641,7 @@ def report(study: results.Study, top: int, out: Path | None = None) -> Path | st
 
 def _report(study: results.Study, top: int, out: Path) -> Path:
     plots, notes = draw(study, top, out)
-    lines = (summary(study) + retrain_lines(study) + baseline_lines(study) + edge_lines(study)
+    lines = (summary(study) + retrain_lines(study) + lucky_lines(study) + baseline_lines(study) + edge_lines(study)
              + estimate.report_lines(study.location) + time_lines(study) + top_lines(study, top) + plot_lines(plots, notes)
              + environment_lines(study))
     path = out / "report.md"
@@ -581,7 +658,8 @@ TIME_WORDS = {"setup_s": "set-up (data sliced, network built, CUDA graphs captur
 def time_lines(study: results.Study) -> list[str]:
     """Where the trials' time went (results.time_breakdown), and the share of the study's time, on its
     trial slots, that trained images."""
-    parts = results.time_breakdown(study.history, study.retrain)
+    parts = results.time_breakdown(study.history, study.retrain if study.retrained_summary is None
+                                   else results.retrain_table(study.location))
     if not parts:
         return []
     phases = list(parts)
@@ -595,12 +673,14 @@ def time_lines(study: results.Study) -> list[str]:
     try:
         timing = yamlio.load((study.location / "timing.yaml").read_text())
         est = yamlio.load((study.location / "estimate.yaml").read_text())
-        slots = {"search": est["running"], "retrain": len(study.spec.retrain["seeds"])}
+        slots = {"search": est["running"], "retrain": len(study.spec.retrain["seeds"]) * (
+            len(study.retrained_summary) if study.retrained_summary is not None else 1)}
         # the study's time as trial slots: the search's wall time x its trials at once, the retrain's x its seeds,
         # the other phases (start, export, spikes) once
         held = sum(s * slots.get(p, 1) for p, s in timing["phases_s"].items())
         line += (f", and {total['train_s'] / held:.0%} of the study's time ({timing['wall_s']:.0f} s of wall time, "
-                 f"{slots['search']} trials at once in the search, {slots['retrain']} seeds in the retrain)")
+                 f"{slots['search']} trials at once in the search, {slots['retrain']} "
+                 f"{'runs' if study.retrained_summary is not None else 'seeds'} in the retrain)")
     except (OSError, KeyError, TypeError, AttributeError, ValueError):  # no timing.yaml or estimate.yaml: the trials' share alone
         pass
     return ["## Where the trials' time went", "", *rows, "", line + ".", ""]

@@ -20,9 +20,10 @@ The model, in seconds:
   search     the trials' sum over the trials running at once (study.plan.plan), the first start of each
              Ray worker, and the mean over the search space (SAMPLES configurations drawn from its
              distributions, the tutorial's first when search.baseline)
-  retrain    the seeds at once, retrain.epochs on all training images and the whole test set, compiled on
-             a CPU (COMPILE_S), a fresh Ray worker each
-  storage    one checkpoint per trial and per retrain seed: parameters + optimizer state, float32
+  retrain    the seeds at once (retrain.top_k x the seeds), retrain.epochs on all training images (less the
+             validation split with top_k > 1) and the whole test set, compiled on a CPU (COMPILE_S), a fresh
+             Ray worker each
+  storage    one checkpoint per trial and per retrain run: parameters + optimizer state, float32
 
 Everything here is a plain function of the spec and the cluster's totals; study.run writes what
 `predict` returns to estimate.yaml, and study.analyze's report sets it against timing.yaml.
@@ -381,27 +382,29 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
         + n * mean_trial / running
 
     seeds = spec.retrain["seeds"] if spec.retrain["epochs"] and do_retrain else []
+    # retrain.top_k: that many configurations (at most the study's trials), each with every seed, in one Ray run
+    runs = len(seeds) * min(spec.retrain["top_k"], total)
     retrain_s = render_s = 0.0
     retrain_bytes = 0.0
     if seeds:
         rgpu = res["retrain_gpu"]
         slots = int(gpus // rgpu) if rgpu > 0 else int(cpus // res["cpu"]) or 1
-        waves = math.ceil(len(seeds) / max(1, slots))
-        at_once = min(len(seeds), max(1, slots))
+        waves = math.ceil(runs / max(1, slots))
+        at_once = min(runs, max(1, slots))
         r_crowd = 1.0 if rgpu > 0 else crowding(at_once * max(1, int(res["cpu"])), max(cpus, 1), f)
         r_share = max(1, math.ceil(at_once * rgpu / max(gpus, 1) - 1e-9)) if rgpu > 0 else 1
         r_device = "gpu" if rgpu > 0 else "cpu"
         per_config, sizes = [], []
         for cfg in configs:
-            r = TrainConfig.from_dict({**cfg.to_dict(), "epochs": spec.retrain["epochs"], "val_size": 0,
-                                       "train_size": 0, "test_size": 0})
+            r = TrainConfig.from_dict({**cfg.to_dict(), "epochs": spec.retrain["epochs"], "train_size": 0,
+                                       "test_size": 0, "val_size": cfg.val_size if spec.retrain["top_k"] > 1 else 0})
             # (after a search that compiled, inductor's cache holds the kernels)
             compile_s = COMPILE_S["warm" if warm or any(compiling) else "cold"] if r_device == "cpu" and compiles(r, n_train) else 0
             per_config.append(fixed * compile_s
                               + r.epochs * epoch_s(r, r_device, cpu, n_train, n_test, r_share, fixed) * r_crowd)
             sizes.append(checkpoint_bytes(cfg.channels, cfg.optimizer))
         retrain_s = fixed * (TUNER_S["retrain"] + WORKER_START_S + TRIAL_START_S) + waves * float(np.mean(per_config))
-        retrain_bytes = len(seeds) * float(np.mean(sizes))
+        retrain_bytes = runs * float(np.mean(sizes))
         T = float(np.mean([c.T for c in configs]))
         render_s = fixed * spec.render["images"] * T * RENDER_S
     phases = {"startup": fixed * (STARTUP_S + LOAD_S * (n_train + n_test)),
@@ -409,14 +412,16 @@ def predict(spec, res: dict, cpus: float, gpus: float, nodes: int = 1, n_train: 
               "search": search_s, "export": fixed * EXPORT_S, "retrain": retrain_s, "spikes": render_s}
     wall = sum(phases.values())
     gpu_s = (share_gpus(running, res["gpu"], gpus) * search_s
-             + (min(len(seeds), int(gpus // res["retrain_gpu"]) or 1) * res["retrain_gpu"] * retrain_s
+             + (min(runs, int(gpus // res["retrain_gpu"]) or 1) * res["retrain_gpu"] * retrain_s
                 if seeds and res["retrain_gpu"] > 0 else 0))
     return {
         "wall_s": round(wall, 1),
         "phases_s": {k: round(v, 1) for k, v in phases.items()},
         "gpu_hours": round(gpu_s / 3600, 3),
         "storage_bytes": int(total * float(np.mean(storage)) + retrain_bytes),
-        "trials": total, **({"trials_left": n} if ended else {}), "running": running, "trial_s": round(mean_trial, 1),
+        "trials": total, **({"trials_left": n} if ended else {}),
+        **({"retrain_runs": f"{runs // len(seeds)} configurations x {len(seeds)} seeds"}
+           if seeds and spec.retrain["top_k"] > 1 else {}), "running": running, "trial_s": round(mean_trial, 1),
         "epochs": round(epochs, 1),
         "nodes": nodes, "cpus": cpus, "gpus": gpus, "device": device,
         "speeds": "H200 figures (docs/gpucheck-h200.json) scaled by MACs" if on_gpu
@@ -496,7 +501,8 @@ def line(est: dict) -> str:
     return (f"estimate: wall {est['wall_s'] / 60:.1f} min, {est['gpu_hours']:.2f} GPU-hours, storage {storage} "
             f"{where}{' ' + est['note'] if est['note'] else ''} (search {p['search'] / 60:.1f} min: "
             f"{trials_left(est)}, {est['running']} at once, {est['trial_s']:.0f} s each; retrain "
-            f"{p['retrain'] / 60:.1f} min; speeds from {est['speeds']})")
+            f"{p['retrain'] / 60:.1f} min{' for ' + est['retrain_runs'] if 'retrain_runs' in est else ''}; "
+            f"speeds from {est['speeds']})")
 
 
 def trials_left(est: dict) -> str:

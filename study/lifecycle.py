@@ -131,8 +131,10 @@ def restorable(ray_dir: Location) -> bool:
 
 
 def empty_searcher_state(info: dict) -> list[str]:
-    """The searcher's saved states (Ray's search_gen_state-*.json, searcher-state-*.pkl) that are empty."""
-    return [n for n, i in info.items() if n.startswith(("search_gen_state", "searcher-state")) and not (i.size or 0)]
+    """The searcher's saved states (Ray's search_gen_state-*.json, searcher-state-*.pkl; a retrain's grid,
+    basic-variant-state-*.json: empty, its restore ran a trial with no config) that are empty."""
+    return [n for n, i in info.items()
+            if n.startswith(("search_gen_state", "searcher-state", "basic-variant-state")) and not (i.size or 0)]
 
 
 def unwritable(d: Location) -> str | None:

@@ -74,6 +74,27 @@ def compare(recorded: pd.DataFrame, reproduced: list[dict], exact: bool) -> pd.D
     return pd.DataFrame(rows)
 
 
+def retrain_run(study: results.Study, trial_id: str, seed: int) -> tuple[TrainConfig, pd.DataFrame]:
+    """The TrainConfig and recorded epochs of the retrain of configuration `trial_id` with `seed`: from
+    retrained/<trial_id>/ (retrain.top_k > 1), or best/ when it holds that configuration's retrain."""
+    folders = [study.location / results.RETRAINED / trial_id, study.location / "best"]
+    folder = next((f for f in folders if (f / "summary.yaml").is_file()
+                   and str(yaml.safe_load((f / "summary.yaml").read_text())["trial_id"]) == trial_id), None)
+    if folder is None:
+        kept = sorted(set(study.retrained_summary["trial_id"]) if study.retrained_summary is not None else
+                      {str(study.retrain_summary["trial_id"])} if study.retrain_summary else set())
+        raise results.StudyError(f"{study.path}: trial {trial_id}'s configuration was not retrained; retrained: "
+                                 f"{', '.join(kept) or 'none'}")
+    summary = yaml.safe_load((folder / "summary.yaml").read_text())
+    if not (folder / f"seed{seed}" / "config.yaml").is_file():
+        raise results.StudyError(f"{folder}: no retrain with seed {seed}; seeds: {summary['seeds']}")
+    cfg = TrainConfig.from_dict(yaml.safe_load((folder / f"seed{seed}" / "config.yaml").read_text()))
+    table = results.read_table(folder / "metrics.csv")
+    recorded = table[table["seed"] == seed].drop(columns="seed").sort_values("epoch")
+    device = (summary.get("placement") or {}).get(seed, {}).get("run_device")
+    return cfg, recorded.assign(run_device=device) if device else recorded
+
+
 def trial_id_arg(text: str) -> str:
     """argparse type: a non-empty trial id (an empty one would silently mean the best trial)."""
     if not text.strip():
@@ -101,6 +122,9 @@ def _main(argv, held: list) -> int:
     ap = argparse.ArgumentParser(prog="python -m study.reproduce", description=__doc__.split("\n")[0])
     ap.add_argument("study", help="the study folder, results/<name>")
     ap.add_argument("--trial", type=trial_id_arg, default=None, help="trial id (default: the best trial)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="reproduce the retrain of the configuration (--trial, default the best) with this seed of "
+                         "retrain.seeds, from best/ or retrained/<trial>/, instead of its search trial")
     ap.add_argument("--epochs", type=positive_int, default=None, help="reproduce only the first N epochs")
     ap.add_argument("--device", default=None, help="override the recorded device (e.g. cpu)")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $CSNN_DATA, then Debian's)")
@@ -121,10 +145,13 @@ def _main(argv, held: list) -> int:
         rows = study.trials[study.trials["trial_id"].astype(str) == str(trial_id)]
         if rows.empty:
             raise results.StudyError(f"{args.study}: no trial {trial_id!r}; trials: {', '.join(study.trials['trial_id'].astype(str))}")
-        try:
-            cfg = TrainConfig.from_dict(yaml.safe_load(str(rows.iloc[0]["config"])))
-        except (yaml.YAMLError, ValueError) as e:
-            raise results.StudyError(f"{study.trials_file}: trial {trial_id}: unreadable config ({e})") from None
+        if args.seed is not None:
+            cfg, recorded = retrain_run(study, str(trial_id), args.seed)
+        else:
+            try:
+                cfg = TrainConfig.from_dict(yaml.safe_load(str(rows.iloc[0]["config"])))
+            except (yaml.YAMLError, ValueError) as e:
+                raise results.StudyError(f"{study.trials_file}: trial {trial_id}: unreadable config ({e})") from None
         recorded_device = cfg.device
         if args.device:
             # our CuPy kernels and the CPU's compute the same formulas, and CUDA graphs replay the eager
@@ -134,7 +161,8 @@ def _main(argv, held: list) -> int:
                 cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": args.device, **cpu})
             except ValueError as e:  # the flag's value: the flag, not the field it fills
                 raise ValueError(worded(str(e), {"TrainConfig.device": "--device"})) from None
-        recorded = study.history[study.history["trial_id"].astype(str) == str(trial_id)].sort_values("epoch")
+        if args.seed is None:
+            recorded = study.history[study.history["trial_id"].astype(str) == str(trial_id)].sort_values("epoch")
         if recorded.empty:
             raise results.StudyError(f"{args.study}: trial {trial_id} recorded no epoch")
         epochs = min(args.epochs or len(recorded), len(recorded))
@@ -151,8 +179,9 @@ def _main(argv, held: list) -> int:
     exact = exact_expected(recorded, device, recorded_device)
     ran_on = ", ".join(sorted(set(recorded["run_device"].dropna().astype(str)))) if "run_device" in recorded else ""
     # A study behind a URI (s3://...) gets its reproduction in ./reproduce/<trial>/ here.
-    out = (study.location.local or Path.cwd()) / "reproduce" / str(trial_id)
-    print(f"reproducing trial {trial_id} (recorded on {ran_on or 'an unrecorded device'}) for {epochs} of its "
+    run = str(trial_id) if args.seed is None else f"{trial_id}-seed{args.seed}"
+    out = (study.location.local or Path.cwd()) / "reproduce" / run
+    print(f"reproducing {'trial ' + str(trial_id) if args.seed is None else f'the retrain of {trial_id} with seed {args.seed}'} (recorded on {ran_on or 'an unrecorded device'}) for {epochs} of its "
           f"{len(recorded)} recorded epochs on {device}: {'exact' if exact else 'CUDA tolerances'}", flush=True)
     was = sorted(set(recorded["data_sha"].dropna().astype(str)) - {""}) if "data_sha" in recorded else []
     other_data = bool(was and data.fingerprint and data.fingerprint not in was)

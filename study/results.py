@@ -10,6 +10,7 @@ results/<name>/ (or --storage DIR or URI/<name>/)
   history.csv               every epoch every trial reported
   best.yaml                 the best trial: id, full TrainConfig, metrics
   best/                     the best configuration retrained per seed (study.run)
+  retrained/<trial_id>/     retrain.top_k > 1: each of the search's top_k configurations retrained per seed
   ray/, retrain/            Ray Tune's own experiment folders (search, retrain)
   optuna.db                 the Optuna study (a copy, when it lives on the driver's disk)
 """
@@ -281,6 +282,45 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
     if spec.multi:
         front = pareto(trials, spec)
         return None if front.empty else pick(front, spec)
+    ok = _candidates(trials, spec)
+    if ok is None:
+        return None
+    key = best_column(spec.metric)
+    return ok.loc[ok[key].idxmax() if spec.mode == "max" else ok[key].idxmin()]
+
+
+def top_rows(trials: pd.DataFrame, spec: StudySpec, k: int) -> list[pd.Series]:
+    """The `k` best trials by the search (retrain.top_k), the best first (best_row): by the objective's
+    best epoch, or with several objectives from the Pareto front, the retrain.pick point first and then
+    the front in its order (fewer when fewer trials qualify)."""
+    first = best_row(trials, spec)
+    if first is None:
+        return []
+    if spec.multi:
+        pool = pareto(trials, spec)
+    else:
+        pool = _candidates(trials, spec)
+        pool = pool[pool[best_column(spec.metric)].notna()].sort_values(
+            best_column(spec.metric), ascending=spec.mode == "min", kind="stable")
+    rest = pool[pool["trial_id"] != first["trial_id"]]
+    return [first] + [r for _, r in rest.head(max(0, k - 1)).iterrows()]
+
+
+def search_score(row: pd.Series, spec: StudySpec) -> float:
+    """What the search ranked a trial by: its best epoch's objective, or with several objectives
+    the accuracy objective at its last epoch (retrain.pick most_accurate's, what the front holds)."""
+    return float(row[accuracy_objective(spec)["metric"]] if spec.multi else row[best_column(spec.metric)])
+
+
+def selection_metric(spec: StudySpec) -> dict:
+    """The validation metric ({metric, mode}) that chooses among the top_k retrained configurations (its mean
+    over the seeds at the last retrain epoch): the accuracy objective when it is a validation one, else val_acc."""
+    o = accuracy_objective(spec)
+    return dict(o) if o["metric"].startswith("val_") else {"metric": "val_acc", "mode": "max"}
+
+
+def _candidates(trials: pd.DataFrame, spec: StudySpec) -> pd.DataFrame | None:
+    """The trials that may be the best of a single-objective study (None: no trial reported its objective)."""
     key = best_column(spec.metric)
     # A trial silent or dead at its last epoch is a candidate only when no trial learnt (its configuration
     # may, given the retrain's images and epochs); else it is never the best, as on a Pareto front (and in
@@ -291,7 +331,7 @@ def best_row(trials: pd.DataFrame, spec: StudySpec) -> pd.Series | None:
         ok = learnt
     if key not in ok or ok[key].dropna().empty:
         return None
-    return ok.loc[ok[key].idxmax() if spec.mode == "max" else ok[key].idxmin()]
+    return ok
 
 
 def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataFrame, dict | None]:
@@ -300,13 +340,7 @@ def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataF
     trials, history = frames(study_dir / "ray", spec, complete=True)
     if (study_dir / "warm_start.yaml").is_file() and len(trials):
         trials["warm_start"] = warm_origins(trials, yamlio.load((study_dir / "warm_start.yaml").read_text()))
-    row = best_row(trials, spec)
-    best = None
-    if row is not None:
-        best = _best_entry(row, spec)
-        if spec.multi:
-            best["pick"] = spec.retrain["pick"]
-            best["pareto"] = [_best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
+    best = best_record(trials, spec)
     # The trials tables last, trials.csv the very last: a study counts as ended only with all of
     # them (lifecycle.EXPORT), so a kill in between leaves a study that --resume exports again.
     storage.write_table(study_dir / "history.csv", history)
@@ -315,6 +349,19 @@ def export(spec: StudySpec, study_dir: Location) -> tuple[pd.DataFrame, pd.DataF
     storage.write_table(study_dir / "trials.parquet", trials)
     storage.write_table(study_dir / "trials.csv", trials)
     return trials, history, best
+
+
+def best_record(trials: pd.DataFrame, spec: StudySpec) -> dict | None:
+    """best.yaml as the search's export writes it: the best trial's entry; with several objectives the
+    pick and the Pareto front's entries too."""
+    row = best_row(trials, spec)
+    if row is None:
+        return None
+    best = _best_entry(row, spec)
+    if spec.multi:
+        best["pick"] = spec.retrain["pick"]
+        best["pareto"] = [_best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
+    return best
 
 
 def warm_origins(trials: pd.DataFrame, record: dict) -> list[str]:
@@ -373,6 +420,11 @@ class Study:
     trials_file: Location | None = None  # the table trials was read from; None: from Ray's record
     warm_start: dict | None = None  # warm_start.yaml: per earlier study, trials told, skipped (why), enqueued
     environment: dict | None = None  # environment.yaml: Python, packages, git commit, CUDA, machine it started on
+    # retrain.top_k > 1 (retrained/<trial_id>/): the retrained configurations, one row per configuration and
+    # seed at the last retrain epoch (trial_id, search_rank, search_score, seed, val_*, test_*, chosen), and one
+    # row per configuration (its mean and std over the seeds of the selection metric and of test_acc)
+    retrained: pd.DataFrame | None = None
+    retrained_summary: pd.DataFrame | None = None
 
     @property
     def path(self) -> Path | str:
@@ -523,7 +575,44 @@ def load(path: str | Path | Location) -> Study:
     warm = _read(warm_file, _yaml, "warm-start record") if warm_file.is_file() else None
     from study import environment
 
-    return Study(loc, spec, trials, history, best, retrain, summary, trials_file, warm, environment.read(loc))
+    per_seed, per_config = read_retrained(loc)
+    return Study(loc, spec, trials, history, best, retrain, summary, trials_file, warm, environment.read(loc),
+                 per_seed, per_config)
+
+
+RETRAINED = "retrained"  # retrain.top_k > 1: each retrained configuration's metrics.csv, summary.yaml, seed<N>/
+
+
+def read_retrained(loc: Location) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Study.retrained and Study.retrained_summary from retrained/<trial_id>/ (summary.yaml written last:
+    a configuration without it is not complete and left out); (None, None) without retrained/."""
+    from pyarrow import fs as pafs
+
+    folder = loc / RETRAINED
+    if not folder.exists():
+        return None, None
+    seeds, configs = [], []
+    for info in folder.fs.get_file_info(pafs.FileSelector(folder.path)):
+        d = folder / Path(info.path).name
+        if info.type != pafs.FileType.Directory or not (d / "summary.yaml").is_file():
+            continue
+        s = _mapping(d / "summary.yaml", _read(d / "summary.yaml", _yaml, "retrain summary"),
+                     ("trial_id", "search_rank", "search_score", "seeds", "selection_metric", "chosen"),
+                     "a retrained configuration's summary")
+        m = s["selection_metric"]
+        table = _columns(d / "metrics.csv", _read(d / "metrics.csv", read_table, "retrain table"), ("seed", "epoch"))
+        last = table.sort_values("epoch").groupby("seed", as_index=False).last()
+        keep = {"trial_id": str(s["trial_id"]), "search_rank": s["search_rank"], "search_score": s["search_score"]}
+        seeds.append(last.assign(**keep, chosen=bool(s["chosen"])))
+        configs.append({**keep, "seeds": len(s["seeds"]), "selection_metric": m,
+                        **{f"{k}_{stat}": s.get(f"{k}_{stat}") for k in (m, "test_acc") for stat in ("mean", "std")},
+                        "chosen": bool(s["chosen"])})
+    if not configs:
+        return None, None
+    per_seed = pd.concat(seeds, ignore_index=True).sort_values(["search_rank", "seed"], ignore_index=True)
+    first = ["trial_id", "search_rank", "search_score", "seed", "epoch"]
+    per_seed = per_seed[first + [c for c in per_seed.columns if c not in first]]
+    return per_seed, pd.DataFrame(configs).sort_values("search_rank", ignore_index=True)
 
 
 def time_breakdown(history: pd.DataFrame | None, retrain: pd.DataFrame | None) -> dict:
@@ -537,11 +626,25 @@ def time_breakdown(history: pd.DataFrame | None, retrain: pd.DataFrame | None) -
     return out
 
 
+def retrain_table(loc: Location) -> pd.DataFrame | None:
+    """Every retrain run's epochs: best/metrics.csv, or with retrain.top_k > 1 every retrained configuration's
+    (retrained/*/metrics.csv); None when there is none."""
+    from pyarrow import fs as pafs
+
+    if (loc / RETRAINED).exists():
+        files = [loc / RETRAINED / Path(i.path).name / "metrics.csv"
+                 for i in loc.fs.get_file_info(pafs.FileSelector((loc / RETRAINED).path))]
+        tables = [read_table(f) for f in files if f.is_file()]
+        if tables:
+            return pd.concat(tables, ignore_index=True)
+    return read_table(loc / "best" / "metrics.csv") if (loc / "best" / "metrics.csv").is_file() else None
+
+
 def read_breakdown(loc: Location) -> dict:
     """time_breakdown of the study folder's history.csv and best/metrics.csv, those it holds; {} when one
     cannot be read (timing.yaml is written at a study's very end: a damaged table must not fail it there)."""
     try:
-        tables = [read_table(f) if f.is_file() else None for f in (loc / "history.csv", loc / "best" / "metrics.csv")]
+        tables = [read_table(loc / "history.csv") if (loc / "history.csv").is_file() else None, retrain_table(loc)]
     except (OSError, ValueError) as e:  # pandas' parse errors are ValueErrors
         warnings.warn(f"{loc}: where the trials' time went is left out of timing.yaml ({e})", stacklevel=2)
         return {}

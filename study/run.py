@@ -415,8 +415,12 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         timing.lap("export")
         keep()
     if best and (do_retrain or retrain_only) and spec.retrain["seeds"] and spec.retrain["epochs"] > 0:
+        # top_k: the search's best configurations, from the trials table (best.yaml names the chosen one once
+        # a top_k retrain has ended: a --retrain chooses among the same configurations again)
+        top = results.top_rows(results.load(study).trials, spec, spec.retrain["top_k"]) \
+            if spec.retrain["top_k"] > 1 else None
         try:
-            s = retrain(spec, best, data, study, res, resume and not fresh_retrain, timing)
+            s = retrain(spec, best, data, study, res, resume and not fresh_retrain, timing, candidates=top)
         except RetrainInterrupted:
             step = lifecycle.next_step(study, argv, True)
             print(f"study {spec.name}: the retrain was interrupted; {step}", file=sys.stderr)
@@ -426,6 +430,8 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
             keep(running=False)
             print(f"error: {spelled(str(e), '--')}", file=sys.stderr)
             return 1
+        if "chosen_by" in s:
+            print(f"chosen: trial {s['trial_id']}, {s['chosen_by']}", flush=True)
         print(f"retrained best: test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} over seeds "
               f"{s['seeds']} (tutorial baseline {TUTORIAL_ACC}); {study / 'best'}", flush=True)
         timing.lap("retrain")

@@ -46,7 +46,9 @@ DEFAULTS = {
     # (Ray packs fractional requests onto as few GPUs as it can). checkpoint_every:
     # epochs between checkpoints copied to storage (also at ASHA's rungs and the end).
     "resources": {"gpus_per_trial": 0.0, "cpus_per_trial": 1.0, "trials_per_gpu": 4, "checkpoint_every": 4},
-    "retrain": {"epochs": None, "seeds": [0], "pick": "most_accurate"},
+    # top_k: the best configurations retrained with every seed, the study's best then the one of highest mean
+    # validation score over the seeds (1: the search's best alone, trained on train + validation)
+    "retrain": {"epochs": None, "seeds": [0], "pick": "most_accurate", "top_k": 1},
     "render": {"images": 4},
 }
 
@@ -417,6 +419,12 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
     if pick != "most_accurate" and len(objectives) == 1:  # it would be ignored: one objective has no front
         raise _err(where, "retrain.pick", f"{pick!r} chooses a point of a Pareto front, and this study has one "
                                           "objective (its best trial is retrained); remove retrain.pick")
+
+    _number(where, "retrain.top_k", retrain["top_k"], integer=True, minimum=1, maximum=MAX_SAMPLES)
+    if retrain["top_k"] > 1 and not train.get("val_size"):  # chosen among them on the validation split, never the test set
+        raise _err(where, "retrain.top_k", f"{retrain['top_k']} is not allowed without a validation split: the best of "
+                   "the retrained configurations is chosen by its mean validation score over the seeds, never the "
+                   "test set's; set train.val_size > 0 (e.g. 5000), or top_k: 1")
 
     render = _section(where, raw, "render", DEFAULTS["render"])
     _number(where, "render.images", render["images"], integer=True, minimum=0)

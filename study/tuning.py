@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import yaml
 
 from csnn import data as fmnist
@@ -169,8 +170,68 @@ class RetrainInterrupted(Exception):
     """Ctrl-C during the retrain: Ray Tune saved it, and --resume continues it."""
 
 
+def retrain_fixed(spec: specs.StudySpec, config: dict) -> dict:
+    """The fixed TrainConfig fields of a configuration's retrain (its seed comes per trial): retrain.epochs on
+    all training images and the whole test set; with retrain.top_k > 1 the validation split stays held out
+    (the configurations are chosen on it), else it is trained on too."""
+    keep_val = spec.retrain["top_k"] > 1
+    fixed = {**config, "epochs": spec.retrain["epochs"], "val_size": config["val_size"] if keep_val else 0,
+             "train_size": 0, "test_size": 0}
+    fixed.pop("seed")
+    return fixed
+
+
+def candidate_trainable(config: dict, data: fmnist.FashionMNIST, candidates: dict, checkpoint_every: int) -> None:
+    """A top_k retrain's trial: config["run"] = {candidate, seed}, configuration `candidate` (a search trial's id)
+    of `candidates` ({trial_id: fixed TrainConfig fields}) with that seed."""
+    from csnn.trainable import trainable
+
+    candidate, seed = run_of(config)
+    trainable({"seed": seed}, data, fixed=candidates[candidate], checkpoint_every=checkpoint_every)
+
+
+def run_of(config: dict) -> tuple[str | None, int]:
+    """(configuration, seed) of a retrain trial's config: {"run": {candidate, seed}} with retrain.top_k > 1,
+    else {"seed": N} (the configuration None: the best)."""
+    run = config.get("run", config)
+    return run.get("candidate"), run["seed"]
+
+
+def state_readable(where: Location) -> bool:
+    """Whether the newest experiment state of a Ray run is whole JSON: a kill while Ray rewrote it leaves it empty,
+    and a restore from it starts a run with no trials, each trial then without its config."""
+    import json
+
+    names = sorted(Path(i.path).name for i in where.fs.get_file_info(pafs.FileSelector(where.path, allow_not_found=True))
+                   if Path(i.path).name.startswith("experiment_state") and i.path.endswith(".json"))
+    try:
+        return bool(names) and isinstance(json.loads((where / names[-1]).read_text()), dict)
+    except ValueError:
+        return False
+
+
+def ended_runs(where: Location, epochs: int) -> list:
+    """The runs in a retrain's folder that had ended (their last epoch reported, a checkpoint saved), read with
+    Ray's Result.from_path, one a configuration and seed: what a retrain whose Ray record is lost keeps."""
+    from ray.tune import Result
+
+    out, seen = [], set()
+    for info in sorted(where.fs.get_file_info(pafs.FileSelector(where.path, allow_not_found=True)), key=lambda i: i.path):
+        if info.type != pafs.FileType.Directory:
+            continue
+        try:
+            r = Result.from_path(info.path, storage_filesystem=where.fs)
+            key = run_of(r.config)
+        except (RuntimeError, ValueError, KeyError, AttributeError, TypeError):  # no config, a damaged result.json
+            continue
+        if r.checkpoint is not None and r.metrics.get("epoch", -1) + 1 >= epochs and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study: Location, res: dict,
-            resume: bool, timing=None) -> dict:
+            resume: bool, timing=None, candidates: list | None = None) -> dict:
     """Retrain the best configuration from scratch per seed on train + validation
     (all 60k training images) and test on the full test set: one Ray Tune trial
     per seed, all at once, each with a trial's CPUs and a whole GPU (or the
@@ -179,90 +240,175 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     the encoder spikes rendered from seed 0's checkpoint on the CPU. --resume
     continues an interrupted retrain (finished seeds are kept): RETRAIN_PENDING
     marks one from its start until best/ is complete, and an earlier best/ stays
-    until then."""
+    until then.
+
+    retrain.top_k > 1: `candidates` (the search's top_k, results.top_rows, the best first) are retrained
+    alike, every one with every seed, in one Ray Tune run, on the training images less the validation
+    split; the one of highest mean validation score (results.selection_metric) becomes the study's best:
+    retrained/<trial_id>/ holds each one's retrain, best/ the chosen one's, and best.yaml is rewritten to
+    name it, with the search's own best and the reason."""
     from ray import tune
 
     from csnn.trainable import trainable
     from study.stopping import FIFO
 
     name = mark_retrain(study, resume)
-    fixed = {**best["config"], "epochs": spec.retrain["epochs"], "val_size": 0, "train_size": 0, "test_size": 0}
-    fixed.pop("seed")
     seeds = spec.retrain["seeds"]
-    fn = tune.with_resources(tune.with_parameters(trainable, data=data, fixed=fixed,
-                                                  checkpoint_every=spec.resources["checkpoint_every"]),
+    topk = spec.retrain["top_k"] > 1
+    rows = candidates if topk else None
+    entries = [results._best_entry(r, spec) for r in rows] if topk else [best]
+    fixed = {e["trial_id"]: retrain_fixed(spec, e["config"]) for e in entries}
+    every = spec.resources["checkpoint_every"]
+    fn = tune.with_resources(tune.with_parameters(candidate_trainable, data=data, candidates=fixed,
+                                                  checkpoint_every=every) if topk
+                             else tune.with_parameters(trainable, data=data, fixed=fixed[best["trial_id"]],
+                                                       checkpoint_every=every),
                              {"cpu": res["cpu"], "gpu": res["retrain_gpu"]})
     where = study / name
     about = timing.predicted("retrain") if timing else None
-    print(f"retraining the best configuration with seeds {seeds} at once ({fixed['epochs']} epochs, "
-          f"{len(data.train_y)} training images, {res['retrain_gpu']:g} GPU each)"
+    epochs, n_train = spec.retrain["epochs"], len(data.train_y) - (entries[0]["config"]["val_size"] if topk else 0)
+    what = (f"the search's {len(entries)} best configurations ({', '.join(fixed)}), each with seeds {seeds}, "
+            f"{len(entries) * len(seeds)} runs" if topk else f"the best configuration with seeds {seeds} at once")
+    print(f"retraining {what} ({epochs} epochs, {n_train} training images, {res['retrain_gpu']:g} GPU each)"
           + (f", about {about / 60:.1f} min" if about else ""), flush=True)
     quiet = timing.quiet() if timing else {}
     # Ray's own can_restore asks only for tuner.pkl: killed before Ray saved the seeds' state,
-    # its restore ran trials without their seed (KeyError: 'seed'). Then the retrain starts again.
-    if resume and restorable(where):
+    # its restore ran trials without their seed (KeyError: 'seed'). Then the retrain starts again,
+    # keeping the runs that had ended (a kill while Ray rewrote its state leaves it empty: the same).
+    if resume and restorable(where) and state_readable(where):
         with trials_in(study, results.trial_results(where)):
-            grid = tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
-                                      storage_filesystem=where.fs).fit()
+            grid = list(tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
+                                           storage_filesystem=where.fs).fit())
     else:
-        where.delete()
-        grid = tune.Tuner(fn, param_space={"seed": tune.grid_search(seeds)},
-                          tune_config=tune.TuneConfig(max_concurrent_trials=len(seeds), scheduler=FIFO()),
-                          run_config=tune.RunConfig(name=name, storage_path=study.path,
-                                                    storage_filesystem=study.fs,
-                                                    failure_config=tune.FailureConfig(max_failures=1),
-                                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                                    **quiet)).fit()
+        grid = ended_runs(where, epochs) if resume else []
+        ended = {run_of(r.config) for r in grid}
+        todo = [{"candidate": c, "seed": s} for c in fixed for s in seeds if (c if topk else None, s) not in ended]
+        if not grid:
+            where.delete()
+        elif todo:
+            print(f"{where}: Ray's record of the retrain is lost (killed as Ray wrote it); the {len(grid)} runs that had "
+                  f"ended are kept, the other {len(todo)} run again", flush=True)
+        space = {"run": tune.grid_search(todo)} if topk else {"seed": tune.grid_search([t["seed"] for t in todo])}
+        if todo:
+            grid += list(tune.Tuner(fn, param_space=space,
+                                    # top_k: top_k x seeds runs, more than run at once: each worker goes on to
+                                    # the next run (Ray's default, a new process per run, ~5 s each; the search's)
+                                    tune_config=tune.TuneConfig(max_concurrent_trials=len(todo), scheduler=FIFO(),
+                                                                **({"reuse_actors": True} if topk else {})),
+                                    run_config=tune.RunConfig(name=name, storage_path=study.path,
+                                                              storage_filesystem=study.fs,
+                                                              failure_config=tune.FailureConfig(max_failures=1),
+                                                              checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                                              **quiet)).fit())
     # A seed is done when it reported its last epoch: after Ctrl-C, Ray may
     # list a seed that never started as terminated, without metrics.
     failed = [f"{r.path}: {results.error_text(str(r.error))}" for r in grid if r.error]
-    unfinished = [r for r in grid if not r.error and r.metrics.get("epoch", -1) + 1 < fixed["epochs"]]
+    unfinished = [r for r in grid if not r.error and r.metrics.get("epoch", -1) + 1 < epochs]
     if failed:
         raise RuntimeError("the retrain did not finish (" + "; ".join(failed) + "); continue it with --resume")
-    if unfinished or len(grid) < len(seeds):  # Ctrl-C: Ray saved the seeds' state and returned early
+    if unfinished or len(grid) < len(seeds) * len(fixed):  # Ctrl-C: Ray saved the seeds' state and returned early
         raise RetrainInterrupted
 
     with tempfile.TemporaryDirectory(prefix="csnn-best-") as tmp:
         work = Path(tmp)
-        rows, placement = [], {}
-        for r in sorted(grid, key=lambda r: r.config["seed"]):
-            seed = r.config["seed"]
-            h = r.metrics_dataframe.drop_duplicates("epoch", keep="last").sort_values("epoch")
-            rows.append(h[[c for c in METRICS if c in h]].assign(seed=seed))
-            placement[seed] = {k: str(r.metrics.get(k, "")) for k in (*results.PLACEMENT, "run_device")}
-            r.checkpoint.to_directory(str(work / f"seed{seed}"))
-            cfg = TrainConfig.from_dict({**fixed, "seed": seed})
-            (work / f"seed{seed}" / "config.yaml").write_text(cfg.to_yaml())
-        table = pd.concat(rows, ignore_index=True)
-        table = table[["seed"] + [c for c in table.columns if c != "seed"]]
-        table.to_csv(work / "metrics.csv", index=False)
-        finals = table.groupby("seed")["test_acc"].last()
-        summary = {
-            "trial_id": best["trial_id"], "epochs": spec.retrain["epochs"], "seeds": seeds,
-            "test_acc": {int(s): float(a) for s, a in finals.items()},
-            "test_acc_mean": float(finals.mean()),
-            "test_acc_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
-            "epoch_s_mean": float(table["epoch_s"].mean()),
-            "placement": placement,  # per seed: node_ip, hostname, gpu_ids, run_device
-        }
+        runs = {}
+        for r in grid:
+            runs.setdefault(run_of(r.config)[0] or best["trial_id"], []).append(r)
+        chosen, selection = (select(spec, entries, rows, runs, work) if topk else (entries[0]["trial_id"], None))
+        summary = assemble(spec, runs[chosen], fixed[chosen], chosen, work / "best")
+        if selection:
+            summary = {**summary, **selection["chosen_scores"], "chosen_by": selection["reason"]}
         if spec.render["images"] > 0:
             from csnn.spikes import render
 
-            net, _ = load_model(work / f"seed{seeds[0]}" / "checkpoint_latest.pth")
+            net, _ = load_model(work / "best" / f"seed{seeds[0]}" / "checkpoint_latest.pth")
             about = timing.predicted("spikes") if timing else None
             print(f"rendering the encoder spikes of {spec.render['images']} test images at {net.T} time steps"
                   + (f", about {about:.0f} s" if about else ""), flush=True)
             with timing.phase("spikes") if timing else contextlib.nullcontext():
-                render(net, data.test_x[: spec.render["images"]], work / "spikes")
+                render(net, data.test_x[: spec.render["images"]], work / "best" / "spikes")
+        if topk:  # every configuration's retrain, each with its summary.yaml last
+            (study / results.RETRAINED).delete()
+            (study / results.RETRAINED).upload(work / results.RETRAINED)
         final = study / "best"
         final.delete()
-        final.upload(work)  # summary.yaml last: best/ counts as complete only with it
+        final.upload(work / "best")  # summary.yaml last: best/ counts as complete only with it
         (final / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+        if topk:  # the study's best is now the chosen configuration; the search's own stays beside it
+            trials = results.load(study).trials
+            search_best = results.best_record(trials, spec)
+            chosen_row = trials.set_index("trial_id", drop=False).loc[chosen]
+            record = {**results._best_entry(chosen_row, spec),
+                      **{k: search_best[k] for k in ("pick", "pareto") if k in search_best},
+                      "selection": selection["record"],
+                      "search_best": {k: v for k, v in search_best.items() if k not in ("pick", "pareto")}}
+            (study / "best.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     if name == "retrain-next":
         (study / "retrain").delete()
         where.move_to(study / "retrain")
     (study / RETRAIN_PENDING).delete()
     return summary
+
+
+def assemble(spec: specs.StudySpec, runs: list, fixed: dict, trial_id: str, work: Path) -> dict:
+    """One configuration's retrain, from its Ray results (one a seed), into `work`: metrics.csv (every seed's
+    epochs), seed<N>/ (its checkpoint and config.yaml); returns its summary (not yet written)."""
+    rows, placement = [], {}
+    for r in sorted(runs, key=lambda r: run_of(r.config)[1]):
+        seed = run_of(r.config)[1]
+        h = r.metrics_dataframe.drop_duplicates("epoch", keep="last").sort_values("epoch")
+        rows.append(h[[c for c in METRICS if c in h]].assign(seed=seed))
+        placement[seed] = {k: str(r.metrics.get(k, "")) for k in (*results.PLACEMENT, "run_device")}
+        r.checkpoint.to_directory(str(work / f"seed{seed}"))
+        cfg = TrainConfig.from_dict({**fixed, "seed": seed})
+        (work / f"seed{seed}" / "config.yaml").write_text(cfg.to_yaml())
+    table = pd.concat(rows, ignore_index=True)
+    table = table[["seed"] + [c for c in table.columns if c != "seed"]]
+    table.to_csv(work / "metrics.csv", index=False)
+    finals = table.groupby("seed")["test_acc"].last()
+    return {
+        "trial_id": trial_id, "epochs": spec.retrain["epochs"], "seeds": spec.retrain["seeds"],
+        "test_acc": {int(s): float(a) for s, a in finals.items()},
+        "test_acc_mean": float(finals.mean()),
+        "test_acc_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+        "epoch_s_mean": float(table["epoch_s"].mean()),
+        "placement": placement,  # per seed: node_ip, hostname, gpu_ids, run_device
+    }
+
+
+def select(spec: specs.StudySpec, entries: list, rows: list, runs: dict, work: Path) -> tuple[str, dict]:
+    """retrain.top_k: each configuration's retrain assembled into work/retrained/<trial_id>/ (its summary.yaml
+    with its search rank and score, its validation scores per seed, mean and std), and the chosen one: the
+    highest mean of the selection metric over the seeds at the last epoch (the lowest for a loss), a tie
+    to the better search rank. Returns (its trial_id, {record: best.yaml's selection, reason, chosen_scores})."""
+    sel = results.selection_metric(spec)
+    m, sign = sel["metric"], 1 if sel["mode"] == "max" else -1
+    found = []
+    for rank, (e, row) in enumerate(zip(entries, rows), 1):
+        folder = work / results.RETRAINED / e["trial_id"]
+        summary = assemble(spec, runs[e["trial_id"]], retrain_fixed(spec, e["config"]), e["trial_id"], folder)
+        vals = pd.read_csv(folder / "metrics.csv").sort_values("epoch").groupby("seed")[m].last()
+        scores = {m: {int(s): float(v) for s, v in vals.items()}, f"{m}_mean": float(vals.mean()),
+                  f"{m}_std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        found.append({"trial_id": e["trial_id"], "search_rank": rank, "search_score": results.search_score(row, spec),
+                      **scores, "summary": summary})
+    best = max(found, key=lambda f: (sign * f[f"{m}_mean"], -f["search_rank"]))
+    for f in found:
+        out = {**f["summary"], "search_rank": f["search_rank"], "search_score": f["search_score"],
+               "selection_metric": m, **{k: f[k] for k in (m, f"{m}_mean", f"{m}_std")}, "chosen": f is best}
+        (work / results.RETRAINED / f["trial_id"] / "summary.yaml").write_text(yaml.safe_dump(out, sort_keys=False))
+    top = found[0]
+    reason = (f"highest mean {m} over seeds {spec.retrain['seeds']} at the last of {spec.retrain['epochs']} retrain "
+              f"epochs among the search's {len(found)} best configurations: {best[f'{m}_mean']:.4f} (trial "
+              + (f"{best['trial_id']}, the search's best too: its order held at the top)" if best is top else
+                 f"{best['trial_id']}, the search's number {best['search_rank']}; the search's best {top['trial_id']}: "
+                 f"{top[f'{m}_mean']:.4f}: its order did not hold at the top)"))
+    record = {"metric": m, "mode": sel["mode"], "seeds": spec.retrain["seeds"], "epochs": spec.retrain["epochs"],
+              "chosen": best["trial_id"], "search_best": found[0]["trial_id"], "reason": reason,
+              "candidates": [{k: f[k] for k in ("trial_id", "search_rank", "search_score", f"{m}_mean", f"{m}_std")}
+                             | {k: f["summary"][k] for k in ("test_acc_mean", "test_acc_std")} for f in found]}
+    return best["trial_id"], {"record": record, "reason": reason,
+                              "chosen_scores": {k: best[k] for k in (m, f"{m}_mean", f"{m}_std")}}
 
 
 # The pip package of each database driver module SQLAlchemy loads for a URL's dialect+driver

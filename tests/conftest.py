@@ -15,6 +15,7 @@ import yaml
 
 from csnn import data as fmnist
 from csnn.data import write_idx
+from study.estimate import cpu_speeds as _measure  # the real calibration, before a test replaces it
 
 
 def pytest_configure(config):
@@ -32,7 +33,7 @@ def pytest_configure(config):
 # the calibration saved), longest first; the first module that needs tiny_study (lifecycle) is followed
 # by one that does not (stopping), so that the other worker has work while tiny_study is made.
 LONGEST_FIRST = ("test_cluster.py", "test_samplers.py", "test_lifecycle.py", "test_stopping.py", "test_estimate.py",
-                 "test_study.py", "test_kills.py", "test_augment.py", "test_resume.py", "test_interrupts.py",
+                 "test_study.py", "test_kills.py", "test_topk.py", "test_augment.py", "test_resume.py", "test_interrupts.py",
                  "test_analyze.py")
 
 
@@ -80,17 +81,18 @@ def _calibrate_once(monkeypatch):
     estimate.cpu_speeds takes them. The studies run as processes (tiny_study, study_cmd) still measure
     their own: the estimates checked against real studies' times (tests/test_estimate.py) are theirs."""
     from study import estimate
+
+    monkeypatch.setattr(estimate, "cpu_speeds", calibrated_once)
+
+
+def calibrated_once(spec) -> dict:
+    """study.estimate.cpu_speeds, measured once per (threads, batch size) in this process (_calibrate_once)."""
     from study.spec import values
 
-    measure = estimate.cpu_speeds
-
-    def once(spec) -> dict:
-        key = (max(1, int(spec.resources["cpus_per_trial"])), int(np.median(values(spec, "batch_size"))))
-        if key not in _CPU_SPEEDS:
-            _CPU_SPEEDS[key] = measure(spec)
-        return {k: list(v) if isinstance(v, list) else v for k, v in _CPU_SPEEDS[key].items()}
-
-    monkeypatch.setattr(estimate, "cpu_speeds", once)
+    key = (max(1, int(spec.resources["cpus_per_trial"])), int(np.median(values(spec, "batch_size"))))
+    if key not in _CPU_SPEEDS:
+        _CPU_SPEEDS[key] = _measure(spec)
+    return {k: list(v) if isinstance(v, list) else v for k, v in _CPU_SPEEDS[key].items()}
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ def test_fmnist_resolved():
     assert s.search == {"sampler": "tpe", "seed": 0, "num_samples": 48, "max_concurrent": "auto", "baseline": True,
                         "in_order": False}
     assert s.resources == {"gpus_per_trial": "auto", "cpus_per_trial": 2, "trials_per_gpu": 4, "checkpoint_every": 4}
-    assert s.retrain == {"epochs": 16, "seeds": [0, 1, 2], "pick": "most_accurate"}
+    assert s.retrain == {"epochs": 16, "seeds": [0, 1, 2], "pick": "most_accurate", "top_k": 3}
     assert specs.baseline_params(s) == {"T": 4, "channels": 128, "optimizer": "sgd", "lr[optimizer=sgd]": 0.1,
                                         "momentum": 0.9}
     assert specs.parse(s.to_dict(), "again").to_dict() == s.to_dict()
