@@ -180,6 +180,11 @@ def _main(args) -> int:
             args.lock = lifecycle.take_lock(study_dir, "python -m study.run " + " ".join(args.argv))
         except lifecycle.Locked as e:
             raise UsageError(str(e)) from None
+    else:  # a dry run takes no lock, but is refused where the command would be: a damaged lock, or another's
+        try:
+            lifecycle.check_lock(study_dir)
+        except lifecycle.Locked as e:
+            raise UsageError(f"{e} (the command without --dry-run would be refused so)") from None
     # What the folder holds, and what this command may do there: lifecycle's table.
     state = lifecycle.read(study_dir)
     args.can_retrain = bool(spec.retrain["seeds"]) and spec.retrain["epochs"] > 0

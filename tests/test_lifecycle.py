@@ -263,6 +263,10 @@ def test_a_damaged_copied_or_reused_lock(tiny_study, tiny_data_dir, tmp_path, ca
         line = f"{lock}: a damaged lock ({what}"
         p = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir, "--resume")[3:])
         assert p.returncode == 2 and line in p.stderr and "rm -r" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        # a dry run takes no lock but says what the command would meet (it said "valid", review of issue 34)
+        p = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir, "--retrain", "--dry-run")[3:])
+        assert p.returncode == 2 and line in p.stderr and "without --dry-run would be refused" in p.stderr \
+            and "valid" not in p.stdout, p.stdout + p.stderr
         p = in_process(capsys, reproduce.main, d, "--data-dir", tiny_data_dir, "--epochs", "1")
         assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr, p.stderr
         p = in_process(capsys, analyze.main, d, "--out", tmp_path / "report")
@@ -273,6 +277,8 @@ def test_a_damaged_copied_or_reused_lock(tiny_study, tiny_data_dir, tmp_path, ca
     where = Location.parse(str(d))
     mine = lifecycle.take_lock(where, "python -m study.run the original")
     try:
+        p = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir, "--retrain", "--dry-run")[3:])
+        assert p.returncode == 2 and f"is being written by {mine}" in p.stderr, p.stdout + p.stderr  # held: refused too
         copy = shutil.copytree(d, tmp_path / "copy" / "e2e")
         assert lifecycle.holder(Location.parse(str(copy))) is None
         theirs = lifecycle.take_lock(Location.parse(str(copy)), "python -m study.run the copy")
