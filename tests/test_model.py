@@ -213,3 +213,19 @@ def test_the_bench_equivalence_check_covers_the_network_keys():
     assert same["ok"], same
     other = functools.partial(reference_network, **{**cfg.network(), "tau": 2.5})
     assert not check_equivalence(other, cfg, x, torch.device("cpu"), compiled=True)["ok"]
+
+
+def test_the_bench_times_dropout_augmentation_and_the_loss_on_both_sides():
+    """csnn.bench --dropout/--augment/--loss: the reference gets SpikingJelly's multi-step Dropout before each
+    linear layer and the loss (ours augments, the example has no augmentation); the equivalence check runs
+    without dropout (each side would draw its own masks) and passes; the result says what was timed."""
+    from spikingjelly.activation_based import layer
+
+    from csnn import bench
+
+    ref = bench.reference_network(T=4, channels=8, dropout=0.5)
+    assert [type(ref.conv_fc[i][0]) for i in (9, 11)] == [layer.Dropout] * 2 and ref.conv_fc[9][0].step_mode == "m"
+    result = bench.run(device="cpu", channels=8, train_images=256, eval_images=256, reps=1, compile=False,
+                       dropout=0.5, augment="crop+flip", loss="ce")
+    assert result["equivalence"]["ok"] and (result["dropout"], result["augment"], result["loss"]) == (0.5, "crop+flip", "ce")
+    assert result["ours_train_img_s"] > 0 and result["ref_train_img_s"] > 0
