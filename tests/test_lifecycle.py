@@ -121,12 +121,12 @@ def test_one_writer_per_study_folder(tiny_study, tiny_data_dir, tmp_path, capsys
     import socket
     import subprocess
 
-    from conftest import in_process, study_cmd, tiny_spec, write_spec
+    from conftest import TINY_STUDY, in_process, study_cmd, tiny_spec, write_spec
     from study import analyze, reproduce, run
 
     results_dir = tmp_path / "results"
     d = shutil.copytree(tiny_study[0], results_dir / "e2e", ignore=shutil.ignore_patterns("report"))
-    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    space = write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY))
     mine = lifecycle.take_lock(Location.parse(str(d)), "python -m study.run this test")
     assert mine == f"{socket.gethostname()} pid {os.getpid()}: python -m study.run this test"
     for flags in ([], ["--resume"], ["--retrain"]):  # in this process: refused before Ray or the data
@@ -181,11 +181,11 @@ def test_study_run_reads_the_folder_under_its_lock(tiny_study, tiny_data_dir, tm
     """study.run takes the lock before it reads the folder's state (no other process acts between what it
     reads and what it does), but for --dry-run, which writes nothing; a refused command leaves no folder
     behind. (lifecycle.read is watched, not replaced: it reads the real folder.)"""
-    from conftest import in_process, study_cmd, tiny_spec, write_spec
+    from conftest import TINY_STUDY, in_process, study_cmd, tiny_spec, write_spec
     from study import run
 
     d = shutil.copytree(tiny_study[0], tmp_path / "results" / "e2e", ignore=shutil.ignore_patterns("report"))
-    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    space = write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY))
     locked, real_read = [], lifecycle.read
     monkeypatch.setattr(lifecycle, "read", lambda folder: (locked.append((folder / lifecycle.LOCK).is_file()),
                                                            real_read(folder))[1])
@@ -251,11 +251,11 @@ def test_a_damaged_copied_or_reused_lock(tiny_study, tiny_data_dir, tmp_path, ca
     import socket
     import subprocess
 
-    from conftest import in_process, study_cmd, tiny_spec, write_spec
+    from conftest import TINY_STUDY, in_process, study_cmd, tiny_spec, write_spec
     from study import analyze, reproduce, run
 
     d = shutil.copytree(tiny_study[0], tmp_path / "results" / "e2e", ignore=shutil.ignore_patterns("report"))
-    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    space = write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY))
     lock = d / lifecycle.LOCK
     for damage, what in ((lambda: lock.write_bytes(b"\xff\xfe\x00junk"), "not text"),
                          (lambda: lock.write_bytes(b""), "empty"), (lambda: lock.mkdir(), "a folder")):
@@ -360,12 +360,12 @@ def test_read_only_and_full_study_folders(tiny_study, tiny_data_dir, tmp_path):
     import subprocess
     import sys
 
-    from conftest import env, tiny_spec, write_spec
+    from conftest import TINY_STUDY, env, tiny_spec, write_spec
 
     ro = shutil.copytree(tiny_study[0], tmp_path / "ro" / "e2e", ignore=shutil.ignore_patterns("report"))
     full = tmp_path / "full"
     full.mkdir()
-    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    space = write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY))
     logs = tmp_path / "logs"
     logs.mkdir()
     py = f"{sys.executable} -m"
