@@ -91,6 +91,7 @@ CALIBRATION = ((2, 8), (2, 24), (1, 64))  # (T, channels) timed on a CPU: small 
 PRICED = ("neuron", "pooling", "augment")
 RATIO_SIZE = (2, 24)  # (T, channels) of those timings: CALIBRATION's middle size
 RATIO_ROUNDS = 2  # timings of each, the fastest kept (as calibrate)
+RATIO_BATCH = 64  # images a batch at most in those timings: a ratio, not a speed (a study's at 64 and 128 share them)
 
 
 # ------------------------------------------------------------ the network's size
@@ -148,10 +149,11 @@ def _threads(threads: int):
         torch.set_num_threads(before)
 
 
-def _time_network(cfg: TrainConfig, batch_size: int, rounds: int = 2) -> tuple[float, float]:
+def _time_network(cfg: TrainConfig, batch_size: int, rounds: int = 2, evaluation: bool = True) -> tuple[float, float]:
     """(training, evaluation) seconds per image of cfg's network (its T, channels, network keys,
     augment and loss) on the CPU, plain kernels, random images: the fastest of `rounds` timings of
-    one training batch and of an evaluation of two, after a first batch that allocates."""
+    one training batch and of an evaluation of two (without `evaluation`: not timed, 0), after a first
+    batch that allocates."""
     import torch
 
     from csnn.config import augment_names
@@ -178,7 +180,8 @@ def _time_network(cfg: TrainConfig, batch_size: int, rounds: int = 2) -> tuple[f
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     train_epoch = make_trainer(net, opt, scaler, x[:b], y[:b], b, augment=augment_names(cfg.augment), loss=cfg.loss)
     train_epoch(gen)  # the first batch allocates: not timed
-    return fastest(lambda: train_epoch(gen), b), fastest(lambda: evaluate(net, x, y, b, loss=cfg.loss), len(y))
+    return (fastest(lambda: train_epoch(gen), b),
+            fastest(lambda: evaluate(net, x, y, b, loss=cfg.loss), len(y)) if evaluation else 0.0)
 
 
 _RATIOS: dict = {}  # network_ratios' measurements in this process: (field, value, threads, batch) -> [train, eval]
@@ -188,38 +191,52 @@ def network_ratios(spec, threads: int, batch_size: int) -> dict:
     """{field: {value: [training, evaluation]}}: how many times the tutorial's network's seconds per image
     a network with that value of a PRICED field takes on this CPU, for every value of those fields the
     study can take other than the tutorial's (none for a study of the tutorial's network: nothing to
-    time). Each is timed beside the tutorial's network at RATIO_SIZE (_time_network, the fastest of
-    RATIO_ROUNDS), plain kernels: ratios, so that a load that slows both cancels out, measured once per
-    process (_RATIOS) as a study.run calibrates once."""
+    time); an augmentation per transform (crop+flip is priced as crop's ratio times flip's), training
+    only (evaluation never augments: 1). Each is timed beside the tutorial's network at RATIO_SIZE with
+    at most RATIO_BATCH images a batch (_time_network, the fastest of RATIO_ROUNDS), plain kernels:
+    ratios, so that a load that slows both cancels out, measured once per process (_RATIOS) as a
+    study.run calibrates once."""
+    from csnn.config import augment_names
     from study.spec import values
 
     tutorial = TrainConfig()
-    wanted = [(f, v) for f in PRICED for v in dict.fromkeys(values(spec, f)) if v != getattr(tutorial, f)]
+    wanted = []
+    for f in PRICED:
+        for v in dict.fromkeys(values(spec, f)):
+            if v != getattr(tutorial, f):
+                wanted += [(f, n) for n in augment_names(v)] if f == "augment" else [(f, v)]
     out: dict = {}
     if not wanted:
         return out
     T, C = RATIO_SIZE
+    b = min(batch_size, RATIO_BATCH)
     with _threads(threads):
-        base_key = ("", "", max(1, threads), batch_size)
+        base_key = ("", "", max(1, threads), b)
         if base_key not in _RATIOS:
-            _RATIOS[base_key] = _time_network(TrainConfig(T=T, channels=C), batch_size, RATIO_ROUNDS)
+            _RATIOS[base_key] = _time_network(TrainConfig(T=T, channels=C), b, RATIO_ROUNDS)
         base = _RATIOS[base_key]
-        for f, v in wanted:
-            key = (f, v, max(1, threads), batch_size)
+        for f, v in dict.fromkeys(wanted):
+            key = (f, v, max(1, threads), b)
             if key not in _RATIOS:
-                _RATIOS[key] = _time_network(TrainConfig(T=T, channels=C, **{f: v}), batch_size, RATIO_ROUNDS)
-            out.setdefault(f, {})[v] = [round(_RATIOS[key][i] / base[i], 3) for i in range(2)]
+                _RATIOS[key] = _time_network(TrainConfig(T=T, channels=C, **{f: v}), b, RATIO_ROUNDS,
+                                             evaluation=f != "augment")
+            train, evaluation = _RATIOS[key]
+            out.setdefault(f, {})[v] = [round(train / base[0], 3), round(evaluation / base[1], 3) if evaluation else 1.0]
     return out
 
 
 def network_ratio(cfg: TrainConfig, cpu: dict | None) -> tuple[float, float]:
     """(training, evaluation) factor of cfg's network against the tutorial's: the product of its PRICED
-    values' ratios in the calibration (cpu["network"]); 1 for the tutorial's values, and on a GPU."""
+    values' ratios in the calibration (cpu["network"]; an augmentation's, of its transforms); 1 for the
+    tutorial's values, and on a GPU."""
+    from csnn.config import augment_names
+
     train = evaluation = 1.0
     for f, ratios in ((cpu or {}).get("network") or {}).items():
-        r = ratios.get(getattr(cfg, f))
-        if r:
-            train, evaluation = train * r[0], evaluation * r[1]
+        value = getattr(cfg, f)
+        for r in (ratios.get(n) for n in (augment_names(value) if f == "augment" else [value])):
+            if r:
+                train, evaluation = train * r[0], evaluation * r[1]
     return train, evaluation
 
 
