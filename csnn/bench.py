@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import functional
 
 from csnn import data as fmnist
-from csnn.argtypes import interruptible, leave, positive_int, spelled, worded
+from csnn.argtypes import add_network_flags, interruptible, leave, network_values, network_words, positive_int, spelled, worded
 from csnn.model import CSNN
-from csnn.config import NETWORK_FIELDS, NEURONS, SPIKING_LAYERS, TUTORIAL, TrainConfig, neuron_text
+from csnn.config import NETWORK_FIELDS, NEURONS, SPIKING_LAYERS, TUTORIAL, TrainConfig, augment_names, neuron_text
 from csnn.data import to_input
-from csnn.train import evaluate, graphs_info, make_optimizer, make_trainer, resolve_device
+from csnn.train import LOSSES, evaluate, graphs_info, make_optimizer, make_trainer, resolve_device
 
 
 def reference_loaders(train, test, batch_size: int, root: Path, workers: int):
@@ -60,8 +60,13 @@ def reference_loaders(train, test, batch_size: int, root: Path, workers: int):
     return loader(train_set, drop_last=True), loader(test_set, drop_last=False)
 
 
-def reference_train(net, optimizer, scaler, loader, device) -> int:
-    """The example's training loop, verbatim (AMP when `scaler` is enabled, as its -amp)."""
+def _mse(out_fr, label, label_onehot):
+    return F.mse_loss(out_fr, label_onehot)
+
+
+def reference_train(net, optimizer, scaler, loader, device, criterion=_mse) -> int:
+    """The example's training loop, verbatim (AMP when `scaler` is enabled, as its -amp), but for its loss
+    F.mse_loss(out_fr, label_onehot) called as `criterion` (for --loss ce, csnn.train's cross-entropy)."""
     net.train()
     train_loss = train_acc = train_samples = 0
     for img, label in loader:
@@ -72,13 +77,13 @@ def reference_train(net, optimizer, scaler, loader, device) -> int:
         if scaler.is_enabled():
             with torch.autocast("cuda"):
                 out_fr = net(img)
-                loss = F.mse_loss(out_fr, label_onehot)
+                loss = criterion(out_fr, label, label_onehot)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
             out_fr = net(img)
-            loss = F.mse_loss(out_fr, label_onehot)
+            loss = criterion(out_fr, label, label_onehot)
             loss.backward()
             optimizer.step()
         train_samples += label.numel()
@@ -140,9 +145,9 @@ def reference_network(T: int, channels: int, **network):
     net = RefCSNN(T=T, channels=channels)
     if cfg.network() == TrainConfig().network():
         return net
-    if cfg.dropout:
-        raise ValueError("TrainConfig.dropout: the speed comparison draws no dropout masks (each side would draw "
-                         "its own); compare with dropout 0")
+    if cfg.dropout:  # before each linear layer, as ours (csnn.model.Linear): SpikingJelly's multi-step Dropout
+        for i in (9, 11):
+            net.conv_fc[i] = torch.nn.Sequential(layer.Dropout(cfg.dropout), net.conv_fc[i])
     row = NEURONS[cfg.neuron]
     for i in SPIKING_LAYERS:
         function = getattr(surrogate, SURROGATES[cfg.surrogate]["spikingjelly"])(alpha=surrogate_alpha(cfg))
@@ -252,8 +257,11 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
     s = fmnist.split(fmnist.load(data_dir), train_size=train_images, test_size=eval_images)
     x_eq = to_input(s["test"][0][: cfg.batch_size]).to(dev)
     ref_cls = functools.partial(reference_network, **cfg.network())
-    eq = check_equivalence(ref_cls, cfg, x_eq, dev, compile and not cuda)
-    eq_amp = check_equivalence(ref_cls, cfg, x_eq, dev, False, amp=True) if amp else None
+    # the check compares the networks without dropout (each side would draw its own masks); both are timed with it
+    plain = TrainConfig.from_dict({**cfg.to_dict(), "dropout": 0.0})
+    eq_cls = functools.partial(reference_network, **plain.network())
+    eq = check_equivalence(eq_cls, plain, x_eq, dev, compile and not cuda)
+    eq_amp = check_equivalence(eq_cls, plain, x_eq, dev, False, amp=True) if amp else None
     if not time_anyway:
         equivalent(eq, eq_amp, None)
 
@@ -273,8 +281,11 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
     # ours as fit runs it: on CUDA with CUDA graphs (cuda_graphs: auto: a graph that fails falls back to eager
     # steps, recorded in the result as fit records it, rather than leaving no figure)
     graphs_status: dict = {}
+    # augment: ours transforms its training images, the reference (the example has no augmentation) does not
     ours_train = make_trainer(ours, ours_opt, ours_scaler, train_x, train_y, cfg.batch_size, amp_dtype,
-                              graphs="auto" if cuda else False, status=graphs_status)
+                              graphs="auto" if cuda else False, status=graphs_status,
+                              augment=augment_names(cfg.augment), loss=cfg.loss)
+    criterion = _mse if cfg.loss == "mse" else lambda out_fr, label, onehot: LOSSES[cfg.loss][0](out_fr.float(), label)
     eval_graphs = {"mode": "auto", "status": graphs_status} if cuda else None
     times: dict[str, list] = {k: [] for k in ("ours_train", "ref_train", "ours_eval", "ref_eval")}
     impls, ref_seen = {}, watch_reference(ref)
@@ -291,7 +302,7 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
         for rep in range(reps + 1):  # rep 0 is the warm-up
             timed("ours_train", lambda: ours_train(gen)[2])
             impls["ours_train"] = ",".join(sorted(set(ours.neuron_implementations().values())))
-            timed("ref_train", lambda: reference_train(ref, ref_opt, ref_scaler, ref_train_loader, dev))
+            timed("ref_train", lambda: reference_train(ref, ref_opt, ref_scaler, ref_train_loader, dev, criterion))
             impls["ref_train"] = ",".join(sorted(set(ref_seen.values())))
             timed("ours_eval", lambda: (evaluate(ours, test_x, test_y, cfg.batch_size, eval_graphs), len(test_y))[1])
             impls["ours_eval"] = ",".join(sorted(set(ours.neuron_implementations().values())))
@@ -309,7 +320,7 @@ def run(device: str = "cpu", T: int = TUTORIAL["T"], channels: int = 16, batch_s
             "batch_size": cfg.batch_size, "reps": reps, "threads": torch.get_num_threads(),
             "ours_train_img_s": round(med["ours_train"], 1), "ref_train_img_s": round(med["ref_train"], 1),
             "train_ratio": round(med["ours_train"] / med["ref_train"], 3),
-            "ours_eval_img_s": round(med["ours_eval"], 1), "ref_eval_img_s": round(med["ref_eval"], 1),
+            "augment": cfg.augment, "loss": cfg.loss, "ours_eval_img_s": round(med["ours_eval"], 1), "ref_eval_img_s": round(med["ref_eval"], 1),
             "eval_ratio": round(med["ours_eval"] / med["ref_eval"], 3), "implementations": impls, "equivalence": eq,
             "equivalence_amp": eq_amp, **(graphs_info("auto", graphs_status) if cuda else {})}
     equivalent(eq, eq_amp, result)
@@ -379,8 +390,7 @@ WORDS = {"TrainConfig.T": "-T", "TrainConfig.channels": "--channels", "TrainConf
          "TrainConfig.device": "--device", "TrainConfig.backend": "--backend", "train_size": "--train-images",
          "test_size": "--eval-images", "TrainConfig.backend: 'cupy'": "--backend cupy:",
          "backend 'cupy'": "--backend cupy", "backend 'auto'": "--backend auto", "device is": "--device is",
-         "TrainConfig.neuron": "--neuron", "TrainConfig.tau": "--tau", "TrainConfig.v_threshold": "--v-threshold",
-         "TrainConfig.surrogate": "--surrogate", "TrainConfig.alpha": "--alpha", "TrainConfig.pooling": "--pooling"}
+         **network_words("--")}
 
 
 def main(argv=None) -> int:
@@ -398,15 +408,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=("on", "off"), default="on",
                     help="our compiled CPU kernels for the IF neurons and max pooling (TrainConfig.compile)")
     ap.add_argument("--data-dir", default=None)
-    net = ap.add_argument_group("the network (TrainConfig's keys; the reference then runs SpikingJelly's own classes "
-                                "for them)")
-    net.add_argument("--neuron", default="if", help="if, lif or plif")
-    net.add_argument("--tau", type=float, default=2.0, help="LIF's tau, PLIF's initial tau")
-    net.add_argument("--v-threshold", type=float, default=1.0)
-    net.add_argument("--detach-reset", action="store_true")
-    net.add_argument("--surrogate", default="atan", help="one of SpikingJelly's fused seven (docs/search-spaces.md)")
-    net.add_argument("--alpha", type=float, default=None, help="the surrogate's scale (default: its own)")
-    net.add_argument("--pooling", default="max", help="max or avg")
+    add_network_flags(ap, "--")
     args = ap.parse_args(argv)
     # The weights (fc1 alone is 784 C^2 floats), with their gradients and momentum, before any batch
     need, have = 3 * 4 * 794 * args.channels ** 2, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -418,9 +420,7 @@ def main(argv=None) -> int:
         result = run(device=args.device, T=args.T, channels=args.channels, batch_size=args.batch_size,
                      backend=args.backend, amp=not args.no_amp, compile=args.compile == "on",
                      train_images=args.train_images, eval_images=args.eval_images, reps=args.reps,
-                     data_dir=args.data_dir, workers=args.workers, neuron=args.neuron, tau=args.tau,
-                     v_threshold=args.v_threshold, detach_reset=args.detach_reset, surrogate=args.surrogate,
-                     alpha=args.alpha, pooling=args.pooling)
+                     data_dir=args.data_dir, workers=args.workers, **network_values(args, "--"))
     except (ValueError, RuntimeError) as e:  # a bad input (TrainConfig, device, data): as the other commands
         print(f"error: {spelled(worded(str(e), WORDS), '--')}", file=sys.stderr)  # the flag to change
         return 2
@@ -432,7 +432,8 @@ def main(argv=None) -> int:
               f"(allowed {eq['allowed_differing_spikes']:.1%}), gradients within {eq['grad_rel_err']:.2g} "
               f"(allowed {eq['allowed_grad_rel_err']:g}), every layer fired (lowest rate "
               f"{min(eq['lowest_firing_rates']):.3f})")
-    print(f"network: {neuron_text(TrainConfig(**{k: result[k] for k in NETWORK_FIELDS}))}, {result['pooling']} pooling")
+    print(f"network: {neuron_text(TrainConfig(**{k: result[k] for k in NETWORK_FIELDS}))}, {result['pooling']} pooling, "
+          f"dropout {result['dropout']}, augment {result['augment']} (ours only), loss {result['loss']}")
     print(f"{'':10}{'ours img/s':>12}{'reference':>12}{'ratio':>8}   neuron kernels (ours / reference)")
     for k in ("train", "eval"):
         print(f"{k:10}{result[f'ours_{k}_img_s']:12.1f}{result[f'ref_{k}_img_s']:12.1f}{result[f'{k}_ratio']:8.2f}"

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from csnn import data as fmnist
-from csnn.argtypes import spelled, worded
-from csnn.config import TUTORIAL, TrainConfig, check_runnable
+from csnn.argtypes import add_network_flags, network_values, network_words, spelled, worded
+from csnn.config import NETWORK_FIELDS, TUTORIAL, TrainConfig, check_runnable
 from csnn.model import CSNN, set_backend
 from csnn.atomic import write_atomic
 from csnn.train import check_resumable, check_same_data, fit, load_model, read_checkpoint, resolve_device, set_deterministic
@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-val-size", default=0, type=int, help="training images held out for validation")
     p.add_argument("-train-size", default=0, type=int, help="stratified training subset (0 = all)")
     p.add_argument("-test-size", default=0, type=int, help="stratified test subset (0 = all)")
+    add_network_flags(p, "-")
     return p.parse_args(argv)
 
 
@@ -75,7 +76,7 @@ FLAGS = {"T": "-T", "channels": "-channels", "batch_size": "-b", "epochs": "-epo
 # ... and the shared code's words for them (TrainConfig's, the data split's, the backend's checks)
 WORDS = {**{f"TrainConfig.{k}": v for k, v in FLAGS.items()}, **{k: v for k, v in FLAGS.items() if "_" in k},
          "TrainConfig.backend: 'cupy'": "-cupy:", "backend 'cupy'": "-cupy", "use backend 'auto'": "leave -cupy out",
-         "device is": "-device is"}
+         "device is": "-device is", **network_words("-")}
 
 
 def run(args: argparse.Namespace, progress: dict) -> int:
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace, progress: dict) -> int:
                       optimizer=args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                       amp=args.amp, seed=args.seed, device=args.device, val_size=args.val_size,
                       train_size=args.train_size, test_size=args.test_size,  # main() names the flags (WORDS)
-                      backend="cupy" if args.cupy else "auto", cuda_graphs=False if args.no_cuda_graphs else "auto")
+                      backend="cupy" if args.cupy else "auto", cuda_graphs=False if args.no_cuda_graphs else "auto",
+                      **network_values(args, "-"))
     resolve_device(cfg.device)
     check_runnable(cfg.backend)
     set_backend(CSNN(1, 1), cfg.backend)  # fail before loading anything
@@ -109,6 +111,11 @@ def run(args: argparse.Namespace, progress: dict) -> int:
     name = f"T{cfg.T}_b{cfg.batch_size}_{cfg.optimizer}_lr{cfg.lr}_c{cfg.channels}"
     name += "_amp" if cfg.amp else ""
     name += "_cupy" if cfg.backend == "cupy" else ""
+    # the network's keys that are not the tutorial's (-neuron lif -tau 3: _neuron-lif_tau-3.0): another network's
+    # run gets a folder of its own
+    tutorial = TrainConfig()
+    name += "".join(f"_{k.replace('_', '-')}-{getattr(cfg, k)}" for k in (*NETWORK_FIELDS, "augment", "loss")
+                    if getattr(cfg, k) != getattr(tutorial, k))
     out_dir = Path(args.out_dir) / name
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: is a file; -out-dir must name a folder")

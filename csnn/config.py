@@ -188,7 +188,7 @@ class TrainConfig:
             value, allowed = getattr(self, f.name), FIELD_TYPES.get(f.name)
             if allowed is not None and (isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed)):
                 raise ValueError(f"TrainConfig.{f.name}: {value!r} is not allowed; must be {TYPE_WORDS[allowed]}"
-                                 + yaml_number_hint(value))
+                                 + yaml_number_hint(value) + (yaml_bool_hint(f.name, value) if allowed == (str,) else ""))
         for name in ("T", "channels", "batch_size", "epochs", "lr"):
             value = getattr(self, name)
             if not value > 0:  # also false for NaN
@@ -343,11 +343,27 @@ TYPE_WORDS = {(int,): "an integer", (int, float): "a number", (str,): "a string"
 
 
 def yaml_number_hint(value) -> str:
-    """YAML 1.1 (PyYAML) reads 1e-4 as a string: say how to write it as a number."""
+    """A string where a number belongs: YAML 1.1 (PyYAML) reads 1e-4 as a string, so say how to write it
+    as a number; a string YAML would read as a number was quoted by its writer, so say to drop the quotes."""
     if isinstance(value, str):
         try:
             x = float(value)
         except ValueError:
             return ""
+        try:
+            as_written = yamlio.load(value)
+        except yaml.YAMLError:
+            as_written = value
+        if isinstance(as_written, (int, float)) and not isinstance(as_written, bool):
+            return f" (quoted, {value!r} is text: write it without quotes, {value})"
         return f" (YAML reads {value} as text; write a number with a dot and a signed exponent, e.g. {x:.1e})"
     return ""
+
+
+def yaml_bool_hint(name: str, value) -> str:
+    """true or false where a name belongs: YAML 1.1 reads off, no, false (on, yes, true) as a boolean."""
+    if not isinstance(value, bool):
+        return ""
+    words = "off, no and false" if value is False else "on, yes and true"
+    instead = {"augment": "none for no augmentation"}.get(name, "one of the names")
+    return f" (YAML reads {words} as {str(value).lower()}: write {instead})"

@@ -37,6 +37,10 @@ torchvision, SpikingJelly or CuPy is older than the versions tested (constraints
   kernels      the IF kernels the profiler sees in one training step (AMP) and one
                float32 evaluation forward: every layer's, forward and backward, fused
                (SpikingJelly's Triton or CUDA kernels; ours with backend cupy)
+  networks     the other networks (NETWORKS: lif, plif, avg pooling, each augmentation) graphed
+               against eager, 5 steps each under deterministic cuDNN, and the LIF and PLIF
+               kernels the profiler sees in a training step: all fused, by name; within
+               NETWORKS_LIMIT_S (never run on a GPU yet: planned, not measured)
   cupy         our CuPy kernels against SpikingJelly's reference loop, float32
                and float16, one input per step and one repeated: the same spikes,
                gradients within tolerance
@@ -78,6 +82,7 @@ from pathlib import Path
 
 import torch
 
+from csnn.config import AUGMENTS as AUGMENT_NAMES
 from csnn.config import TUTORIAL as CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,13 +187,16 @@ def test_outcomes(junit_xml: str) -> dict:
     return out
 
 
-def kernels_of(backend: str) -> dict:
-    """observe_if_kernels of a training step under AMP and of a float32 evaluation forward."""
+def kernels_of(backend: str, network: dict | None = None, modes=("train_amp", "eval_fp32")) -> dict:
+    """observe_if_kernels of a training step under AMP and of a float32 evaluation forward (`modes`), of the
+    tutorial's network or, with `network`, of another (TrainConfig's network keys: a LIF or PLIF network)."""
     from spikingjelly.activation_based import functional
 
+    from csnn.config import NETWORK_FIELDS, TrainConfig
     from csnn.model import CSNN, observe_if_kernels, set_backend
 
-    net = CSNN(4, 128).cuda()
+    net = CSNN.from_config(TrainConfig(T=4, channels=128, **{k: v for k, v in (network or {}).items()
+                                                             if k in NETWORK_FIELDS})).cuda()
     set_backend(net, backend)
     x = torch.rand(128, 1, 28, 28, device="cuda")
 
@@ -203,23 +211,85 @@ def kernels_of(backend: str) -> dict:
         functional.reset_net(net)
 
     layers = len(net.spiking_layers)
-    return {mode: observe_if_kernels(fn, layers) for mode, fn in (("train_amp", train), ("eval_fp32", evaluate))}
+    fns = {"train_amp": train, "eval_fp32": evaluate}
+    return {mode: observe_if_kernels(fns[mode], layers) for mode in modes}
+
+
+def kernel_problems(label: str, modes: dict, want=FUSED) -> list[str]:
+    """What is wrong with kernels_of's observations `modes`: a mode in which the profiler saw no GPU kernel,
+    a direction in which fewer than the 4 spiking layers ran one of the fused kernels `want` (recognised by
+    name: csnn.model.neuron_kernel), or anything else among the implementations; [] when all ran fused."""
+    problems = []
+    for mode, seen in modes.items():
+        if not seen["kernels"]:
+            problems.append(f"{label} {mode}: the profiler saw no GPU kernel at all: {seen}")
+            continue
+        for d in ("forward", "backward") if mode == "train_amp" else ("forward",):
+            fused = sum(n for impl, n in seen[d].items() if impl in want)
+            if fused != 4 or seen["implementations"] != [impl for impl in want if impl in seen[d]]:
+                problems.append(f"{label} {mode}: {fused} of 4 spiking layers ran a fused {d} kernel "
+                                f"({', '.join(want)}); seen: {seen['implementations']}")
+    return problems
 
 
 def check_kernels() -> dict:
     out = {"auto": kernels_of("auto"), "cupy": {"skipped": CUPY_MISSING} if cupy_missing() else kernels_of("cupy")}
     for backend, modes in out.items():
-        if "skipped" in modes:
-            continue
-        want = FUSED if backend == "auto" else ("cupy",)
-        for mode, seen in modes.items():
-            require(seen["kernels"] > 0, f"{backend} {mode}: the profiler saw no GPU kernel at all: {seen}", out)
-            directions = ("forward", "backward") if mode == "train_amp" else ("forward",)
-            for d in directions:
-                fused = sum(n for impl, n in seen[d].items() if impl in want)
-                require(fused == 4 and seen["implementations"] == [impl for impl in want if impl in seen[d]],
-                        f"{backend} {mode}: {fused} of 4 IF layers ran a fused {d} kernel ({', '.join(want)})", out)
+        if "skipped" not in modes:
+            problems = kernel_problems(backend, modes, FUSED if backend == "auto" else ("cupy",))
+            require(not problems, "; ".join(problems), out)
     return out
+
+
+# The networks other than the tutorial's that run graphed and fused on a GPU too (issue 34): the other neuron
+# models (SpikingJelly's fused LIF and PLIF kernels, PLIF's w in the graph's state), average pooling and each
+# augmentation (its random integers drawn outside the graph, its transforms inside), each over the tutorial's.
+NETWORKS = {"lif": {"neuron": "lif"}, "plif": {"neuron": "plif"}, "avg": {"pooling": "avg"},
+            **{a: {"augment": a} for a in AUGMENT_NAMES}}
+NETWORK_STEPS = 5  # graphed against eager training steps each, at the tutorial's size
+NETWORKS_LIMIT_S = 60.0  # networks not started by then are listed as not reached, and the check fails
+
+
+def check_networks(data_dir, device: str = "cuda", steps: int = NETWORK_STEPS, size: dict | None = None) -> dict:
+    """For each of NETWORKS: `steps` training steps graphed against eager under deterministic cuDNN (every
+    group within GRAPH_STEPS_BOUND of its largest value, the graph used: graphed_against_eager), and for a
+    neuron model its fused kernels by name in the profiler trace of one AMP training step (kernel_problems).
+    Within NETWORKS_LIMIT_S. `device` "cpu" runs the same code eagerly on both sides: what a CPU can check
+    of it (tests/test_gpu_path.py, at a smaller `size`: T, channels); network_problems then names what only a
+    GPU shows."""
+    from csnn.train import group_differences
+
+    out: dict = {"steps": steps, "bound": GRAPH_STEPS_BOUND, "limit_s": NETWORKS_LIMIT_S}
+    t0, problems = time.perf_counter(), []
+    for name, keys in NETWORKS.items():
+        if time.perf_counter() - t0 > NETWORKS_LIMIT_S:
+            out.setdefault("not_reached", []).append(name)
+            continue
+        graphed, eager, _, status = graphed_against_eager(data_dir, steps, {**keys, **(size or {})}, device)
+        fig = {"network": keys, "relative_diff": group_differences(graphed, eager),
+               "graph_used": bool(status.get("used", {}).get("training step")), "fallback": status.get("fallback", [])}
+        if "neuron" in keys and device == "cuda":
+            fig["kernels"] = kernels_of("auto", keys, ("train_amp",))
+        out[name] = fig
+        problems += network_problems(name, fig)
+    if out.get("not_reached"):
+        problems.append(f"not reached within {NETWORKS_LIMIT_S:g} s: {', '.join(out['not_reached'])}")
+    out["problems"] = problems
+    require(not problems, "; ".join(problems), out)
+    return out
+
+
+def network_problems(name: str, fig: dict) -> list[str]:
+    """What is wrong with one network's figures in check_networks: a graph not used (fell back), a group of
+    tensors past GRAPH_STEPS_BOUND, a neuron model's kernels not all fused or not observed."""
+    problems = [] if fig["graph_used"] else [f"{name}: the training step was not graphed ({fig['fallback']})"]
+    over = {k: v for k, v in fig["relative_diff"].items() if v > GRAPH_STEPS_BOUND}
+    if over:
+        problems.append(f"{name}: graphed steps differ from the eager ones by more than {GRAPH_STEPS_BOUND:g} of "
+                        f"each tensor's largest value: {over}")
+    if "neuron" in fig["network"]:
+        problems += kernel_problems(name, fig["kernels"]) if "kernels" in fig else [f"{name}: kernels not observed"]
+    return problems
 
 
 def check_cupy() -> dict:
@@ -373,27 +443,53 @@ def load_data(data_dir):
 
 
 def trainer(data_dir, images: int, graphs: bool | str = "auto", seed: int = 0, optimizer: str = "sgd",
-            backend: str = "auto", status: dict | None = None, parts: dict | None = None):
+            backend: str = "auto", status: dict | None = None, parts: dict | None = None, network: dict | None = None,
+            device: str = "cuda"):
     """(train_epoch, order_gen, net) of csnn.train.make_trainer at the tutorial's setting, as fit makes it,
     with cuda_graphs: auto (a graph that fails falls back, in `status`, and the caller still measures);
-    `parts` (a dict) receives the net, optimizer and scaler."""
+    `parts` (a dict) receives the net, optimizer and scaler; `network`: TrainConfig's network keys, augment
+    and loss over the tutorial's (NETWORKS); `device` "cpu" (no AMP, no graphs) runs the same code on a CPU."""
     from csnn import data as fmnist
-    from csnn.config import TrainConfig
+    from csnn.config import TrainConfig, augment_names
     from csnn.model import CSNN, set_backend
     from csnn.train import make_optimizer, make_trainer
 
     lr = {} if optimizer == "sgd" else {"lr": 1e-3}
-    cfg = TrainConfig(**{**TUTORIAL, "optimizer": optimizer, **lr}, device="cuda", backend=backend)
-    x, y = (t.cuda() for t in fmnist.split(load_data(data_dir), train_size=images)["train"])
+    cuda = device == "cuda"
+    cfg = TrainConfig(**{**TUTORIAL, "optimizer": optimizer, **lr, **(network or {})}, device=device, backend=backend)
+    x, y = (t.to(device) for t in fmnist.split(load_data(data_dir), train_size=images)["train"])
     torch.manual_seed(seed)
-    net = CSNN(cfg.T, cfg.channels).cuda()
+    net = CSNN.from_config(cfg).to(device)
     set_backend(net, backend)
     torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
-    opt, scaler = make_optimizer(cfg, net.parameters()), torch.amp.GradScaler("cuda")
+    opt, scaler = make_optimizer(cfg, net.parameters()), torch.amp.GradScaler("cuda", enabled=cuda)
     if parts is not None:
         parts.update(net=net, optimizer=opt, scaler=scaler)
-    train_epoch = make_trainer(net, opt, scaler, x, y, cfg.batch_size, torch.float16, graphs, status=status)
+    train_epoch = make_trainer(net, opt, scaler, x, y, cfg.batch_size, torch.float16 if cuda else None,
+                               graphs if cuda else False, status=status, augment=augment_names(cfg.augment),
+                               loss=cfg.loss)
     return train_epoch, torch.Generator().manual_seed(seed), net
+
+
+def graphed_against_eager(data_dir, steps: int, network: dict | None = None, device: str = "cuda") -> tuple:
+    """`steps` training steps from one seed under deterministic cuDNN, eager and (on CUDA) as a CUDA graph
+    (cuda_graphs: auto): (the graphed run's state, the eager run's, the graphed net, its status). The states:
+    csnn.train.graph_state's tensors (weights, BatchNorm statistics, optimizer state, scale, sums)."""
+    from csnn.train import graph_state, set_deterministic
+
+    runs = {}
+    set_deterministic(True)
+    try:
+        for graphs in (False, "auto"):
+            parts, status = {}, {}
+            train_epoch, gen, net = trainer(data_dir, steps * TUTORIAL["batch_size"], graphs, status=status,
+                                            parts=parts, network=network, device=device)
+            loss, correct, _ = train_epoch(gen)
+            state = graph_state(net, parts["optimizer"], parts["scaler"], {"loss_sum": loss, "correct": correct})()
+            runs[graphs] = ({k: v.clone() for k, v in state.items()}, net, status)
+    finally:
+        set_deterministic(False)
+    return runs["auto"][0], runs[False][0], runs["auto"][1], runs["auto"][2]
 
 
 GRAPH_STEPS = 50  # graphed against eager training, at the tutorial's size
@@ -426,27 +522,16 @@ def check_graphs(data_dir) -> dict:
     check's margin per group (capture_diff, bounded by csnn.train.GRAPH_TOLERANCE).
     Fails when any fell back (the fallback must not trigger at the tutorial's setting) or a bound is passed."""
     from csnn import data as fmnist
-    from csnn.train import evaluate, graph_state, group_differences, set_deterministic
+    from csnn.train import evaluate, group_differences
 
     out: dict = {"steps": GRAPH_STEPS, "bounds": {"train_relative": GRAPH_STEPS_BOUND, "eval_loss_relative":
                                                   EVAL_LOSS_BOUND, "eval_acc": "equal"}}
-    runs = {}
-    set_deterministic(True)
-    try:
-        for graphs in (False, "auto"):
-            parts, status = {}, {}
-            train_epoch, gen, net = trainer(data_dir, GRAPH_STEPS * TUTORIAL["batch_size"], graphs, status=status,
-                                            parts=parts)
-            loss, correct, _ = train_epoch(gen)
-            state = graph_state(net, parts["optimizer"], parts["scaler"], {"loss_sum": loss, "correct": correct})()
-            runs[graphs] = ({k: v.clone() for k, v in state.items()}, net, status)
-    finally:
-        set_deterministic(False)
+    graphed, eager_state, net, train_status = graphed_against_eager(data_dir, GRAPH_STEPS)
+    runs = {"auto": (graphed, net, train_status), False: (eager_state,)}
     out["train_relative_diff"] = group_differences(runs["auto"][0], runs[False][0])
     out["train_max_abs_diff"] = max_differences(runs["auto"][0], runs[False][0])
     out["train_status"] = runs["auto"][2]
     test_x, test_y = (t.cuda() for t in fmnist.split(load_data(data_dir))["test"])
-    net = runs["auto"][1]
     eval_status: dict = {}
     torch.backends.cudnn.benchmark = True  # as fit runs (not deterministic)
     graphed = evaluate(net, test_x, test_y, TUTORIAL["batch_size"], {"mode": "auto", "status": eval_status})
@@ -678,12 +763,14 @@ def check_deterministic(data_dir, seconds: float, plain: float | None) -> dict:
 
 
 QUICK = ("tests", "graphs", "speed", "study")  # whether studies can run on this GPU: first, about 3 minutes
-REST = ("kernels", "cupy", "speed_cupy", "counts", "busy", "epoch", "concurrency", "deterministic")  # about 2
+REST = ("kernels", "networks", "cupy", "speed_cupy", "counts", "busy", "epoch", "concurrency",
+        "deterministic")  # about 2
 CHECKS = QUICK + REST  # main's order
 MINUTES = {"quick": 3, "rest": 2, "all": 5}  # planned on one H100/H200 (not yet measured together)
 # The figures each check must leave (dotted paths into its result); a check that ran without
 # one fails, so that a JSON never looks complete when it is not.
 FIGURES = {"kernels": ["auto.train_amp.implementations"], "cupy": ["float16.spikes_equal"],
+           "networks": [f"{n}.relative_diff" for n in NETWORKS],
            "counts": ["cuda.synops_per_image"], "busy": ["eager.busy_share", "graphs.busy_share"],
            "speed": ["auto.ours_train_img_s", "auto.train_ratio", "auto.ours_eval_img_s", "auto.eval_ratio"],
            "speed_cupy": ["cupy.ours_train_img_s", "cupy.train_ratio"],
@@ -825,6 +912,7 @@ def main(argv=None) -> int:
     check("speed", check_speed, args.data_dir, "auto")
     check("study", check_study, args.data_dir)
     check("kernels", check_kernels)
+    check("networks", check_networks, args.data_dir)
     check("cupy", check_cupy)
     check("speed_cupy", check_speed, args.data_dir, "cupy")
     check("counts", check_counts)

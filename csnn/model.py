@@ -36,17 +36,21 @@ _INPUT_SHARE = {"if": lambda g, tau, q: g, "lif": lambda g, tau, q: g / tau, "pl
 
 
 @functools.cache
-def _neuron_kernels(cpu: str, threshold: float, detach_reset: bool, surrogate_id: int, alpha: float, tau: float):
-    """The forward and backward of one neuron's multi-step dynamics (hard reset to 0) with its constants
-    baked in, compiled: SpikingJelly's formulas (_ops/<model>/cpu.py) as a loop over T that the compiler
-    fuses into one elementwise kernel each way, instead of SpikingJelly's loop of small ops. With the
-    tutorial's IF constants they are exactly the kernels this module had before the other neurons."""
+def _neuron_kernels(cpu: str, detach_reset: bool, surrogate_id: int):
+    """The forward and backward of one neuron's multi-step dynamics (hard reset to 0), compiled: SpikingJelly's
+    formulas (_ops/<model>/cpu.py) as a loop over T that the compiler fuses into one elementwise kernel each
+    way, instead of SpikingJelly's loop of small ops. The model, the reset's gradient and the surrogate are
+    the code; the threshold, alpha and tau come in `c` (_constants: tensors, so that a trial with another
+    value runs the same compiled code; as Python numbers each value was compiled again, and past torch's
+    recompile limit, 8, the uncompiled loop ran). With the tutorial's IF constants they compute exactly what
+    this module's kernels computed before the other neurons."""
     from spikingjelly._ops.surrogate import _surrogate_gradient
 
     charge, share, leaky = _CHARGE[cpu], _INPUT_SHARE[cpu], cpu != "if"
 
-    def forward(x_seq: torch.Tensor, q, keep_h: bool):
+    def forward(x_seq: torch.Tensor, q, keep_h: bool, c: torch.Tensor):
         """x_seq [T, M] -> spikes, H (when keep_h), the last V."""
+        threshold, tau = c[0], c[2]
         v = torch.zeros_like(x_seq[0])
         spikes, hs = [], []
         for t in range(x_seq.shape[0]):
@@ -57,9 +61,10 @@ def _neuron_kernels(cpu: str, threshold: float, detach_reset: bool, surrogate_id
             hs.append(h)
         return torch.stack(spikes), (torch.stack(hs) if keep_h else None), v
 
-    def backward(grad_s: torch.Tensor, h: torch.Tensor, x_seq, q):
+    def backward(grad_s: torch.Tensor, h: torch.Tensor, x_seq, q, c: torch.Tensor):
         """The input's gradient through T steps (the surrogate's derivative, and the reset's unless
         detached), and for PLIF sum over neurons and steps of dL/dq."""
+        threshold, alpha, tau = c[0], c[1], c[2]
         grads = []
         carry = torch.zeros_like(h[0])
         gq = torch.zeros_like(h[0]) if q is not None else None
@@ -83,6 +88,14 @@ def _neuron_kernels(cpu: str, threshold: float, detach_reset: bool, surrogate_id
 
 
 @functools.cache
+def _constants(threshold: float, alpha: float, tau: float) -> torch.Tensor:
+    """_neuron_kernels' constants as one float64 tensor on the CPU: in an expression with a float32 tensor a
+    float64 0-d tensor rounds to float32 where a Python float does, so the kernels compute what they computed
+    with the numbers in their code, to the bit (tests/test_model.py)."""
+    return torch.tensor([threshold, alpha, tau], dtype=torch.float64)
+
+
+@functools.cache
 def _compiled(fn):
     # T stays static (a loop bound); the neuron count may vary without recompiling.
     return torch.compile(fn, dynamic=False)
@@ -97,10 +110,10 @@ class _FusedNeuron(torch.autograd.Function):
     """A neuron layer's compiled kernels; w: PLIF's parameter (q = sigmoid(w)), else None."""
 
     @staticmethod
-    def forward(ctx, x_seq, w, kernels):
+    def forward(ctx, x_seq, w, kernels, c):
         q = None if w is None else w.detach().float().sigmoid()
-        spikes, h, v = kernels[0](_mark(x_seq), q, True)
-        ctx.kernels = kernels
+        spikes, h, v = kernels[0](_mark(x_seq), q, True, c)
+        ctx.kernels, ctx.c = kernels, c
         ctx.save_for_backward(h, x_seq if w is not None else None, q)
         ctx.mark_non_differentiable(v)
         return spikes, v
@@ -108,8 +121,8 @@ class _FusedNeuron(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s, grad_v):
         h, x_seq, q = ctx.saved_tensors
-        gx, gq = ctx.kernels[1](_mark(grad_s.contiguous()), _mark(h), None if x_seq is None else _mark(x_seq), q)
-        return gx, (None if q is None else (gq * q * (1 - q)).reshape(())), None
+        gx, gq = ctx.kernels[1](_mark(grad_s.contiguous()), _mark(h), None if x_seq is None else _mark(x_seq), q, ctx.c)
+        return gx, (None if q is None else (gq * q * (1 - q)).reshape(())), None, None
 
 
 def _pool_windows(x: torch.Tensor):
@@ -216,9 +229,9 @@ class SpikingNeuron:
         spec = self._kernel_args() if fresh else None
         if spec and self.kernel == "compiled" and device == "cpu" and dtype == torch.float32:
             flat = flat.contiguous()
-            kernels = _neuron_kernels(*spec)
+            kernels, c = _neuron_kernels(spec[0], spec[2], spec[3]), _constants(spec[1], spec[4], spec[5])
             q = None if w is None else w.detach().float().sigmoid()
-            spikes, v = _FusedNeuron.apply(flat, w, kernels) if grad else kernels[0](_mark(flat), q, False)[::2]
+            spikes, v = _FusedNeuron.apply(flat, w, kernels, c) if grad else kernels[0](_mark(flat), q, False, c)[::2]
             self.implementation = "compiled-cpu"
         elif (spec and spec == ("if", 1.0, False, 1, ALPHA, spec[5]) and self.kernel == "cupy" and device == "cuda"
               and dtype in (torch.float32, torch.float16)):

@@ -7,7 +7,8 @@ The model, in seconds:
              (T x the network's multiply-accumulates, which grow with channels squared), never below the
              host-bound step of the reference; on a CPU measured here at start (calibrate: a few training
              and evaluation batches at the CALIBRATION sizes, with the threads a trial gets), fitted as
-             T x (a C + b C^2) and divided by COMPILE_SPEEDUP where the trial compiles its kernels
+             T x (a C + b C^2) and divided by COMPILE_SPEEDUP where the trial compiles its kernels, times
+             the ratios of its neuron model, pooling and augmentation to the tutorial's (network_ratios)
   fixed      the *_S constants: seconds on the 2-core machine where starting Python and importing torch
              takes START_REF_S; scaled both ways by start_s(), that start measured here at calibration
              (a faster or an idler machine: smaller); 1 without a calibration (a study on GPUs)
@@ -30,6 +31,7 @@ Everything here is a plain function of the spec and the cluster's totals; study.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -78,6 +80,19 @@ RENDER_S = 0.2  # one test image's encoder spikes at one time step (three format
 BUSY_REF_S = 0.0047
 SAMPLES = 300  # configurations drawn from the space for its mean cost
 CALIBRATION = ((2, 8), (2, 24), (1, 64))  # (T, channels) timed on a CPU: small to larger networks, ~2 s in all
+# The TrainConfig fields whose values change a trial's seconds per image on the CPU, each value priced by
+# its own timing against the tutorial's network (network_ratios): the neuron model (LIF's decay; PLIF's
+# sigmoid and its tau's gradient, step by step on SpikingJelly's CPU path), the pooling (ATen's avg_pool2d
+# against max_pool2d, which also writes indices), the augmentation (training only). The surrogate (one
+# elementwise expression in the backward pass), dropout (one multiply) and the loss (on ten outputs an image)
+# are not timed: a few elementwise operations, 0.9-1.3x the tutorial's network in one timing (plain kernels,
+# T 2-4, 16-24 channels, 2026-12-07), which is the spread of these timings. The ratios are the plain
+# kernels'; a trial that compiles gets the same ratio (timing each network compiled would cost 6-40 s of
+# compiling each). On a GPU every network is priced as the tutorial's: GPU_REF is the only GPU figure.
+PRICED = ("neuron", "pooling", "augment")
+RATIO_SIZE = (2, 24)  # (T, channels) of those timings: CALIBRATION's middle size
+RATIO_ROUNDS = 2  # timings of each, the fastest kept (as calibrate)
+RATIO_BATCH = 64  # images a batch at most in those timings: a ratio, not a speed (a study's at 64 and 128 share them)
 
 
 # ------------------------------------------------------------ the network's size
@@ -107,47 +122,123 @@ def checkpoint_bytes(channels: int, optimizer: str) -> int:
 def calibrate(threads: int, batch_size: int = 128) -> dict:
     """On this CPU, with `threads` torch threads (what Ray gives a trial: its cpus_per_trial), the
     seconds per image and time step of training and evaluation, fitted as a C + b C^2 to a few
-    batches at each CALIBRATION size (plain kernels; compiled ones are COMPILE_SPEEDUP faster). Each
-    size is timed twice after a first batch that allocates, and the faster kept: a moment's load from
-    elsewhere is not the machine's speed (busy() measures that)."""
-    import torch
-
-    from csnn.model import CSNN
-    from csnn.train import evaluate, make_optimizer, make_trainer
-
+    batches at each CALIBRATION size of the tutorial's network (plain kernels; compiled ones are
+    COMPILE_SPEEDUP faster; other networks: network_ratios). Each size is timed twice after a first
+    batch that allocates, and the faster kept: a moment's load from elsewhere is not the machine's
+    speed (busy() measures that)."""
     # This VM's CPU runs now and then at half speed for a second or so (busy() read 1.1 or 2.0 on the
     # idle machine, a process at a time): the lower of a reading before and one after the calibration.
     load = busy()
+    points = {"train": [], "eval": []}
+    with _threads(threads):
+        for T, C in CALIBRATION:
+            train, evaluation = _time_network(TrainConfig(T=T, channels=C), batch_size)
+            points["train"].append((T, C, train))
+            points["eval"].append((T, C, evaluation))
+    return {"threads": max(1, threads), "busy": min(load, busy()), **{k: _fit(v) for k, v in points.items()}}
+
+
+@contextlib.contextmanager
+def _threads(threads: int):
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_network(cfg: TrainConfig, batch_size: int, rounds: int = 2, evaluation: bool = True) -> tuple[float, float]:
+    """(training, evaluation) seconds per image of cfg's network (its T, channels, network keys,
+    augment and loss) on the CPU, plain kernels, random images: the fastest of `rounds` timings of
+    one training batch and of an evaluation of two (without `evaluation`: not timed, 0), after a first
+    batch that allocates."""
+    import torch
+
+    from csnn.config import augment_names
+    from csnn.model import CSNN
+    from csnn.train import evaluate, make_optimizer, make_trainer
+
     b = max(8, min(batch_size, 128))
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (2 * b, 28, 28), dtype=torch.uint8, generator=gen)
     y = torch.randint(0, 10, (2 * b,), generator=gen)
-    points = {"train": [], "eval": []}
 
     def fastest(fn, images: int) -> float:
         times = []
-        for _ in range(2):
+        for _ in range(rounds):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
         return min(times) / images
 
-    try:
-        for T, C in CALIBRATION:
-            torch.manual_seed(0)
-            net = CSNN(T, C)
-            net.fuse(False)
-            opt = make_optimizer(TrainConfig(T=T, channels=C), net.parameters())
-            scaler = torch.amp.GradScaler("cuda", enabled=False)
-            train_epoch = make_trainer(net, opt, scaler, x[:b], y[:b], b)
-            train_epoch(gen)  # the first batch allocates: not timed
-            points["train"].append((T, C, fastest(lambda: train_epoch(gen), b)))
-            points["eval"].append((T, C, fastest(lambda: evaluate(net, x, y, b), len(y))))
-    finally:
-        torch.set_num_threads(before)
-    return {"threads": max(1, threads), "busy": min(load, busy()), **{k: _fit(v) for k, v in points.items()}}
+    torch.manual_seed(0)
+    net = CSNN.from_config(cfg)
+    net.fuse(False)
+    opt = make_optimizer(cfg, net.parameters())
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    train_epoch = make_trainer(net, opt, scaler, x[:b], y[:b], b, augment=augment_names(cfg.augment), loss=cfg.loss)
+    train_epoch(gen)  # the first batch allocates: not timed
+    return (fastest(lambda: train_epoch(gen), b),
+            fastest(lambda: evaluate(net, x, y, b, loss=cfg.loss), len(y)) if evaluation else 0.0)
+
+
+_RATIOS: dict = {}  # network_ratios' measurements in this process: (field, value, threads, batch) -> [train, eval]
+
+
+def network_ratios(spec, threads: int, batch_size: int) -> dict:
+    """{field: {value: [training, evaluation]}}: how many times the tutorial's network's seconds per image
+    a network with that value of a PRICED field takes on this CPU, for every value of those fields the
+    study can take other than the tutorial's (none for a study of the tutorial's network: nothing to
+    time); an augmentation per transform (crop+flip is priced as crop's ratio times flip's), training
+    only (evaluation never augments: 1). Each is timed beside the tutorial's network at RATIO_SIZE with
+    at most RATIO_BATCH images a batch (_time_network, the fastest of RATIO_ROUNDS), plain kernels:
+    ratios, so that a load that slows both cancels out, measured once per process (_RATIOS) as a
+    study.run calibrates once."""
+    from csnn.config import augment_names
+    from study.spec import values
+
+    tutorial = TrainConfig()
+    wanted = []
+    for f in PRICED:
+        for v in dict.fromkeys(values(spec, f)):
+            if v != getattr(tutorial, f):
+                wanted += [(f, n) for n in augment_names(v)] if f == "augment" else [(f, v)]
+    out: dict = {}
+    if not wanted:
+        return out
+    T, C = RATIO_SIZE
+    b = min(batch_size, RATIO_BATCH)
+    with _threads(threads):
+        base_key = ("", "", max(1, threads), b)
+        if base_key not in _RATIOS:
+            _RATIOS[base_key] = _time_network(TrainConfig(T=T, channels=C), b, RATIO_ROUNDS)
+        base = _RATIOS[base_key]
+        for f, v in dict.fromkeys(wanted):
+            key = (f, v, max(1, threads), b)
+            if key not in _RATIOS:
+                _RATIOS[key] = _time_network(TrainConfig(T=T, channels=C, **{f: v}), b, RATIO_ROUNDS,
+                                             evaluation=f != "augment")
+            train, evaluation = _RATIOS[key]
+            out.setdefault(f, {})[v] = [round(train / base[0], 3), round(evaluation / base[1], 3) if evaluation else 1.0]
+    return out
+
+
+def network_ratio(cfg: TrainConfig, cpu: dict | None) -> tuple[float, float]:
+    """(training, evaluation) factor of cfg's network against the tutorial's: the product of its PRICED
+    values' ratios in the calibration (cpu["network"]; an augmentation's, of its transforms); 1 for the
+    tutorial's values, and on a GPU."""
+    from csnn.config import augment_names
+
+    train = evaluation = 1.0
+    for f, ratios in ((cpu or {}).get("network") or {}).items():
+        value = getattr(cfg, f)
+        for r in (ratios.get(n) for n in (augment_names(value) if f == "augment" else [value])):
+            if r:
+                train, evaluation = train * r[0], evaluation * r[1]
+    return train, evaluation
 
 
 def _fit(points) -> list:
@@ -209,8 +300,9 @@ def per_image_s(cfg: TrainConfig, device: str, cpu: dict | None, share: int = 1)
     compiled = compiles(cfg)
     (ta, tb), (ea, eb) = cpu["train"], cpu["eval"]
     C = cfg.channels
-    train = cfg.T * (ta * C + tb * C * C) / (COMPILE_SPEEDUP["train"] if compiled else 1)
-    evaluation = cfg.T * (ea * C + eb * C * C) / (COMPILE_SPEEDUP["eval"] if compiled else 1)
+    rt, re_ = network_ratio(cfg, cpu)
+    train = rt * cfg.T * (ta * C + tb * C * C) / (COMPILE_SPEEDUP["train"] if compiled else 1)
+    evaluation = re_ * cfg.T * (ea * C + eb * C * C) / (COMPILE_SPEEDUP["eval"] if compiled else 1)
     return train, evaluation
 
 
@@ -451,6 +543,19 @@ def cpu_speeds(spec) -> dict:
     return fit
 
 
+def cpu_calibration(spec) -> dict:
+    """cpu_speeds() for the tutorial's network, with network_ratios() for the study's other networks
+    ("network"), and the seconds both took (calibrate_s)."""
+    from study.spec import values
+
+    fit = cpu_speeds(spec)
+    t0 = time.perf_counter()
+    fit["network"] = network_ratios(spec, max(1, int(spec.resources["cpus_per_trial"])),
+                                    int(np.median(values(spec, "batch_size"))))
+    fit["calibrate_s"] = round(fit.get("calibrate_s", 0) + time.perf_counter() - t0, 2)
+    return fit
+
+
 def fixed_scale(cpu: dict | None) -> float:
     """How much longer the fixed costs take here than on the reference machine: start_s() against
     START_REF_S, within [0.25, 8]; 1 without a calibration (trials and retrain on GPUs)."""
@@ -485,7 +590,7 @@ def here(spec, n_train: int, n_test: int, plan=resource_plan, allow_cpu: bool = 
         warnings.simplefilter("ignore")
         res = plan(spec, gpus, cpus, gpus, allow_cpu=allow_cpu, allow_pending_gpus=allow_pending_gpus,
                    node_cpus=cpus)
-    cpu = cpu_speeds(spec) if res["gpu"] == 0 or res["retrain_gpu"] == 0 else None
+    cpu = cpu_calibration(spec) if res["gpu"] == 0 or res["retrain_gpu"] == 0 else None
     return predict(spec, res, cpus, gpus, 1, n_train, n_test, cpu, note, do_retrain=do_retrain, ended=ended)
 
 

@@ -388,6 +388,14 @@ def holder(d: Location) -> str | None:
     return None if free else rec["line"]
 
 
+def check_lock(d: Location) -> None:
+    """What take_lock would refuse, without taking the lock (a --dry-run, which writes nothing, says what
+    the command would do): Locked for a damaged lock or one that another process holds."""
+    held = holder(d)
+    if held is not None:
+        raise Locked(_held_line(d, held))
+
+
 def take_lock(d: Location, command: str) -> str:
     """Take the folder's lock before anything is written, or raise Locked naming its holder.
     A stale lock (its process gone) is taken over with a line saying so."""

@@ -180,6 +180,11 @@ def _main(args) -> int:
             args.lock = lifecycle.take_lock(study_dir, "python -m study.run " + " ".join(args.argv))
         except lifecycle.Locked as e:
             raise UsageError(str(e)) from None
+    else:  # a dry run takes no lock, but is refused where the command would be: a damaged lock, or another's
+        try:
+            lifecycle.check_lock(study_dir)
+        except lifecycle.Locked as e:
+            raise UsageError(f"{e} (the command without --dry-run would be refused so)") from None
     # What the folder holds, and what this command may do there: lifecycle's table.
     state = lifecycle.read(study_dir)
     args.can_retrain = bool(spec.retrain["seeds"]) and spec.retrain["epochs"] > 0
@@ -315,7 +320,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
     timing = Timing(verbose)
     fresh = not resume and not retrain_only
     # A CPU's speed is measured here, before Ray's processes start and share its cores.
-    cpu_fit = estimate.cpu_speeds(spec) if fresh and estimate.may_need_cpu(spec) else None
+    cpu_fit = estimate.cpu_calibration(spec) if fresh and estimate.may_need_cpu(spec) else None
     if not ray.is_initialized():
         # A bare ray.init() would join any cluster a `ray start` left behind: be explicit.
         target = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -360,7 +365,7 @@ def _run(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location | str
         total = cluster()
         timing.estimate = estimate.predict(
             spec, res, total["cpus"], total["gpus"], len(nodes), len(data.train_y), len(data.test_y),
-            cpu_fit or (estimate.cpu_speeds(spec) if res["gpu"] == 0 or res["retrain_gpu"] == 0 else None),
+            cpu_fit or (estimate.cpu_calibration(spec) if res["gpu"] == 0 or res["retrain_gpu"] == 0 else None),
             do_retrain=do_retrain)
         (study / "estimate.yaml").write_text(yaml.safe_dump(timing.estimate, sort_keys=False))
         print(estimate.line(timing.estimate), flush=True)

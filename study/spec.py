@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from csnn import yamlio
-from csnn.config import (COST_METRICS, METRICS, NETWORK_FIELDS, PREDICTION_METRICS, TUTORIAL, TrainConfig, check_runnable,
-                          yaml_number_hint)
+from csnn.config import (COST_METRICS, METRICS, NETWORK_FIELDS, NEURONS, PREDICTION_METRICS, TUTORIAL, TrainConfig,
+                          check_runnable, yaml_number_hint)
 
 TOP_KEYS = {"name": True, "objective": True, "train": False, "space": True, "search": False,
             "scheduler": False, "resources": False, "retrain": False, "render": False, "constraints": False}
@@ -246,6 +246,28 @@ def _check_combinations(where, train, space) -> None:
                        "remove a choice, or tie them with when") from None
 
 
+def _check_tau_used(where, train, space) -> None:
+    """tau (LIF's time constant, PLIF's initial one: NEURONS' tau_arg) given where no trial's neuron has one:
+    fixed in train, or searched, while every neuron the study can take is IF, or searched only `when` the
+    neuron is if. TrainConfig would take it and ignore it: a study that seems to vary tau and varies nothing."""
+    if "tau" not in train and "tau" not in space:
+        return
+    neurons = values_of(space["neuron"]) if "neuron" in space else [TrainConfig.from_dict(train).neuron]
+    leaky = [n for n in neurons if NEURONS[n]["tau_arg"]]
+    source = "searched in space.neuron" if "neuron" in space else \
+        ("fixed in train.neuron" if "neuron" in train else "the default, as train.neuron is not given")
+    if not leaky:
+        key = "space.tau" if "tau" in space else "train.tau"
+        raise _err(where, key, f"tau is the time constant of the lif and plif neurons, and every trial's neuron is "
+                   f"{' or '.join(map(str, dict.fromkeys(neurons)))} ({source}), which has none: the trials would "
+                   f"ignore it; set neuron to lif or plif (train.neuron, or search it in space.neuron), or remove {key}")
+    when = space.get("tau", {}).get("when", {}).get("neuron")
+    if when is not None and not [n for n in when if NEURONS[n]["tau_arg"]]:
+        raise _err(where, "space.tau.when.neuron", f"{when} has no neuron with a time constant: tau would be sampled "
+                   f"only for trials that ignore it; give {', '.join(n for n in leaky)} (the leaky neurons of "
+                   "space.neuron) instead")
+
+
 def values_of(p: dict) -> list:
     """The choices or range bounds of one parsed parameter (every case of a conditional one)."""
     out = []
@@ -337,6 +359,7 @@ def parse(raw: Any, where: str = "<spec>") -> StudySpec:
         raise _err(where, "train", str(e)) from None
     space = _parse_space(where, raw["space"], train)
     _check_combinations(where, train, space)
+    _check_tau_used(where, train, space)
 
     objectives = _objectives(where, raw["objective"], train)
 

@@ -188,6 +188,19 @@ def run_study(capsys, space, tmp_path, data_dir, *extra) -> subprocess.Completed
     return in_process(capsys, run.main, *study_cmd(space, tmp_path, data_dir, *extra)[3:])
 
 
+# tiny_study's spec: tiny_spec("e2e", **TINY_STUDY). ASHA, and the network's own keys searched (issue 34: a study
+# over neuron, pooling, dropout, augment and loss runs end to end; trials.csv, best/ and the report have them).
+# Their order and choices are such that the sampler's first two draws (seed 0, at random) differ in neuron,
+# pooling and loss: trial 1 if, avg, mse, trial 2 plif, max, ce, both crop (simulated with study.spec and
+# Optuna's sampler; the third is TPE's).
+TINY_STUDY = {"scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+              "space": {"neuron": {"type": "categorical", "choices": ["if", "plif"]},
+                        "loss": {"type": "categorical", "choices": ["mse", "ce"]},
+                        "pooling": {"type": "categorical", "choices": ["max", "avg"]},
+                        "augment": {"type": "categorical", "choices": ["none", "crop", "crop+flip"]},
+                        "dropout": {"type": "float", "low": 0.0, "high": 0.3}}}
+
+
 @pytest.fixture(scope="session")
 def tiny_study(tiny_data_dir, tmp_path_factory):
     """A real 3-trial study (Ray Tune, Optuna, ASHA, retrain with 2 seeds, spikes)
@@ -208,8 +221,7 @@ def tiny_study(tiny_data_dir, tmp_path_factory):
         if not done.is_file():
             shutil.rmtree(tmp_path, ignore_errors=True)  # another worker's attempt that failed
             tmp_path.mkdir()
-            space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1,
-                                                                      "reduction_factor": 2}))
+            space = write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY))
             p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir), env=env(), capture_output=True, text=True,
                                timeout=600)
             assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

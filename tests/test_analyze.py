@@ -74,7 +74,7 @@ def test_analyze_writes_every_plot_and_the_report(tiny_study, tmp_path, run):
     assert s.best["trial_id"] in p.stdout
     out = d / "report"
     expected = ["curves.png", "param_channels.png", "param_lr.png", "parallel.png", "importance.png", "baseline.png",
-                "efficiency.png"]
+                "efficiency.png", *(f"param_{k}.png" for k in ("neuron", "loss", "pooling", "augment", "dropout"))]
     for name in expected:
         img = np.asarray(Image.open(out / name).convert("L"))
         assert img.shape[0] >= 400 and img.shape[1] >= 600, name

@@ -65,6 +65,38 @@ def test_cli_trains_one_epoch_then_renders_encoder_spikes(tmp_path, run_here):
     assert p.returncode == 2 and "already exists and is not empty" in p.stderr
 
 
+def test_cli_trains_and_resumes_another_network_with_its_flags(tmp_path, run_here):
+    """The network's keys, augment and loss as the tutorial's kind of flag (issue 34: -resume of such a
+    checkpoint was refused as another configuration, the CLI having no flag to give them); a run of another
+    network has a folder of its own; -tau with the IF neuron is refused, not ignored."""
+    flags = ["-T", "2", "-device", "cpu", "-b", "64", "-opt", "adam", "-lr", "0.003", "-channels", "4",
+             "-train-size", "256", "-test-size", "128", "-out-dir", str(tmp_path / "logs"), "-neuron", "plif",
+             "-tau", "3", "-pooling", "avg", "-dropout", "0.2", "-augment", "crop+flip", "-loss", "ce",
+             "-surrogate", "sigmoid", "-detach-reset"]
+    p = run_here(*flags, "-epochs", "2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "logs" / ("T2_b64_adam_lr0.003_c4_neuron-plif_tau-3.0_detach-reset-True_surrogate-sigmoid"
+                               "_pooling-avg_dropout-0.2_augment-crop+flip_loss-ce")
+    ckpt = torch.load(out / "checkpoint_latest.pth", weights_only=False)
+    assert {k: ckpt["config"][k] for k in ("neuron", "tau", "pooling", "dropout", "augment", "loss", "surrogate",
+                                          "detach_reset")} == {"neuron": "plif", "tau": 3.0, "pooling": "avg",
+                                                               "dropout": 0.2, "augment": "crop+flip", "loss": "ce",
+                                                               "surrogate": "sigmoid", "detach_reset": True}
+    assert any(k.endswith(".w") for k in ckpt["net"])  # PLIF's tau, a parameter
+    ckpt["epoch"] = 0  # as if stopped after its first epoch
+    torch.save(ckpt, out / "checkpoint_latest.pth")
+    p = run_here(*flags, "-epochs", "2", "-resume", str(out / "checkpoint_latest.pth"), cwd=tmp_path)
+    assert p.returncode == 0 and "epoch = 1," in p.stdout and "epoch = 0," not in p.stdout, p.stderr
+    # the same checkpoint with the tutorial's network: refused, naming what differs
+    tutorial = flags[:flags.index("-neuron")]
+    p = run_here(*tutorial, "-epochs", "2", "-resume", str(out / "checkpoint_latest.pth"), cwd=tmp_path)
+    assert p.returncode == 2 and "neuron 'plif' in the checkpoint, 'if' now" in p.stderr, p.stderr
+    p = run_here(*tutorial, "-epochs", "1", "-tau", "3", cwd=tmp_path)
+    assert p.returncode == 2 and "error: -tau 3.0: the if neuron has no time constant" in p.stderr, p.stderr
+    p = run_here(*tutorial, "-epochs", "1", "-augment", "rotate", cwd=tmp_path)
+    assert p.returncode == 2 and "error: -augment: 'rotate' is not allowed" in p.stderr, p.stderr
+
+
 def test_cli_clear_errors(tmp_path):
     p = run("-device", "cuda:99", "-epochs", "1", cwd=tmp_path)  # no GPU here, or not that many
     assert p.returncode == 2 and "Traceback" not in p.stderr

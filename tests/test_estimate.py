@@ -214,6 +214,34 @@ def test_the_fixed_costs_scale_both_ways_with_the_measured_python_start():
     assert estimate.fixed_scale(None) == 1 and estimate.fixed_scale({**cpu, "start_s": 100}) == 8
 
 
+def test_other_networks_are_priced_by_their_own_timing_against_the_tutorials():
+    """The calibration times each neuron model, pooling and augmentation a study can take other than the
+    tutorial's (network_ratios: real networks on this CPU) and nothing for the tutorial's network; a
+    trial's seconds per image are the tutorial's fit times its values' ratios, on every device alike
+    priced where it was measured (a GPU: the tutorial's figures)."""
+    spec = specs.parse(tiny_spec("networks", train={"epochs": 2, "batch_size": 50, "val_size": 100, "test_size": 100,
+                                                    "T": 2, "optimizer": "adam", "pooling": "avg"},
+                                 space={"neuron": {"type": "categorical", "choices": ["if", "plif"]},
+                                        "augment": {"type": "categorical", "choices": ["none", "crop+flip"]},
+                                        "surrogate": {"type": "categorical", "choices": ["atan", "sigmoid"]}}))
+    fit = estimate.cpu_calibration(spec)
+    ratios = fit["network"]
+    assert {f: sorted(v) for f, v in ratios.items()} == {"neuron": ["plif"], "pooling": ["avg"], "augment": ["crop", "flip"]}
+    for r in (ratios["neuron"]["plif"], ratios["pooling"]["avg"], ratios["augment"]["crop"], ratios["augment"]["flip"]):
+        assert all(0.1 < x < 20 for x in r), ratios  # measured seconds against seconds, both real
+    assert ratios["augment"]["crop"][1] == ratios["augment"]["flip"][1] == 1.0  # evaluation never augments
+    tutorial = TrainConfig(T=2, channels=8, batch_size=50)
+    plif = TrainConfig(T=2, channels=8, batch_size=50, neuron="plif", pooling="avg", augment="crop+flip")
+    base, other = estimate.per_image_s(tutorial, "cpu", fit), estimate.per_image_s(plif, "cpu", fit)
+    for i in range(2):
+        want = ratios["neuron"]["plif"][i] * ratios["pooling"]["avg"][i] * ratios["augment"]["crop"][i] \
+            * ratios["augment"]["flip"][i]  # crop+flip: its transforms' ratios
+        assert other[i] == pytest.approx(base[i] * want)
+    assert estimate.per_image_s(plif, "gpu", fit) == estimate.per_image_s(tutorial, "gpu", fit)
+    # a study of the tutorial's network times none
+    assert estimate.cpu_calibration(specs.parse(tiny_spec("plain")))["network"] == {}
+
+
 def test_cpu_trials_crowd_each_other_and_a_busy_machine():
     assert estimate.crowding(2, 2, 1.0) == 1 and estimate.crowding(4, 2, 1.0) == 2  # idle: threads over cores
     # another process's core on a 2-core machine (busy 1.5): one trial has a core, two share what is left

@@ -718,3 +718,31 @@ def test_the_memory_check_counts_the_trials_sharing_a_gpu_and_their_graph_pools(
     assert memory_needed(no_graphs, cuda=True)[0] == one * 4
     half = specs.parse({**raw, "resources": {**raw["resources"], "gpus_per_trial": 0.5}}, "fmnist.yaml")
     assert memory_needed(half, cuda=True)[0] == one * 2 * 2
+
+
+def test_the_networks_check_runs_every_network_on_the_cpu_and_names_what_only_a_gpu_shows():
+    """gpucheck's networks check (issue 34: LIF, PLIF, avg pooling and each augmentation, graphed against eager
+    and fused by name) on the CPU, small: the same trainers and comparison run for every network, eager on both
+    sides (equal), and the check fails naming only what a GPU must show: the graph and the fused kernels. Its
+    judgment of a GPU's figures: a group past the bound, or a layer that did not run fused, fails it."""
+    from csnn import gpucheck
+
+    with pytest.raises(gpucheck.CheckFailed) as failed:
+        gpucheck.check_networks(None, device="cpu", steps=1, size={"T": 2, "channels": 4})
+    out = failed.value.figures
+    assert set(gpucheck.NETWORKS) == {"lif", "plif", "avg", "crop", "flip", "erase"} and "not_reached" not in out
+    for name in gpucheck.NETWORKS:
+        assert out[name]["relative_diff"] and all(v == 0 for v in out[name]["relative_diff"].values()), out[name]
+    assert sorted(out["problems"]) == sorted([f"{n}: the training step was not graphed ([])" for n in gpucheck.NETWORKS]
+                                             + ["lif: kernels not observed", "plif: kernels not observed"])
+    # a GPU's figures, as kernels_of records them: one layer's backward not fused, a group past the bound
+    seen = {"kernels": 60, "forward": {"spikingjelly-triton": 4}, "backward": {"spikingjelly-triton": 3},
+            "implementations": ["spikingjelly-reference", "spikingjelly-triton"]}
+    fig = {"network": {"neuron": "plif"}, "relative_diff": {"params": 2e-5, "sums": 0.0}, "graph_used": True,
+           "fallback": [], "kernels": {"train_amp": seen}}
+    problems = gpucheck.network_problems("plif", fig)
+    assert "params" in problems[0] and any("3 of 4 spiking layers ran a fused backward" in p for p in problems)
+    assert all("spikingjelly-reference" in p for p in problems[1:]), problems  # the fallback, named in each direction
+    fused = {**seen, "backward": {"spikingjelly-triton": 4}, "implementations": ["spikingjelly-triton"]}
+    assert gpucheck.network_problems("plif", {**fig, "relative_diff": {"params": 0.0},
+                                              "kernels": {"train_amp": fused}}) == []

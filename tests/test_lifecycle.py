@@ -121,12 +121,12 @@ def test_one_writer_per_study_folder(tiny_study, tiny_data_dir, tmp_path, capsys
     import socket
     import subprocess
 
-    from conftest import in_process, study_cmd, tiny_spec, write_spec
+    from conftest import TINY_STUDY, in_process, study_cmd, tiny_spec, write_spec
     from study import analyze, reproduce, run
 
     results_dir = tmp_path / "results"
     d = shutil.copytree(tiny_study[0], results_dir / "e2e", ignore=shutil.ignore_patterns("report"))
-    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    space = write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY))
     mine = lifecycle.take_lock(Location.parse(str(d)), "python -m study.run this test")
     assert mine == f"{socket.gethostname()} pid {os.getpid()}: python -m study.run this test"
     for flags in ([], ["--resume"], ["--retrain"]):  # in this process: refused before Ray or the data
@@ -181,11 +181,11 @@ def test_study_run_reads_the_folder_under_its_lock(tiny_study, tiny_data_dir, tm
     """study.run takes the lock before it reads the folder's state (no other process acts between what it
     reads and what it does), but for --dry-run, which writes nothing; a refused command leaves no folder
     behind. (lifecycle.read is watched, not replaced: it reads the real folder.)"""
-    from conftest import in_process, study_cmd, tiny_spec, write_spec
+    from conftest import TINY_STUDY, in_process, study_cmd, tiny_spec, write_spec
     from study import run
 
     d = shutil.copytree(tiny_study[0], tmp_path / "results" / "e2e", ignore=shutil.ignore_patterns("report"))
-    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    space = write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY))
     locked, real_read = [], lifecycle.read
     monkeypatch.setattr(lifecycle, "read", lambda folder: (locked.append((folder / lifecycle.LOCK).is_file()),
                                                            real_read(folder))[1])
@@ -251,11 +251,11 @@ def test_a_damaged_copied_or_reused_lock(tiny_study, tiny_data_dir, tmp_path, ca
     import socket
     import subprocess
 
-    from conftest import in_process, study_cmd, tiny_spec, write_spec
+    from conftest import TINY_STUDY, in_process, study_cmd, tiny_spec, write_spec
     from study import analyze, reproduce, run
 
     d = shutil.copytree(tiny_study[0], tmp_path / "results" / "e2e", ignore=shutil.ignore_patterns("report"))
-    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    space = write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY))
     lock = d / lifecycle.LOCK
     for damage, what in ((lambda: lock.write_bytes(b"\xff\xfe\x00junk"), "not text"),
                          (lambda: lock.write_bytes(b""), "empty"), (lambda: lock.mkdir(), "a folder")):
@@ -263,6 +263,10 @@ def test_a_damaged_copied_or_reused_lock(tiny_study, tiny_data_dir, tmp_path, ca
         line = f"{lock}: a damaged lock ({what}"
         p = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir, "--resume")[3:])
         assert p.returncode == 2 and line in p.stderr and "rm -r" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        # a dry run takes no lock but says what the command would meet (it said "valid", review of issue 34)
+        p = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir, "--retrain", "--dry-run")[3:])
+        assert p.returncode == 2 and line in p.stderr and "without --dry-run would be refused" in p.stderr \
+            and "valid" not in p.stdout, p.stdout + p.stderr
         p = in_process(capsys, reproduce.main, d, "--data-dir", tiny_data_dir, "--epochs", "1")
         assert p.returncode == 2 and line in p.stderr and "Traceback" not in p.stderr, p.stderr
         p = in_process(capsys, analyze.main, d, "--out", tmp_path / "report")
@@ -273,6 +277,8 @@ def test_a_damaged_copied_or_reused_lock(tiny_study, tiny_data_dir, tmp_path, ca
     where = Location.parse(str(d))
     mine = lifecycle.take_lock(where, "python -m study.run the original")
     try:
+        p = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir, "--retrain", "--dry-run")[3:])
+        assert p.returncode == 2 and f"is being written by {mine}" in p.stderr, p.stdout + p.stderr  # held: refused too
         copy = shutil.copytree(d, tmp_path / "copy" / "e2e")
         assert lifecycle.holder(Location.parse(str(copy))) is None
         theirs = lifecycle.take_lock(Location.parse(str(copy)), "python -m study.run the copy")
@@ -354,12 +360,12 @@ def test_read_only_and_full_study_folders(tiny_study, tiny_data_dir, tmp_path):
     import subprocess
     import sys
 
-    from conftest import env, tiny_spec, write_spec
+    from conftest import TINY_STUDY, env, tiny_spec, write_spec
 
     ro = shutil.copytree(tiny_study[0], tmp_path / "ro" / "e2e", ignore=shutil.ignore_patterns("report"))
     full = tmp_path / "full"
     full.mkdir()
-    space = write_spec(tmp_path, tiny_spec("e2e", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    space = write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY))
     logs = tmp_path / "logs"
     logs.mkdir()
     py = f"{sys.executable} -m"

@@ -213,3 +213,53 @@ def test_the_bench_equivalence_check_covers_the_network_keys():
     assert same["ok"], same
     other = functools.partial(reference_network, **{**cfg.network(), "tau": 2.5})
     assert not check_equivalence(other, cfg, x, torch.device("cpu"), compiled=True)["ok"]
+
+
+def test_the_bench_times_dropout_augmentation_and_the_loss_on_both_sides():
+    """csnn.bench --dropout/--augment/--loss: the reference gets SpikingJelly's multi-step Dropout before each
+    linear layer and the loss (ours augments, the example has no augmentation); the equivalence check runs
+    without dropout (each side would draw its own masks) and passes; the result says what was timed."""
+    from spikingjelly.activation_based import layer
+
+    from csnn import bench
+
+    ref = bench.reference_network(T=4, channels=8, dropout=0.5)
+    assert [type(ref.conv_fc[i][0]) for i in (9, 11)] == [layer.Dropout] * 2 and ref.conv_fc[9][0].step_mode == "m"
+    result = bench.run(device="cpu", channels=8, train_images=256, eval_images=256, reps=1, compile=False,
+                       dropout=0.5, augment="crop+flip", loss="ce")
+    assert result["equivalence"]["ok"] and (result["dropout"], result["augment"], result["loss"]) == (0.5, "crop+flip", "ce")
+    assert result["ours_train_img_s"] > 0 and result["ref_train_img_s"] > 0
+
+
+def test_another_tau_threshold_or_alpha_runs_the_same_compiled_kernels():
+    """The compiled CPU kernels take tau, the threshold and alpha as tensors: a trial with other values
+    compiles nothing new (as numbers in the kernels' code each value compiled again: 3 graphs more a
+    LIF network, and past torch's recompile limit, 8 a function, a Ray worker ran the uncompiled loop)."""
+    from torch._dynamo.utils import counters
+
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 3
+
+    def train_and_evaluate(**network):
+        torch.manual_seed(0)
+        net = CSNN(2, 4, neuron="lif", **network)
+        net.fuse(True)
+        with torch.no_grad():
+            for m in net.modules():  # so that the deeper layers fire too
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.mul_(20)
+        net.train()
+        with torch.autocast("cpu", enabled=False, cache_enabled=False):  # as the training step
+            net(x).sum().backward()
+        functional.reset_net(net)
+        net.eval()
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # as evaluate
+            out = net(x)
+        functional.reset_net(net)
+        assert set(net.neuron_implementations().values()) == {"compiled-cpu"}
+        return out, net.conv_fc[0].weight.grad
+
+    first = train_and_evaluate(tau=2.0, v_threshold=1.0, alpha=2.0)
+    graphs = counters["stats"]["unique_graphs"]
+    second = train_and_evaluate(tau=3.0, v_threshold=0.5, alpha=3.0)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled for the new values
+    assert not torch.equal(first[1], second[1])  # and they took effect (the first layer's gradient)

@@ -145,6 +145,20 @@ def _refused_with_key(tmp_path, raw, key, allowed):
                   "neuron": {"type": "categorical", "choices": ["if", "plif"]}}},
      "space", "backend 'cupy', neuron 'plif' can be sampled together and cannot run"),
     (bad("train.pooling", "avg"), "search.baseline", "pooling avg (the tutorial's max)"),  # fmnist.yaml: baseline
+    # YAML's own readings named, the writer's quotes not blamed on YAML (findings of the review of issue 34)
+    (bad("train.augment", False), "train.augment", "(YAML reads off, no and false as false: write none for no augmentation)"),
+    (bad("train.alpha", "2"), "train.alpha", "(quoted, '2' is text: write it without quotes, 2)"),
+    # tau where no trial's neuron has one: it would be ignored (finding of the review of issue 34)
+    (bad("train.tau", 4.0), "train.tau", "every trial's neuron is if (the default, as train.neuron is not given)"),
+    (bad("train.tau", 4.0) | {"train": {**GOOD["train"], "tau": 4.0, "neuron": "if"}}, "train.tau", "fixed in train.neuron"),
+    (bad("space.tau", {"type": "float", "low": 1.5, "high": 16.0}), "space.tau", "set neuron to lif or plif"),
+    (bad("space.tau", {"type": "float", "low": 1.5, "high": 16.0, "when": {"neuron": ["if"]}})
+     | {"space": {**GOOD["space"], "neuron": {"type": "categorical", "choices": ["if", "lif"]},
+                  "tau": {"type": "float", "low": 1.5, "high": 16.0, "when": {"neuron": ["if"]}}}},
+     "space.tau.when.neuron", "give lif (the leaky neurons of space.neuron)"),
+    (bad("space.tau", {"type": "float", "low": 1.5, "high": 16.0, "when": {"neuron": ["lif"]}})
+     | {"space": {**GOOD["space"], "neuron": {"type": "categorical", "choices": ["if", "lif"]},
+                  "tau": {"type": "float", "low": 1.5, "high": 16.0, "when": {"neuron": ["lif"]}}}}, None, None),
     (bad("train.neuron", "plif") | {"train": {**GOOD["train"], "neuron": "plif", "tau": 2.0, "surrogate": "sigmoid",
                                               "alpha": None, "pooling": "avg", "dropout": 0.5,
                                               "v_threshold": 0.5, "detach_reset": True},
@@ -207,3 +221,14 @@ def test_searched_epochs_set_the_retrain_and_ashas_horizon():
     assert asha_rungs(spec) == (1, 3, 9)
     raw["retrain"]["epochs"] = 4
     assert specs.parse(raw).retrain["epochs"] == 4  # given: kept
+
+
+def test_augment_off_as_yaml_reads_it_is_refused_with_what_to_write(tmp_path):
+    """`augment: off` as a user types it: YAML 1.1 reads off as false; the message says to write none."""
+    f = tmp_path / "off.yaml"
+    f.write_text("name: augoff\nobjective: {metric: val_acc, mode: max}\ntrain: {val_size: 100, augment: off}\n"
+                 "space: {lr: {type: float, low: 0.01, high: 0.1}}\n")
+    with pytest.raises(specs.SpecError) as e:
+        specs.load(f)
+    assert str(e.value) == (f"{f}: train.augment: False is not allowed; must be a string (YAML reads off, no and false "
+                            "as false: write none for no augmentation)")

@@ -33,6 +33,11 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir, tmp_path, capsy
     # silent: stopped at a rung while a layer was still silent (a tiny network after one epoch)
     assert set(trials["status"]) <= {"finished", "stopped", "silent"} and (trials["status"] == "finished").any()
     assert trials["lr"].between(0.003, 0.03).all() and set(trials["channels"]) <= {4, 6}
+    # the network's keys (issue 34), each with both its values among the three trials (conftest.TINY_STUDY)
+    assert {"neuron", "pooling", "dropout", "augment", "loss"} <= set(trials.columns)
+    assert set(trials["neuron"]) == {"if", "plif"} and set(trials["pooling"]) == {"max", "avg"}
+    assert set(trials["loss"]) == {"mse", "ce"} and trials["augment"].isin(["none", "crop", "crop+flip"]).all()
+    assert trials["dropout"].between(0.0, 0.3).all()
     # all empty (no error; no GPU id on the CPU): '' or None in parquet, NaN in csv
     cols = [c for c in trials.columns if c not in ("error", "gpu_ids", "silent", "dead", "constraint",
                                                   "cuda_graphs_fallback", "capture_diff")]
@@ -55,6 +60,8 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir, tmp_path, capsy
     assert best["objective"]["value"] == row["best_val_acc"] == trials["best_val_acc"].max()
     assert best["config"]["lr"] == pytest.approx(row["lr"]) and best["config"]["channels"] == row["channels"]
     assert best["config"]["epochs"] == 2 and best["config"]["val_size"] == 100
+    assert all(best["config"][k] == pytest.approx(row[k]) if k == "dropout" else best["config"][k] == row[k]
+               for k in ("neuron", "pooling", "dropout", "augment", "loss"))
 
     summary = yaml.safe_load((d / "best" / "summary.yaml").read_text())
     assert summary["trial_id"] == best["trial_id"] and set(summary["test_acc"]) == {0, 1}

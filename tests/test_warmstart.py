@@ -4,7 +4,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_study, tiny_spec, write_dataset, write_spec
+from conftest import TINY_STUDY, run_study, tiny_spec, write_dataset, write_spec
+
+# the network keys tiny_study searches: a study warm-started from it searches them too, or its trials would
+# not fit (a fixed neuron if here, plif there)
+NETWORK = TINY_STUDY["space"]
 from study import analyze, results
 
 
@@ -14,7 +18,8 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_its_sampler_saw_th
     first = pd.read_csv(e2e / "trials.csv")
     best = yaml.safe_load((e2e / "best.yaml").read_text())
     # two at once (item 10: the enqueued best ran second in one of two runs): it is trial 1 whatever the timing
-    space = write_spec(tmp_path, tiny_spec("warm", search={"num_samples": 2, "max_concurrent": 2, "in_order": True}, retrain={"seeds": []}))
+    space = write_spec(tmp_path, tiny_spec("warm", search={"num_samples": 2, "max_concurrent": 2, "in_order": True}, retrain={"seeds": []},
+                                             space=NETWORK))
     p = run_study(capsys, space, tmp_path, tiny_data_dir, "--warm-start", e2e)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"warm start from {e2e}: 3 trials told to the sampler, 1 best configuration(s) run first" in p.stdout
@@ -31,8 +36,8 @@ def test_a_warm_started_study_runs_the_earlier_best_first_and_its_sampler_saw_th
         tid = t.user_attrs["warm_start"].rsplit(" ", 1)[1]
         assert t.value == pytest.approx(by_id.loc[tid, "val_acc"]) and t.params["lr"] == pytest.approx(by_id.loc[tid, "lr"])
     ran = [t for t in study.trials if t.number >= 3]
-    assert len(ran) == 2 and ran[0].params == {"channels": best["params"]["channels"], "lr": best["params"]["lr"]}
-    earlier = [{"channels": r["channels"], "lr": r["lr"]} for _, r in first.iterrows()]
+    assert len(ran) == 2 and ran[0].params == {k: best["params"][k] for k in ran[0].params} and len(ran[0].params) == 7
+    earlier = [{k: r[k] for k in ran[1].params} for _, r in first.iterrows()]
     assert ran[1].params not in earlier, (ran[1].params, earlier)  # only the enqueued best runs again
     assert yaml.safe_load((d / "warm_start.yaml").read_text())["seed"] == 1
 
@@ -52,11 +57,11 @@ def test_warm_start_skips_other_settings_and_refuses_what_cannot_work(tiny_study
         return run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir, "--dry-run", "--warm-start", e2e,
                          *extra)
 
-    p = dry(tiny_spec("longer", train={"epochs": 3}))  # trained for 2 epochs there
+    p = dry(tiny_spec("longer", train={"epochs": 3}, space=NETWORK))  # trained for 2 epochs there
     assert p.returncode == 0, p.stderr[-3000:]
     assert "0 trials told to the sampler, 0 best configuration(s) run first; skipped 3 × epochs 2 there, 3 here" in p.stdout
     assert "best trial" in p.stdout and "not enqueued: epochs 2 there, 3 here" in p.stdout
-    p = dry(tiny_spec("narrow", space={"lr": {"type": "float", "low": 0.001, "high": 0.002}}))
+    p = dry(tiny_spec("narrow", space={"lr": {"type": "float", "low": 0.001, "high": 0.002}, **NETWORK}))
     assert p.returncode == 0 and "outside this space" in p.stdout, p.stdout + p.stderr
     p = dry(tiny_spec("energy", objective=[{"metric": "val_acc", "mode": "max"},
                                            {"metric": "energy_uj", "mode": "min"}]))
@@ -64,7 +69,7 @@ def test_warm_start_skips_other_settings_and_refuses_what_cannot_work(tiny_study
     p = run_study(capsys, write_spec(tmp_path, tiny_spec("nowhere")), tmp_path, tiny_data_dir, "--dry-run",
                   "--warm-start", tmp_path / "missing")
     assert p.returncode == 2 and "--warm-start" in p.stderr and "not a study folder" in p.stderr
-    searched = tiny_spec("searched_T", space={"T": {"type": "int", "low": 1, "high": 4}})
+    searched = tiny_spec("searched_T", space={"T": {"type": "int", "low": 1, "high": 4}, **NETWORK})
     del searched["train"]["T"]
     p = dry(searched)
     assert p.returncode == 0 and "3 trials told" in p.stdout, p.stdout + p.stderr  # T fixed at 2 there: inside
@@ -73,9 +78,9 @@ def test_warm_start_skips_other_settings_and_refuses_what_cannot_work(tiny_study
     p = dry(tiny_spec("empty"), "--warm-start", "")
     assert p.returncode == 2 and "--warm-start '': name the folder of an earlier study" in p.stderr
     other = write_dataset(tmp_path / "other-data", n_train=700, n_test=200)
-    p = run_study(capsys, write_spec(tmp_path, tiny_spec("otherdata")), tmp_path, other, "--dry-run", "--warm-start", e2e)
+    p = run_study(capsys, write_spec(tmp_path, tiny_spec("otherdata", space=NETWORK)), tmp_path, other, "--dry-run", "--warm-start", e2e)
     assert p.returncode == 0 and "skipped 3 × trained on other images (data fingerprint)" in p.stdout, p.stdout
     for dry_run in (["--dry-run"], []):  # refused alike, also where --resume alone would say "nothing to resume"
-        p = run_study(capsys, write_spec(tmp_path, tiny_spec("e2e")), e2e.parent.parent, tiny_data_dir,
+        p = run_study(capsys, write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY)), e2e.parent.parent, tiny_data_dir,
                       "--resume", "--warm-start", tmp_path, *dry_run)
         assert p.returncode == 2 and "a study is warm-started when it begins" in p.stderr, p.stdout + p.stderr
