@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import in_process, tiny_spec
+from conftest import TINY_STUDY, in_process, tiny_spec
 from study import results, spec as specs
 from study.samplers import make_sampler
 from study.stopping import SilentAwareOptunaSearch
@@ -164,7 +164,9 @@ def test_a_warm_start_tells_the_earlier_trials_this_studys_constraints(tiny_stud
     e2e, _ = tiny_study
     first = pd.read_csv(e2e / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")
     bound = float(first["spikes_per_image"].median())  # the middle trial keeps it (equal), the one above breaks it
-    spec = specs.parse(with_constraints({"spikes_per_image": {"max": bound}}))
+    raw = tiny_spec("c", **TINY_STUDY)  # tiny_study's space: a warm start reads only trials of the same space
+    raw["constraints"] = {"spikes_per_image": {"max": bound}}
+    spec = specs.parse(raw)
     told = warmstart.plan(spec, [str(e2e)])[0]["told"]
     assert len(told) == len(first) == 3
     for t in told:
