@@ -24,6 +24,7 @@ def pytest_configure(config):
     or writes when missing), ~/.cache or ~/.config changes what a test does."""
     config.test_home = tempfile.mkdtemp(prefix="csnn-test-home-")
     os.environ["HOME"] = config.test_home
+    _keep_module_order(config)
 
 
 # The modules that take longest (each runs several real studies) first: `make test` gives whole modules
@@ -35,6 +36,15 @@ def pytest_configure(config):
 LONGEST_FIRST = ("test_cluster.py", "test_samplers.py", "test_lifecycle.py", "test_stopping.py", "test_estimate.py",
                  "test_study.py", "test_kills.py", "test_topk.py", "test_augment.py", "test_resume.py", "test_interrupts.py",
                  "test_analyze.py")
+
+
+def _keep_module_order(config):
+    """pytest-xdist (3.6 on) sorts --dist loadfile's modules by their number of tests unless told not to
+    (--no-loadscope-reorder): that put the many quick modules first and the few long ones last, where one
+    worker ran a long module while the other had nothing left. Off, the controller hands the modules out in
+    the order the workers collected them: LONGEST_FIRST's."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):
