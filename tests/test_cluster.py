@@ -15,7 +15,7 @@ import pytest
 import yaml
 import torch
 
-from conftest import ROOT, env, in_process, run_study, stopped_when, study_cmd, tiny_spec, write_spec
+from conftest import ROOT, calibrated, env, in_process, run_study, stopped_when, study_cmd, tiny_spec, write_spec
 from csnn import data as fmnist
 from csnn.trainable import checkpoint_epochs, trial_device
 from study import analyze, plan as plans, results, run, spec as specs
@@ -238,9 +238,11 @@ def test_readme_cluster_recipe_from_empty_homes(tmp_path, tiny_data_dir):
         spec = tiny_spec("two", search={"num_samples": 3, "max_concurrent": 2},
                          retrain={"epochs": 1, "seeds": [0]}, render={"images": 1})
         space = write_spec(tmp_path, spec)
-        run_on = lambda storage: subprocess.run(  # noqa: E731
+        # the driver: the guide's `python -m study.run ... --address ... --storage ...`, a process of its own
+        # (its HOME, its token), with this worker's reading of the CPU (conftest.calibrated)
+        run_on = lambda storage: subprocess.run(calibrated(  # noqa: E731
             [sys.executable, "-m", "study.run", str(space), "--address", f"127.0.0.1:{port}", "--storage",
-             str(storage), "--data-dir", str(tiny_data_dir)], env=e["driver"], capture_output=True, text=True,
+             str(storage), "--data-dir", str(tiny_data_dir)], spec), env=e["driver"], capture_output=True, text=True,
             timeout=300)
         p = run_on(hidden)
         assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
