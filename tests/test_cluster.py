@@ -325,7 +325,7 @@ def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_
     process's Ray."""
     cpus = os.cpu_count()
     spec = tiny_spec("reretrain", train={"epochs": 1}, search={"num_samples": 1, "max_concurrent": 1},
-                     resources={"cpus_per_trial": cpus}, retrain={"epochs": 2, "seeds": [0, 1]},
+                     resources={"cpus_per_trial": cpus}, retrain={"epochs": 3, "seeds": [0, 1]},
                      render={"images": 1})
     space = write_spec(tmp_path, spec)
     retrain_dir = tmp_path / "results" / "reretrain" / "retrain"
@@ -333,7 +333,7 @@ def test_interrupted_retrain_resumes_keeping_finished_seeds(tmp_path, tiny_data_
                             stderr=subprocess.STDOUT, text=True)
     deadline, done = time.time() + 300, []
     while time.time() < deadline and not done:
-        done = [f for f in retrain_dir.glob("*/result.json") if len(f.read_text().splitlines()) >= 2]
+        done = [f for f in retrain_dir.glob("*/result.json") if len(f.read_text().splitlines()) >= 3]
         time.sleep(0.5)
     assert done, "no retrain seed finished in time"
     before = done[0].read_text()
