@@ -24,6 +24,7 @@ def pytest_configure(config):
     or writes when missing), ~/.cache or ~/.config changes what a test does."""
     config.test_home = tempfile.mkdtemp(prefix="csnn-test-home-")
     os.environ["HOME"] = config.test_home
+    _keep_module_order(config)
 
 
 # The modules that take longest (each runs several real studies) first: `make test` gives whole modules
@@ -35,6 +36,15 @@ def pytest_configure(config):
 LONGEST_FIRST = ("test_cluster.py", "test_samplers.py", "test_lifecycle.py", "test_stopping.py", "test_estimate.py",
                  "test_study.py", "test_kills.py", "test_topk.py", "test_augment.py", "test_resume.py", "test_interrupts.py",
                  "test_analyze.py")
+
+
+def _keep_module_order(config):
+    """pytest-xdist (3.6 on) sorts --dist loadfile's modules by their number of tests unless told not to
+    (--no-loadscope-reorder): that put the many quick modules first and the few long ones last, where one
+    worker ran a long module while the other had nothing left. Off, the controller hands the modules out in
+    the order the workers collected them: LONGEST_FIRST's."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):
@@ -139,6 +149,29 @@ def write_spec(tmp_path, spec) -> Path:
 def study_cmd(space, tmp_path, data_dir, *extra):
     return [sys.executable, "-m", "study.run", str(space), "--storage", str(tmp_path / "results"),
             "--data-dir", str(data_dir), *extra]
+
+
+# `python -m study.run ...` as a process of its own (its signals, its exit, its Ray), but with estimate.cpu_speeds
+# answered by the reading given in argv[1]: see calibrated().
+CALIBRATED_RUN = """
+import json, runpy, sys
+from study import estimate
+speeds = json.loads(sys.argv.pop(1))
+estimate.cpu_speeds = lambda spec: speeds
+runpy.run_module("study.run", run_name="__main__", alter_sys=True)
+"""
+
+
+def calibrated(cmd: list, spec: dict) -> list:
+    """study_cmd's `python -m study.run ...` for a process whose estimate no test reads: it takes this worker's
+    reading of the CPU (_calibrate_once's, for `spec`) instead of measuring the CPU itself before a fresh start
+    (a few batches and a Python that imports torch: 4 s on the idle 2-core machine, 15 on a loaded one)."""
+    import json
+
+    from study import estimate, spec as specs
+
+    assert cmd[1:3] == ["-m", "study.run"], cmd
+    return [cmd[0], "-c", CALIBRATED_RUN, json.dumps(estimate.cpu_speeds(specs.parse(spec))), *cmd[3:]]
 
 
 def env():

@@ -15,7 +15,7 @@ import pytest
 import yaml
 import torch
 
-from conftest import ROOT, env, in_process, run_study, stopped_when, study_cmd, tiny_spec, write_spec
+from conftest import ROOT, calibrated, env, in_process, run_study, stopped_when, study_cmd, tiny_spec, write_spec
 from csnn import data as fmnist
 from csnn.trainable import checkpoint_epochs, trial_device
 from study import analyze, plan as plans, results, run, spec as specs
@@ -168,53 +168,6 @@ def test_trials_spread_over_logical_gpus(gpus, tmp_path, tiny_data_dir):
         assert (tmp_path / "gpus" / "best" / "spikes" / "0" / "input.png").is_file()
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """moto's S3 server on 127.0.0.1 and a storage URI in it."""
-    from moto.server import ThreadedMotoServer
-
-    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                 ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(k, v)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    _, port = server.get_host_and_port()
-    # allow_delayed_open: small files in one PUT (moto's multipart completion trips pyarrow)
-    yield (f"s3://studies/results?endpoint_override=127.0.0.1:{port}&scheme=http"
-           "&allow_bucket_creation=true&allow_delayed_open=true")
-    server.stop()
-
-
-def test_a_bucket_that_does_not_exist_is_refused_before_anything_runs(s3, tmp_path, tiny_data_dir, capsys,
-                                                                      monkeypatch):
-    missing = s3.replace("s3://studies/", "s3://no-such-bucket/").replace("&allow_bucket_creation=true", "")
-    monkeypatch.chdir(tmp_path)
-    p = in_process(capsys, run.main, write_spec(tmp_path, tiny_spec("nb")), "--storage", missing, "--data-dir",
-                   tiny_data_dir, "--dry-run")
-    assert p.returncode == 2 and "the bucket 'no-such-bucket' does not exist" in p.stderr, p.stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_study_on_s3_end_to_end(s3, tmp_path, tiny_data_dir):
-    spec = tiny_spec("s3", retrain={"epochs": 1, "seeds": [0]})
-    p = subprocess.run(study_cmd(write_spec(tmp_path, spec), tmp_path, tiny_data_dir)[:-4]
-                       + ["--storage", s3, "--data-dir", str(tiny_data_dir)],
-                       env=env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert not any(tmp_path.glob("s3:*"))  # nothing written to a local folder named after the URI
-    study = Location.parse(s3) / "s3"
-    s = results.load(study.shown)
-    assert len(s.trials) == 3 and set(s.trials["status"]) <= {"finished", "stopped", "silent"}
-    assert len(s.history) == s.trials["epochs_run"].sum() and s.best is not None
-    assert s.retrain_summary["seeds"] == [0] and len(s.retrain) == 1
-    for name in ("spec.yaml", "trials.csv", "history.csv", "best.yaml", "optuna.db", "best/seed0/config.yaml",
-                 "best/spikes/0/input.png"):
-        assert (study / name).is_file(), name
-    assert analyze.main([study.shown]) == 0
-    report = (study / "report" / "report.md").read_text()
-    assert "## Best trial" in report and (study / "report" / "curves.png").is_file()
-
-
 WAIT_FOR_NODES = """
 import sys, time, ray
 ray.init(address=sys.argv[1])
@@ -285,9 +238,11 @@ def test_readme_cluster_recipe_from_empty_homes(tmp_path, tiny_data_dir):
         spec = tiny_spec("two", search={"num_samples": 3, "max_concurrent": 2},
                          retrain={"epochs": 1, "seeds": [0]}, render={"images": 1})
         space = write_spec(tmp_path, spec)
-        run_on = lambda storage: subprocess.run(  # noqa: E731
+        # the driver: the guide's `python -m study.run ... --address ... --storage ...`, a process of its own
+        # (its HOME, its token), with this worker's reading of the CPU (conftest.calibrated)
+        run_on = lambda storage: subprocess.run(calibrated(  # noqa: E731
             [sys.executable, "-m", "study.run", str(space), "--address", f"127.0.0.1:{port}", "--storage",
-             str(storage), "--data-dir", str(tiny_data_dir)], env=e["driver"], capture_output=True, text=True,
+             str(storage), "--data-dir", str(tiny_data_dir)], spec), env=e["driver"], capture_output=True, text=True,
             timeout=300)
         p = run_on(hidden)
         assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
@@ -306,6 +261,58 @@ def test_readme_cluster_recipe_from_empty_homes(tmp_path, tiny_data_dir):
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=20)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on 127.0.0.1 and a storage URI in it."""
+    from moto.server import ThreadedMotoServer
+
+    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                 ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    _, port = server.get_host_and_port()
+    # allow_delayed_open: small files in one PUT (moto's multipart completion trips pyarrow)
+    yield (f"s3://studies/results?endpoint_override=127.0.0.1:{port}&scheme=http"
+           "&allow_bucket_creation=true&allow_delayed_open=true")
+    server.stop()
+
+
+def test_a_bucket_that_does_not_exist_is_refused_before_anything_runs(s3, tmp_path, tiny_data_dir, capsys,
+                                                                      monkeypatch):
+    missing = s3.replace("s3://studies/", "s3://no-such-bucket/").replace("&allow_bucket_creation=true", "")
+    monkeypatch.chdir(tmp_path)
+    p = in_process(capsys, run.main, write_spec(tmp_path, tiny_spec("nb")), "--storage", missing, "--data-dir",
+                   tiny_data_dir, "--dry-run")
+    assert p.returncode == 2 and "the bucket 'no-such-bucket' does not exist" in p.stderr, p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_study_on_s3_end_to_end(s3, tmp_path, tiny_data_dir, local_ray, capsys, monkeypatch):
+    """study.run's main in this process, on the module's Ray (local_ray, set up after s3: its workers
+    inherit the credentials, as every node of a cluster needs them)."""
+    import ray
+
+    assert ray.get(ray.remote(lambda: os.environ.get("AWS_ACCESS_KEY_ID")).remote()) == "testing", \
+        "the module's Ray started before the s3 fixture set the credentials: its trials could not write to S3"
+    monkeypatch.chdir(tmp_path)
+    p = in_process(capsys, run.main, write_spec(tmp_path, tiny_spec("s3", retrain={"epochs": 1, "seeds": [0]})),
+                   "--storage", s3, "--data-dir", tiny_data_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert not any(tmp_path.glob("s3:*"))  # nothing written to a local folder named after the URI
+    study = Location.parse(s3) / "s3"
+    s = results.load(study.shown)
+    assert len(s.trials) == 3 and set(s.trials["status"]) <= {"finished", "stopped", "silent"}
+    assert len(s.history) == s.trials["epochs_run"].sum() and s.best is not None
+    assert s.retrain_summary["seeds"] == [0] and len(s.retrain) == 1
+    for name in ("spec.yaml", "trials.csv", "history.csv", "best.yaml", "optuna.db", "best/seed0/config.yaml",
+                 "best/spikes/0/input.png"):
+        assert (study / name).is_file(), name
+    assert analyze.main([study.shown]) == 0
+    report = (study / "report" / "report.md").read_text()
+    assert "## Best trial" in report and (study / "report" / "curves.png").is_file()
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 the progress lines study.run prints instead of Ray Tune's tables; timing.yaml and the report."""
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, env, in_process, study_cmd, tiny_spec, write_spec
+from conftest import ROOT, in_process, study_cmd, tiny_spec, write_spec
 from csnn.config import TrainConfig
 from study import analyze, estimate, results
 from study import spec as specs
@@ -22,6 +21,7 @@ ESTIMATE = re.compile(r"^estimate: wall (\d+(?:\.\d+)?) min, (\d+(?:\.\d+)?) GPU
 PROGRESS = re.compile(r"^\[\d+:\d\d(?:, ~\d+:\d\d left)?\] trials (\d+)/(\d+): (\d+) finished, (\d+) stopped, "
                       r"(\d+) running, (\d+) errored", re.M)
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+CPU_SPEEDS = estimate.cpu_speeds  # the real calibration, taken at import: conftest's _calibrate_once stands in for it
 
 
 @pytest.mark.parametrize("space", SPACES, ids=[s.stem for s in SPACES])
@@ -163,16 +163,20 @@ def test_a_real_study_against_its_estimate_and_its_output(tiny_study):
     assert float(rows["**wall**"].split("|")[3]) == pytest.approx(act["wall_s"], abs=0.51)
 
 
-def test_verbose_prints_rays_tables_and_asha_with_few_trials_costs_what_was_estimated(tmp_path, tiny_data_dir):
+def test_verbose_prints_rays_tables_and_asha_with_few_trials_costs_what_was_estimated(tmp_path, tiny_data_dir, capsys,
+                                                                                     monkeypatch):
     """4 trials of 10 epochs with ASHA, 2 at once in order: with so few trials the first at each rung goes on,
     and the first two are never stopped, so the search trains most of its 40 trial-epochs (the asymptotic
-    halving priced 10.5 of them, a quarter of the search's time)."""
+    halving priced 10.5 of them, a quarter of the search's time). study.run's main in this process (the
+    interpreter's start and imports saved), starting its own Ray as the command does, and measuring this
+    CPU itself as it starts (not the worker's calibration taken earlier, under another load)."""
+    monkeypatch.setattr(estimate, "cpu_speeds", CPU_SPEEDS)
+    monkeypatch.setenv("RAY_ADDRESS", "")  # as env() gives a process
     space = write_spec(tmp_path, tiny_spec("loud", train={"epochs": 10},
                                            search={"num_samples": 4, "max_concurrent": 2, "in_order": True},
                                            scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
                                            retrain={"seeds": []}))
-    p = subprocess.run(study_cmd(space, tmp_path, tiny_data_dir, "--verbose"), env=env(), capture_output=True,
-                       text=True, timeout=300)
+    p = in_process(capsys, study_run, *study_cmd(space, tmp_path, tiny_data_dir, "--verbose")[3:])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Trial status:" in p.stdout and "╭" in p.stdout  # Ray Tune's own output engine
     assert PROGRESS.findall(p.stdout)[-1][:2] == ("4", "4")  # and ours

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, env, in_process, study_cmd, tiny_spec, write_spec
+from conftest import ROOT, calibrated, env, in_process, study_cmd, tiny_spec, write_spec
 from study import lifecycle, run
 from study.storage import Location
 
@@ -132,7 +132,8 @@ def test_a_study_killed_at_each_instant_ends_whole_by_the_advised_command(tmp_pa
     advised, says, done, ran = argv, "", set(), []
     for i, (instant, when, then, state, then_says) in enumerate(INSTANTS):
         t0 = time.time()
-        out = killed_at([sys.executable, "-m", "study.run", *advised], d, when, tmp_path / f"run{i}.txt")
+        out = killed_at(calibrated([sys.executable, "-m", "study.run", *advised], spec), d, when,
+                        tmp_path / f"run{i}.txt")
         ran.append(f"{instant} ({time.time() - t0:.0f} s)")
         assert "Traceback" not in out and "error:" not in out and says in out, (ran, out[-3000:])
         if i:  # the previous run's lock, left by the kill: taken over with one line

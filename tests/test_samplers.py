@@ -16,7 +16,7 @@ import pytest
 import ray
 import yaml
 
-from conftest import env, run_study, study_cmd, tiny_spec, write_spec
+from conftest import calibrated, env, run_study, study_cmd, tiny_spec, write_spec
 from csnn import data as fmnist
 from study import analyze, environment, results, run, spec as specs
 from study.samplers import SAMPLERS, make_sampler, startup_line
@@ -77,8 +77,8 @@ def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny
                      search={"sampler": "nsga2", "num_samples": 3, "max_concurrent": 1})
     space = write_spec(tmp_path, spec)
     d = tmp_path / "results" / "nsga2"
-    proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(calibrated(study_cmd(space, tmp_path, tiny_data_dir), spec), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # the first trial's epochs are recorded
         if any(len(pd.read_csv(f)) >= 3 for f in d.glob("ray/*/progress.csv")):

@@ -14,7 +14,7 @@ import ray
 import yaml
 from PIL import Image
 
-from conftest import env, run_study, study_cmd, tiny_spec, write_spec
+from conftest import calibrated, env, run_study, study_cmd, tiny_spec, write_spec
 
 
 def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir, tmp_path, capsys):
@@ -92,8 +92,8 @@ def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_di
                      retrain={"seeds": []})
     space = write_spec(tmp_path, spec)
     ray_dir = tmp_path / "results" / "resume" / "ray"
-    proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(calibrated(study_cmd(space, tmp_path, tiny_data_dir), spec), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     finished = []
     while time.time() < deadline and not finished:  # wait for a trial to finish its epochs
@@ -172,8 +172,10 @@ def test_ctrl_c_early_prints_one_line_and_its_advice_works(phase, tmp_path, tiny
     """Ctrl-C while study.run imports, and right after its first line (Ray started, the
     search about to begin): exit 130, one line and no traceback; the command it advises
     then runs the study to its end."""
-    space = write_spec(tmp_path, tiny_spec("early", search={"num_samples": 2}, retrain={"seeds": []}))
-    proc = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
+    spec = tiny_spec("early", search={"num_samples": 2}, retrain={"seeds": []})
+    space = write_spec(tmp_path, spec)
+    cmd = study_cmd(space, tmp_path, tiny_data_dir)  # python -m study.run: its own handling of a Ctrl-C in imports
+    proc = subprocess.Popen(cmd if phase == "imports" else calibrated(cmd, spec), env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if phase == "imports":
         time.sleep(0.3)  # python is importing torch, pandas, ...: seconds on this machine
