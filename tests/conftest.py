@@ -33,9 +33,9 @@ def pytest_configure(config):
 # (make test's --durations on the loaded 2-core machine, 2026-12-07, less what sharing tiny_study and
 # the calibration saved), longest first; the first module that needs tiny_study (lifecycle) is followed
 # by one that does not (stopping), so that the other worker has work while tiny_study is made.
-LONGEST_FIRST = ("test_cluster.py", "test_samplers.py", "test_lifecycle.py", "test_stopping.py", "test_estimate.py",
-                 "test_study.py", "test_kills.py", "test_topk.py", "test_augment.py", "test_resume.py", "test_interrupts.py",
-                 "test_analyze.py")
+LONGEST_FIRST = ("test_cluster.py", "test_samplers.py", "test_augment.py", "test_lifecycle.py", "test_stopping.py",
+                 "test_study.py", "test_kills.py", "test_topk.py", "test_estimate.py", "test_resume.py", "test_interrupts.py",
+                 "test_analyze.py", "test_constraints.py")
 
 
 def _keep_module_order(config):
