@@ -518,7 +518,6 @@ def lucky_lines(study: results.Study) -> list[str]:
         return []
     m = conf["selection_metric"].iloc[0]
     searched = results.accuracy_objective(study.spec)["metric"]
-    sign = 1 if results.metric_mode(m, study.spec) != "min" else -1
 
     def points(trial, metric):
         return ", ".join(f"{v:.4f}" for v in per[per["trial_id"] == trial].sort_values("seed")[metric])
@@ -536,16 +535,15 @@ def lucky_lines(study: results.Study) -> list[str]:
            f"seeds {seeds} for {epochs} epochs on the training images less the validation split; the study's best is "
            f"the one of highest mean {m} over the seeds at the last epoch (never the test set's).", "", *rows, ""]
     if len(conf) > 1:
-        # Spearman's rho: Pearson's correlation of the ranks (ties averaged)
-        a, b = conf["search_score"].rank(), (sign * conf[f"{m}_mean"]).rank()
-        rho = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+        rho = search_order_rho(conf, study.spec)
         held = "held" if won["search_rank"] == 1 else "did not hold"
         means = np.sort(conf[f"{m}_mean"].to_numpy(float))
         gaps, spread = np.diff(means), conf[f"{m}_std"].to_numpy(float)
         out += [f"- The search's order {held}: trial {won['trial_id']}, the search's number {won['search_rank']}, won "
                 f"(the search's best, trial {conf['trial_id'].iloc[0]}: {conf[f'{m}_mean'].iloc[0]:.4f}); Spearman's "
-                f"rank correlation of the search's {searched} with the mean {m}: {rho:.2f} over {len(conf)} "
-                "configurations (1: the same order).",
+                f"rank correlation of the search's {searched} with the mean {m}: "
+                + (f"{rho:.2f}" if np.isfinite(rho) else "none (tied scores: no order to compare)")
+                + f" over {len(conf)} configurations (1: the same order, -1: the reverse).",
                 f"- Spread across seeds: the std of {m} over the seeds is {spread.min():.4f} to {spread.max():.4f}; the "
                 f"gaps between neighbouring configurations' means are {gaps.min():.4f} to {gaps.max():.4f}"
                 + (": a gap smaller than the spread does not tell those configurations apart with these seeds."
@@ -556,6 +554,17 @@ def lucky_lines(study: results.Study) -> list[str]:
                    "images and epochs its run repeats each configuration's search trial, whose score the search chose "
                    "it on (high by selection); the other seeds' are fresh draws.")
     return out
+
+
+def search_order_rho(conf: pd.DataFrame, spec) -> float:
+    """Spearman's rank correlation (Pearson's of the ranks, ties averaged) of the search's scores with the
+    retrain's mean selection metric over the seeds (study.retrained_summary), each ranked better-first by its
+    own mode (a loss: lower is better), so that 1 says the search's order held; NaN where either side is tied."""
+    m = conf["selection_metric"].iloc[0]
+    searched = 1 if results.accuracy_objective(spec)["mode"] != "min" else -1
+    chosen = 1 if results.metric_mode(m, spec) != "min" else -1
+    a, b = (searched * conf["search_score"]).rank(), (chosen * conf[f"{m}_mean"]).rank()
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
 
 
 def plot_lucky(study: results.Study, out: Path) -> Path | None:

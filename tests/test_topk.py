@@ -7,6 +7,7 @@ import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -207,3 +208,18 @@ def test_top_k_takes_the_best_by_the_objective_or_the_picked_point_first_then_th
     assert [r["trial_id"] for r in results.top_rows(trials, two, 2)] == ["a", "b"]
     assert results.search_score(results.top_rows(trials, two, 2)[0], two) == 0.5  # the last epoch's val_acc
     assert results.selection_metric(two) == {"metric": "val_acc", "mode": "max"}
+
+
+def test_the_search_order_reads_each_side_better_first():
+    """Spearman's rho of the lucky-seed section is 1 when the search's order held, whatever each side's mode: with
+    a loss objective the lowest search score and the lowest mean validation loss are both the best."""
+    loss = specs.parse(tiny_spec("l", objective={"metric": "val_loss", "mode": "min"}, retrain={"top_k": 3}), "l.yaml")
+    conf = pd.DataFrame({"trial_id": list("abc"), "search_rank": [1, 2, 3], "search_score": [0.02, 0.03, 0.05],
+                         "selection_metric": "val_loss", "val_loss_mean": [0.021, 0.032, 0.04]})
+    assert results.selection_metric(loss) == {"metric": "val_loss", "mode": "min"}
+    assert analyze.search_order_rho(conf, loss) == pytest.approx(1.0)
+    assert analyze.search_order_rho(conf.assign(val_loss_mean=[0.04, 0.032, 0.021]), loss) == pytest.approx(-1.0)
+    acc = specs.parse(tiny_spec("a", retrain={"top_k": 3}), "a.yaml")  # val_acc, max
+    conf = conf.assign(search_score=[0.9, 0.8, 0.7], selection_metric="val_acc", val_acc_mean=[0.85, 0.86, 0.7])
+    assert analyze.search_order_rho(conf, acc) == pytest.approx(0.5)
+    assert np.isnan(analyze.search_order_rho(conf.assign(val_acc_mean=0.1), acc))  # tied: no order
