@@ -548,11 +548,18 @@ def lucky_lines(study: results.Study) -> list[str]:
                 f"gaps between neighbouring configurations' means are {gaps.min():.4f} to {gaps.max():.4f}"
                 + (": a gap smaller than the spread does not tell those configurations apart with these seeds."
                    if gaps.min() < spread.max() else ": every gap is larger than the spread across seeds."), ""]
-    searched_seed = (study.best or {}).get("config", {}).get("seed")
-    if searched_seed in seeds:  # that seed's score is one the search chose on: the winner's curse
-        out.insert(len(out) - 1, f"- Seed {searched_seed} is the one the search's trials ran with: with the search's "
-                   "images and epochs its run repeats each configuration's search trial, whose score the search chose "
-                   "it on (high by selection); the other seeds' are fresh draws.")
+    cfg = (study.best or {}).get("config", {})
+    if cfg.get("seed") in seeds:  # that seed's score is one the search chose on: the winner's curse
+        # its run repeats the search trial when it trains on the same images for as many epochs (retrain_fixed)
+        repeats = cfg.get("epochs") == epochs and not cfg.get("train_size")
+        how = ("repeats each configuration's search trial (the same images, epochs and seed), whose score the "
+               "search chose it on: high by selection" if repeats else
+               f"starts from the same weights as each configuration's search trial, but is not a repeat of it ("
+               f"{epochs} retrain epochs against the trials' {cfg.get('epochs')}"
+               + (f", all training images against their {cfg['train_size']}" if cfg.get("train_size") else "")
+               + "): it may share some of the luck the search chose on")
+        out.insert(len(out) - 1, f"- Seed {cfg['seed']} is the one the search's trials ran with: its run {how}; the "
+                   "other seeds' are fresh draws.")
     return out
 
 

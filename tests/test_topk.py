@@ -146,6 +146,8 @@ def test_the_lucky_seed_section_and_dataframes(topk):
     assert "## Is the best a lucky seed?" in lines and f"trial {won['trial_id']}, the search's number" in lines, lines
     assert ("order held" if won["search_rank"] == 1 else "order did not hold") in lines, lines
     assert "Spearman's rank correlation" in lines and "Spread across seeds" in lines, lines
+    # seed 0 is the trials' seed, and the retrain's 1 epoch on all training images the trials': a repeat of them
+    assert "Seed 0 is the one the search's trials ran with: its run repeats each configuration's search trial" in lines
     assert analyze.plot_lucky(study, d).is_file()
 
 
