@@ -45,6 +45,9 @@ def leaderboard(study: results.Study, top: int) -> str:
     t = study.ranked()[[c for c in cols if c in study.trials]].head(top)
     if t.empty:  # not pandas' "Empty DataFrame" and its columns
         return "no trial reported the objective: there is no best trial"
+    if spec.constraints:  # a trial that broke one ranks by its score but is never the best: say which it broke
+        r = study.ranked().head(top)
+        t = t.assign(constraint=r["constraint"].where(results.said(r, "constraint"), "-") if "constraint" in r else "-")
     return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
