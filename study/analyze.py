@@ -547,10 +547,14 @@ def lucky_lines(study: results.Study) -> list[str]:
                 f"rank correlation of the search's {searched} with the mean {m}: "
                 + (f"{rho:.2f}" if np.isfinite(rho) else "none (tied scores: no order to compare)")
                 + f" over {len(conf)} configurations (1: the same order, -1: the reverse).",
-                f"- Spread across seeds: the std of {m} over the seeds is {spread.min():.4f} to {spread.max():.4f}; the "
-                f"gaps between neighbouring configurations' means are {gaps.min():.4f} to {gaps.max():.4f}"
-                + (": a gap smaller than the spread does not tell those configurations apart with these seeds."
-                   if gaps.min() < spread.max() else ": every gap is larger than the spread across seeds."), ""]
+                (f"- Spread across seeds: the std of {m} over the seeds is {spread.min():.4f} to {spread.max():.4f}; the "
+                 f"gaps between neighbouring configurations' means are {gaps.min():.4f} to {gaps.max():.4f}"
+                 + (": a gap smaller than the spread does not tell those configurations apart with these seeds."
+                    if gaps.min() < spread.max() else ": every gap is larger than the spread across seeds.")
+                 if len(seeds) > 1 else  # one seed has no spread (its std is written 0): nothing to set the gaps against
+                 f"- Spread across seeds: not measured, one seed ({seeds[0]}); the gaps between neighbouring "
+                 f"configurations' {m} are {gaps.min():.4f} to {gaps.max():.4f}, and whether they exceed what another seed "
+                 "would give is not known: give retrain.seeds two or more (e.g. [0, 1, 2])."), ""]
     cfg = (study.best or {}).get("config", {})
     if cfg.get("seed") in seeds:  # that seed's score is one the search chose on: the winner's curse
         # its run repeats the search trial when it trains on the same images for as many epochs (retrain_fixed)

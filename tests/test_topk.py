@@ -225,3 +225,30 @@ def test_the_search_order_reads_each_side_better_first():
     conf = conf.assign(search_score=[0.9, 0.8, 0.7], selection_metric="val_acc", val_acc_mean=[0.85, 0.86, 0.7])
     assert analyze.search_order_rho(conf, acc) == pytest.approx(0.5)
     assert np.isnan(analyze.search_order_rho(conf.assign(val_acc_mean=0.1), acc))  # tied: no order
+
+
+def lucky_study(seeds: list) -> results.Study:
+    """A Study with the retrained tables as results.read_retrained makes them: configurations a and b, `seeds` each."""
+    from study.storage import Location
+
+    spec = specs.parse(tiny_spec("s", retrain={"top_k": 2, "seeds": seeds}), "s.yaml")
+    per = pd.DataFrame([{"trial_id": t, "search_rank": r, "search_score": sc, "seed": s, "epoch": 0,
+                         "val_acc": v + 0.01 * s, "test_acc": v, "chosen": t == "b"}
+                        for t, r, sc, v in (("a", 1, 0.8, 0.70), ("b", 2, 0.79, 0.72)) for s in seeds])
+    g = per.groupby("trial_id", sort=False)
+    conf = pd.DataFrame({"trial_id": ["a", "b"], "search_rank": [1, 2], "search_score": [0.8, 0.79], "seeds": len(seeds),
+                         "selection_metric": "val_acc", "val_acc_mean": g["val_acc"].mean().values,
+                         "val_acc_std": g["val_acc"].std(ddof=1).fillna(0.0).values,
+                         "test_acc_mean": g["test_acc"].mean().values,
+                         "test_acc_std": g["test_acc"].std(ddof=1).fillna(0.0).values, "chosen": [False, True]})
+    return results.Study(Location.parse("/tmp/lucky"), spec, pd.DataFrame(), pd.DataFrame(), None, None, None,
+                         retrained=per, retrained_summary=conf)
+
+
+def test_the_lucky_seed_section_with_one_seed_claims_no_spread():
+    """One seed has no spread (its std is written 0): the section must not say every gap is larger than it."""
+    one = "\n".join(analyze.lucky_lines(lucky_study([3])))
+    assert "order did not hold: trial b, the search's number 2, won" in one, one
+    assert "not measured, one seed (3)" in one and "every gap is larger" not in one, one
+    two = "\n".join(analyze.lucky_lines(lucky_study([3, 4])))
+    assert "the std of val_acc over the seeds is 0.0071 to 0.0071" in two and "not measured" not in two, two
