@@ -45,6 +45,9 @@ def leaderboard(study: results.Study, top: int) -> str:
     t = study.ranked()[[c for c in cols if c in study.trials]].head(top)
     if t.empty:  # not pandas' "Empty DataFrame" and its columns
         return "no trial reported the objective: there is no best trial"
+    if spec.constraints:  # a trial that broke one ranks by its score but is never the best: say which it broke
+        r = study.ranked().head(top)
+        t = t.assign(constraint=r["constraint"].where(results.said(r, "constraint"), "-") if "constraint" in r else "-")
     return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
@@ -518,7 +521,6 @@ def lucky_lines(study: results.Study) -> list[str]:
         return []
     m = conf["selection_metric"].iloc[0]
     searched = results.accuracy_objective(study.spec)["metric"]
-    sign = 1 if results.metric_mode(m, study.spec) != "min" else -1
 
     def points(trial, metric):
         return ", ".join(f"{v:.4f}" for v in per[per["trial_id"] == trial].sort_values("seed")[metric])
@@ -536,26 +538,47 @@ def lucky_lines(study: results.Study) -> list[str]:
            f"seeds {seeds} for {epochs} epochs on the training images less the validation split; the study's best is "
            f"the one of highest mean {m} over the seeds at the last epoch (never the test set's).", "", *rows, ""]
     if len(conf) > 1:
-        # Spearman's rho: Pearson's correlation of the ranks (ties averaged)
-        a, b = conf["search_score"].rank(), (sign * conf[f"{m}_mean"]).rank()
-        rho = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+        rho = search_order_rho(conf, study.spec)
         held = "held" if won["search_rank"] == 1 else "did not hold"
         means = np.sort(conf[f"{m}_mean"].to_numpy(float))
         gaps, spread = np.diff(means), conf[f"{m}_std"].to_numpy(float)
         out += [f"- The search's order {held}: trial {won['trial_id']}, the search's number {won['search_rank']}, won "
                 f"(the search's best, trial {conf['trial_id'].iloc[0]}: {conf[f'{m}_mean'].iloc[0]:.4f}); Spearman's "
-                f"rank correlation of the search's {searched} with the mean {m}: {rho:.2f} over {len(conf)} "
-                "configurations (1: the same order).",
-                f"- Spread across seeds: the std of {m} over the seeds is {spread.min():.4f} to {spread.max():.4f}; the "
-                f"gaps between neighbouring configurations' means are {gaps.min():.4f} to {gaps.max():.4f}"
-                + (": a gap smaller than the spread does not tell those configurations apart with these seeds."
-                   if gaps.min() < spread.max() else ": every gap is larger than the spread across seeds."), ""]
-    searched_seed = (study.best or {}).get("config", {}).get("seed")
-    if searched_seed in seeds:  # that seed's score is one the search chose on: the winner's curse
-        out.insert(len(out) - 1, f"- Seed {searched_seed} is the one the search's trials ran with: with the search's "
-                   "images and epochs its run repeats each configuration's search trial, whose score the search chose "
-                   "it on (high by selection); the other seeds' are fresh draws.")
+                f"rank correlation of the search's {searched} with the mean {m}: "
+                + (f"{rho:.2f}" if np.isfinite(rho) else "none (tied scores: no order to compare)")
+                + f" over {len(conf)} configurations (1: the same order, -1: the reverse).",
+                (f"- Spread across seeds: the std of {m} over the seeds is {spread.min():.4f} to {spread.max():.4f}; the "
+                 f"gaps between neighbouring configurations' means are {gaps.min():.4f} to {gaps.max():.4f}"
+                 + (": a gap smaller than the spread does not tell those configurations apart with these seeds."
+                    if gaps.min() < spread.max() else ": every gap is larger than the spread across seeds.")
+                 if len(seeds) > 1 else  # one seed has no spread (its std is written 0): nothing to set the gaps against
+                 f"- Spread across seeds: not measured, one seed ({seeds[0]}); the gaps between neighbouring "
+                 f"configurations' {m} are {gaps.min():.4f} to {gaps.max():.4f}, and whether they exceed what another seed "
+                 "would give is not known: give retrain.seeds two or more (e.g. [0, 1, 2])."), ""]
+    cfg = (study.best or {}).get("config", {})
+    if cfg.get("seed") in seeds:  # that seed's score is one the search chose on: the winner's curse
+        # its run repeats the search trial when it trains on the same images for as many epochs (retrain_fixed)
+        repeats = cfg.get("epochs") == epochs and not cfg.get("train_size")
+        how = ("repeats each configuration's search trial (the same images, epochs and seed), whose score the "
+               "search chose it on: high by selection" if repeats else
+               f"starts from the same weights as each configuration's search trial, but is not a repeat of it ("
+               f"{epochs} retrain epochs against the trials' {cfg.get('epochs')}"
+               + (f", all training images against their {cfg['train_size']}" if cfg.get("train_size") else "")
+               + "): it may share some of the luck the search chose on")
+        out.insert(len(out) - 1, f"- Seed {cfg['seed']} is the one the search's trials ran with: its run {how}; the "
+                   "other seeds' are fresh draws.")
     return out
+
+
+def search_order_rho(conf: pd.DataFrame, spec) -> float:
+    """Spearman's rank correlation (Pearson's of the ranks, ties averaged) of the search's scores with the
+    retrain's mean selection metric over the seeds (study.retrained_summary), each ranked better-first by its
+    own mode (a loss: lower is better), so that 1 says the search's order held; NaN where either side is tied."""
+    m = conf["selection_metric"].iloc[0]
+    searched = 1 if results.accuracy_objective(spec)["mode"] != "min" else -1
+    chosen = 1 if results.metric_mode(m, spec) != "min" else -1
+    a, b = (searched * conf["search_score"]).rank(), (chosen * conf[f"{m}_mean"]).rank()
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
 
 
 def plot_lucky(study: results.Study, out: Path) -> Path | None:

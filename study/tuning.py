@@ -327,9 +327,15 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
                   + (f", about {about:.0f} s" if about else ""), flush=True)
             with timing.phase("spikes") if timing else contextlib.nullcontext():
                 render(net, data.test_x[: spec.render["images"]], work / "best" / "spikes")
-        if topk:  # every configuration's retrain, each with its summary.yaml last
+        if topk:  # every configuration's retrain, each with its summary.yaml last: read_retrained counts a configuration
+            # with one as whole (pyarrow's copy_files writes a folder's files in no set order, threads at once)
+            summaries = {f.parent.name: f.read_text() for f in (work / results.RETRAINED).glob("*/summary.yaml")}
+            for t in summaries:
+                (work / results.RETRAINED / t / "summary.yaml").unlink()
             (study / results.RETRAINED).delete()
             (study / results.RETRAINED).upload(work / results.RETRAINED)
+            for t, text in summaries.items():
+                (study / results.RETRAINED / t / "summary.yaml").write_text(text)
         final = study / "best"
         final.delete()
         final.upload(work / "best")  # summary.yaml last: best/ counts as complete only with it

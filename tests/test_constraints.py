@@ -136,6 +136,23 @@ def test_a_study_in_which_every_trial_broke_a_constraint_says_so():
     assert study.best["trial_id"] == "b" and analyze.best_lines(study)[0] == "## Best trial: b"
 
 
+def test_the_top_trials_table_labels_a_trial_that_broke_a_constraint():
+    """The report's leaderboard ranks by the objective, so a trial that broke a constraint may top it while another is
+    the best: its row says which it broke (read back from a csv too, where a kept one is NaN)."""
+    from study import analyze
+    from study.storage import Location
+
+    spec = specs.parse(with_constraints({"energy_uj": {"max": 5}}))
+    for trials in (trials_frame(a="energy_uj 9 > max 5"), trials_frame(a="energy_uj 9 > max 5").replace("", np.nan)):
+        study = results.Study(Location.parse("/tmp/limits"), spec, trials, pd.DataFrame(), None, None, None)
+        rows = analyze.leaderboard(study, 3).splitlines()
+        assert rows[0].split()[-1] == "constraint" and rows[1].split()[0] == "a", rows
+        assert rows[1].endswith("energy_uj 9 > max 5") and rows[2].endswith(" -") and rows[3].endswith(" -"), rows
+    plain = specs.parse(tiny_spec("c"))  # no constraints: no column
+    study = results.Study(Location.parse("/tmp/limits"), plain, trials_frame(), pd.DataFrame(), None, None, None)
+    assert "constraint" not in analyze.leaderboard(study, 3)
+
+
 @pytest.mark.filterwarnings("ignore:Define-by-run function passed")  # Ray's: GP's fit counts as the space's time
 def test_gp_learns_from_constraints_when_some_trials_are_silent():
     """Every told trial is told every constraint: Optuna's GPSampler refuses ('The constraint names must

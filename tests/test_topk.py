@@ -7,6 +7,7 @@ import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -145,6 +146,8 @@ def test_the_lucky_seed_section_and_dataframes(topk):
     assert "## Is the best a lucky seed?" in lines and f"trial {won['trial_id']}, the search's number" in lines, lines
     assert ("order held" if won["search_rank"] == 1 else "order did not hold") in lines, lines
     assert "Spearman's rank correlation" in lines and "Spread across seeds" in lines, lines
+    # seed 0 is the trials' seed, and the retrain's 1 epoch on all training images the trials': a repeat of them
+    assert "Seed 0 is the one the search's trials ran with: its run repeats each configuration's search trial" in lines
     assert analyze.plot_lucky(study, d).is_file()
 
 
@@ -207,3 +210,45 @@ def test_top_k_takes_the_best_by_the_objective_or_the_picked_point_first_then_th
     assert [r["trial_id"] for r in results.top_rows(trials, two, 2)] == ["a", "b"]
     assert results.search_score(results.top_rows(trials, two, 2)[0], two) == 0.5  # the last epoch's val_acc
     assert results.selection_metric(two) == {"metric": "val_acc", "mode": "max"}
+
+
+def test_the_search_order_reads_each_side_better_first():
+    """Spearman's rho of the lucky-seed section is 1 when the search's order held, whatever each side's mode: with
+    a loss objective the lowest search score and the lowest mean validation loss are both the best."""
+    loss = specs.parse(tiny_spec("l", objective={"metric": "val_loss", "mode": "min"}, retrain={"top_k": 3}), "l.yaml")
+    conf = pd.DataFrame({"trial_id": list("abc"), "search_rank": [1, 2, 3], "search_score": [0.02, 0.03, 0.05],
+                         "selection_metric": "val_loss", "val_loss_mean": [0.021, 0.032, 0.04]})
+    assert results.selection_metric(loss) == {"metric": "val_loss", "mode": "min"}
+    assert analyze.search_order_rho(conf, loss) == pytest.approx(1.0)
+    assert analyze.search_order_rho(conf.assign(val_loss_mean=[0.04, 0.032, 0.021]), loss) == pytest.approx(-1.0)
+    acc = specs.parse(tiny_spec("a", retrain={"top_k": 3}), "a.yaml")  # val_acc, max
+    conf = conf.assign(search_score=[0.9, 0.8, 0.7], selection_metric="val_acc", val_acc_mean=[0.85, 0.86, 0.7])
+    assert analyze.search_order_rho(conf, acc) == pytest.approx(0.5)
+    assert np.isnan(analyze.search_order_rho(conf.assign(val_acc_mean=0.1), acc))  # tied: no order
+
+
+def lucky_study(seeds: list) -> results.Study:
+    """A Study with the retrained tables as results.read_retrained makes them: configurations a and b, `seeds` each."""
+    from study.storage import Location
+
+    spec = specs.parse(tiny_spec("s", retrain={"top_k": 2, "seeds": seeds}), "s.yaml")
+    per = pd.DataFrame([{"trial_id": t, "search_rank": r, "search_score": sc, "seed": s, "epoch": 0,
+                         "val_acc": v + 0.01 * s, "test_acc": v, "chosen": t == "b"}
+                        for t, r, sc, v in (("a", 1, 0.8, 0.70), ("b", 2, 0.79, 0.72)) for s in seeds])
+    g = per.groupby("trial_id", sort=False)
+    conf = pd.DataFrame({"trial_id": ["a", "b"], "search_rank": [1, 2], "search_score": [0.8, 0.79], "seeds": len(seeds),
+                         "selection_metric": "val_acc", "val_acc_mean": g["val_acc"].mean().values,
+                         "val_acc_std": g["val_acc"].std(ddof=1).fillna(0.0).values,
+                         "test_acc_mean": g["test_acc"].mean().values,
+                         "test_acc_std": g["test_acc"].std(ddof=1).fillna(0.0).values, "chosen": [False, True]})
+    return results.Study(Location.parse("/tmp/lucky"), spec, pd.DataFrame(), pd.DataFrame(), None, None, None,
+                         retrained=per, retrained_summary=conf)
+
+
+def test_the_lucky_seed_section_with_one_seed_claims_no_spread():
+    """One seed has no spread (its std is written 0): the section must not say every gap is larger than it."""
+    one = "\n".join(analyze.lucky_lines(lucky_study([3])))
+    assert "order did not hold: trial b, the search's number 2, won" in one, one
+    assert "not measured, one seed (3)" in one and "every gap is larger" not in one, one
+    two = "\n".join(analyze.lucky_lines(lucky_study([3, 4])))
+    assert "the std of val_acc over the seeds is 0.0071 to 0.0071" in two and "not measured" not in two, two
