@@ -153,14 +153,13 @@ def test_one_writer_per_study_folder(tiny_study, tiny_data_dir, tmp_path, capsys
 
 def test_two_identical_studies_at_once(tiny_data_dir, tmp_path, capsys):
     """The second of two identical commands is refused; it used to delete the first's optuna.db."""
-    import signal
     import subprocess
     import time
 
     from conftest import env, in_process, study_cmd, tiny_spec, write_spec
     from study import run
 
-    space = write_spec(tmp_path, tiny_spec("twice", train={"epochs": 4}, search={"num_samples": 2, "max_concurrent": 1},
+    space = write_spec(tmp_path, tiny_spec("twice", train={"epochs": 2}, search={"num_samples": 2, "max_concurrent": 1},
                                            retrain={"seeds": []}))
     first = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -171,9 +170,10 @@ def test_two_identical_studies_at_once(tiny_data_dir, tmp_path, capsys):
     assert lock.exists(), first.communicate()[0][-2000:]
     second = in_process(capsys, run.main, *study_cmd(space, tmp_path, tiny_data_dir)[3:])
     assert second.returncode == 2 and f"pid {first.pid}: python -m study.run" in second.stderr, second.stderr
-    first.send_signal(signal.SIGINT)
+    # The first runs to its end (seconds), whole: Ctrl-C is test_interrupts' (a SIGINT here could land while
+    # the first starts a Python child of Ray's, whose "Exception ignored ... KeyboardInterrupt" is not the study's).
     out = first.communicate(timeout=180)[0]
-    assert first.returncode in (0, 130) and "Traceback" not in out, out[-3000:]
+    assert first.returncode == 0 and "Traceback" not in out and "Best trial" in out, out[-3000:]
     assert not lock.exists()
 
 
