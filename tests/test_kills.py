@@ -142,7 +142,10 @@ def test_a_study_killed_at_each_instant_ends_whole_by_the_advised_command(tmp_pa
         if then:
             then(d)
         where = Location.parse(str(d))
-        assert lifecycle.read(where) == state, (ran, lifecycle.read(where))
+        # The kill lands a little after its cue: where the step is brief (the export: history.csv, then
+        # trials.csv, then the retrain begins) the run may have reached the next instant, whose state then holds.
+        late = INSTANTS[i + 1][3] if i + 1 < len(INSTANTS) else state
+        assert lifecycle.read(where) in (state, late), (ran, lifecycle.read(where))
         # what study.run prints after an interruption; the same command, if refused, advises it too
         cmd = lifecycle.continuation(state, argv, can_retrain=True)
         same = lifecycle.decide(state, lifecycle.command(run.parse_args(argv)))
