@@ -357,10 +357,10 @@ def best_record(trials: pd.DataFrame, spec: StudySpec) -> dict | None:
     row = best_row(trials, spec)
     if row is None:
         return None
-    best = _best_entry(row, spec)
+    best = best_entry(row, spec)
     if spec.multi:
         best["pick"] = spec.retrain["pick"]
-        best["pareto"] = [_best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
+        best["pareto"] = [best_entry(r, spec) for _, r in pareto(trials, spec).iterrows()]
     return best
 
 
@@ -379,7 +379,7 @@ def warm_origins(trials: pd.DataFrame, record: dict) -> list[str]:
     return origins
 
 
-def _best_entry(row: pd.Series, spec: StudySpec) -> dict:
+def best_entry(row: pd.Series, spec: StudySpec) -> dict:
     params = {k: _plain(row[k]) for k in spec.space if not missing(row[k])}
     value = (lambda m: _plain(row[m])) if spec.multi else (lambda m: _plain(row[best_column(m)]))
     return {
@@ -562,7 +562,7 @@ def load(path: str | Path | Location) -> Study:
                              f"({trials_file or loc / 'ray'} lists {', '.join(sorted(ids)) or 'none'})")
     else:
         row = best_row(trials, spec) if len(trials) else None
-        best = None if row is None else _best_entry(row, spec)
+        best = None if row is None else best_entry(row, spec)
     # summary.yaml is written last: without it best/ is not complete
     retrain, summary = None, None
     metrics_file, summary_file = loc / "best" / "metrics.csv", loc / "best" / "summary.yaml"

@@ -256,7 +256,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     seeds = spec.retrain["seeds"]
     topk = spec.retrain["top_k"] > 1
     rows = candidates if topk else None
-    entries = [results._best_entry(r, spec) for r in rows] if topk else [best]
+    entries = [results.best_entry(r, spec) for r in rows] if topk else [best]
     fixed = {e["trial_id"]: retrain_fixed(spec, e["config"]) for e in entries}
     every = spec.resources["checkpoint_every"]
     fn = tune.with_resources(tune.with_parameters(candidate_trainable, data=data, candidates=fixed,
@@ -344,7 +344,7 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
             trials = results.load(study).trials
             search_best = results.best_record(trials, spec)
             chosen_row = trials.set_index("trial_id", drop=False).loc[chosen]
-            record = {**results._best_entry(chosen_row, spec),
+            record = {**results.best_entry(chosen_row, spec),
                       **{k: search_best[k] for k in ("pick", "pareto") if k in search_best},
                       "selection": selection["record"],
                       "search_best": {k: v for k, v in search_best.items() if k not in ("pick", "pareto")}}

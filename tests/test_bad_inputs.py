@@ -94,7 +94,7 @@ class Ctx:
         trials, history = pd.DataFrame(rows), pd.DataFrame(hist)
         for name, frame in (("trials.parquet", trials), ("trials.csv", trials), ("history.csv", history)):
             results.write_table(d / name, frame)
-        best = results._best_entry(results.best_row(trials, spec), spec)
+        best = results.best_entry(results.best_row(trials, spec), spec)
         write_atomic(d / "best.yaml", yaml.safe_dump(best, sort_keys=False))
         summary = {"trial_id": best["trial_id"], "epochs": 1, "seeds": [0, 1], "test_acc": {0: 0.5, 1: 0.52},
                    "test_acc_mean": 0.51, "test_acc_std": 0.014, "epoch_s_mean": 1.0}

@@ -132,7 +132,7 @@ def test_a_study_in_which_every_trial_broke_a_constraint_says_so():
     assert analyze.best_lines(study)[0].startswith("**No trial met the constraints**: every trial that reported broke "
                                                     "one at its last epoch (the constraints section above says which)")
     trials.loc[1, "constraint"] = ""  # b kept it: it is the best, and nothing is said
-    study.best = results._best_entry(results.best_row(trials, spec), spec)
+    study.best = results.best_entry(results.best_row(trials, spec), spec)
     assert study.best["trial_id"] == "b" and analyze.best_lines(study)[0] == "## Best trial: b"
 
 
