@@ -77,6 +77,20 @@ def _scaler_step_record():
 
 
 # (the private API, where we use it, what we rely on)
+def _compile_threads():
+    """With compile_threads 1 inductor compiles in this process: it starts no pool of processes (which
+    use_process_pool would start, recording its first job in _ready_future)."""
+    import torch._inductor.config as inductor
+    from torch._inductor.async_compile import AsyncCompile
+
+    saved = inductor.compile_threads, AsyncCompile._ready_future
+    try:
+        inductor.compile_threads, AsyncCompile._ready_future = 1, None
+        return AsyncCompile.use_process_pool() is False and AsyncCompile._ready_future is None
+    finally:
+        inductor.compile_threads, AsyncCompile._ready_future = saved
+
+
 PRIVATE = [
     ("ray.tune.search.optuna.OptunaSearch._ot_trials, ._completed_trials", "study/stopping.py (silent trials told "
      "to Optuna as infeasible: Ray's searcher has no hook for constraints)", _optuna_search_records),
@@ -93,6 +107,8 @@ PRIVATE = [
     ("torch.cuda._sleep", "csnn/model.py observe_if_kernels (profiler padding)", lambda: callable(torch.cuda._sleep)),
     ("torch._C._cuda_endAllocateToPool, _cuda_releasePool", "csnn/train capture_cuda_graph (a failed capture's "
      "pool ended and released, as torch.cuda.use_mem_pool does)", _allocator_pool_calls),
+    ("torch._inductor.config.compile_threads", "csnn/train fit (a Ray trial compiles in its own process, not a "
+     "pool of one process per core)", _compile_threads),
     ("torch.amp.GradScaler._per_optimizer_states", "csnn/train _scaler_between_steps (a step() whose update() "
      "never came, in a failed capture, forgotten)", _scaler_step_record),
 ]
