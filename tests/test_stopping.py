@@ -124,14 +124,15 @@ def test_silent_and_dead_networks_stop_after_two_such_epochs_and_are_told_as_inf
 
     # what the samplers read: a violated constraint on the silent and the dead trial only
     study = optuna.load_study(study_name="stops", storage=f"sqlite:///{d / 'optuna.db'}")
-    told = {t.params["lr"]: t for t in study.trials}
+    lr = lambda t: t.params[f"lr[optimizer={t.params['optimizer']}]"]  # noqa: E731 (Optuna's name for each case)
+    told = {lr(t): t for t in study.trials}
     # (every trial is told every constraint, 0 where it is met: GPSampler refuses trials that name different ones)
     assert told[1000.0].constraints == {"silent": 1.0, "dead": 0.0} and told[1000.0].user_attrs["silent"] in set(sgd["silent"])
     assert told[300.0].constraints == {"silent": 0.0, "dead": 1.0} and told[300.0].user_attrs["dead"] == dead["dead"]
     assert told[0.01].constraints == {"silent": 0.0, "dead": 0.0} and told[0.01].state.name == "COMPLETE"
     # and a study warm-started from this one tells its sampler the same
     s = results.load(d)
-    warm = {t.params["lr"]: t for t in warmstart.plan(s.spec, [str(d)])[0]["told"]}
+    warm = {lr(t): t for t in warmstart.plan(s.spec, [str(d)])[0]["told"]}
     assert warm[300.0].constraints == {"silent": 0.0, "dead": 1.0} and warm[0.01].constraints == {"silent": 0.0, "dead": 0.0}
     assert warm[1000.0].constraints == {"silent": 1.0, "dead": 0.0}
 
