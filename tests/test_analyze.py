@@ -231,7 +231,8 @@ def test_a_study_over_the_network_keys_runs_is_plotted_and_reproduces_exactly(tm
              "pooling": {"type": "categorical", "choices": ["max", "avg"]},
              "dropout": {"type": "categorical", "choices": [0.0, 0.5]}}
     spec = tiny_spec("keys", train={"epochs": 1, "T": 4, "channels": 4, "lr": 0.01}, space=space,
-                     search={"sampler": "random", "num_samples": 4, "max_concurrent": 2},
+                     # one trial at a time: one trial worker for the four (Ray Tune's reuse_actors), not two
+                     search={"sampler": "random", "num_samples": 4, "max_concurrent": 1},
                      retrain={"epochs": 1, "seeds": [0]}, render={"images": 1})
     spec["space"] = space  # these keys alone
     p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)

@@ -67,7 +67,8 @@ def test_tiny_multi_objective_study(tmp_path, tiny_data_dir, local_ray, capsys):
                      space={"T": {"type": "int", "low": 1, "high": 3},
                             "channels": {"type": "categorical", "choices": [2, 4, 6]},
                             "lr": {"type": "float", "low": 0.003, "high": 0.03, "log": True}},
-                     search={"sampler": "tpe", "num_samples": 5, "max_concurrent": 2},
+                     # one trial at a time: one trial worker for the five (Ray Tune's reuse_actors), not two
+                     search={"sampler": "tpe", "num_samples": 5, "max_concurrent": 1},
                      retrain={"seeds": [0], "pick": "knee"}, render={"images": 1})
     spec["train"].pop("T")
     space = write_spec(tmp_path, spec)
@@ -116,7 +117,7 @@ def test_a_constraint_is_told_to_optuna_and_keeps_its_trials_off_the_front_and_t
 
     spec = tiny_spec("limits", objective=[{"metric": "val_acc", "mode": "max"}, {"metric": "macs_per_image", "mode": "min"}],
                      constraints={"macs_per_image": {"min": 20_000}},
-                     train={"epochs": 1, "lr": 0.01}, search={"sampler": "tpe", "seed": 0, "num_samples": 2},
+                     train={"epochs": 1, "lr": 0.01}, search={"sampler": "tpe", "seed": 0, "num_samples": 2, "max_concurrent": 1},  # one worker
                      scheduler={"type": "none", "silent_rate": 0},  # no trial off the front for being silent
                      retrain={"seeds": [], "pick": "most_accurate"}, render={"images": 0})
     spec["space"] = {"channels": {"type": "categorical", "choices": [2, 4]}}

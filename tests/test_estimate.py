@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, in_process, study_cmd, tiny_spec, write_spec
+from conftest import ROOT, calibrated_once, in_process, study_cmd, tiny_spec, write_spec
 from csnn.config import TrainConfig
 from study import analyze, estimate, results
 from study import spec as specs
@@ -26,6 +26,15 @@ CPU_SPEEDS = estimate.cpu_speeds  # the real calibration, taken at import: conft
 
 @pytest.mark.parametrize("space", SPACES, ids=[s.stem for s in SPACES])
 def test_the_dry_run_prints_an_estimate_for_every_search_space(space, tmp_path, capsys, monkeypatch):
+    # What the spaces' estimates are made of: one real reading of this CPU for all of them, the tiny studies'
+    # (1 thread, batches of 50: the reading that conftest's calibrated_once takes for this module's other
+    # tests anyway), and the networks' ratios at those sizes. Each space's own threads and batch size would
+    # be a calibration and a Python start each (4 of them, and 2 sets of ratios: these 7 tests took 90 s on the
+    # loaded 2-core machine, 14 s so, 2026-12-08); how well a reading prices a study is checked against real
+    # studies below.
+    reading, ratios = calibrated_once(specs.parse(tiny_spec("reading"))), estimate.network_ratios
+    monkeypatch.setattr(estimate, "cpu_speeds", lambda spec: reading)
+    monkeypatch.setattr(estimate, "network_ratios", lambda spec, threads, batch_size: ratios(spec, 1, 50))
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     p = in_process(capsys, study_run, *study_cmd(space, tmp_path, "/usr/share/datasets/fashion-mnist", "--dry-run")[3:])

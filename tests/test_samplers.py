@@ -5,9 +5,6 @@ with the experiment: every nsga2 study failed at Tuner(...). These studies run t
 real thing small (two trials of one epoch, one Ray runtime for the module) and are
 in the newest-versions smoke set of .ci/run (marker `smoke`)."""
 import pickle
-import signal
-import subprocess
-import time
 
 import numpy as np
 import optuna
@@ -16,7 +13,7 @@ import pytest
 import ray
 import yaml
 
-from conftest import calibrated, env, run_study, study_cmd, tiny_spec, write_spec
+from conftest import run_study, stopped_when, tiny_spec, write_spec
 from csnn import data as fmnist
 from study import analyze, environment, results, run, spec as specs
 from study.samplers import SAMPLERS, make_sampler, startup_line
@@ -50,7 +47,9 @@ def local_ray():
 def test_a_two_trial_study_with_every_sampler(name, objectives, local_ray, tiny_data_dir, tmp_path):
     over = {"objective": TWO if objectives == 2 else TWO[0],
             "train": {"epochs": 1, "train_size": 200},
-            "search": {"sampler": name, "seed": 0, "num_samples": 2, "max_concurrent": 2},
+            # one trial at a time: Ray Tune reuses the one trial worker (reuse_actors), not two that each import
+            # torch, Ray and SpikingJelly; the sampler is still pickled with the experiment, asked and told twice
+            "search": {"sampler": name, "seed": 0, "num_samples": 2, "max_concurrent": 1},
             "retrain": {"seeds": []},
             "scheduler": {"type": "none", "silent_rate": 0}}  # 4 steps: often silent, and then on no front
     if objectives == 2:
@@ -71,22 +70,23 @@ def test_a_two_trial_study_with_every_sampler(name, objectives, local_ray, tiny_
 @pytest.mark.smoke
 def test_an_interrupted_nsga2_study_resumes_and_says_what_changed(tmp_path, tiny_data_dir, local_ray, capsys):
     """Ctrl-C, then --resume: Ray unpickles the searcher (a fresh lock) and the study ends with every
-    trial; environment.yaml, edited to say another Optuna ran it, gives one warning line. The Ctrl-C'd
-    run is a process; the --resume is study.run's main here, on the module's Ray."""
+    trial; environment.yaml, edited to say another Optuna ran it, gives one warning line. Both runs are
+    study.run's main here, on the module's Ray: the first stopped as Ctrl-C stops it (conftest.stopped_when;
+    Ray Tune saves the searcher into the experiment's state on disk, which the --resume reads back; a
+    process Ctrl-C'd is tests/test_study.py's)."""
     spec = tiny_spec("nsga2", objective=TWO, train={"epochs": 3}, retrain={"seeds": [], "pick": "knee"},
                      search={"sampler": "nsga2", "num_samples": 3, "max_concurrent": 1})
     space = write_spec(tmp_path, spec)
     d = tmp_path / "results" / "nsga2"
-    proc = subprocess.Popen(calibrated(study_cmd(space, tmp_path, tiny_data_dir), spec), env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # the first trial's epochs are recorded
-        if any(len(pd.read_csv(f)) >= 3 for f in d.glob("ray/*/progress.csv")):
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130 and "continue it with --resume" in out, out[-3000:]
+
+    def first_trial_recorded():  # its epochs are recorded (a file Ray has only begun to write: not yet)
+        try:
+            return any(len(pd.read_csv(f)) >= 3 for f in d.glob("ray/*/progress.csv"))
+        except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError):
+            return False
+
+    p = stopped_when(first_trial_recorded, run_study, capsys, space, tmp_path, tiny_data_dir)
+    assert p.returncode == 130 and "continue it with --resume" in p.stderr, p.stdout[-3000:] + p.stderr[-3000:]
     recorded = yaml.safe_load((d / "environment.yaml").read_text())
     assert recorded["packages"]["optuna"] == optuna.__version__ and recorded["cpus"] >= 1
     recorded["packages"]["optuna"] = "5.0.0"

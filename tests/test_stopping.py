@@ -75,6 +75,8 @@ def test_scheduler_decides_once_per_rung_in_arrival_order():
     assert s.num_stopped == 3  # at rungs: b, d, e
 
 
+# The real studies here run one trial at a time (max_concurrent 1): Ray Tune reuses the one trial worker
+# (reuse_actors) instead of starting two that each import torch, Ray and SpikingJelly (~4 CPU-s each).
 SILENT = {  # measured: on these 600 images SGD lr 1000 leaves a layer of 4 channels silent from the first epoch on
     "channels": {"type": "categorical", "choices": [4]},
     "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
@@ -83,39 +85,67 @@ SILENT = {  # measured: on these 600 images SGD lr 1000 leaves a layer of 4 chan
 }
 
 
-@pytest.mark.slow
-def test_silent_networks_stop_after_two_silent_epochs_and_are_told_as_infeasible(tmp_path, tiny_data_dir, local_ray,
-                                                                                  capsys):
-    # 500 training images an epoch: the silent stop may act from epoch 10 (SILENT_MIN_IMAGES 5,000)
-    spec = tiny_spec("silent", train={"epochs": 12, "T": 2}, space=SILENT,
-                     search={"sampler": "random", "seed": 0, "num_samples": 4, "max_concurrent": 2},  # sgd, adam, sgd, sgd
+# One study for both stops (each a study of its own before: a Ray Tune run and its trial worker saved, and
+# 32 trial-epochs instead of 67): SGD lr 1000 leaves a layer of 4 channels silent, SGD lr 300 makes the network
+# dead (test_the_dead_stop_on_real_training_ends_networks_that_fire_for_one_class), Adam lr 0.01 learns. The
+# random sampler's seed 0 draws them in that order (simulated with study.spec and Optuna's sampler).
+STOPS = {"channels": SILENT["channels"], "optimizer": SILENT["optimizer"],
+         "lr": {"depends_on": "optimizer", "cases": {"adam": SILENT["lr"]["cases"]["adam"],
+                                                    "sgd": {"type": "categorical", "choices": [1000.0, 300.0]}}}}
+
+
+def test_silent_and_dead_networks_stop_after_two_such_epochs_and_are_told_as_infeasible(tmp_path, tiny_data_dir,
+                                                                                        local_ray, capsys):
+    # 500 training images an epoch: the silent and the dead stop may act from epoch 10 (SILENT_MIN_IMAGES 5,000)
+    spec = tiny_spec("stops", train={"epochs": 12, "T": 2}, space=STOPS,
+                     search={"sampler": "random", "seed": 0, "num_samples": 3, "max_concurrent": 1},
                      retrain={"seeds": []})
     del spec["train"]["optimizer"]  # searched
     p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    d = tmp_path / "results" / "silent"
+    d = tmp_path / "results" / "stops"
     trials = pd.read_csv(d / "trials.csv")
-    sgd, adam = trials[trials["optimizer"] == "sgd"], trials[trials["optimizer"] == "adam"]
-    assert len(sgd) and len(adam), trials[["optimizer", "status"]]
+    assert sorted(zip(trials["optimizer"], trials["lr"])) == [("adam", 0.01), ("sgd", 300.0), ("sgd", 1000.0)], \
+        trials[["optimizer", "lr", "status", "epochs_run"]]
+    sgd, adam = trials[trials["lr"] == 1000.0], trials[trials["optimizer"] == "adam"]  # silent, learning
+    by_lr = trials.set_index("lr")
+    dead, learns = by_lr.loc[300.0], by_lr.loc[0.01]
+    # the silent stop
     assert (sgd["status"] == "silent").all() and (sgd["epochs_run"] == 10).all() and (sgd["val_acc"] == 0.1).all()
     assert sgd["silent"].str.fullmatch(r"fr_\d+(,fr_\d+)*").all()  # the layers that stopped firing
     assert (adam["status"] == "finished").all() and (adam["epochs_run"] == 12).all() and adam["silent"].isna().all()
     best = yaml.safe_load((d / "best.yaml").read_text())
     assert best["params"]["optimizer"] == "adam"
+    # the dead stop
+    assert (dead["status"], dead["epochs_run"], dead["val_acc"]) == ("dead", 10, 0.1) and dead["fr_12"] > 0.001
+    assert dead["dead"] == f"predicts class {dead['top_class']} for 100.0% of training images"
+    assert pd.isna(dead["silent"]) and pd.isna(learns["dead"]) and sgd["dead"].isna().all()
+    assert (learns["status"], learns["epochs_run"]) == ("finished", 12) and learns["top_class_share"] < 0.5
 
-    # what the samplers read: a violated constraint on the silent trials only
-    study = optuna.load_study(study_name="silent", storage=f"sqlite:///{d / 'optuna.db'}")
-    told = {t.params["optimizer"]: t for t in study.trials}
+    # what the samplers read: a violated constraint on the silent and the dead trial only
+    study = optuna.load_study(study_name="stops", storage=f"sqlite:///{d / 'optuna.db'}")
+    lr = lambda t: t.params[f"lr[optimizer={t.params['optimizer']}]"]  # noqa: E731 (Optuna's name for each case)
+    told = {lr(t): t for t in study.trials}
     # (every trial is told every constraint, 0 where it is met: GPSampler refuses trials that name different ones)
-    assert told["sgd"].constraints == {"silent": 1.0, "dead": 0.0} and told["sgd"].user_attrs["silent"] in set(sgd["silent"])
-    assert told["adam"].constraints == {"silent": 0.0, "dead": 0.0} and told["adam"].state.name == "COMPLETE"
-
+    assert told[1000.0].constraints == {"silent": 1.0, "dead": 0.0} and told[1000.0].user_attrs["silent"] in set(sgd["silent"])
+    assert told[300.0].constraints == {"silent": 0.0, "dead": 1.0} and told[300.0].user_attrs["dead"] == dead["dead"]
+    assert told[0.01].constraints == {"silent": 0.0, "dead": 0.0} and told[0.01].state.name == "COMPLETE"
+    # and a study warm-started from this one tells its sampler the same
     s = results.load(d)
+    warm = {lr(t): t for t in warmstart.plan(s.spec, [str(d)])[0]["told"]}
+    assert warm[300.0].constraints == {"silent": 0.0, "dead": 1.0} and warm[0.01].constraints == {"silent": 0.0, "dead": 0.0}
+    assert warm[1000.0].constraints == {"silent": 1.0, "dead": 0.0}
+
     lines = "\n".join(analyze.summary(s))
-    assert f"Silent networks: {len(sgd)} of 4 trials" in lines, lines
+    assert "Trials: 3 — 1 finished, 0 stopped, 1 ended by the silent stop, 1 ended by the dead stop, 0 errored; " \
+        "1 silent and 1 dead at their last epoch (below)" in lines, lines
+    assert f"Silent networks: {len(sgd)} of 3 trials" in lines, lines
     assert f"{len(sgd)} were ended so by the silent stop (they ran {10 * len(sgd)} epochs of the {12 * len(sgd)}" in lines
-    assert f"adam 0/{len(adam)} silent, sgd {len(sgd)}/{len(sgd)} silent" in lines
+    assert f"adam 0/{len(adam)} silent, sgd {len(sgd)}/2 silent" in lines, lines
+    assert "Dead networks: 1 of 3 trials" in lines and "1 were ended so by the dead stop (they ran 10 epochs of the 12" \
+        in lines and "- `lr`: 0.01 0/1 dead, 300 1/1 dead, 1000 0/1 dead" in lines, lines
     assert f"{len(sgd)} silent" in p.stdout  # the status counts study.run prints
+    assert re.search(r"trials 3/3: 1 finished, 0 stopped, 1 silent, 1 dead, 0 running", p.stdout), p.stdout  # its line
 
     # silent_rate 0: the same network runs all its epochs
     off = tiny_spec("loud", train={"epochs": 3, "T": 2, "optimizer": "sgd"}, search={"num_samples": 1},
@@ -171,43 +201,6 @@ def test_a_network_silent_by_its_threshold_or_tau_is_told_silent_not_dead(real_d
         assert dead_network(b, 0.001) == ""
     firing = fit(TrainConfig(**base), data)[-1]  # its output layer may be quiet this early; its encoder is not
     assert firing["fr_2"] > 0.001 and firing["fr_6"] > 0.001
-
-
-DEAD = {"channels": SILENT["channels"], "lr": {"type": "categorical", "choices": [300.0, 1.0]}}  # SGD: dead, learning
-
-
-def test_dead_networks_stop_after_two_dead_epochs_and_are_told_as_infeasible(tmp_path, tiny_data_dir, local_ray,
-                                                                              capsys):
-    # 500 training images an epoch: the dead stop may act from epoch 10 (SILENT_MIN_IMAGES 5,000)
-    spec = tiny_spec("dead", train={"epochs": 11, "T": 2, "optimizer": "sgd"}, space=DEAD,
-                     search={"sampler": "random", "seed": 0, "num_samples": 2, "max_concurrent": 2},  # lr 1, lr 300
-                     retrain={"seeds": []})
-    p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    d = tmp_path / "results" / "dead"
-    trials = pd.read_csv(d / "trials.csv").set_index("lr")
-    assert sorted(trials.index) == [1.0, 300.0], trials[["status", "epochs_run"]]
-    dead, learns = trials.loc[300.0], trials.loc[1.0]
-    assert (dead["status"], dead["epochs_run"], dead["val_acc"]) == ("dead", 10, 0.1) and dead["fr_12"] > 0.001
-    assert dead["dead"] == f"predicts class {dead['top_class']} for 100.0% of training images"
-    assert pd.isna(dead["silent"]) and pd.isna(learns["dead"])
-    assert (learns["status"], learns["epochs_run"]) == ("finished", 11) and learns["top_class_share"] < 0.5
-
-    study = optuna.load_study(study_name="dead", storage=f"sqlite:///{d / 'optuna.db'}")
-    told = {t.params["lr"]: t for t in study.trials}
-    assert told[300.0].constraints == {"silent": 0.0, "dead": 1.0} and told[300.0].user_attrs["dead"] == dead["dead"]
-    assert told[1.0].constraints == {"silent": 0.0, "dead": 0.0} and told[1.0].state.name == "COMPLETE"
-    # and a study warm-started from this one tells its sampler the same
-    s = results.load(d)
-    warm = {t.params["lr"]: t for t in warmstart.plan(s.spec, [str(d)])[0]["told"]}
-    assert warm[300.0].constraints == {"silent": 0.0, "dead": 1.0} and warm[1.0].constraints == {"silent": 0.0, "dead": 0.0}
-
-    lines = "\n".join(analyze.summary(s))
-    assert "Trials: 2 — 1 finished, 0 stopped, 0 ended by the silent stop, 1 ended by the dead stop, 0 errored; " \
-        "1 dead at their last epoch (below)" in lines, lines
-    assert "Dead networks: 1 of 2 trials" in lines and "1 were ended so by the dead stop (they ran 10 epochs of the 11" \
-        in lines and "- `lr`: 1 0/1 dead, 300 1/1 dead" in lines, lines
-    assert re.search(r"trials 2/2: 1 finished, 0 stopped, 1 dead, 0 running", p.stdout), p.stdout  # study.run's line
 
 
 @pytest.mark.smoke  # .ci/run's newest-versions set
@@ -277,7 +270,7 @@ def test_a_study_in_which_no_trial_learned_ends_saying_so(tmp_path, tiny_data_di
                                              {"metric": "energy_uj", "mode": "min"}],
                      train={"epochs": 2, "T": 2, "optimizer": "sgd"},
                      space={"channels": SILENT["channels"], "lr": SILENT["lr"]["cases"]["sgd"]},
-                     search={"sampler": "random", "num_samples": 2, "max_concurrent": 2},
+                     search={"sampler": "random", "num_samples": 2, "max_concurrent": 1},
                      retrain={"seeds": [0], "epochs": 1, "pick": "knee"})
     p = run_study(capsys, write_spec(tmp_path, spec), tmp_path, tiny_data_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
