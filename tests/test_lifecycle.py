@@ -156,13 +156,15 @@ def test_two_identical_studies_at_once(tiny_data_dir, tmp_path, capsys):
     import subprocess
     import time
 
-    from conftest import env, in_process, study_cmd, tiny_spec, write_spec
+    from conftest import calibrated, env, in_process, study_cmd, tiny_spec, write_spec
     from study import run
 
-    space = write_spec(tmp_path, tiny_spec("twice", train={"epochs": 2}, search={"num_samples": 2, "max_concurrent": 1},
-                                           retrain={"seeds": []}))
-    first = subprocess.Popen(study_cmd(space, tmp_path, tiny_data_dir), env=env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    # the least study that runs (one trial of one epoch), on this worker's reading of the CPU (no calibration)
+    spec = tiny_spec("twice", train={"epochs": 1}, search={"num_samples": 1, "max_concurrent": 1},
+                     retrain={"seeds": []})
+    space = write_spec(tmp_path, spec)
+    first = subprocess.Popen(calibrated(study_cmd(space, tmp_path, tiny_data_dir), spec), env=env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lock = tmp_path / "results" / "twice" / lifecycle.LOCK
     deadline = time.time() + 120
     while not lock.exists() and time.time() < deadline and first.poll() is None:
@@ -352,11 +354,46 @@ def test_a_start_afresh_removes_only_what_a_run_wrote(tiny_data_dir, tmp_path, c
     assert (k / "report" / "notes.txt").read_text() == "mine"
 
 
+# `python -m MODULE ARGS` commands one after another in one interpreter (runpy, as python -m runs them), each with
+# its own stdout and stderr (file descriptors 1 and 2: also what Ray or pyarrow write there) and exit code, as a
+# shell's `cmd > NAME.out 2> NAME.err; echo $? > NAME.rc` would leave them: the imports (torch, Ray: seconds) are
+# paid once, not per command. Each command's warnings are shown as in a process of its own (catch_warnings).
+COMMANDS_IN_ONE = r"""
+import json, os, runpy, sys, traceback, warnings
+jobs, logs = json.load(open(sys.argv[1])), sys.argv[2]
+own = os.dup(1), os.dup(2)
+for name, module, *args in jobs:
+    code = 0
+    with open(f"{logs}/{name}.out", "w") as out, open(f"{logs}/{name}.err", "w") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.argv = [module, *args]
+        try:
+            with warnings.catch_warnings():  # runpy's own, on a module an earlier command imported: not the command's
+                warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning)
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            code = 1
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(own[0], 1)
+            os.dup2(own[1], 2)
+    with open(f"{logs}/{name}.rc", "w") as rc:
+        rc.write(f"{code}\n")
+"""
+
+
 def test_read_only_and_full_study_folders(tiny_study, tiny_data_dir, tmp_path):
     """Someone else's study, mounted read-only: study.analyze prints its leaderboard and says where the report
     could not be written (--out writes it elsewhere); --resume, --retrain and study.reproduce are refused in
     one line before anything starts. A full disk: one line saying so, the folder and the command that goes on.
     (Each was a traceback.) Real mounts, in a mount namespace of the test's own (unshare, as root)."""
+    import json
+    import shlex
     import subprocess
     import sys
 
@@ -368,21 +405,22 @@ def test_read_only_and_full_study_folders(tiny_study, tiny_data_dir, tmp_path):
     space = write_spec(tmp_path, tiny_spec("e2e", **TINY_STUDY))
     logs = tmp_path / "logs"
     logs.mkdir()
-    py = f"{sys.executable} -m"
-    runs = {  # name: command (in the namespace, after the mounts)
-        "analyze": f"{py} study.analyze {ro}",
-        "analyze_out": f"{py} study.analyze {ro} --out {tmp_path / 'elsewhere'}",
-        "resume": f"{py} study.run {space} --storage {ro.parent} --data-dir {tiny_data_dir} --resume",
-        "retrain": f"{py} study.run {space} --storage {ro.parent} --data-dir {tiny_data_dir} --retrain",
-        "reproduce": f"{py} study.reproduce {ro} --data-dir {tiny_data_dir} --epochs 1",
-        "full_retrain": f"{py} study.run {space} --storage {full} --data-dir {tiny_data_dir} --retrain",
-        "full_analyze": f"{py} study.analyze {full / 'e2e'}",
+    runs = {  # name: python -m MODULE ARGS (in the namespace, after the mounts)
+        "analyze": ["study.analyze", ro],
+        "analyze_out": ["study.analyze", ro, "--out", tmp_path / "elsewhere"],
+        "resume": ["study.run", space, "--storage", ro.parent, "--data-dir", tiny_data_dir, "--resume"],
+        "retrain": ["study.run", space, "--storage", ro.parent, "--data-dir", tiny_data_dir, "--retrain"],
+        "reproduce": ["study.reproduce", ro, "--data-dir", tiny_data_dir, "--epochs", "1"],
+        "full_retrain": ["study.run", space, "--storage", full, "--data-dir", tiny_data_dir, "--retrain"],
+        "full_analyze": ["study.analyze", full / "e2e"],
     }
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([[name, *map(str, cmd)] for name, cmd in runs.items()]))
     script = "\n".join([
         "set -e", f"mount --bind {ro} {ro}", f"mount -o remount,bind,ro {ro}",
         f"mount -t tmpfs -o size=64m tmpfs {full}", f"cp -r {ro} {full}/e2e",
-        f"dd if=/dev/zero of={full}/filler bs=64k 2>/dev/null || true", "set +e",
-        *(f"{cmd} > {logs / name}.out 2> {logs / name}.err; echo $? > {logs / name}.rc" for name, cmd in runs.items())])
+        f"dd if=/dev/zero of={full}/filler bs=64k 2>/dev/null || true",
+        shlex.join([sys.executable, "-c", COMMANDS_IN_ONE, str(jobs), str(logs)])])
     p = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     out = {n: ((logs / f"{n}.out").read_text(), (logs / f"{n}.err").read_text(), int((logs / f"{n}.rc").read_text()))

@@ -88,7 +88,7 @@ def test_three_trial_study_end_to_end(tiny_study, tiny_data_dir, tmp_path, capsy
 @pytest.mark.slow
 def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_dir, local_ray, capsys):
     # 4 epochs a trial (about 2 s with Ray's worker reused): Ctrl-C lands while the second trial runs
-    spec = tiny_spec("resume", train={"epochs": 4}, search={"num_samples": 4, "max_concurrent": 1},
+    spec = tiny_spec("resume", train={"epochs": 4}, search={"num_samples": 3, "max_concurrent": 1},
                      retrain={"seeds": []})
     space = write_spec(tmp_path, spec)
     ray_dir = tmp_path / "results" / "resume" / "ray"
@@ -117,43 +117,31 @@ def test_interrupted_study_resumes_to_exactly_num_samples(tmp_path, tiny_data_di
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     d = tmp_path / "results" / "resume"
     trials = pd.read_csv(d / "trials.csv")
-    assert len(trials) == 4 and trials["trial_id"].is_unique and (trials["status"] == "finished").all()
+    assert len(trials) == 3 and trials["trial_id"].is_unique and (trials["status"] == "finished").all()
     history = pd.read_csv(d / "history.csv")
-    assert not history.duplicated(["trial_id", "epoch"]).any() and len(history) == 16
+    assert not history.duplicated(["trial_id", "epoch"]).any() and len(history) == 12
     for name, frame in before.items():  # the trial finished before Ctrl-C was not run again
         after = pd.read_csv(ray_dir / name / "progress.csv")
         assert len(after) == 4 and after["epoch_s"].tolist() == frame["epoch_s"].tolist()
     study = optuna.load_study(study_name="resume", storage=f"sqlite:///{d / 'optuna.db'}")
-    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 3
 
 
-def test_errored_trial_is_recorded_and_others_finish(tmp_path, tiny_data_dir, local_ray, capsys):
-    # lr 1e38 overflows Adam's step: a real exception inside the trial.
-    spec = tiny_spec("errors", space={"lr": {"type": "categorical", "choices": [0.01, 1e38]}},
-                     search={"sampler": "random", "seed": 0, "num_samples": 4, "max_concurrent": 2},
-                     retrain={"seeds": []})
-    space = write_spec(tmp_path, spec)
-    p = run_study(capsys, space, tmp_path, tiny_data_dir)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert ray.is_initialized()  # study.run's main left up the Ray that its caller (local_ray) started
-    trials = pd.read_csv(tmp_path / "results" / "errors" / "trials.csv")
-    bad = trials[trials["lr"] > 1]
-    good = trials[trials["lr"] < 1]
-    assert len(bad) and len(good), trials[["lr", "status"]]
-    assert (bad["status"] == "errored").all() and bad["error"].str.contains("overflow").all()
-    assert (good["status"] == "finished").all()
-    assert "errored" in p.stdout
-    best = yaml.safe_load((tmp_path / "results" / "errors" / "best.yaml").read_text())
-    assert best["config"]["lr"] == 0.01
-
-
-def test_a_start_that_stopped_before_the_first_trial_is_started_afresh(tmp_path, tiny_data_dir, local_ray, capsys):
-    """A bad --optuna-storage used to fail after spec.yaml was written, and a Ctrl-C
-    in that moment left spec.yaml and optuna.db: the folder was then refused both
-    without --resume and with it. Now the URL is checked first, and such a folder starts afresh."""
+def test_a_start_that_stopped_is_started_afresh_and_an_errored_trial_is_recorded(tmp_path, tiny_data_dir, local_ray,
+                                                                              capsys):
+    """One study for two checks (each had a study of its own: 10-40 s of make test).
+    A start that stopped before the first trial: a bad --optuna-storage used to fail after spec.yaml was
+    written, and a Ctrl-C in that moment left spec.yaml and optuna.db: the folder was then refused both
+    without --resume and with it. Now the URL is checked first, and such a folder starts afresh.
+    An errored trial: lr 1e38 overflows Adam's step, a real exception inside the trial; it is recorded
+    as errored, and the other trial finishes and is the best."""
     import optuna
 
-    space = write_spec(tmp_path, tiny_spec("stuck", search={"num_samples": 2}, retrain={"seeds": []}))
+    # the random sampler's first two draws (seed 0): lr 0.01, then 1e38; both at once
+    spec = tiny_spec("stuck", space={"lr": {"type": "categorical", "choices": [0.01, 1e38]}},
+                     search={"sampler": "random", "seed": 0, "num_samples": 2, "max_concurrent": 2},
+                     retrain={"seeds": []})
+    space = write_spec(tmp_path, spec)
     p = run_study(capsys, space, tmp_path, tiny_data_dir, "--optuna-storage", "sqlite:////nonexistent/o.db")
     assert p.returncode == 2 and "the folder /nonexistent does not exist" in p.stderr, p.stderr[-3000:]
     d = tmp_path / "results" / "stuck"
@@ -164,29 +152,42 @@ def test_a_start_that_stopped_before_the_first_trial_is_started_afresh(tmp_path,
     p = run_study(capsys, space, tmp_path, tiny_data_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "starting the study afresh" in p.stdout
-    assert len(pd.read_csv(d / "trials.csv")) == 2
+    assert ray.is_initialized()  # study.run's main left up the Ray that its caller (local_ray) started
+    trials = pd.read_csv(d / "trials.csv")
+    assert len(trials) == 2
+    bad = trials[trials["lr"] > 1]
+    good = trials[trials["lr"] < 1]
+    assert len(bad) and len(good), trials[["lr", "status"]]
+    assert (bad["status"] == "errored").all() and bad["error"].str.contains("overflow").all()
+    assert (good["status"] == "finished").all()
+    assert "errored" in p.stdout
+    best = yaml.safe_load((d / "best.yaml").read_text())
+    assert best["config"]["lr"] == 0.01
 
 
-@pytest.mark.parametrize("phase", ["imports", "first line"])
-def test_ctrl_c_early_prints_one_line_and_its_advice_works(phase, tmp_path, tiny_data_dir, local_ray, capsys):
-    """Ctrl-C while study.run imports, and right after its first line (Ray started, the
-    search about to begin): exit 130, one line and no traceback; the command it advises
-    then runs the study to its end."""
+def test_ctrl_c_early_prints_one_line_and_its_advice_works(tmp_path, tiny_data_dir, local_ray, capsys):
+    """Ctrl-C while study.run imports, then, in the command it advises, right after its first line (Ray
+    started, the search about to begin): exit 130, one line and no traceback, each time; the command the
+    second advises then runs the study to its end. (One study for both moments: each advice is the next
+    command run, as a user would.)"""
     spec = tiny_spec("early", search={"num_samples": 2}, retrain={"seeds": []})
     space = write_spec(tmp_path, spec)
-    cmd = study_cmd(space, tmp_path, tiny_data_dir)  # python -m study.run: its own handling of a Ctrl-C in imports
-    proc = subprocess.Popen(cmd if phase == "imports" else calibrated(cmd, spec), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    if phase == "imports":
-        time.sleep(0.3)  # python is importing torch, pandas, ...: seconds on this machine
-    else:
-        assert proc.stdout.readline().startswith("study early:")
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
-    advice = [line for line in err.splitlines() if "interrupted" in line]
-    assert len(advice) == 1, err[-3000:]
-    resume = ["--resume"] if "--resume" in advice[0] else []
+    resume = []
+    for phase in ("imports", "first line"):
+        # python -m study.run: its own handling of a Ctrl-C in imports
+        cmd = study_cmd(space, tmp_path, tiny_data_dir, *resume)
+        proc = subprocess.Popen(cmd if phase == "imports" else calibrated(cmd, spec), env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if phase == "imports":
+            time.sleep(0.3)  # python is importing torch, pandas, ...: seconds on this machine
+        else:
+            assert proc.stdout.readline().startswith("study early:")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "Traceback" not in err, (phase, err[-3000:])
+        advice = [line for line in err.splitlines() if "interrupted" in line]
+        assert len(advice) == 1, (phase, err[-3000:])
+        resume = ["--resume"] if "--resume" in advice[0] else []
     p = run_study(capsys, space, tmp_path, tiny_data_dir, *resume)
     assert p.returncode == 0, advice[0] + "\n" + p.stdout[-3000:] + p.stderr[-3000:]
     assert len(pd.read_csv(tmp_path / "results" / "early" / "trials.csv")) == 2
