@@ -77,6 +77,23 @@ def _scaler_step_record():
 
 
 # (the private API, where we use it, what we rely on)
+def _actor_cache():
+    """Tune's controller makes its actor cache from the module's _ObjectCache, and ours keeps two idle objects
+    where Ray's keeps one (may_keep_one) when none is wanted, and flushes neither."""
+    import inspect
+
+    from ray.tune.execution import tune_controller
+
+    from study.tuning import idle_workers_kept
+
+    with idle_workers_kept(2):
+        cache = tune_controller._ObjectCache(may_keep_one=True)
+        kept = [cache.cache_object("1 CPU", worker) for worker in ("a", "b", "c")]
+        flushed = list(cache.flush_cached_objects())
+    return ("_ObjectCache(" in inspect.getsource(tune_controller.TuneController.__init__)
+            and kept == [True, True, False] and not flushed and cache.pop_cached_object("1 CPU") == "a")
+
+
 def _compile_threads():
     """With compile_threads 1 inductor compiles in this process: it starts no pool of processes (which
     use_process_pool would start, recording its first job in _ready_future)."""
@@ -107,6 +124,8 @@ PRIVATE = [
     ("torch.cuda._sleep", "csnn/model.py observe_if_kernels (profiler padding)", lambda: callable(torch.cuda._sleep)),
     ("torch._C._cuda_endAllocateToPool, _cuda_releasePool", "csnn/train capture_cuda_graph (a failed capture's "
      "pool ended and released, as torch.cuda.use_mem_pool does)", _allocator_pool_calls),
+    ("ray.tune.execution.tune_controller._ObjectCache", "study/tuning.py idle_workers_kept (a search keeps "
+     "its idle trial workers, not one)", _actor_cache),
     ("torch._inductor.config.compile_threads", "csnn/train fit (a Ray trial compiles in its own process, not a "
      "pool of one process per core)", _compile_threads),
     ("torch.amp.GradScaler._per_optimizer_states", "csnn/train _scaler_between_steps (a step() whose update() "
