@@ -98,7 +98,8 @@ def session(sid: int) -> list[int]:
 ZYGOTE = """
 import json, os, runpy, sys
 import ray, ray.tune, optuna, torch
-import csnn.trainable, study.run, study.samplers, study.stopping, study.tuning
+import csnn.trainable, study.samplers, study.stopping, study.tuning  # not study.run itself: runpy runs it fresh
+from study import analyze, environment, lifecycle, plan, progress, results, spec, storage, warmstart
 from study import estimate
 for line in sys.stdin:
     req = json.loads(line)
@@ -113,14 +114,17 @@ for line in sys.stdin:
         os.dup2(fd, 1), os.dup2(fd, 2), os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         estimate.cpu_speeds = lambda spec: req["speeds"]
         sys.argv = ["-m", *req["argv"]]
-        code = 1
         try:
             runpy.run_module("study.run", run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            sys.stdout.flush(), sys.stderr.flush()
-            os._exit(code)
+            code = 0
+        except SystemExit as e:  # study.run ends so (leave)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:  # as Python itself would end: its traceback, exit 1
+            import traceback
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
     os.read(r, 1)
     os.close(r), os.close(w)
     print(pid, flush=True)
@@ -143,7 +147,9 @@ class Zygote:
         self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "log": str(log), "speeds": self.speeds})
                               + "\n")
         self.proc.stdin.flush()
-        self.pid, self.returncode = int(self.proc.stdout.readline()), None
+        line = self.proc.stdout.readline()
+        assert line, f"the zygote ended (exit {self.proc.wait()})"
+        self.pid, self.returncode = int(line), None
         return self
 
     def poll(self):
@@ -163,13 +169,17 @@ class Zygote:
         return self.returncode
 
     def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        self.proc.stdin.close()  # its loop ends
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def killed_at(argv: list, d: Path, when, log: Path, zygote: Zygote | None = None) -> str:
-    """Run `argv` as its own session (with a `zygote`, argv is study.run's arguments, run in a fork of it) and SIGKILL all of it
-    (study.run, its Ray, the trials) once `when(d, trials told at the start)` holds; its output."""
+    """Run `argv` as its own session (with a `zygote`: study.run's arguments, run in a fork of it) and SIGKILL
+    all of it (study.run, its Ray, the trials) once `when(d, trials told at the start)` holds; its output."""
     n0 = told(d)
     if zygote is not None:
         p = zygote.start(argv, log)
