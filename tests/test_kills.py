@@ -133,7 +133,7 @@ for line in sys.stdin:
 
 
 class Zygote:
-    """study.run's processes forked from one Python that imported it once (ZYGOTE); start() returns one
+    """study.run processes forked from one Python that imported its modules once (ZYGOTE); start() returns one
     that reads as the subprocess.Popen killed_at needs: pid (its session), poll(), wait(), returncode."""
 
     def __init__(self, spec: dict):
