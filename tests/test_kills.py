@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, calibrated, env, in_process, study_cmd, tiny_spec, write_spec
+from conftest import ROOT, env, in_process, study_cmd, tiny_spec, write_spec
 from study import lifecycle, run
 from study.storage import Location
 
@@ -90,13 +90,103 @@ def session(sid: int) -> list[int]:
     return pids
 
 
-def killed_at(argv: list, d: Path, when, log: Path) -> str:
-    """Run `argv` as its own session and SIGKILL all of it (study.run, its Ray, the trials) once
-    `when(d, trials told at the start)` holds; its output."""
+# A Python with study.run's imports done (4 CPU-s, 10 s wall on the loaded machine: each killed run paid them), which
+# forks each run: the child becomes a session of its own (its Ray's processes join it) and runs `python -m study.run
+# ARGV` with the worker's CPU reading (as conftest.calibrated). The child's first act is setsid, said before its pid
+# is, so that a kill of its session never misses; the zygote reaps it and says its exit status. Nothing in the zygote
+# runs a thread that matters at the fork (torch's DataLoader forks after importing torch the same way).
+ZYGOTE = """
+import json, os, runpy, sys
+import ray, ray.tune, optuna, torch
+import csnn.trainable, study.samplers, study.stopping, study.tuning  # not study.run itself: runpy runs it fresh
+from study import analyze, environment, lifecycle, plan, progress, results, spec, storage, warmstart
+from study import estimate
+for line in sys.stdin:
+    req = json.loads(line)
+    r, w = os.pipe()
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        os.write(w, b"x")
+        os.close(r), os.close(w)
+        fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1), os.dup2(fd, 2), os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        estimate.cpu_speeds = lambda spec: req["speeds"]
+        sys.argv = ["-m", *req["argv"]]
+        try:
+            runpy.run_module("study.run", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:  # study.run ends so (leave)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:  # as Python itself would end: its traceback, exit 1
+            import traceback
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    os.read(r, 1)
+    os.close(r), os.close(w)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class Zygote:
+    """study.run processes forked from one Python that imported its modules once (ZYGOTE); start() returns one
+    that reads as the subprocess.Popen killed_at needs: pid (its session), poll(), wait(), returncode."""
+
+    def __init__(self, spec: dict):
+        from study import estimate, spec as specs
+
+        self.speeds = estimate.cpu_speeds(specs.parse(spec))  # the worker's reading (conftest._calibrate_once)
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=env(), cwd=ROOT, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def start(self, argv: list, log: Path) -> "Zygote":
+        self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "log": str(log), "speeds": self.speeds})
+                              + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the zygote ended (exit {self.proc.wait()})"
+        self.pid, self.returncode = int(line), None
+        return self
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, 0)  # the zygote reaps it as it ends: then gone
+                return None
+            except ProcessLookupError:
+                self.wait()
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            line = self.proc.stdout.readline()
+            assert line, f"the zygote ended (exit {self.proc.wait()})"
+            self.returncode = int(line)
+        return self.returncode
+
+    def close(self):
+        self.proc.stdin.close()  # its loop ends
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def killed_at(argv: list, d: Path, when, log: Path, zygote: Zygote | None = None) -> str:
+    """Run `argv` as its own session (with a `zygote`: study.run's arguments, run in a fork of it) and SIGKILL
+    all of it (study.run, its Ray, the trials) once `when(d, trials told at the start)` holds; its output."""
     n0 = told(d)
-    with log.open("w") as out:
-        p = subprocess.Popen(argv, env=env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    if zygote is not None:
+        p = zygote.start(argv, log)
+    else:
+        with log.open("w") as out:
+            p = subprocess.Popen(argv, env=env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
     deadline = time.time() + 300
     try:
         while p.poll() is None and time.time() < deadline and not when(d, n0):
@@ -130,27 +220,30 @@ def test_a_study_killed_at_each_instant_ends_whole_by_the_advised_command(tmp_pa
     d = tmp_path / "results" / "k"
     argv = study_cmd(space, tmp_path, tiny_data_dir)[3:]
     advised, says, done, ran = argv, "", set(), []
-    for i, (instant, when, then, state, then_says) in enumerate(INSTANTS):
-        t0 = time.time()
-        out = killed_at(calibrated([sys.executable, "-m", "study.run", *advised], spec), d, when,
-                        tmp_path / f"run{i}.txt")
-        ran.append(f"{instant} ({time.time() - t0:.0f} s)")
-        assert "Traceback" not in out and "error:" not in out and says in out, (ran, out[-3000:])
-        if i:  # the previous run's lock, left by the kill: taken over with one line
-            assert out.count("taking over the lock of a process that no longer runs") == 1, (ran, out[-3000:])
-        done |= finished(d)  # the trials finished by this kill
-        if then:
-            then(d)
-        where = Location.parse(str(d))
-        # The kill lands a little after its cue: where the step is brief (the export: history.csv, then
-        # trials.csv, then the retrain begins) the run may have reached the next instant, whose state then holds.
-        late = INSTANTS[i + 1][3] if i + 1 < len(INSTANTS) else state
-        assert lifecycle.read(where) in (state, late), (ran, lifecycle.read(where))
-        # what study.run prints after an interruption; the same command, if refused, advises it too
-        cmd = lifecycle.continuation(state, argv, can_retrain=True)
-        same = lifecycle.decide(state, lifecycle.command(run.parse_args(argv)))
-        assert cmd.verb == "start" if same.action != "refuse" else same.advice == cmd, (instant, same, cmd)
-        advised, says = lifecycle.command_line(cmd, argv, where).split()[3:], then_says
+    zygote = Zygote(spec)  # each killed run a fork of it: Python's start and the imports paid once
+    try:
+        for i, (instant, when, then, state, then_says) in enumerate(INSTANTS):
+            t0 = time.time()
+            out = killed_at(advised, d, when, tmp_path / f"run{i}.txt", zygote)
+            ran.append(f"{instant} ({time.time() - t0:.0f} s)")
+            assert "Traceback" not in out and "error:" not in out and says in out, (ran, out[-3000:])
+            if i:  # the previous run's lock, left by the kill: taken over with one line
+                assert out.count("taking over the lock of a process that no longer runs") == 1, (ran, out[-3000:])
+            done |= finished(d)  # the trials finished by this kill
+            if then:
+                then(d)
+            where = Location.parse(str(d))
+            # The kill lands a little after its cue: where the step is brief (the export: history.csv, then
+            # trials.csv, then the retrain begins) the run may have reached the next instant, whose state then holds.
+            late = INSTANTS[i + 1][3] if i + 1 < len(INSTANTS) else state
+            assert lifecycle.read(where) in (state, late), (ran, lifecycle.read(where))
+            # what study.run prints after an interruption; the same command, if refused, advises it too
+            cmd = lifecycle.continuation(state, argv, can_retrain=True)
+            same = lifecycle.decide(state, lifecycle.command(run.parse_args(argv)))
+            assert cmd.verb == "start" if same.action != "refuse" else same.advice == cmd, (instant, same, cmd)
+            advised, says = lifecycle.command_line(cmd, argv, where).split()[3:], then_says
+    finally:
+        zygote.close()
     p = in_process(capsys, run.main, *advised)  # the last advice runs to the end, here on the module's Ray
     assert p.returncode == 0 and "taking over the lock" in p.stdout, (ran, p.stdout[-3000:] + p.stderr[-3000:])
     trials = pd.read_csv(d / "trials.csv")
