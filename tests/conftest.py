@@ -30,12 +30,13 @@ def pytest_configure(config):
 # The modules that take longest (each runs several real studies) first: `make test` gives whole modules
 # to two workers (pytest -n 2 --dist loadfile) in this order, and a long module started last would
 # keep one worker busy while the other has nothing left. The order is the modules' measured totals
-# (make test's --durations on the loaded 2-core machine, 2026-12-07, less what sharing tiny_study and
-# the calibration saved), longest first; the first module that needs tiny_study (lifecycle) is followed
-# by one that does not (stopping), so that the other worker has work while tiny_study is made.
-LONGEST_FIRST = ("test_cluster.py", "test_samplers.py", "test_augment.py", "test_lifecycle.py", "test_stopping.py",
-                 "test_study.py", "test_kills.py", "test_topk.py", "test_estimate.py", "test_resume.py", "test_interrupts.py",
-                 "test_analyze.py", "test_constraints.py")
+# (make test's --durations on the 2-core machine, 2026-12-08, less what sharing studies, one trial worker
+# where one will do and fewer processes saved since), longest first; the first module that needs tiny_study
+# (lifecycle) comes after two that do not (resume, samplers), so that the other worker has work while
+# tiny_study is made.
+LONGEST_FIRST = ("test_cluster.py", "test_resume.py", "test_samplers.py", "test_lifecycle.py", "test_kills.py",
+                 "test_study.py", "test_topk.py", "test_stopping.py", "test_augment.py", "test_estimate.py",
+                 "test_interrupts.py", "test_analyze.py", "test_constraints.py")
 
 
 def _keep_module_order(config):
