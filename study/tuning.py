@@ -245,6 +245,22 @@ def state_readable(where: Location) -> bool:
         return False
 
 
+def record_behind(where: Location, ended: list) -> bool:
+    """Whether Ray's newest record of a retrain lists as not ended a run that its folder shows ended: Ray saves
+    its record now and then, and a kill before it saved again left the run PENDING or RUNNING there; a restore
+    from it would train that run again from scratch. A record this cannot read counts as behind."""
+    import json
+
+    names = sorted(Path(i.path).name for i in where.fs.get_file_info(pafs.FileSelector(where.path, allow_not_found=True))
+                   if Path(i.path).name.startswith("experiment_state") and i.path.endswith(".json"))
+    try:
+        trials = [json.loads(t[0]) for t in json.loads((where / names[-1]).read_text())["trial_data"]]
+        recorded = {run_of(t["config"]) for t in trials if t["status"] == "TERMINATED"}
+    except (ValueError, KeyError, IndexError, TypeError):
+        return True
+    return any(run_of(r.config) not in recorded for r in ended)
+
+
 def ended_runs(where: Location, epochs: int) -> list:
     """The runs in a retrain's folder that had ended (their last epoch reported, a checkpoint saved), read with
     Ray's Result.from_path, one a configuration and seed: what a retrain whose Ray record is lost keeps."""
@@ -309,8 +325,11 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     quiet = timing.quiet() if timing else {}
     # Ray's own can_restore asks only for tuner.pkl: killed before Ray saved the seeds' state,
     # its restore ran trials without their seed (KeyError: 'seed'). Then the retrain starts again,
-    # keeping the runs that had ended (a kill while Ray rewrote its state leaves it empty: the same).
-    if resume and restorable(where) and state_readable(where):
+    # keeping the runs that had ended (a kill while Ray rewrote its state leaves it empty: the same; so does one
+    # before Ray saved a run's end, which its restore would train again).
+    readable = resume and restorable(where) and state_readable(where)
+    behind = readable and record_behind(where, ended_runs(where, epochs))
+    if readable and not behind:
         with trials_in(study, results.trial_results(where)):
             grid = list(tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
                                            storage_filesystem=where.fs).fit())
@@ -321,7 +340,8 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
         if not grid:
             where.delete()
         elif todo:
-            print(f"{where}: Ray's record of the retrain is lost (killed as Ray wrote it); the {len(grid)} runs that had "
+            why = "is older than its runs (killed before Ray saved it)" if behind else "is lost (killed as Ray wrote it)"
+            print(f"{where}: Ray's record of the retrain {why}; the {len(grid)} runs that had "
                   f"ended are kept, the other {len(todo)} run again", flush=True)
         space = {"run": tune.grid_search(todo)} if topk else {"seed": tune.grid_search([t["seed"] for t in todo])}
         if todo:
