@@ -232,15 +232,21 @@ def run_of(config: dict) -> tuple[str | None, int]:
     return run.get("candidate"), run["seed"]
 
 
+def newest_state(where: Location):
+    """The newest experiment state (experiment_state-<time>.json) of the Ray run in `where`, or None."""
+    names = sorted(Path(i.path).name for i in where.fs.get_file_info(pafs.FileSelector(where.path, allow_not_found=True))
+                   if Path(i.path).name.startswith("experiment_state") and i.path.endswith(".json"))
+    return where / names[-1] if names else None
+
+
 def state_readable(where: Location) -> bool:
     """Whether the newest experiment state of a Ray run is whole JSON: a kill while Ray rewrote it leaves it empty,
     and a restore from it starts a run with no trials, each trial then without its config."""
     import json
 
-    names = sorted(Path(i.path).name for i in where.fs.get_file_info(pafs.FileSelector(where.path, allow_not_found=True))
-                   if Path(i.path).name.startswith("experiment_state") and i.path.endswith(".json"))
+    state = newest_state(where)
     try:
-        return bool(names) and isinstance(json.loads((where / names[-1]).read_text()), dict)
+        return state is not None and isinstance(json.loads(state.read_text()), dict)
     except ValueError:
         return False
 
@@ -251,12 +257,10 @@ def record_behind(where: Location, ended: list) -> bool:
     from it would train that run again from scratch. A record this cannot read counts as behind."""
     import json
 
-    names = sorted(Path(i.path).name for i in where.fs.get_file_info(pafs.FileSelector(where.path, allow_not_found=True))
-                   if Path(i.path).name.startswith("experiment_state") and i.path.endswith(".json"))
     try:
-        trials = [json.loads(t[0]) for t in json.loads((where / names[-1]).read_text())["trial_data"]]
+        trials = [json.loads(t[0]) for t in json.loads(newest_state(where).read_text())["trial_data"]]
         recorded = {run_of(t["config"]) for t in trials if t["status"] == "TERMINATED"}
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return True
     return any(run_of(r.config) not in recorded for r in ended)
 
