@@ -63,7 +63,7 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
         SilentAwareOptunaSearch.resume_url = optuna_storage  # this folder's database, wherever it started
         past = results.trial_results(ray_dir)
         ResumableASHA.replay_from = MultiObjectiveASHA.replay_from = arrivals(past)  # the rungs as they were
-        with trials_in(study, past):  # this folder's trials, wherever it started
+        with trials_in(study, past), idle_workers_kept(at_once(spec, res)):  # this folder's trials, wherever it started
             try:
                 return tune.Tuner.restore(ray_dir.path, trainable=trial_fn, resume_unfinished=True,
                                           resume_errored=False, storage_filesystem=ray_dir.fs).fit()
@@ -120,8 +120,14 @@ def search(spec: specs.StudySpec, data: fmnist.FashionMNIST, study: Location, re
             **(timing.run_config(spec) if timing else {}),  # our progress lines; Ray's tables with --verbose
         ),
     )
-    with idle_workers_kept(in_order or res["max_concurrent"] or 1):
+    with idle_workers_kept(at_once(spec, res)):
         return tuner.fit()
+
+
+def at_once(spec: specs.StudySpec, res: dict) -> int:
+    """How many trials the search runs at once, where the study says (search.in_order's k, or the plan's
+    max_concurrent); else 1."""
+    return (spec.search["max_concurrent"] if spec.search["in_order"] else res["max_concurrent"]) or 1
 
 
 @contextlib.contextmanager
@@ -251,15 +257,18 @@ def state_readable(where: Location) -> bool:
         return False
 
 
-def record_behind(where: Location, ended: list) -> bool:
-    """Whether Ray's newest record of a retrain lists as not ended a run that its folder shows ended: Ray saves
-    its record now and then, and a kill before it saved again left the run PENDING or RUNNING there; a restore
-    from it would train that run again from scratch. A record this cannot read counts as behind."""
+def record_behind(where: Location, ended: list, epochs: int) -> bool:
+    """Whether Ray's newest record of a retrain misses the end of a run that its folder shows ended: Ray saves
+    its record after each checkpoint and now and then, and a kill before it saved a run's last epoch left the
+    run PENDING or RUNNING there, without it; a restore from it would train that run again from scratch. A run
+    whose last epoch the record holds (TERMINATED, or RUNNING with its last result) is not missed. A record this
+    cannot read counts as behind."""
     import json
 
     try:
-        trials = [json.loads(t[0]) for t in json.loads(newest_state(where).read_text())["trial_data"]]
-        recorded = {run_of(t["config"]) for t in trials if t["status"] == "TERMINATED"}
+        trials = [(json.loads(t[0]), json.loads(t[1])) for t in json.loads(newest_state(where).read_text())["trial_data"]]
+        recorded = {run_of(t["config"]) for t, run in trials
+                    if t["status"] == "TERMINATED" or (run.get("last_result") or {}).get("epoch", -1) + 1 >= epochs}
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return True
     return any(run_of(r.config) not in recorded for r in ended)
@@ -332,13 +341,14 @@ def retrain(spec: specs.StudySpec, best: dict, data: fmnist.FashionMNIST, study:
     # keeping the runs that had ended (a kill while Ray rewrote its state leaves it empty: the same; so does one
     # before Ray saved a run's end, which its restore would train again).
     readable = resume and restorable(where) and state_readable(where)
-    behind = readable and record_behind(where, ended_runs(where, epochs))
+    ended_before = ended_runs(where, epochs) if resume else []
+    behind = readable and record_behind(where, ended_before, epochs)
     if readable and not behind:
         with trials_in(study, results.trial_results(where)):
             grid = list(tune.Tuner.restore(where.path, trainable=fn, resume_errored=True,
                                            storage_filesystem=where.fs).fit())
     else:
-        grid = ended_runs(where, epochs) if resume else []
+        grid = list(ended_before)
         ended = {run_of(r.config) for r in grid}
         todo = [{"candidate": c, "seed": s} for c in fixed for s in seeds if (c if topk else None, s) not in ended]
         if not grid:

@@ -78,9 +78,10 @@ def _scaler_step_record():
 
 # (the private API, where we use it, what we rely on)
 def _actor_cache():
-    """Tune's controller makes its actor cache from the module's _ObjectCache, and ours keeps two idle objects
-    where Ray's keeps one (may_keep_one) when none is wanted, and flushes neither."""
+    """Tune's controller makes its actor cache from the module's _ObjectCache and empties it as a run ends, and
+    ours keeps two idle objects where Ray's keeps one (may_keep_one) when none is wanted, and flushes neither."""
     import inspect
+    import re
 
     from ray.tune.execution import tune_controller
 
@@ -90,7 +91,9 @@ def _actor_cache():
         cache = tune_controller._ObjectCache(may_keep_one=True)
         kept = [cache.cache_object("1 CPU", worker) for worker in ("a", "b", "c")]
         flushed = list(cache.flush_cached_objects())
-    return ("_ObjectCache(" in inspect.getsource(tune_controller.TuneController.__init__)
+    controller = inspect.getsource(tune_controller.TuneController)
+    return (re.search(r"(?<![\w.])_ObjectCache\(", inspect.getsource(tune_controller.TuneController.__init__))
+            and "_cleanup_cached_actors(force_all=True)" in controller  # the kept workers stop as the run ends
             and kept == [True, True, False] and not flushed and cache.pop_cached_object("1 CPU") == "a")
 
 

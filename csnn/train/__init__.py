@@ -601,11 +601,12 @@ def fit(cfg: TrainConfig, data: fmnist.FashionMNIST, out_dir: str | Path | None 
     if device.type == "cpu":  # on CUDA SpikingJelly's own kernels run
         net.fuse(cfg.compile if cfg.compile != "auto" else cfg.epochs * len(train_y) >= COMPILE_AUTO_IMAGES)
         # torch compiles in a pool of processes, one per core of the machine, each importing torch; a run given
-        # fewer threads (a Ray trial: its CPUs) compiles in its own process. Cold, T 4 and T 2 on the 2-core
-        # machine: 23 CPU-seconds against 28 with the pool; warm: 5.6 against 6.1 (2026-12-08).
+        # fewer threads (a Ray trial: its CPUs) compiles in its own process, unless the user said otherwise
+        # (TORCHINDUCTOR_COMPILE_THREADS). Cold, T 4 and T 2 on the 2-core machine: 23 CPU-seconds against 28
+        # with the pool; warm: 5.6 against 6.1 (2026-12-08).
         import torch._inductor.config as inductor
 
-        if (inductor.compile_threads or 1) > torch.get_num_threads():
+        if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ and (inductor.compile_threads or 1) > torch.get_num_threads():
             inductor.compile_threads = torch.get_num_threads()
     else:  # cuDNN picks its fastest algorithms by timing them, unless runs must repeat exactly
         torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
